@@ -1,0 +1,293 @@
+"""The invariants: named properties checked by comparing a technique's trace with the reference's.
+
+Each invariant returns at most one :class:`Violation` (its first), whose message
+names the place, the step and the size. Ids are stable: reports, messages and
+tests use these strings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .build import call_sites
+from .runner import Trace
+from .scenario import OptimizerRecipe, Scenario
+from .technique import Role, element_mask
+
+FROZEN_UNCHANGED = "frozen-unchanged"
+GRADIENT_FLOWS = "gradient-flows"
+TRAINABLE_TRAINS = "trainable-trains"
+MATCHES_REFERENCE = "matches-reference"
+NO_CRASH = "no-crash"
+STATE_RESTORED = "state-restored"
+DEVICE_PARITY = "device-parity"
+
+#: every id, in the order they are evaluated (the first violation is the verdict's headline)
+INVARIANTS = (NO_CRASH, STATE_RESTORED, GRADIENT_FLOWS, FROZEN_UNCHANGED, TRAINABLE_TRAINS,
+              MATCHES_REFERENCE, DEVICE_PARITY)
+
+#: technique vs reference on one device: torch.testing's defaults for the dtype
+MATCH_TOLERANCE = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float64: dict(rtol=1e-7, atol=1e-7)}
+#: CPU vs CUDA (TF32 off): different kernels, different summation order
+PARITY_TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-10)}
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    message: str
+    step: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.invariant}: {self.message}"
+
+
+@dataclass
+class Context:
+    scenario: Scenario
+    technique: Trace
+    reference: Trace
+    other_device: Trace | None = None  # the technique's trace on the CPU, for device-parity
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _index(idx: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(i) for i in idx) + "]"
+
+
+def recipe_context(recipe: OptimizerRecipe) -> str:
+    """``AdamW, weight_decay=0.01, OneCycleLR``: the parts of the recipe that matter to a reader."""
+    parts = [recipe.name]
+    if recipe.weight_decay:
+        parts.append(f"weight_decay={recipe.weight_decay}")
+    if recipe.scheduler != "none":
+        parts.append(recipe.scheduler)
+    if recipe.clip != "none":
+        parts.append(f"clip-{recipe.clip}={recipe.clip_value}")
+    if not recipe.set_to_none:
+        parts.append("zero_grad(set_to_none=False)")
+    return ", ".join(parts)
+
+
+def _nonzero(t: torch.Tensor | None, mask: torch.Tensor | None = None) -> bool:
+    if t is None:
+        return False
+    if mask is not None:
+        t = t[mask]
+    return bool((t != 0).any())
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None):
+    """Index and values of the first entry where ``a`` and ``b`` differ (bitwise), else None."""
+    differ = (a != b) | (torch.isnan(a) != torch.isnan(b))
+    if mask is not None:
+        differ = differ & mask
+    hits = differ.nonzero()
+    if hits.numel() == 0:
+        return None
+    idx = tuple(int(i) for i in hits[0])
+    return idx, float(a[idx]), float(b[idx])
+
+
+def _elements_mask(ctx: Context, path: str) -> torch.Tensor | None:
+    indices = ctx.scenario.intent.elements.get(path)
+    if indices is None:
+        return None
+    return element_mask(ctx.reference.initial_params[path], indices)
+
+
+def _trainable(ctx: Context) -> list[str]:
+    intent = ctx.scenario.intent
+    return [p for p in ctx.reference.initial_params if not intent.is_frozen_param(p)]
+
+
+def _name(ctx: Context, path: str) -> str:
+    alias = ctx.technique.aliases.get(path)
+    return f"{path} (as {alias})" if alias else path
+
+
+# --- the invariants ------------------------------------------------------------------------
+
+def no_crash(ctx: Context) -> Violation | None:
+    crash = ctx.technique.crash
+    if crash is None:
+        return None
+    where = "during setup" if crash.step == 0 else f"in {crash.phase} at step {crash.step}"
+    return Violation(NO_CRASH, f"{crash.error} ({where}; {recipe_context(ctx.scenario.optimizer)})",
+                     crash.step)
+
+
+def state_restored(ctx: Context) -> Violation | None:
+    if not ctx.technique.state_leaks:
+        return None
+    step, what = ctx.technique.state_leaks[0]
+    return Violation(STATE_RESTORED, f"{what} during step {step}", step)
+
+
+def _upstream_of_isolation(scenario: Scenario) -> set[str]:
+    """Modules called before the last frozen or pass-through call site: their gradient must cross it."""
+    sites = call_sites(scenario.architecture, scenario.intent)
+    isolated = [s.index for s in sites if s.role is not Role.NORMAL]
+    if not isolated:
+        return set()
+    last = max(isolated)
+    return {s.path for s in sites if s.index < last and s.role is not Role.FROZEN}
+
+
+def gradient_flows(ctx: Context) -> Violation | None:
+    upstream = _upstream_of_isolation(ctx.scenario)
+    for step, (tech, ref) in enumerate(zip(ctx.technique.steps, ctx.reference.steps), start=1):
+        if tech.loss_without_grad and not ref.loss_without_grad:
+            return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
+                             "every path from the input and the trainable parameters to the loss", step)
+        for micro, (tg, rg) in enumerate(zip(tech.input_grads, ref.input_grads)):
+            if _nonzero(rg) and not _nonzero(tg):
+                got = "no gradient" if tg is None else "an all-zero gradient"
+                return Violation(GRADIENT_FLOWS, f"input got {got} at step {step}, micro-batch {micro}; "
+                                 f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
+        for path in _trainable(ctx):
+            module = path.rpartition(".")[0]
+            if module not in upstream or not tech.requires_grad.get(path, True):
+                continue  # a parameter the technique switched off is trainable-trains' business
+            rg, tg = ref.grads.get(path), tech.grads.get(path)
+            if _nonzero(rg) and not _nonzero(tg):
+                got = "no gradient" if tg is None else "an all-zero gradient"
+                return Violation(GRADIENT_FLOWS, f"{_name(ctx, path)} (upstream of an isolated call site) got "
+                                 f"{got} at step {step}; the reference's max |grad| is {_fmt(rg.abs().max())}", step)
+    return None
+
+
+def frozen_unchanged(ctx: Context) -> Violation | None:
+    intent, trace = ctx.scenario.intent, ctx.technique
+    context = recipe_context(ctx.scenario.optimizer)
+    frozen_params = [(p, None) for p in trace.initial_params if intent.is_frozen_param(p)]
+    frozen_params += [(p, _elements_mask(ctx, p)) for p in intent.elements]
+    frozen_buffers = [b for b in trace.initial_buffers if intent.is_frozen_param(b)]
+    for step, record in enumerate(trace.steps, start=1):
+        for path, mask in frozen_params:
+            if path not in record.params:
+                continue
+            hit = _first_difference(record.params[path], trace.initial_params[path], mask)
+            if hit:
+                idx, after, before = hit
+                return Violation(FROZEN_UNCHANGED, f"{_name(ctx, path)}{_index(idx)} moved {_fmt(before)} -> "
+                                 f"{_fmt(after)} at step {step} ({context})", step)
+        for path in frozen_buffers:
+            hit = _first_difference(record.buffers[path], trace.initial_buffers[path])
+            if hit:
+                idx, after, before = hit
+                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_fmt(before)} -> "
+                                 f"{_fmt(after)} at step {step} (the frozen module ran in training mode)", step)
+    return None
+
+
+def trainable_trains(ctx: Context) -> Violation | None:
+    tech, ref = ctx.technique, ctx.reference
+    trainable = _trainable(ctx)
+    for path in trainable:
+        if path in tech.unreachable:
+            return Violation(TRAINABLE_TRAINS, f"{path} is no longer a parameter of the model or the optimizer "
+                             "after setup: nothing can train it")
+    prev_t, prev_r = dict(tech.initial_params), dict(ref.initial_params)
+    for step, (ts, rs) in enumerate(zip(tech.steps, ref.steps), start=1):
+        for path in trainable:
+            free = _elements_mask(ctx, path)
+            free = None if free is None else ~free
+            rg, tg = rs.grads.get(path), ts.grads.get(path)
+            if _nonzero(rg, free) and not _nonzero(tg, free):
+                got = "no gradient" if tg is None else "an all-zero gradient"
+                flag = "" if ts.requires_grad.get(path, True) else " (requires_grad=False)"
+                return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} got {got}{flag} at step {step}, but it "
+                                 f"trains in the reference (max |grad| {_fmt(rg.abs().max())})", step)
+            if path not in ts.params:
+                continue
+            ref_moved = _first_difference(rs.params[path], prev_r[path], free)
+            if ref_moved and not _first_difference(ts.params[path], prev_t[path], free):
+                idx, after, before = ref_moved
+                return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference "
+                                 f"moved {path}{_index(idx)} {_fmt(before)} -> {_fmt(after)} "
+                                 f"({recipe_context(ctx.scenario.optimizer)})", step)
+        prev_t = {**prev_t, **ts.params}
+        prev_r = {**prev_r, **rs.params}
+    return None
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict) -> str | None:
+    """None when close; otherwise 'index: actual vs expected' for the worst entry."""
+    try:
+        torch.testing.assert_close(actual, expected, **tolerance, equal_nan=True)
+        return None
+    except AssertionError:
+        diff = (actual.double() - expected.double()).abs().nan_to_num(float("inf"))
+        flat = int(diff.argmax()) if diff.numel() else 0
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+        a, e = float(actual[idx]), float(expected[idx])
+        return f"{_index(idx) if idx else ''} is {_fmt(a)}, reference {_fmt(e)} (|diff| {_fmt(abs(a - e))})"
+
+
+def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict, invariant: str,
+                   what: str) -> Violation | None:
+    """The first place where two traces disagree beyond ``tolerance``: losses, input grads, trainable params."""
+    context = recipe_context(ctx.scenario.optimizer)
+    trainable = _trainable(ctx)
+    for step, (a, e) in enumerate(zip(actual.steps, expected.steps), start=1):
+        for micro, (la, le) in enumerate(zip(a.losses, e.losses)):
+            diff = _close(la, le, tolerance)
+            if diff:
+                return Violation(invariant, f"loss at step {step}, micro-batch {micro}{diff}; {what}", step)
+        for micro, (ga, ge) in enumerate(zip(a.input_grads, e.input_grads)):
+            if (ga is None) != (ge is None):
+                return Violation(invariant, f"input gradient at step {step} is "
+                                 f"{'missing' if ga is None else 'present'} but "
+                                 f"{'present' if ga is None else 'missing'} in the reference; {what}", step)
+            if ga is not None:
+                diff = _close(ga, ge, tolerance)
+                if diff:
+                    return Violation(invariant, f"input gradient at step {step}, micro-batch {micro}: "
+                                     f"grad{diff}; {what}", step)
+        for path in trainable:
+            if path in a.params and path in e.params:
+                diff = _close(a.params[path], e.params[path], tolerance)
+                if diff:
+                    return Violation(invariant, f"{_name(ctx, path)}{diff} after step {step} ({context}); {what}",
+                                     step)
+    return None
+
+
+def matches_reference(ctx: Context) -> Violation | None:
+    dtype = ctx.reference.steps[0].losses[0].dtype if ctx.reference.steps else torch.float32
+    return compare_traces(ctx, ctx.technique, ctx.reference, MATCH_TOLERANCE[dtype], MATCHES_REFERENCE,
+                          "the technique does not train like the reference")
+
+
+def device_parity(ctx: Context) -> Violation | None:
+    if ctx.other_device is None or not ctx.technique.steps:
+        return None
+    dtype = ctx.technique.steps[0].losses[0].dtype
+    return compare_traces(ctx, ctx.technique.to("cpu"), ctx.other_device.to("cpu"), PARITY_TOLERANCE[dtype],
+                          DEVICE_PARITY, f"{ctx.technique.device} disagrees with cpu")
+
+
+CHECKS: dict[str, Callable[[Context], Violation | None]] = {
+    NO_CRASH: no_crash,
+    STATE_RESTORED: state_restored,
+    GRADIENT_FLOWS: gradient_flows,
+    FROZEN_UNCHANGED: frozen_unchanged,
+    TRAINABLE_TRAINS: trainable_trains,
+    MATCHES_REFERENCE: matches_reference,
+    DEVICE_PARITY: device_parity,
+}
+
+
+def evaluate(ctx: Context) -> list[Violation]:
+    """All violations, one per invariant at most, in :data:`INVARIANTS` order.
+
+    A crashed run is judged on ``no-crash`` and ``state-restored`` only: its trace is cut short.
+    """
+    ids = (NO_CRASH, STATE_RESTORED) if ctx.technique.crash else INVARIANTS
+    return [v for v in (CHECKS[i](ctx) for i in ids) if v is not None]

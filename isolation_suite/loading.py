@@ -1,0 +1,67 @@
+"""``load_technique("pkg.module:attr")``: a user's technique, or one clear error."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .technique import Technique
+
+
+class TechniqueLoadError(ValueError):
+    """The spec does not name a loadable technique; the message says why in one line."""
+
+
+def load_technique(spec: str) -> Technique:
+    """Load ``pkg.module:attr`` (a Technique instance, subclass, or zero-argument factory).
+
+    A bare name without ``:`` is looked up in the built-in catalog.
+    """
+    from .techniques import catalog
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise TechniqueLoadError(f"technique spec must be 'pkg.module:attr' or a catalog name, got {spec!r}")
+    spec = spec.strip()
+    if ":" not in spec:
+        built_in = catalog()
+        if spec in built_in:
+            return built_in[spec]
+        raise TechniqueLoadError(f"unknown technique {spec!r}: not in the catalog (see 'isolation-suite list'), "
+                                 "and a plug-in needs the form 'pkg.module:attr'")
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TechniqueLoadError(f"technique spec {spec!r} must look like 'pkg.module:attr'")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # a user's module in the working directory, as pytest and python -m do
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise TechniqueLoadError(f"cannot import module {module_name!r} for technique {spec!r}") from None
+        raise TechniqueLoadError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a broken plug-in is the user's error, reported in one line
+        raise TechniqueLoadError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TechniqueLoadError(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, Technique):
+        technique = obj
+    elif isinstance(obj, type) and issubclass(obj, Technique):
+        technique = _call(obj, spec)
+    elif callable(obj):
+        technique = _call(obj, spec)
+        if not isinstance(technique, Technique):
+            raise TechniqueLoadError(f"{spec} returned {type(technique).__name__}, not an isolation_suite.Technique")
+    else:
+        raise TechniqueLoadError(f"{spec} is a {type(obj).__name__}, not a Technique instance, class or factory")
+    if not technique.capabilities:
+        raise TechniqueLoadError(f"{spec} declares no capabilities: set capabilities = frozenset({{...}})")
+    return technique
+
+
+def _call(factory, spec: str) -> Technique:
+    try:
+        return factory()
+    except Exception as exc:  # noqa: BLE001
+        raise TechniqueLoadError(f"creating {spec} failed: {type(exc).__name__}: {exc}") from None

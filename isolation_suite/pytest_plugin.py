@@ -1,0 +1,1 @@
+"""pytest plug-in: filled in by the product-surfaces work."""

@@ -1,0 +1,317 @@
+"""The training loop: the only place that touches training state.
+
+``run`` drives either a technique or the reference through a real loop
+(``model.train()``, ``zero_grad``, forward, loss, backward over micro-batches,
+clipping, ``step``, scheduler) and records a :class:`Trace`. Global torch state
+(grad mode, default dtype, RNG) is saved before and restored after every run.
+"""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .build import CallSite, IsolationModel, build_model, loss_fn, make_inputs
+from .scenario import Intent, OptimizerRecipe, Scenario
+from .technique import Technique, module_param_name
+
+
+class Driver(Protocol):
+    """What ``run`` needs: the technique hooks, plus how to read a parameter's effective value."""
+
+    guarded: bool  # exceptions become a recorded crash (technique) or propagate (reference: our bug)
+
+    def setup(self, model: nn.Module, intent: Intent) -> None: ...
+    def call(self, site: CallSite, module: nn.Module, args: tuple) -> Any: ...
+    def make_optimizer(self, model: nn.Module, intent: Intent, build: Callable) -> torch.optim.Optimizer: ...
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def effective(self, path: str, value: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Crash:
+    step: int  # 0 = setup
+    phase: str
+    error: str  # "TypeName: first line"
+    detail: str  # the formatted traceback, for reports
+
+
+@dataclass
+class StepRecord:
+    losses: list[torch.Tensor] = field(default_factory=list)
+    input_grads: list[torch.Tensor | None] = field(default_factory=list)
+    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    loss_without_grad: bool = False
+
+
+@dataclass
+class Trace:
+    """Everything one run recorded, keyed by the *original* parameter and buffer paths."""
+
+    device: str
+    initial_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    initial_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # params the technique made unreadable
+    crash: Crash | None = None
+    state_leaks: list[tuple[int, str]] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # original path -> the technique's own name
+
+    def to(self, device: str) -> "Trace":
+        def move(x):
+            if isinstance(x, torch.Tensor):
+                return x.detach().to(device)
+            if isinstance(x, dict):
+                return {k: move(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [move(v) for v in x]
+            return x
+        out = Trace(device, move(self.initial_params), move(self.initial_buffers), [], list(self.unreachable),
+                    self.crash, list(self.state_leaks), dict(self.aliases))
+        for s in self.steps:
+            out.steps.append(StepRecord(move(s.losses), move(s.input_grads), move(s.grads), move(s.params),
+                                        move(s.buffers), dict(s.requires_grad), s.loss_without_grad))
+        return out
+
+
+class TechniqueCrash(Exception):
+    def __init__(self, crash: Crash):
+        super().__init__(crash.error)
+        self.crash = crash
+
+
+@contextlib.contextmanager
+def phase(driver: Driver, step: int, name: str) -> Iterator[None]:
+    """Turn an exception raised while the technique is in charge into a recorded crash."""
+    if not driver.guarded:
+        yield
+        return
+    try:
+        yield
+    except TechniqueCrash:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the technique is a verdict, not our error
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TechniqueCrash(Crash(step, name, f"{type(exc).__name__}: {first}",
+                                   "".join(traceback.format_exception(exc)))) from exc
+
+
+class TechniqueDriver:
+    """Adapts a user-facing :class:`Technique` (roles, no sites) to the runner."""
+
+    guarded = True
+
+    def __init__(self, technique: Technique):
+        self.technique = technique
+
+    def setup(self, model, intent):
+        self.technique.setup(model, intent)
+
+    def call(self, site, module, args):
+        return self.technique.call(module, args, site.role)
+
+    def make_optimizer(self, model, intent, build):
+        return self.technique.make_optimizer(model, intent, build)
+
+    def after_step(self, model, optimizer):
+        self.technique.after_step(model, optimizer)
+
+    def effective(self, path, value):
+        return value
+
+
+# --- optimizer, scheduler, clipping from the recipe -------------------------------------
+
+def optimizer_builder(recipe: OptimizerRecipe) -> Callable[[Any], torch.optim.Optimizer]:
+    cls = getattr(torch.optim, recipe.name)
+
+    def build(params):
+        return cls(params, **recipe.kwargs)
+    return build
+
+
+def make_scheduler(recipe: OptimizerRecipe, optimizer: torch.optim.Optimizer, steps: int):
+    if recipe.scheduler == "none":
+        return None
+    sched = torch.optim.lr_scheduler
+    if recipe.scheduler == "StepLR":
+        return sched.StepLR(optimizer, step_size=1, gamma=0.5)
+    if recipe.scheduler == "LambdaLR":
+        return sched.LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + epoch))
+    if recipe.scheduler == "OneCycleLR":
+        # max_lr is one float, as people write it: it rewrites the lr of *every* group
+        return sched.OneCycleLR(optimizer, max_lr=recipe.kwargs["lr"], total_steps=steps + 1,
+                                cycle_momentum=False)
+    raise ValueError(f"unknown scheduler {recipe.scheduler!r}")
+
+
+def clip_gradients(recipe: OptimizerRecipe, params: list[torch.Tensor]) -> None:
+    if recipe.clip == "norm":
+        torch.nn.utils.clip_grad_norm_(params, recipe.clip_value)
+    elif recipe.clip == "value":
+        torch.nn.utils.clip_grad_value_(params, recipe.clip_value)
+
+
+# --- resolving original paths after a technique rewired the model -------------------------
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+@dataclass
+class Handle:
+    """How to read one original parameter after setup: its trainable tensor and its effective value."""
+
+    raw: torch.Tensor | None
+    read: Callable[[], torch.Tensor] | None
+    alias: str
+
+
+def resolve(model: nn.Module, originals: dict[str, tuple[nn.Module, str, torch.Tensor]],
+            optimizer: torch.optim.Optimizer | None) -> dict[str, Handle]:
+    """Find each original parameter again: parametrized in place, moved, or wrapped (same storage)."""
+    by_storage: dict[tuple, tuple[str, torch.Tensor]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault(_storage_key(p), (name, p))
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                by_storage.setdefault(_storage_key(p), ("<optimizer>", p))
+    handles = {}
+    for path, (module, name, tensor) in originals.items():
+        if parametrize.is_parametrized(module, name):
+            raw = module.parametrizations[name].original
+            handles[path] = Handle(raw, lambda m=module, n=name: getattr(m, n), f"{path} (parametrized)")
+            continue
+        found = by_storage.get(_storage_key(tensor))
+        if found is None:
+            handles[path] = Handle(None, None, path)
+        else:
+            alias, p = found
+            handles[path] = Handle(p, lambda p=p: p, alias)
+    return handles
+
+
+def _buffers(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
+    by_storage = {_storage_key(b): b for _, b in model.named_buffers(remove_duplicate=False)}
+    return {path: (lambda b=by_storage.get(_storage_key(t), t): b) for path, t in originals.items()}
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+def site_seed(data_seed: int, step: int, micro: int, site: int) -> int:
+    return (data_seed * 1_000_003 + step * 10_007 + micro * 101 + site) % (2**63)
+
+
+def _global_state() -> tuple[bool, torch.dtype]:
+    return torch.is_grad_enabled(), torch.get_default_dtype()
+
+
+def _describe_state_change(before, after, flags_before, flags_after, aliases) -> list[str]:
+    out = []
+    if before[0] != after[0]:
+        out.append(f"grad mode was left {'on' if after[0] else 'off'} (it was {'on' if before[0] else 'off'})")
+    if before[1] != after[1]:
+        out.append(f"default dtype changed {before[1]} -> {after[1]}")
+    for path, flag in flags_before.items():
+        if flags_after.get(path, flag) != flag:
+            out.append(f"{aliases.get(path, path)}.requires_grad changed {flag} -> {flags_after[path]}")
+    return out
+
+
+def run(scenario: Scenario, driver: Driver, device: str = "cpu") -> Trace:
+    """Train the scenario's model under ``driver`` and record what happened."""
+    devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
+    grad_mode, default_dtype = _global_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            return _run(scenario, driver, str(device))
+        finally:
+            torch.set_grad_enabled(grad_mode)
+            torch.set_default_dtype(default_dtype)
+
+
+def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
+    recipe, data = scenario.optimizer, scenario.data
+    trace = Trace(device)
+    model: IsolationModel = build_model(scenario, device)
+    inputs = make_inputs(scenario)
+    originals = {}
+    for path, p in model.named_parameters():
+        module_path, name = module_param_name(path)
+        originals[path] = (model.get_submodule(module_path), name, p)
+    original_buffers = dict(model.named_buffers())
+    trace.initial_params = {k: v[2].detach().clone() for k, v in originals.items()}
+    trace.initial_buffers = {k: v.detach().clone() for k, v in original_buffers.items()}
+    try:
+        with phase(driver, 0, "setup"):
+            driver.setup(model, scenario.intent)
+        step_now = [0, 0]
+
+        def router(site: CallSite, module: nn.Module, args: tuple) -> Any:
+            # stochastic layers draw the same numbers in every run of this scenario
+            torch.manual_seed(site_seed(data.seed, step_now[0], step_now[1], site.index))
+            return driver.call(site, module, args)
+        model.router = router
+        with phase(driver, 0, "make_optimizer"):
+            optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
+            scheduler = make_scheduler(recipe, optimizer, scenario.steps)
+        handles = resolve(model, originals, optimizer)
+        trace.unreachable = [p for p, h in handles.items() if h.raw is None]
+        trace.aliases = {p: h.alias for p, h in handles.items() if h.alias != p}
+        buffers = _buffers(model, original_buffers)
+        for step in range(1, scenario.steps + 1):
+            step_now[0] = step
+            record = StepRecord()
+            flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
+            state = _global_state()
+            record.requires_grad = dict(flags)
+            with phase(driver, step, "train"):
+                model.train()
+            with phase(driver, step, "zero_grad"):
+                optimizer.zero_grad(set_to_none=recipe.set_to_none)
+            for micro, x in enumerate(inputs[step - 1]):
+                step_now[1] = micro
+                x = x.to(device)
+                if data.input_requires_grad:
+                    x.requires_grad_(True)
+                with phase(driver, step, "forward"):
+                    out = model(x)
+                    loss = loss_fn(data.loss, out, site_seed(data.seed, step, micro, 999_983))
+                    loss = loss / scenario.micro_batches
+                record.losses.append(loss.detach().clone())
+                if loss.requires_grad:
+                    with phase(driver, step, "backward"):
+                        loss.backward()
+                else:
+                    record.loss_without_grad = True
+                record.input_grads.append(None if x.grad is None else x.grad.detach().clone())
+            with phase(driver, step, "clip"):
+                clip_gradients(recipe, list(model.parameters()))
+            record.grads = {p: (None if h.raw is None or h.raw.grad is None else h.raw.grad.detach().clone())
+                            for p, h in handles.items()}
+            with phase(driver, step, "optimizer.step"):
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+            with phase(driver, step, "after_step"):
+                driver.after_step(model, optimizer)
+            with torch.no_grad():
+                record.params = {p: driver.effective(p, h.read()).detach().clone()
+                                 for p, h in handles.items() if h.read is not None}
+            record.buffers = {p: read().detach().clone() for p, read in buffers.items()}
+            trace.steps.append(record)
+            after_flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
+            for change in _describe_state_change(state, _global_state(), flags, after_flags, trace.aliases):
+                trace.state_leaks.append((step, change))
+    except TechniqueCrash as crash:
+        trace.crash = crash.crash
+    return trace

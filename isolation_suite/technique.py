@@ -1,0 +1,93 @@
+"""The plug-in contract: what a technique is and how the harness talks to it."""
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .scenario import Intent
+
+
+class Capability(str, enum.Enum):
+    """What kind of intent a technique can realise."""
+
+    FREEZE_MODULE = "FREEZE_MODULE"
+    PASS_THROUGH = "PASS_THROUGH"
+    FREEZE_ELEMENTS = "FREEZE_ELEMENTS"
+    REPARAMETERIZE = "REPARAMETERIZE"
+
+    def __repr__(self) -> str:
+        return f"Capability.{self.value}"
+
+
+class Role(str, enum.Enum):
+    """How a call site must behave: trains normally, passes gradient only, or is frozen."""
+
+    NORMAL = "NORMAL"
+    PASS_THROUGH = "PASS_THROUGH"
+    FROZEN = "FROZEN"
+
+
+OptimizerBuilder = Callable[[Any], torch.optim.Optimizer]
+
+
+class Technique:
+    """Base class for an isolation technique under test.
+
+    Subclasses set ``name`` and ``capabilities`` and override any of the four
+    hooks. The harness builds a fresh model per run, then calls ``setup``,
+    routes every call site through ``call``, asks ``make_optimizer`` for the
+    optimizer and calls ``after_step`` after each ``optimizer.step()``.
+    """
+
+    name: str = "unnamed"
+    capabilities: frozenset[Capability] = frozenset()
+    #: invariant ids this technique is known to violate (empty when sound)
+    expected_violations: frozenset[str] = frozenset()
+    #: where the technique comes from (a seed document id or "")
+    seed: str = ""
+    #: one line on how it works
+    summary: str = ""
+
+    def setup(self, model: nn.Module, intent: "Intent") -> None:
+        """Set flags, hooks, wrappers or parametrizations on a fresh model."""
+
+    def call(self, module: nn.Module, args: tuple, role: Role) -> Any:
+        """Run one call site. ``role`` says what the intent wants from it."""
+        return module(*args)
+
+    def make_optimizer(self, model: nn.Module, intent: "Intent", build: OptimizerBuilder) -> torch.optim.Optimizer:
+        """Return an optimizer; ``build(params_or_groups)`` applies the scenario's recipe."""
+        return build(model.parameters())
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Runs after every ``optimizer.step()`` (and scheduler step)."""
+
+    @property
+    def sound(self) -> bool:
+        return not self.expected_violations
+
+    def __repr__(self) -> str:
+        return f"<technique {self.name}>"
+
+
+def module_param_name(param_path: str) -> tuple[str, str]:
+    """Split ``'enc.0.weight'`` into ``('enc.0', 'weight')``."""
+    module_path, _, name = param_path.rpartition(".")
+    return module_path, name
+
+
+def reparam_param_name(module: nn.Module) -> str:
+    """The weight a reparameterization wraps: ``weight_hh_l0`` for RNNs (as in WeightDropout), else ``weight``."""
+    return "weight_hh_l0" if isinstance(module, nn.RNNBase) else "weight"
+
+
+def element_mask(param: torch.Tensor, indices: Iterable[tuple[int, ...]]) -> torch.Tensor:
+    """A bool mask, True at the frozen entries."""
+    mask = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+    for index in indices:
+        mask[tuple(index)] = True
+    return mask

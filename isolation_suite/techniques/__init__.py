@@ -1,0 +1,109 @@
+"""The catalog: every technique from the seed documents, with its expected verdict.
+
+Declared as one table, like PyTorch's ``ModuleInfo``/``OptimizerInfo``: each
+row names the technique class, and the conditions (pure predicates over a
+scenario) under which each expected violation shows up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..scenario import Scenario
+from ..technique import Technique
+from . import conditions as c
+from .freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, ParametrizeWhere, RestoreAfterStep,
+                              TensorHookMask)
+from .freeze_module import (FreezeAndEval, LrZeroGroup, LrZeroGroupSeed, NameSubstring, NoGradRegion,
+                            OptimizerFilter, RequiresGradFalse)
+from .pass_through import FunctionalDetach, NoGradCall, ToggleRequiresGrad
+from .reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, WeightDropoutTechnique
+
+
+@dataclass(frozen=True)
+class Condition:
+    """When ``invariant`` fires for this row, ``holds(scenario)`` says the known trigger is present."""
+
+    invariant: str
+    description: str
+    holds: Callable[[Scenario], bool]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    technique: type[Technique]
+    conditions: tuple[Condition, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.technique.name
+
+    def condition_for(self, invariant: str) -> Condition | None:
+        return next((x for x in self.conditions if x.invariant == invariant), None)
+
+
+TRAIN_MODE = (
+    Condition("frozen-unchanged", "a BatchNorm inside the frozen module updates its running stats",
+              c.frozen_has_batchnorm),
+    Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode",
+              c.frozen_has_train_mode_layer),
+)
+
+CATALOG: tuple[CatalogEntry, ...] = (
+    CatalogEntry(FunctionalDetach),
+    CatalogEntry(ToggleRequiresGrad),
+    CatalogEntry(NoGradCall, (
+        Condition("gradient-flows", "something upstream of the pass-through call needs gradient",
+                  c.upstream_needs_gradient),)),
+    CatalogEntry(RequiresGradFalse, TRAIN_MODE),
+    CatalogEntry(OptimizerFilter, TRAIN_MODE),
+    CatalogEntry(FreezeAndEval),
+    CatalogEntry(LrZeroGroupSeed, (
+        Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
+                  c.has_multi_element_parameter),) + TRAIN_MODE),
+    CatalogEntry(LrZeroGroup, (
+        Condition("frozen-unchanged", "OneCycleLR/Rprop rewrite lr=0, or a BatchNorm updates",
+                  lambda s: c.lr_is_rewritten(s) or c.frozen_has_batchnorm(s)),
+        Condition("matches-reference", "clip-norm counts frozen gradients, or BatchNorm/Dropout train",
+                  lambda s: c.counts_frozen_gradients(s) or c.frozen_has_train_mode_layer(s)),
+    )),
+    CatalogEntry(NoGradRegion, (
+        Condition("gradient-flows", "something upstream of the frozen module needs gradient",
+                  c.upstream_needs_gradient),) + TRAIN_MODE),
+    CatalogEntry(NameSubstring, (
+        Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
+                  c.names_collide),) + TRAIN_MODE),
+    CatalogEntry(BackwardHookZeroGrad, (
+        Condition("no-crash", "the module's input needs no gradient, so weight.grad is None in the hook",
+                  c.input_needs_no_gradient),
+        Condition("frozen-unchanged", "weight decay or a stale/accumulated gradient moves the entry",
+                  c.weight_decay_or_stale_gradients),
+    )),
+    CatalogEntry(TensorHookMask, (
+        Condition("frozen-unchanged", "weight decay moves an entry whose gradient is zero", c.weight_decay),)),
+    CatalogEntry(ForwardPreHookOverwrite, (
+        Condition("frozen-unchanged", "the entry drifts after every step", lambda s: True),
+        Condition("no-crash", "the module is called twice: the reset edits a tensor saved for backward",
+                  c.elements_module_reused),
+    )),
+    CatalogEntry(RestoreAfterStep, (
+        Condition("matches-reference", "gradient-norm clipping counts the frozen entries' gradients",
+                  c.counts_frozen_gradients),)),
+    CatalogEntry(ParametrizeWhere),
+    CatalogEntry(WeightDropoutDataTechnique, (
+        Condition("trainable-trains", "the raw weights never get gradient", c.reparameterized),)),
+    CatalogEntry(WeightDropoutTechnique),
+    CatalogEntry(ParametrizeDropConnect),
+)
+
+
+def catalog() -> dict[str, Technique]:
+    """Fresh instances of every built-in technique, by name."""
+    return {entry.name: entry.technique() for entry in CATALOG}
+
+
+def entry(name: str) -> CatalogEntry:
+    for e in CATALOG:
+        if e.name == name:
+            return e
+    raise KeyError(name)

@@ -1,0 +1,48 @@
+"""Seed 000: use a layer's parameters as constants at one call site only."""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from ..technique import Capability, Role, Technique
+
+
+class FunctionalDetach(Technique):
+    name = "functional_detach"
+    seed = "000"
+    capabilities = frozenset({Capability.PASS_THROUGH})
+    summary = "the seed's F.linear(x, w.detach(), b.detach()), generalised with functional_call"
+
+    def call(self, module, args, role):
+        if role is Role.PASS_THROUGH:
+            return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
+        return module(*args)
+
+
+class ToggleRequiresGrad(Technique):
+    name = "toggle_requires_grad"
+    seed = "000"
+    capabilities = frozenset({Capability.PASS_THROUGH})
+    summary = "requires_grad_(False) around the call, requires_grad_(True) after it"
+
+    def call(self, module, args, role):
+        if role is not Role.PASS_THROUGH:
+            return module(*args)
+        module.requires_grad_(False)
+        out = module(*args)
+        module.requires_grad_(True)
+        return out
+
+
+class NoGradCall(Technique):
+    name = "no_grad_call"
+    seed = "000"
+    capabilities = frozenset({Capability.PASS_THROUGH})
+    expected_violations = frozenset({"gradient-flows"})
+    summary = "with torch.no_grad() around the call: cuts the gradient to the input too"
+
+    def call(self, module, args, role):
+        if role is Role.PASS_THROUGH:
+            with torch.no_grad():
+                return module(*args)
+        return module(*args)

@@ -1,0 +1,296 @@
+"""Random module architectures whose shapes are valid by construction.
+
+An architecture is drawn as a chain of *blocks* (a layer, a residual block, a
+container of layers, or one of the reuse patterns in :mod:`strategies.reuse`).
+A small mutable :class:`Draft` tracks the current value's layout and shape
+while blocks are drawn; what comes out is a frozen
+:class:`isolation_suite.Architecture`.
+
+>>> from strategies import architectures
+>>> architectures(max_blocks=2)  # doctest: +ELLIPSIS
+architectures(...)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hypothesis import strategies as st
+
+from isolation_suite.scenario import LAYER_KINDS, Architecture, Layer, Op
+
+from ._validate import check_choice, check_int
+
+#: top-level names, with prefix collisions on purpose (``fc1`` ⊂ ``fc10``, ``enc`` ⊂ ``encoder``)
+TOP_NAMES = ("fc1", "fc10", "enc", "encoder", "gen", "layer1", "layer10", "head", "generator", "fc2")
+#: names of children inside a container
+CHILD_NAMES = ("0", "1", "fc1", "fc10", "2", "block")
+
+SIZES = st.integers(1, 4)
+SHAPE_PRESERVING = ("linear", "layernorm", "dropout", "conv1d", "conv2d", "batchnorm1d",
+                    "batchnorm2d", "groupnorm", "lstm", "gru", "rnn", "mha")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class Draft:
+    """Mutable scratch state used while one architecture is drawn."""
+
+    layout: str  # "vec" (F,), "seq" (L, F), "chan1" (C, L), "chan2" (C, H, W), "tokens" (L,)
+    shape: tuple[int, ...]
+    kinds: tuple[str, ...]
+    layers: list[Layer] = field(default_factory=list)
+    program: list[Op] = field(default_factory=list)
+    ties: list[tuple[str, str]] = field(default_factory=list)
+    used_names: set[str] = field(default_factory=set)
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def emit(self, op: Op) -> None:
+        self.program.append(op)
+
+    def add_layer(self, path: str, kind: str, **kwargs) -> str:
+        self.layers.append(Layer(path, kind, tuple(sorted(kwargs.items()))))
+        return path
+
+
+def fresh_name(draw, pool: tuple[str, ...], taken: set[str], prefix: str = "") -> str:
+    free = [n for n in pool if prefix + n not in taken]
+    name = draw(st.sampled_from(free)) if free else f"m{len(taken)}"
+    taken.add(prefix + name)
+    return prefix + name
+
+
+# --- layout adapters -------------------------------------------------------------------
+
+def to_layout(draw, d: Draft, layout: str) -> None:
+    """Insert parameter-free ops that bring the current value into ``layout``."""
+    if d.layout == layout:
+        return
+    if layout == "seq" and d.layout == "chan1":
+        d.emit(Op("transpose"))
+        d.shape = (d.shape[1], d.shape[0])
+    elif layout == "chan1" and d.layout == "seq":
+        d.emit(Op("transpose"))
+        d.shape = (d.shape[1], d.shape[0])
+    else:
+        n = d.numel()
+        if layout == "vec":
+            shape: tuple[int, ...] = (n,)
+        elif layout in ("seq", "chan1"):
+            a = draw(st.sampled_from(divisors(n)))
+            shape = (a, n // a)
+        else:  # chan2
+            c = draw(st.sampled_from(divisors(n)))
+            h = draw(st.sampled_from(divisors(n // c)))
+            shape = (c, h, n // c // h)
+        d.emit(Op("reshape", shape=shape))
+        d.shape = shape
+    d.layout = layout
+
+
+# --- one leaf layer ----------------------------------------------------------------------
+
+def _conv_args(draw, channels: int, length: int, preserve: bool) -> tuple[dict, int, int]:
+    groups = draw(st.sampled_from(divisors(channels)))
+    out = channels if preserve else groups * draw(st.integers(1, 2))
+    kernel = draw(st.sampled_from((1, 3) if preserve else (1, 2, 3)))
+    dilation = draw(st.integers(1, 2))
+    if preserve:
+        stride, padding = 1, dilation * (kernel - 1) // 2
+    else:
+        stride = draw(st.integers(1, 2))
+        padding = draw(st.integers(0, 1))
+        need = dilation * (kernel - 1) + 1
+        if length + 2 * padding < need:
+            padding = -(-(need - length) // 2)
+    args = dict(in_channels=channels, out_channels=out, kernel_size=kernel, stride=stride,
+                padding=padding, dilation=dilation, groups=groups)
+    return args, out, _conv_len(length, args)
+
+
+def _conv_len(n: int, a: dict) -> int:
+    return (n + 2 * a["padding"] - a["dilation"] * (a["kernel_size"] - 1) - 1) // a["stride"] + 1
+
+
+def leaf(draw, d: Draft, path: str, kind: str, preserve: bool = False) -> str:
+    """Add a layer of ``kind`` at ``path``, emit its call, and update the draft's shape.
+
+    With ``preserve`` the layer maps the current shape onto itself (needed when
+    it is called more than once or sits in a residual block).
+    """
+    if kind in ("linear",):
+        f = d.shape[-1]
+        out = f if preserve else draw(SIZES)
+        d.add_layer(path, kind, in_features=f, out_features=out, bias=draw(st.sampled_from((True, False))))
+        d.shape = d.shape[:-1] + (out,)
+    elif kind == "layernorm":
+        d.add_layer(path, kind, normalized_shape=d.shape[-1])
+    elif kind == "dropout":
+        d.add_layer(path, kind, p=draw(st.sampled_from((0.5, 0.25))))
+    elif kind == "conv1d":
+        to_layout(draw, d, "chan1")
+        args, c, length = _conv_args(draw, d.shape[0], d.shape[1], preserve)
+        d.add_layer(path, kind, **args)
+        d.shape = (c, length)
+    elif kind == "conv2d":
+        to_layout(draw, d, "chan2")
+        # padding is drawn against the shorter side, so both spatial axes stay valid
+        args, c, _ = _conv_args(draw, d.shape[0], min(d.shape[1], d.shape[2]), preserve)
+        d.add_layer(path, kind, **args)
+        d.shape = (c,) + tuple(_conv_len(n, args) for n in d.shape[1:])
+    elif kind == "batchnorm1d":
+        if d.layout not in ("vec", "chan1"):
+            to_layout(draw, d, "chan1")
+        d.add_layer(path, kind, num_features=d.shape[0])
+    elif kind == "batchnorm2d":
+        to_layout(draw, d, "chan2")
+        d.add_layer(path, kind, num_features=d.shape[0])
+    elif kind == "groupnorm":
+        c, spatial = d.shape[0], d.numel() // d.shape[0]
+        # training-mode GroupNorm needs more than one value per group
+        groups = [g for g in divisors(c) if (c // g) * spatial > 1]
+        if not groups:
+            return leaf(draw, d, path, "layernorm", preserve)
+        d.add_layer(path, kind, num_groups=draw(st.sampled_from(groups)), num_channels=c)
+    elif kind in ("lstm", "gru", "rnn"):
+        to_layout(draw, d, "seq")
+        f = d.shape[1]
+        hidden = f if preserve else draw(SIZES)
+        d.add_layer(path, kind, input_size=f, hidden_size=hidden)
+        d.shape = (d.shape[0], hidden)
+    elif kind == "mha":
+        to_layout(draw, d, "seq")
+        e = d.shape[1]
+        d.add_layer(path, kind, embed_dim=e, num_heads=draw(st.sampled_from(divisors(e))))
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    d.emit(Op("call", path))
+    return path
+
+
+def maybe_activation(draw, d: Draft) -> None:
+    act = draw(st.sampled_from(("none", "relu", "tanh", "gelu", "sigmoid")))
+    if act != "none":
+        d.emit(Op("act", act))
+
+
+# --- blocks ------------------------------------------------------------------------------
+
+def _kind(draw, d: Draft, preserve: bool = False) -> str:
+    pool = [k for k in d.kinds if k != "embedding" and (not preserve or k in SHAPE_PRESERVING)]
+    return draw(st.sampled_from(pool))
+
+
+def block_layer(draw, d: Draft, prefix: str = "") -> None:
+    leaf(draw, d, fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix),
+         _kind(draw, d))
+    maybe_activation(draw, d)
+
+
+def block_residual(draw, d: Draft, prefix: str = "") -> None:
+    kind = _kind(draw, d, preserve=True)
+    _prepare_for(draw, d, kind)
+    d.emit(Op("save"))
+    leaf(draw, d, fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix),
+         kind, preserve=True)
+    d.emit(Op("add"))
+
+
+def block_container(draw, d: Draft, depth: int = 0, prefix: str = "", preserve: bool = False) -> str:
+    """A named sub-module holding 1-3 children (layers or, once, another container)."""
+    name = fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix)
+    for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
+        if depth == 0 and not preserve and draw(st.integers(0, 4)) == 0:
+            block_container(draw, d, depth + 1, prefix=name + ".")
+            continue
+        kind = _kind(draw, d, preserve=preserve)
+        if preserve:
+            _prepare_for(draw, d, kind)
+        leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=preserve)
+        if not preserve:
+            maybe_activation(draw, d)
+    return name
+
+
+def _prepare_for(draw, d: Draft, kind: str) -> None:
+    """Move into the layout ``kind`` needs *before* a residual/reuse starts, so the layer is shape-preserving."""
+    need = {"conv1d": "chan1", "batchnorm1d": "chan1", "conv2d": "chan2", "batchnorm2d": "chan2",
+            "lstm": "seq", "gru": "seq", "rnn": "seq", "mha": "seq"}.get(kind)
+    if need and not (kind == "batchnorm1d" and d.layout == "vec"):
+        to_layout(draw, d, need)
+
+
+BlockFn = Callable[..., None]
+
+
+@st.composite
+def architectures(draw, *, max_blocks: int = 3, kinds: tuple[str, ...] = LAYER_KINDS,
+                  require: frozenset[str] = frozenset()) -> Architecture:
+    """Draw an :class:`Architecture`.
+
+    ``kinds`` restricts the layer kinds; ``require`` asks for structures the
+    intent will need: ``"reuse"`` (a module at two or more call sites),
+    ``"trainable_pair"`` (at least two parameterised layers), ``"reparam"`` (a
+    Linear, convolution or recurrent layer to wrap).
+    """
+    from . import reuse  # reuse patterns are blocks too; imported late to avoid a cycle
+
+    check_int("max_blocks", max_blocks, 1, 12)
+    kinds = check_choice("kinds", kinds, LAYER_KINDS)
+    check_choice("require", require or {"reuse"}, ("reuse", "trainable_pair", "reparam"))
+    if "embedding" in kinds and draw(st.integers(0, 3)) == 0:
+        length, vocab, dim = draw(SIZES), draw(st.integers(2, 6)), draw(SIZES)
+        d = Draft("seq", (length, dim), kinds)
+        name = fresh_name(draw, TOP_NAMES, d.used_names)
+        d.add_layer(name, "embedding", num_embeddings=vocab, embedding_dim=dim)
+        d.emit(Op("call", name))
+        input_shape, input_kind = (length,), "tokens"
+    else:
+        vocab = 0
+        layout = draw(st.sampled_from(("vec", "seq", "chan1", "chan2")))
+        shape = {"vec": 1, "seq": 2, "chan1": 2, "chan2": 3}[layout]
+        dims = tuple(draw(SIZES) for _ in range(shape))
+        d = Draft(layout, dims, kinds)
+        input_shape, input_kind = dims, "float"
+    blocks: dict[str, BlockFn] = {
+        "layer": block_layer,
+        "reuse": reuse.block_reused_layer,
+        "sandwich": reuse.block_sandwich,
+        "tied": reuse.block_tied,
+        "residual": block_residual,
+        "container": block_container,
+    }
+    for _ in range(draw(st.integers(1, max_blocks))):
+        blocks[draw(st.sampled_from(tuple(blocks)))](draw, d)
+    # requirements are met by appending, never by filtering: every draw is valid
+    if "reuse" in require and not _has_reuse(d):
+        reuse.block_reused_layer(draw, d)
+    param_layers = [l for l in d.layers if l.kind != "dropout"]
+    if "reparam" in require and not any(l.kind in REPARAM_KINDS and not _tied(d, l.path) for l in param_layers):
+        leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), draw(st.sampled_from(
+            [k for k in ("linear", "conv1d", "conv2d", "lstm", "gru", "rnn") if k in kinds] or ["linear"])))
+    if "trainable_pair" in require:
+        while sum(l.kind != "dropout" for l in d.layers) < 2:
+            leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), "linear")
+    return Architecture(input_shape=input_shape, layers=tuple(d.layers), program=tuple(d.program),
+                        input_kind=input_kind, vocab=vocab, ties=tuple(d.ties))
+
+
+REPARAM_KINDS = ("linear", "conv1d", "conv2d", "lstm", "gru", "rnn")
+
+
+def _tied(d: Draft, path: str) -> bool:
+    return any(t.startswith(path + ".") for tie in d.ties for t in tie)
+
+
+def _has_reuse(d: Draft) -> bool:
+    calls = [op.target for op in d.program if op.kind == "call"]
+    return len(calls) != len(set(calls))

@@ -1,0 +1,60 @@
+"""The three reuse patterns: one layer at several call sites, tied parameters,
+and a sub-module called before and after another (encoder -> generator -> encoder)."""
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from isolation_suite.scenario import Op
+
+from .architectures import (CHILD_NAMES, TOP_NAMES, Draft, _prepare_for, fresh_name, leaf,
+                            maybe_activation)
+
+#: kinds that map a value onto itself without first changing its layout
+_IN_PLACE = {
+    "vec": ("linear", "layernorm", "batchnorm1d", "groupnorm", "dropout"),
+    "seq": ("linear", "layernorm", "lstm", "gru", "rnn", "mha", "dropout"),
+    "chan1": ("linear", "layernorm", "conv1d", "batchnorm1d", "groupnorm", "dropout"),
+    "chan2": ("linear", "layernorm", "conv2d", "batchnorm2d", "groupnorm", "dropout"),
+}
+
+
+def _in_place_kinds(d: Draft, with_params: bool = False) -> list[str]:
+    kinds = [k for k in _IN_PLACE[d.layout] if k in d.kinds and not (with_params and k == "dropout")]
+    return kinds or ["linear"]
+
+
+def block_reused_layer(draw, d: Draft, prefix: str = "") -> None:
+    """One parameterised layer called at 2-3 call sites in a row (seed 000)."""
+    reusable = [k for k in d.kinds if k not in ("embedding", "dropout")] or ["linear"]
+    kind = draw(st.sampled_from(reusable))
+    _prepare_for(draw, d, kind)
+    path = leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names, prefix), kind, preserve=True)
+    for _ in range(draw(st.integers(1, 2))):
+        maybe_activation(draw, d)
+        d.emit(Op("call", path))
+
+
+def _in_place_container(draw, d: Draft, pool: tuple[str, ...]) -> list[Op]:
+    """A container of 1-2 shape-preserving children; returns the ops it emitted."""
+    start = len(d.program)
+    name = fresh_name(draw, pool, d.used_names)
+    for _ in range(draw(st.integers(1, 2))):
+        kind = draw(st.sampled_from(_in_place_kinds(d)))
+        leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=True)
+        maybe_activation(draw, d)
+    return d.program[start:]
+
+
+def block_sandwich(draw, d: Draft, prefix: str = "") -> None:
+    """``enc`` -> ``gen`` -> ``enc`` again, all shape-preserving (seed 003)."""
+    encoder_ops = _in_place_container(draw, d, ("enc", "encoder") + TOP_NAMES)
+    _in_place_container(draw, d, ("gen", "generator") + TOP_NAMES)
+    d.program.extend(encoder_ops)
+
+
+def block_tied(draw, d: Draft, prefix: str = "") -> None:
+    """Two square Linear layers sharing one weight ``Parameter``."""
+    first = leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), "linear", preserve=True)
+    maybe_activation(draw, d)
+    second = leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), "linear", preserve=True)
+    d.ties.append((second + ".weight", first + ".weight"))
