@@ -136,7 +136,7 @@ def build_model(scenario: Scenario, device: str | torch.device = "cpu") -> Isola
     arch = scenario.architecture
     model = IsolationModel(arch, call_sites(arch, scenario.intent))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(scenario.init_seed)
+        torch.default_generator.manual_seed(scenario.init_seed)
         for layer in arch.layers:
             _set_by_path(model, layer.path, build_layer(layer.kind, layer.kwargs))
     for dst, src in arch.ties:

@@ -56,6 +56,15 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+def _moved(before: float, after: float) -> str:
+    """``1.541 -> 1.53946``, with enough digits that the two numbers differ on the page."""
+    for digits in (6, 9, 12, 17):
+        a, b = f"{before:.{digits}g}", f"{after:.{digits}g}"
+        if a != b:
+            return f"{a} -> {b}"
+    return f"{before!r} -> {after!r}"
+
+
 def _index(idx: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(i) for i in idx) + "]"
 
@@ -142,7 +151,9 @@ def _upstream_of_isolation(scenario: Scenario) -> set[str]:
 def gradient_flows(ctx: Context) -> Violation | None:
     upstream = _upstream_of_isolation(ctx.scenario)
     for step, (tech, ref) in enumerate(zip(ctx.technique.steps, ctx.reference.steps), start=1):
-        if tech.loss_without_grad and not ref.loss_without_grad:
+        switched_off = any(not tech.requires_grad.get(p, True) for p in _trainable(ctx))
+        # a loss cut off because trainable parameters were switched off is trainable-trains' finding
+        if tech.loss_without_grad and not ref.loss_without_grad and not switched_off:
             return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
                              "every path from the input and the trainable parameters to the loss", step)
         for micro, (tg, rg) in enumerate(zip(tech.input_grads, ref.input_grads)):
@@ -175,14 +186,12 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
             hit = _first_difference(record.params[path], trace.initial_params[path], mask)
             if hit:
                 idx, after, before = hit
-                return Violation(FROZEN_UNCHANGED, f"{_name(ctx, path)}{_index(idx)} moved {_fmt(before)} -> "
-                                 f"{_fmt(after)} at step {step} ({context})", step)
+                return Violation(FROZEN_UNCHANGED, f"{_name(ctx, path)}{_index(idx)} moved {_moved(before, after)} at step {step} ({context})", step)
         for path in frozen_buffers:
             hit = _first_difference(record.buffers[path], trace.initial_buffers[path])
             if hit:
                 idx, after, before = hit
-                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_fmt(before)} -> "
-                                 f"{_fmt(after)} at step {step} (the frozen module ran in training mode)", step)
+                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_moved(before, after)} at step {step} (the frozen module ran in training mode)", step)
     return None
 
 
@@ -210,7 +219,7 @@ def trainable_trains(ctx: Context) -> Violation | None:
             if ref_moved and not _first_difference(ts.params[path], prev_t[path], free):
                 idx, after, before = ref_moved
                 return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference "
-                                 f"moved {path}{_index(idx)} {_fmt(before)} -> {_fmt(after)} "
+                                 f"moved {path}{_index(idx)} {_moved(before, after)} "
                                  f"({recipe_context(ctx.scenario.optimizer)})", step)
         prev_t = {**prev_t, **ts.params}
         prev_r = {**prev_r, **rs.params}

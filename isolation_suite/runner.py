@@ -257,8 +257,9 @@ def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
         step_now = [0, 0]
 
         def router(site: CallSite, module: nn.Module, args: tuple) -> Any:
-            # stochastic layers draw the same numbers in every run of this scenario
-            torch.manual_seed(site_seed(data.seed, step_now[0], step_now[1], site.index))
+            # stochastic layers draw the same numbers in every run of this scenario; only the CPU
+            # generator (SeededDropout draws there), since torch.manual_seed also seeds every backend
+            torch.default_generator.manual_seed(site_seed(data.seed, step_now[0], step_now[1], site.index))
             return driver.call(site, module, args)
         model.router = router
         with phase(driver, 0, "make_optimizer"):

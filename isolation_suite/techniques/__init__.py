@@ -43,6 +43,8 @@ class CatalogEntry:
 
 
 TRAIN_MODE = (
+    Condition("gradient-flows", "a BatchNorm inside the frozen module normalises with batch statistics",
+              c.frozen_has_batchnorm),
     Condition("frozen-unchanged", "a BatchNorm inside the frozen module updates its running stats",
               c.frozen_has_batchnorm),
     Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode",
@@ -61,7 +63,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
                   c.has_multi_element_parameter),) + TRAIN_MODE),
-    CatalogEntry(LrZeroGroup, (
+    CatalogEntry(LrZeroGroup, TRAIN_MODE[:1] + (
         Condition("frozen-unchanged", "OneCycleLR/Rprop rewrite lr=0, or a BatchNorm updates",
                   lambda s: c.lr_is_rewritten(s) or c.frozen_has_batchnorm(s)),
         Condition("matches-reference", "clip-norm counts frozen gradients, or BatchNorm/Dropout train",
@@ -69,7 +71,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     )),
     CatalogEntry(NoGradRegion, (
         Condition("gradient-flows", "something upstream of the frozen module needs gradient",
-                  c.upstream_needs_gradient),) + TRAIN_MODE),
+                  c.upstream_needs_gradient),) + TRAIN_MODE[1:]),
     CatalogEntry(NameSubstring, (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
                   c.names_collide),) + TRAIN_MODE),
