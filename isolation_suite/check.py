@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -85,6 +86,10 @@ def check(technique: Technique | type[Technique], scenario: Scenario, device: st
 
 # --- the search ---------------------------------------------------------------------------
 
+class BudgetSpent(BaseException):
+    """Stops a search when its time budget is spent (a BaseException, so Hypothesis lets it through)."""
+
+
 class IsolationFailure(AssertionError):
     """Raised inside the search so Hypothesis shrinks it; carries the verdict."""
 
@@ -102,6 +107,7 @@ class SearchResult:
     failure: Verdict | None = None
     first_failure_at: int | None = None  # examples run when the first violation was seen
     invariant_counts: dict[str, int] = field(default_factory=dict)
+    budget_reached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -123,8 +129,12 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
 
 
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
-           device: str = "cpu", max_examples: int | None = None) -> SearchResult:
-    """Hypothesis search for a scenario that breaks ``technique``; the failure returned is shrunk."""
+           device: str = "cpu", max_examples: int | None = None, budget: float | None = None) -> SearchResult:
+    """Hypothesis search for a scenario that breaks ``technique``; the failure returned is shrunk.
+
+    With ``budget`` (seconds) the search stops generating when the time is spent; a failure
+    already found may shrink for as long again, then the smallest one seen is returned.
+    """
     import strategies  # the top-level strategies package
 
     technique = as_technique(technique)
@@ -133,10 +143,16 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         raise ValueError(f"technique {technique.name!r} declares no capabilities: nothing to check")
     device = devices_mod.normalize(device)
     result = SearchResult(technique.name, caps, device)
+    started = time.monotonic()
+    smallest: list[Verdict] = []
 
     @search_settings(max_examples, device)
     @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],)))
     def probe(scenario: Scenario) -> None:
+        if budget is not None:
+            spent = time.monotonic() - started
+            if spent > (2 * budget if smallest else budget):
+                raise BudgetSpent()
         result.examples += 1
         verdict = check(technique, scenario, device)
         for v in verdict.violations:
@@ -147,6 +163,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         if not verdict.ok:
             if result.first_failure_at is None:
                 result.first_failure_at = result.examples
+            smallest[:] = [verdict]  # the shrinker only tries smaller examples
             raise IsolationFailure(verdict)
 
     # separate database entries per technique, capability set and device
@@ -156,6 +173,9 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         probe()
     except IsolationFailure as failure:
         result.failure = failure.verdict
+    except BudgetSpent:
+        result.budget_reached = True
+        result.failure = smallest[0] if smallest else None
     return result
 
 

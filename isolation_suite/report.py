@@ -1,0 +1,217 @@
+"""Reports: ``summary.json``, ``summary.md``, ``report.html`` and ``repro/*.py`` in one run folder.
+
+Each finished search writes its own record under ``results/`` (so parallel
+workers never share a file); the summary files are rebuilt from those records
+after every record and written atomically, so an interrupted run still leaves
+a valid report of what finished.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from .check import SearchResult
+from .invariants import INVARIANTS
+from .repro import write_repro
+from .technique import Technique
+
+
+def run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    import hypothesis
+    import torch
+
+    from . import __version__
+    meta = {
+        "isolation_suite": __version__, "torch": torch.__version__, "hypothesis": hypothesis.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def outcome(result: SearchResult, expected: Iterable[str]) -> tuple[str, bool]:
+    """(``held`` | ``caught`` | ``violated`` | ``missed``, passed) against the technique's expectation."""
+    expected = frozenset(expected)
+    if result.failure is None:
+        return ("held", True) if not expected else ("missed", False)
+    if not expected:
+        return "violated", False
+    return ("caught", True) if result.failure.first.invariant in expected else ("violated", False)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None) -> dict[str, Any]:
+    """One search as JSON; with ``run_dir`` also writes its record file and repro script."""
+    status, passed = outcome(result, technique.expected_violations)
+    caps = sorted(c.value for c in result.capabilities)
+    item = f"{technique.name}-{'+'.join(caps)}-{result.device}"
+    data: dict[str, Any] = {
+        "item": item, "technique": technique.name, "capabilities": caps, "device": result.device,
+        "expected": sorted(technique.expected_violations), "outcome": status, "passed": passed,
+        "examples": result.examples, "seconds": round(seconds, 3), "first_failure_at": result.first_failure_at,
+        "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
+        "violations": [], "scenario": None, "repro": None,
+    }
+    if result.failure is not None:
+        data["violations"] = [{"invariant": v.invariant, "message": v.message} for v in result.failure.violations]
+        data["scenario"] = result.failure.scenario.to_dict()
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if result.failure is not None:
+            rel = Path("repro") / f"{_slug(item)}.py"
+            try:
+                write_repro(run_dir / rel, technique, result.failure.scenario, result.device,
+                            str(result.failure.first))
+                data["repro"] = str(rel)
+            except ValueError as exc:  # a plug-in whose source cannot be read
+                data["repro_error"] = str(exc)
+        (run_dir / "results").mkdir(parents=True, exist_ok=True)
+        _atomic_write(run_dir / "results" / f"{_slug(item)}.json", json.dumps(data, indent=2, sort_keys=True))
+    return data
+
+
+def load_records(run_dir: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted((Path(run_dir) / "results").glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # a record being replaced right now; the next rebuild picks it up
+    return records
+
+
+def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """technique -> invariant -> {verdict, count, first_message, scenario}."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for rec in records:
+        row = out.setdefault(rec["technique"], {inv: {"verdict": "held", "count": 0, "first_message": None,
+                                                       "scenario": None} for inv in INVARIANTS})
+        for inv, n in rec["invariant_counts"].items():
+            row[inv]["count"] += n
+        for v in rec["violations"]:
+            cell = row[v["invariant"]]
+            cell["verdict"] = "expected" if v["invariant"] in rec["expected"] else "violated"
+            if cell["first_message"] is None:
+                cell["first_message"], cell["scenario"] = v["message"], rec["scenario"]
+    return out
+
+
+def write_summary(run_dir: Path, meta: dict[str, Any], complete: bool = False) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records = load_records(run_dir)
+    summary = {
+        "run_id": run_dir.name, "complete": complete, "meta": meta,
+        "ok": all(r["passed"] for r in records) if records else complete,
+        "examples_per_technique": _examples(records),
+        "results": records, "matrix": matrix(records),
+    }
+    _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+    _atomic_write(run_dir / "summary.md", markdown(summary))
+    _atomic_write(run_dir / "report.html", html_report(summary))
+    return summary
+
+
+def _examples(records):
+    out: dict[str, int] = {}
+    for r in records:
+        out[r["technique"]] = out.get(r["technique"], 0) + r["examples"]
+    return out
+
+
+def point_latest(reports_dir: Path, run_dir: Path) -> None:
+    """``reports/latest`` (a symlink where possible) and ``reports/LATEST`` (a file naming the run)."""
+    reports_dir = Path(reports_dir)
+    _atomic_write(reports_dir / "LATEST", Path(run_dir).name + "\n")
+    link = reports_dir / "latest"
+    try:
+        tmp = reports_dir / f".latest.{os.getpid()}"
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(Path(run_dir).name)
+        tmp.replace(link)
+    except OSError:
+        pass  # no symlinks here: LATEST still names the run
+
+
+# --- renderers ----------------------------------------------------------------------------
+
+_MARK = {"held": "ok", "expected": "caught", "violated": "VIOLATED"}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    meta = summary["meta"]
+    lines = [f"# isolation-suite run {summary['run_id']}", "",
+             f"status: **{'PASS' if summary['ok'] else 'FAIL'}**"
+             + ("" if summary["complete"] else " (incomplete: the run did not finish)"),
+             f"torch {meta.get('torch')}, hypothesis {meta.get('hypothesis')}, devices {meta.get('devices')}, "
+             f"profile {meta.get('profile')}, budget {meta.get('budget')}", "",
+             "| technique | device | expected | outcome | examples | " + " | ".join(INVARIANTS) + " |",
+             "|" + "---|" * (5 + len(INVARIANTS))]
+    for r in summary["results"]:
+        fired = {v["invariant"] for v in r["violations"]}
+        cells = [("caught" if i in r["expected"] else "VIOLATED") if i in fired else "ok" for i in INVARIANTS]
+        lines.append(f"| {r['technique']} | {r['device']} | {', '.join(r['expected']) or 'sound'} | "
+                     f"{r['outcome']} | {r['examples']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Counterexamples", ""]
+    for r in summary["results"]:
+        if r["violations"]:
+            lines.append(f"### {r['item']} ({r['outcome']})")
+            lines += [f"- `{v['invariant']}`: {v['message']}" for v in r["violations"]]
+            if r.get("repro"):
+                lines.append(f"- repro: `python {r['repro']}`")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def html_report(summary: dict[str, Any]) -> str:
+    esc = html.escape
+    rows = []
+    for technique, cells in summary["matrix"].items():
+        tds = "".join(f'<td class="{c["verdict"]}" title="{esc(c["first_message"] or "")}">'
+                      f'{_MARK[c["verdict"]]}{" (" + str(c["count"]) + ")" if c["count"] else ""}</td>'
+                      for c in cells.values())
+        recs = [r for r in summary["results"] if r["technique"] == technique]
+        status = "pass" if all(r["passed"] for r in recs) else "fail"
+        rows.append(f'<tr><th>{esc(technique)}</th><td class="{status}">{status}</td>{tds}</tr>')
+    details = []
+    for r in summary["results"]:
+        if r["violations"]:
+            msgs = "".join(f"<li><b>{esc(v['invariant'])}</b>: {esc(v['message'])}</li>" for v in r["violations"])
+            repro = f"<p>repro: <code>python {esc(r['repro'])}</code></p>" if r.get("repro") else ""
+            scenario = esc(json.dumps(r["scenario"], indent=1))
+            details.append(f"<details><summary>{esc(r['item'])}: {esc(r['outcome'])}</summary><ul>{msgs}</ul>"
+                           f"{repro}<pre>{scenario}</pre></details>")
+    head = "".join(f"<th>{esc(i)}</th>" for i in INVARIANTS)
+    state = "PASS" if summary["ok"] else "FAIL"
+    partial = "" if summary["complete"] else " &mdash; incomplete"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>isolation-suite {esc(summary['run_id'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+.held{{background:#e6f4ea}}.expected{{background:#fff4d6}}.violated{{background:#f8d7da;font-weight:bold}}
+.pass{{background:#e6f4ea}}.fail{{background:#f8d7da;font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style></head>
+<body><h1>isolation-suite run {esc(summary['run_id'])}: {state}{partial}</h1>
+<p>ok = held; caught = a known-bad technique violated an expected invariant; VIOLATED = an unexpected violation.
+Counts are examples in which the invariant fired.</p>
+<table><tr><th>technique</th><th>status</th>{head}</tr>{''.join(rows)}</table>
+<h2>Counterexamples</h2>{''.join(details) or '<p>none</p>'}</body></html>
+"""
