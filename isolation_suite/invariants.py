@@ -93,7 +93,7 @@ def _nonzero(t: torch.Tensor | None, mask: torch.Tensor | None = None) -> bool:
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None):
     """Index and values of the first entry where ``a`` and ``b`` differ (bitwise), else None."""
-    differ = (a != b) | (torch.isnan(a) != torch.isnan(b))
+    differ = (a != b) & ~(torch.isnan(a) & torch.isnan(b))  # NaN stuck at NaN has not moved
     if mask is not None:
         differ = differ & mask
     hits = differ.nonzero()
@@ -126,7 +126,7 @@ def no_crash(ctx: Context) -> Violation | None:
     crash = ctx.technique.crash
     if crash is None:
         return None
-    where = "during setup" if crash.step == 0 else f"in {crash.phase} at step {crash.step}"
+    where = f"during {crash.phase}" if crash.step == 0 else f"in {crash.phase} at step {crash.step}"
     return Violation(NO_CRASH, f"{crash.error} ({where}; {recipe_context(ctx.scenario.optimizer)})",
                      crash.step)
 
@@ -135,7 +135,8 @@ def state_restored(ctx: Context) -> Violation | None:
     if not ctx.technique.state_leaks:
         return None
     step, what = ctx.technique.state_leaks[0]
-    return Violation(STATE_RESTORED, f"{what} during step {step}", step)
+    when = "during setup" if step == 0 else f"during step {step}"
+    return Violation(STATE_RESTORED, f"{what} {when}", step)
 
 
 def _upstream_of_isolation(scenario: Scenario) -> set[str]:
@@ -163,7 +164,9 @@ def gradient_flows(ctx: Context) -> Violation | None:
                                  f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
         for path in _trainable(ctx):
             module = path.rpartition(".")[0]
-            if module not in upstream or not tech.requires_grad.get(path, True):
+            # nested parameters (mha.out_proj.weight) belong to the call site that owns them
+            if not any(module == u or module.startswith(u + ".") for u in upstream) \
+                    or not tech.requires_grad.get(path, True):
                 continue  # a parameter the technique switched off is trainable-trains' business
             rg, tg = ref.grads.get(path), tech.grads.get(path)
             if _nonzero(rg) and not _nonzero(tg):
@@ -261,7 +264,11 @@ def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict
                                      f"grad{diff}; {what}", step)
         for path in trainable:
             if path in a.params and path in e.params:
-                diff = _close(a.params[path], e.params[path], tolerance)
+                frozen = _elements_mask(ctx, path)
+                pa, pe = a.params[path], e.params[path]
+                if frozen is not None:  # frozen entries are frozen-unchanged's business
+                    pa, pe = pa.masked_fill(frozen, 0), pe.masked_fill(frozen, 0)
+                diff = _close(pa, pe, tolerance)
                 if diff:
                     return Violation(invariant, f"{_name(ctx, path)}{diff} after step {step} ({context}); {what}",
                                      step)

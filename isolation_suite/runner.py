@@ -251,6 +251,8 @@ def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
     original_buffers = dict(model.named_buffers())
     trace.initial_params = {k: v[2].detach().clone() for k, v in originals.items()}
     trace.initial_buffers = {k: v.detach().clone() for k, v in original_buffers.items()}
+    state = _global_state()  # setup and make_optimizer must leave global state alone too
+    flags = {p: t.requires_grad for p, (_, _, t) in originals.items()}
     try:
         with phase(driver, 0, "setup"):
             driver.setup(model, scenario.intent)
@@ -269,9 +271,12 @@ def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
         trace.unreachable = [p for p, h in handles.items() if h.raw is None]
         trace.aliases = {p: h.alias for p, h in handles.items() if h.alias != p}
         buffers = _buffers(model, original_buffers)
+        for change in _describe_state_change(state, _global_state(), {}, {}, trace.aliases):
+            trace.state_leaks.append((0, change))
         for step in range(1, scenario.steps + 1):
             step_now[0] = step
             record = StepRecord()
+            # requires_grad flags set in setup are the technique's baseline; grad mode and dtype are not
             flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
             state = _global_state()
             record.requires_grad = dict(flags)

@@ -1,0 +1,153 @@
+"""The strategies: valid by construction, cover design section 6, shrink small, validate arguments."""
+import collections
+
+import pytest
+from hypothesis import HealthCheck, event, find, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+import strategies
+from isolation_suite.build import build_model, loss_fn, make_inputs
+from isolation_suite.scenario import LAYER_KINDS, OPTIMIZERS, SCHEDULERS, Scenario
+from isolation_suite.technique import Capability
+
+FAST = settings(database=None, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _features(s: Scenario) -> set[str]:
+    arch = s.architecture
+    calls = [p for p, _ in arch.call_sites]
+    found = {f"layer:{l.kind}" for l in arch.layers}
+    found |= {f"optimizer:{s.optimizer.name}", f"scheduler:{s.optimizer.scheduler}", f"clip:{s.optimizer.clip}",
+              f"dtype:{s.dtype}", f"input:{arch.input_kind}", f"steps:{s.steps}", f"micro:{s.micro_batches}",
+              f"set_to_none:{s.optimizer.set_to_none}", f"input_requires_grad:{s.data.input_requires_grad}"}
+    if len(calls) != len(set(calls)):
+        found.add("reuse:layer-at-several-sites")
+    if arch.ties:
+        found.add("reuse:tied-parameters")
+    containers = {p.split(".")[0] for p in calls if "." in p}
+    for c in containers:
+        runs = [i for i, p in enumerate(calls) if p.startswith(c + ".")]
+        if runs and any(b - a > 1 for a, b in zip(runs, runs[1:])):
+            found.add("reuse:called-around-another")
+    if any(l.path.count(".") >= 2 for l in arch.layers):
+        found.add("nesting:two-levels")
+    names = [l.path for l in arch.layers]
+    if any(a != b and b.startswith(a) for a in names for b in names):
+        found.add("names:prefix-collision")
+    for _, idx in s.intent.frozen_elements:
+        found.add("elements:" + ("single" if len(idx) == 1 else "several"))
+    return found
+
+
+REQUIRED = ({f"layer:{k}" for k in LAYER_KINDS} | {f"optimizer:{o}" for o in OPTIMIZERS}
+            | {f"scheduler:{x}" for x in SCHEDULERS}
+            | {"clip:none", "clip:norm", "clip:value", "dtype:float32", "dtype:float64", "input:tokens",
+               "input:float", "reuse:layer-at-several-sites", "reuse:tied-parameters",
+               "reuse:called-around-another", "nesting:two-levels", "names:prefix-collision",
+               "elements:single", "elements:several", "set_to_none:False", "set_to_none:True",
+               "input_requires_grad:False", "steps:4", "micro:2"})
+
+
+def test_300_scenarios_build_run_and_cover_section_6():
+    seen = collections.Counter()
+
+    @FAST
+    @settings(max_examples=300)
+    @given(strategies.scenarios())
+    def run(scenario):
+        model = build_model(scenario)
+        x = make_inputs(scenario)[0][0]
+        if scenario.data.input_requires_grad:
+            x.requires_grad_(True)
+        loss_fn(scenario.data.loss, model(x), 0).backward()
+        for feature in _features(scenario):
+            seen[feature] += 1
+            event(feature)
+
+    run()
+    missing = REQUIRED - set(seen)
+    assert not missing, f"never drawn in 300 scenarios: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("capability", list(Capability), ids=lambda c: c.value)
+def test_intents_only_use_the_given_capability(capability):
+    @FAST
+    @settings(max_examples=40)
+    @given(strategies.scenarios(capabilities=[capability]))
+    def run(s):
+        used = {Capability.FREEZE_MODULE: bool(s.intent.frozen_modules),
+                Capability.FREEZE_ELEMENTS: bool(s.intent.frozen_elements),
+                Capability.PASS_THROUGH: bool(s.intent.pass_through),
+                Capability.REPARAMETERIZE: bool(s.intent.reparameterized)}
+        assert used[capability], s
+        assert not any(v for c, v in used.items() if c is not capability)
+        if capability is Capability.FREEZE_MODULE:  # something still trains
+            assert any(not s.intent.is_frozen_module(l.path) and l.kind != "dropout" for l in s.architecture.layers)
+    run()
+
+
+def test_element_patterns_all_appear():
+    patterns = set()
+
+    @FAST
+    @settings(max_examples=150)
+    @given(st.data())
+    def run(data):
+        shape = (3, 2)
+        idx = data.draw(strategies.element_indices(shape))
+        every = 6
+        patterns.add("all" if len(idx) == every else "all_but_one" if len(idx) == every - 1
+                     else "corners" if idx == ((0, 0), (2, 1)) else "single" if len(idx) == 1 else "several")
+        assert all(0 <= i < 3 and 0 <= j < 2 for i, j in idx) and len(set(idx)) == len(idx)
+    run()
+    assert patterns == {"single", "several", "corners", "all_but_one", "all"}
+
+
+def test_json_round_trip_and_short_repr():
+    @FAST
+    @settings(max_examples=60)
+    @given(strategies.scenarios())
+    def run(s):
+        text = s.to_json()
+        assert Scenario.from_json(text) == s
+        assert Scenario.from_json(Scenario.from_json(text).to_json()) == s
+        assert len(repr(s)) < len(text)  # readable in a Hypothesis failure
+    run()
+
+
+def test_build_is_deterministic():
+    @FAST
+    @settings(max_examples=40)
+    @given(strategies.scenarios())
+    def run(s):
+        a, b = build_model(s), build_model(s)
+        for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert na == nb and __import__("torch").equal(pa, pb)
+    run()
+
+
+def test_shrinks_toward_one_small_layer_one_step():
+    minimal = find(strategies.scenarios(), lambda s: True, settings=FAST)
+    assert minimal.steps == 1 and minimal.micro_batches == 1
+    assert minimal.optimizer.name == "SGD" and minimal.optimizer.scheduler == "none"
+    assert minimal.dtype == "float32"
+    assert len(minimal.architecture.call_sites) <= 2
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(capabilities=["BOGUS"]), "BOGUS"),
+    (dict(dtypes=["float16"]), "float16"),
+    (dict(devices=["tpu"]), "tpu"),
+    (dict(max_steps=0), "max_steps=0"),
+    (dict(capabilities=[]), "empty"),
+])
+def test_invalid_arguments_name_the_value(kwargs, needle):
+    with pytest.raises(InvalidArgument, match=needle):
+        strategies.scenarios(**kwargs).example()
+
+
+def test_element_indices_rejects_bad_shape():
+    with pytest.raises(InvalidArgument, match=r"shape=\(0,\)"):
+        strategies.element_indices((0,)).example()
