@@ -108,9 +108,16 @@ def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
                                                        "scenario": None} for inv in INVARIANTS})
         for inv, n in rec["invariant_counts"].items():
             row[inv]["count"] += n
-        for v in rec["violations"]:
+        for rank, v in enumerate(rec["violations"]):
             cell = row[v["invariant"]]
-            cell["verdict"] = "expected" if v["invariant"] in rec["expected"] else "violated"
+            if v["invariant"] in rec["expected"]:
+                verdict = "expected"
+            elif rank > 0 and rec["passed"]:
+                verdict = "secondary"  # a knock-on effect of the expected first violation
+            else:
+                verdict = "violated"
+            if cell["verdict"] != "violated":
+                cell["verdict"] = verdict
             if cell["first_message"] is None:
                 cell["first_message"], cell["scenario"] = v["message"], rec["scenario"]
     return out
@@ -156,7 +163,11 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
 
 # --- renderers ----------------------------------------------------------------------------
 
-_MARK = {"held": "ok", "expected": "caught", "violated": "VIOLATED"}
+_MARK = {"held": "ok", "expected": "caught", "secondary": "also", "violated": "VIOLATED"}
+
+
+def _row_cells(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return matrix([rec])[rec["technique"]]
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -169,8 +180,7 @@ def markdown(summary: dict[str, Any]) -> str:
              "| technique | device | expected | outcome | examples | " + " | ".join(INVARIANTS) + " |",
              "|" + "---|" * (5 + len(INVARIANTS))]
     for r in summary["results"]:
-        fired = {v["invariant"] for v in r["violations"]}
-        cells = [("caught" if i in r["expected"] else "VIOLATED") if i in fired else "ok" for i in INVARIANTS]
+        cells = [_MARK[cell["verdict"]] for cell in _row_cells(r).values()]
         lines.append(f"| {r['technique']} | {r['device']} | {', '.join(r['expected']) or 'sound'} | "
                      f"{r['outcome']} | {r['examples']} | " + " | ".join(cells) + " |")
     lines += ["", "## Counterexamples", ""]
@@ -207,10 +217,11 @@ def html_report(summary: dict[str, Any]) -> str:
     partial = "" if summary["complete"] else " &mdash; incomplete"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>isolation-suite {esc(summary['run_id'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-.held{{background:#e6f4ea}}.expected{{background:#fff4d6}}.violated{{background:#f8d7da;font-weight:bold}}
+.held{{background:#e6f4ea}}.expected{{background:#fff4d6}}.secondary{{background:#fdf8ec;color:#777}}.violated{{background:#f8d7da;font-weight:bold}}
 .pass{{background:#e6f4ea}}.fail{{background:#f8d7da;font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style></head>
 <body><h1>isolation-suite run {esc(summary['run_id'])}: {state}{partial}</h1>
-<p>ok = held; caught = a known-bad technique violated an expected invariant; VIOLATED = an unexpected violation.
+<p>ok = held; caught = a known-bad technique violated an expected invariant; also = a knock-on violation
+after an expected one; VIOLATED = an unexpected violation.
 Counts are examples in which the invariant fired.</p>
 <table><tr><th>technique</th><th>status</th>{head}</tr>{''.join(rows)}</table>
 <h2>Counterexamples</h2>{''.join(details) or '<p>none</p>'}</body></html>

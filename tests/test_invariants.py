@@ -252,7 +252,15 @@ def test_matches_reference_fires_on_a_missing_input_gradient():
     s, technique, reference = good("pass")
     technique.steps[1].input_grads[0] = None
     v = fire("matches-reference", s, technique, reference)
-    assert "input gradient at step 2 is missing but present in the reference" in v.message
+    assert "input gradient at step 2, micro-batch 0" in v.message and "reference" in v.message
+
+
+def test_a_missing_gradient_matches_an_all_zero_one():
+    s, technique, reference = good("pass")
+    reference = copy.deepcopy(reference)
+    reference.steps[1].input_grads[0] = torch.zeros_like(reference.steps[1].input_grads[0])
+    technique.steps[1].input_grads[0] = None
+    silent("matches-reference", s, technique, reference)
 
 
 def test_matches_reference_tolerance_is_float64_aware():

@@ -1,0 +1,149 @@
+"""The command line: exit codes, one-line errors, check/list/repro, and a small fuzz run with its report."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from isolation_suite.cli import main
+
+PLUGIN = textwrap.dedent('''
+    import torch
+    import isolation_suite as iso
+
+    class Sound(iso.Technique):
+        name = "mine.sound"
+        capabilities = frozenset({iso.Capability.PASS_THROUGH})
+        def call(self, module, args, role):
+            if role is iso.Role.PASS_THROUGH:
+                return torch.func.functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
+            return module(*args)
+
+    class Broken(iso.Technique):
+        name = "mine.broken"
+        capabilities = frozenset({iso.Capability.PASS_THROUGH})
+        def call(self, module, args, role):
+            if role is iso.Role.PASS_THROUGH:
+                with torch.no_grad():
+                    return module(*args)
+            return module(*args)
+
+    NotATechnique = 42
+''')
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    (tmp_path / "mytech.py").write_text(PLUGIN)
+    (tmp_path / "brokenplugin.py").write_text("raise ImportError('missing dependency foo')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_list_shows_every_row(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "backward_hook_zero_grad" in out and "FREEZE_ELEMENTS" in out and "sound" in out
+
+
+def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
+    assert main(["check", "mytech:Sound", "--max-examples", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient-flows     held" in out
+    assert main(["check", "mytech:Broken", "--max-examples", "30", "--report-dir", "rep"]) == 1
+    out = capsys.readouterr().out
+    assert "gradient-flows     VIOLATED" in out and "minimal scenario:" in out
+    summary = json.loads((plugin_dir / "rep" / "summary.json").read_text())
+    assert summary["ok"] is False and summary["results"][0]["repro"].startswith("repro/")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["check", "nope"], "unknown technique 'nope'"),
+    (["check", "no.such.module:X"], "cannot import module 'no.such.module'"),
+    (["check", "mytech:Missing"], "has no attribute 'Missing'"),
+    (["check", "mytech:NotATechnique"], "not a Technique"),
+    (["check", "brokenplugin:X"], "ImportError: missing dependency foo"),
+    (["check", "mytech:Sound", "--devices", "tpu"], "unknown device 'tpu'"),
+    (["check", "mytech:Sound", "--max-examples", "-1"], "must be positive"),
+    (["fuzz", "--budget", "-5"], "must be positive"),
+    (["fuzz", "--workers", "zero"], "--workers"),
+    (["fuzz", "--techniques", "bogus"], "unknown technique 'bogus'"),
+    (["repro", "does-not-exist.json", "--technique", "mytech:Sound"], "cannot read does-not-exist.json"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(plugin_dir, capsys, argv, needle):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], captured.err
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_repro_rejects_bad_files(plugin_dir, capsys):
+    (plugin_dir / "bad.json").write_text("{not json")
+    (plugin_dir / "bare.json").write_text("{}")
+    assert main(["repro", "bad.json", "--technique", "mytech:Sound"]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    assert main(["repro", "bare.json", "--technique", "mytech:Sound"]) == 2
+    assert "is not a scenario" in capsys.readouterr().err
+
+
+def test_repro_replays_a_stored_counterexample(plugin_dir, capsys):
+    assert main(["check", "mytech:Broken", "--max-examples", "30", "--report-dir", "rep"]) == 1
+    record = next((plugin_dir / "rep" / "results").glob("*.json"))
+    scenario = json.loads(record.read_text())["scenario"]
+    (plugin_dir / "scenario.json").write_text(json.dumps(scenario))
+    capsys.readouterr()
+    assert main(["repro", "scenario.json", "--technique", "mytech:Broken"]) == 1
+    assert "gradient-flows" in capsys.readouterr().out
+    assert main(["repro", "scenario.json", "--technique", "mytech:Sound"]) == 0
+
+
+def _cli(*args, **kwargs):
+    return [sys.executable, "-c", "import sys; from isolation_suite.cli import main; sys.exit(main())", *args]
+
+
+def test_fuzz_writes_a_complete_report(tmp_path):
+    run = subprocess.run(_cli("fuzz", "--budget", "20", "--workers", "2", "--report-dir", str(tmp_path),
+                              "--techniques", "no_grad_call,functional_detach,weight_dropout_data",
+                              "--max-examples", "25"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    latest = (tmp_path / "LATEST").read_text().strip()
+    run_dir = tmp_path / latest
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["ok"]
+    assert {r["technique"]: r["outcome"] for r in summary["results"]} == {
+        "no_grad_call": "caught", "functional_detach": "held", "weight_dropout_data": "caught"}
+    assert summary["meta"]["torch"] and summary["examples_per_technique"]["functional_detach"] > 0
+    html = (run_dir / "report.html").read_text()
+    assert "<table>" in html and "gradient-flows" in html and "caught" in html
+    assert "| no_grad_call | cpu | gradient-flows | caught |" in (run_dir / "summary.md").read_text()
+    assert len(list((run_dir / "repro").glob("*.py"))) == 2
+
+
+def test_interrupted_fuzz_leaves_a_valid_report(tmp_path):
+    proc = subprocess.Popen(_cli("fuzz", "--budget", "600", "--workers", "1", "--report-dir", str(tmp_path),
+                                 "--techniques", "no_grad_call,functional_detach,toggle_requires_grad",
+                                 "--max-examples", "100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    results = None
+    while time.monotonic() < deadline:
+        latest = tmp_path / "LATEST"
+        if latest.exists():
+            results = tmp_path / latest.read_text().strip() / "results"
+            if results.exists() and any(results.glob("*.json")):
+                break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    summary = json.loads((results.parent / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert any(r["technique"] == "no_grad_call" for r in summary["results"]), out

@@ -1,0 +1,58 @@
+"""Repro scripts are standalone (torch only) and reproduce the minimal counterexample."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import isolation_suite as iso
+from isolation_suite.check import search
+from isolation_suite.report import record
+
+# Runs a script with hypothesis, strategies and the installed isolation_suite made unimportable.
+# The script's own embedded finder goes in front of this blocker, so only what it embeds loads.
+RUN_WITHOUT_HARNESS = textwrap.dedent('''
+    import runpy, sys
+
+    class Block:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "isolation_suite" or name.startswith("isolation_suite."):
+                raise ImportError(f"blocked: {name}")
+            return None
+
+    sys.modules["hypothesis"] = None
+    sys.modules["strategies"] = None
+    sys.meta_path.insert(0, Block())
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+''')
+
+
+@pytest.mark.parametrize("name", ["no_grad_call", "backward_hook_zero_grad", "weight_dropout_data"])
+def test_repro_script_reproduces_with_torch_only(tmp_path, name):
+    technique = iso.catalog()[name]
+    result = search(technique, max_examples=30)
+    assert result.failure is not None
+    rec = record(result, technique, 1.0, tmp_path)
+    script = tmp_path / rec["repro"]
+    run = subprocess.run([sys.executable, "-c", RUN_WITHOUT_HARNESS, str(script)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert result.failure.first.invariant in run.stdout and "reproduced" in run.stdout
+
+
+def test_repro_script_exits_0_when_the_technique_is_fixed(tmp_path):
+    broken = iso.catalog()["no_grad_call"]
+    result = search(broken, max_examples=30)
+    rec = record(result, broken, 1.0, tmp_path)
+    script = (tmp_path / rec["repro"]).read_text()
+    fixed = script.replace("from isolation_suite.techniques.pass_through import NoGradCall\ntechnique = NoGradCall()",
+                           "from isolation_suite.techniques.pass_through import FunctionalDetach\n"
+                           "technique = FunctionalDetach()")
+    assert fixed != script
+    path = tmp_path / "fixed.py"
+    path.write_text(fixed)
+    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "not reproduced" in run.stdout
