@@ -31,6 +31,28 @@ SHAPE_PRESERVING = ("linear", "layernorm", "dropout", "conv1d", "conv2d", "batch
                     "batchnorm2d", "groupnorm", "lstm", "gru", "rnn", "mha")
 
 
+KNOB_COUNT = 8
+
+
+class Knobs:
+    """A fixed number of small draws, consumed by ``pick``.
+
+    Every layer (and every optimizer recipe) draws the same number of choices whatever its kind,
+    so Hypothesis's shrinker, which prefers fewer choices, compares kinds by value: index 0
+    (Linear, SGD) is the simplest, not whichever kind happens to need the fewest draws.
+    """
+
+    def __init__(self, draw):
+        self.values = draw(st.tuples(*[st.integers(0, 7)] * KNOB_COUNT))
+        self.used = 0
+
+    def pick(self, options):
+        options = list(options)
+        value = options[self.values[self.used % KNOB_COUNT] % len(options)]
+        self.used += 1
+        return value
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -70,7 +92,7 @@ def fresh_name(draw, pool: tuple[str, ...], taken: set[str], prefix: str = "") -
 
 # --- layout adapters -------------------------------------------------------------------
 
-def to_layout(draw, d: Draft, layout: str) -> None:
+def to_layout(knobs: Knobs, d: Draft, layout: str) -> None:
     """Insert parameter-free ops that bring the current value into ``layout``."""
     if d.layout == layout:
         return
@@ -85,11 +107,11 @@ def to_layout(draw, d: Draft, layout: str) -> None:
         if layout == "vec":
             shape: tuple[int, ...] = (n,)
         elif layout in ("seq", "chan1"):
-            a = draw(st.sampled_from(divisors(n)))
+            a = knobs.pick(divisors(n))
             shape = (a, n // a)
         else:  # chan2
-            c = draw(st.sampled_from(divisors(n)))
-            h = draw(st.sampled_from(divisors(n // c)))
+            c = knobs.pick(divisors(n))
+            h = knobs.pick(divisors(n // c))
             shape = (c, h, n // c // h)
         d.emit(Op("reshape", shape=shape))
         d.shape = shape
@@ -98,16 +120,16 @@ def to_layout(draw, d: Draft, layout: str) -> None:
 
 # --- one leaf layer ----------------------------------------------------------------------
 
-def _conv_args(draw, channels: int, length: int, preserve: bool) -> tuple[dict, int, int]:
-    groups = draw(st.sampled_from(divisors(channels)))
-    out = channels if preserve else groups * draw(st.integers(1, 2))
-    kernel = draw(st.sampled_from((1, 3) if preserve else (1, 2, 3)))
-    dilation = draw(st.integers(1, 2))
+def _conv_args(k: Knobs, channels: int, length: int, preserve: bool) -> tuple[dict, int, int]:
+    groups = k.pick(divisors(channels))
+    out = channels if preserve else groups * k.pick((1, 2))
+    kernel = k.pick((1, 3) if preserve else (1, 2, 3))
+    dilation = k.pick((1, 2))
     if preserve:
         stride, padding = 1, dilation * (kernel - 1) // 2
     else:
-        stride = draw(st.integers(1, 2))
-        padding = draw(st.integers(0, 1))
+        stride = k.pick((1, 2))
+        padding = k.pick((0, 1))
         need = dilation * (kernel - 1) + 1
         if length + 2 * padding < need:
             padding = -(-(need - length) // 2)
@@ -120,56 +142,57 @@ def _conv_len(n: int, a: dict) -> int:
     return (n + 2 * a["padding"] - a["dilation"] * (a["kernel_size"] - 1) - 1) // a["stride"] + 1
 
 
-def leaf(draw, d: Draft, path: str, kind: str, preserve: bool = False) -> str:
+def leaf(draw, d: Draft, path: str, kind: str, preserve: bool = False, knobs: Knobs | None = None) -> str:
     """Add a layer of ``kind`` at ``path``, emit its call, and update the draft's shape.
 
     With ``preserve`` the layer maps the current shape onto itself (needed when
     it is called more than once or sits in a residual block).
     """
-    if kind in ("linear",):
+    k = knobs or Knobs(draw)
+    if kind == "linear":
         f = d.shape[-1]
-        out = f if preserve else draw(SIZES)
-        d.add_layer(path, kind, in_features=f, out_features=out, bias=draw(st.sampled_from((True, False))))
+        out = f if preserve else k.pick(range(1, 5))
+        d.add_layer(path, kind, in_features=f, out_features=out, bias=k.pick((True, False)))
         d.shape = d.shape[:-1] + (out,)
     elif kind == "layernorm":
         d.add_layer(path, kind, normalized_shape=d.shape[-1])
     elif kind == "dropout":
-        d.add_layer(path, kind, p=draw(st.sampled_from((0.5, 0.25))))
+        d.add_layer(path, kind, p=k.pick((0.5, 0.25)))
     elif kind == "conv1d":
-        to_layout(draw, d, "chan1")
-        args, c, length = _conv_args(draw, d.shape[0], d.shape[1], preserve)
+        to_layout(k, d, "chan1")
+        args, c, length = _conv_args(k, d.shape[0], d.shape[1], preserve)
         d.add_layer(path, kind, **args)
         d.shape = (c, length)
     elif kind == "conv2d":
-        to_layout(draw, d, "chan2")
+        to_layout(k, d, "chan2")
         # padding is drawn against the shorter side, so both spatial axes stay valid
-        args, c, _ = _conv_args(draw, d.shape[0], min(d.shape[1], d.shape[2]), preserve)
+        args, c, _ = _conv_args(k, d.shape[0], min(d.shape[1], d.shape[2]), preserve)
         d.add_layer(path, kind, **args)
         d.shape = (c,) + tuple(_conv_len(n, args) for n in d.shape[1:])
     elif kind == "batchnorm1d":
         if d.layout not in ("vec", "chan1"):
-            to_layout(draw, d, "chan1")
+            to_layout(k, d, "chan1")
         d.add_layer(path, kind, num_features=d.shape[0])
     elif kind == "batchnorm2d":
-        to_layout(draw, d, "chan2")
+        to_layout(k, d, "chan2")
         d.add_layer(path, kind, num_features=d.shape[0])
     elif kind == "groupnorm":
         c, spatial = d.shape[0], d.numel() // d.shape[0]
         # training-mode GroupNorm needs more than one value per group
         groups = [g for g in divisors(c) if (c // g) * spatial > 1]
         if not groups:
-            return leaf(draw, d, path, "layernorm", preserve)
-        d.add_layer(path, kind, num_groups=draw(st.sampled_from(groups)), num_channels=c)
+            return leaf(draw, d, path, "layernorm", preserve, k)
+        d.add_layer(path, kind, num_groups=k.pick(groups), num_channels=c)
     elif kind in ("lstm", "gru", "rnn"):
-        to_layout(draw, d, "seq")
+        to_layout(k, d, "seq")
         f = d.shape[1]
-        hidden = f if preserve else draw(SIZES)
+        hidden = f if preserve else k.pick(range(1, 5))
         d.add_layer(path, kind, input_size=f, hidden_size=hidden)
         d.shape = (d.shape[0], hidden)
     elif kind == "mha":
-        to_layout(draw, d, "seq")
+        to_layout(k, d, "seq")
         e = d.shape[1]
-        d.add_layer(path, kind, embed_dim=e, num_heads=draw(st.sampled_from(divisors(e))))
+        d.add_layer(path, kind, embed_dim=e, num_heads=k.pick(divisors(e)))
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
     d.emit(Op("call", path))
@@ -202,13 +225,15 @@ def block_residual(draw, d: Draft, prefix: str = "") -> None:
     leaf(draw, d, fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix),
          kind, preserve=True)
     d.emit(Op("add"))
+    # every block ends with an optional activation: equal draw counts keep shrinking fair
+    maybe_activation(draw, d)
 
 
 def block_container(draw, d: Draft, depth: int = 0, prefix: str = "", preserve: bool = False) -> str:
     """A named sub-module holding 1-3 children (layers or, once, another container)."""
     name = fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix)
     for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
-        if depth == 0 and not preserve and draw(st.integers(0, 4)) == 0:
+        if depth == 0 and not preserve and draw(st.integers(0, 4)) == 4:
             block_container(draw, d, depth + 1, prefix=name + ".")
             continue
         kind = _kind(draw, d, preserve=preserve)
@@ -225,7 +250,7 @@ def _prepare_for(draw, d: Draft, kind: str) -> None:
     need = {"conv1d": "chan1", "batchnorm1d": "chan1", "conv2d": "chan2", "batchnorm2d": "chan2",
             "lstm": "seq", "gru": "seq", "rnn": "seq", "mha": "seq"}.get(kind)
     if need and not (kind == "batchnorm1d" and d.layout == "vec"):
-        to_layout(draw, d, need)
+        to_layout(Knobs(draw), d, need)
 
 
 BlockFn = Callable[..., None]
@@ -246,8 +271,9 @@ def architectures(draw, *, max_blocks: int = 3, kinds: tuple[str, ...] = LAYER_K
     check_int("max_blocks", max_blocks, 1, 12)
     kinds = check_choice("kinds", kinds, LAYER_KINDS)
     check_choice("require", require or {"reuse"}, ("reuse", "trainable_pair", "reparam"))
-    if "embedding" in kinds and draw(st.integers(0, 3)) == 0:
-        length, vocab, dim = draw(SIZES), draw(st.integers(2, 6)), draw(SIZES)
+    if "embedding" in kinds and draw(st.integers(0, 3)) == 3:
+        k = Knobs(draw)
+        length, vocab, dim = k.pick(range(1, 5)), k.pick(range(2, 7)), k.pick(range(1, 5))
         d = Draft("seq", (length, dim), kinds)
         name = fresh_name(draw, TOP_NAMES, d.used_names)
         d.add_layer(name, "embedding", num_embeddings=vocab, embedding_dim=dim)
@@ -268,17 +294,25 @@ def architectures(draw, *, max_blocks: int = 3, kinds: tuple[str, ...] = LAYER_K
         "residual": block_residual,
         "container": block_container,
     }
-    for _ in range(draw(st.integers(1, max_blocks))):
-        blocks[draw(st.sampled_from(tuple(blocks)))](draw, d)
-    # requirements are met by appending, never by filtering: every draw is valid
-    if "reuse" in require and not _has_reuse(d):
-        reuse.block_reused_layer(draw, d)
+    # two blocks up front rather than appending one later: an appended layer makes that path
+    # draw fewer choices, and the shrinker would then prefer it over the plain one
+    least = 2 if "trainable_pair" in require else 1
+    count = draw(st.integers(least, max(least, max_blocks)))
+    # a required reuse block takes a drawn position (shrinking to the front) instead of being
+    # appended; requirements are met by construction, never by filtering
+    reuse_at = draw(st.integers(0, count - 1)) if "reuse" in require else -1
+    for position in range(count):
+        if position == reuse_at:
+            reuse.block_reused_layer(draw, d)
+        else:
+            blocks[draw(st.sampled_from(tuple(blocks)))](draw, d)
     param_layers = [l for l in d.layers if l.kind != "dropout"]
     if "reparam" in require and not any(l.kind in REPARAM_KINDS and not _tied(d, l.path) for l in param_layers):
         leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), draw(st.sampled_from(
             [k for k in ("linear", "conv1d", "conv2d", "lstm", "gru", "rnn") if k in kinds] or ["linear"])))
     if "trainable_pair" in require:
-        while sum(l.kind != "dropout" for l in d.layers) < 2:
+        # two untied parameterised layers: one to isolate, one that keeps training
+        while sum(l.kind != "dropout" and not _tied(d, l.path) for l in d.layers) < 2:
             leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), "linear")
     return Architecture(input_shape=input_shape, layers=tuple(d.layers), program=tuple(d.program),
                         input_kind=input_kind, vocab=vocab, ties=tuple(d.ties))
@@ -289,8 +323,3 @@ REPARAM_KINDS = ("linear", "conv1d", "conv2d", "lstm", "gru", "rnn")
 
 def _tied(d: Draft, path: str) -> bool:
     return any(t.startswith(path + ".") for tie in d.ties for t in tie)
-
-
-def _has_reuse(d: Draft) -> bool:
-    calls = [op.target for op in d.program if op.kind == "call"]
-    return len(calls) != len(set(calls))

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from isolation_suite.scenario import CLIPPING, OPTIMIZERS, SCHEDULERS, OptimizerRecipe
 
 from ._validate import check_choice
+from .architectures import Knobs
 
 LRS = (0.1, 0.01, 0.3)
 WEIGHT_DECAYS = (0.0, 0.01, 0.1)
@@ -13,37 +14,35 @@ WEIGHT_DECAYS = (0.0, 0.01, 0.1)
 FUSED = ("SGD", "Adam", "AdamW", "Adagrad")
 
 
-@st.composite
-def _hyper_parameters(draw, name: str) -> dict:
-    kw: dict = {"lr": draw(st.sampled_from(LRS))}
-    wd = st.sampled_from(WEIGHT_DECAYS)
+def _hyper_parameters(k: Knobs, name: str) -> dict:
+    """Hyper-parameters from a fixed number of knobs, so every optimizer costs the shrinker the same."""
+    kw: dict = {"lr": k.pick(LRS)}
     if name == "SGD":
-        momentum = draw(st.sampled_from((0.0, 0.9)))
-        kw.update(momentum=momentum, weight_decay=draw(wd), maximize=draw(st.sampled_from((False, True))))
+        momentum = k.pick((0.0, 0.9))
+        kw.update(momentum=momentum, weight_decay=k.pick(WEIGHT_DECAYS), maximize=k.pick((False, True)))
         if momentum:
-            nesterov = draw(st.sampled_from((False, True)))
-            kw.update(nesterov=nesterov, dampening=0.0 if nesterov else draw(st.sampled_from((0.0, 0.5))))
+            nesterov = k.pick((False, True))
+            kw.update(nesterov=nesterov, dampening=0.0 if nesterov else k.pick((0.0, 0.5)))
     elif name in ("Adam", "AdamW"):
         if name == "AdamW":
             # omitted weight_decay keeps torch's default of 0.01
-            choice = draw(st.sampled_from((None,) + WEIGHT_DECAYS))
+            choice = k.pick((None,) + WEIGHT_DECAYS)
             if choice is not None:
                 kw["weight_decay"] = choice
         else:
-            kw["weight_decay"] = draw(wd)
-        kw["amsgrad"] = draw(st.sampled_from((False, True)))
+            kw["weight_decay"] = k.pick(WEIGHT_DECAYS)
+        kw["amsgrad"] = k.pick((False, True))
     elif name == "RMSprop":
-        kw.update(momentum=draw(st.sampled_from((0.0, 0.9))), centered=draw(st.sampled_from((False, True))),
-                  weight_decay=draw(wd))
+        kw.update(momentum=k.pick((0.0, 0.9)), centered=k.pick((False, True)), weight_decay=k.pick(WEIGHT_DECAYS))
     elif name == "Adagrad":
-        kw.update(lr_decay=draw(st.sampled_from((0.0, 0.01))), weight_decay=draw(wd))
+        kw.update(lr_decay=k.pick((0.0, 0.01)), weight_decay=k.pick(WEIGHT_DECAYS))
     elif name in ("Adamax", "NAdam", "RAdam"):
-        kw["weight_decay"] = draw(wd)
+        kw["weight_decay"] = k.pick(WEIGHT_DECAYS)
     elif name == "Adadelta":
-        kw.update(lr=draw(st.sampled_from((1.0, 0.5))), weight_decay=draw(wd))
+        kw.update(lr=k.pick((1.0, 0.5)), weight_decay=k.pick(WEIGHT_DECAYS))
     elif name == "Rprop":
-        kw["lr"] = draw(st.sampled_from((0.01, 0.001)))
-    implementation = draw(st.sampled_from(("default", "foreach", "for-loop", "fused")))
+        kw["lr"] = k.pick((0.01, 0.001))
+    implementation = k.pick(("default", "foreach", "for-loop", "fused"))
     if implementation == "foreach":
         kw["foreach"] = True
     elif implementation == "for-loop":
@@ -65,7 +64,7 @@ def optimizer_recipes(draw, names: tuple[str, ...] = OPTIMIZERS, schedulers: tup
     schedulers = check_choice("schedulers", schedulers, SCHEDULERS)
     clipping = check_choice("clipping", clipping, CLIPPING)
     name = draw(st.sampled_from(names))
-    kwargs = draw(_hyper_parameters(name))
+    kwargs = _hyper_parameters(Knobs(draw), name)
     clip = draw(st.sampled_from(clipping))
     return OptimizerRecipe(
         name=name,

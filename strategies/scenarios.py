@@ -114,7 +114,7 @@ def intents(draw, arch: Architecture, capabilities: frozenset[Capability]) -> In
             first = draw(st.sampled_from(candidates))
             frozen = [first]
             rest = [c for c in candidates if not _inside(c, first) and not _inside(first, c)]
-            if rest and draw(st.integers(0, 3)) == 0:
+            if rest and draw(st.integers(0, 3)) == 3:
                 second = draw(st.sampled_from(rest))
                 if any(not _inside(p, first) and not _inside(p, second) and p not in claimed for p in params):
                     frozen.append(second)

@@ -53,8 +53,7 @@ REQUIRED = ({f"layer:{k}" for k in LAYER_KINDS} | {f"optimizer:{o}" for o in OPT
 def test_300_scenarios_build_run_and_cover_section_6():
     seen = collections.Counter()
 
-    @FAST
-    @settings(max_examples=300)
+    @settings(FAST, max_examples=300)
     @given(strategies.scenarios())
     def run(scenario):
         model = build_model(scenario)
@@ -73,8 +72,7 @@ def test_300_scenarios_build_run_and_cover_section_6():
 
 @pytest.mark.parametrize("capability", list(Capability), ids=lambda c: c.value)
 def test_intents_only_use_the_given_capability(capability):
-    @FAST
-    @settings(max_examples=40)
+    @settings(FAST, max_examples=40)
     @given(strategies.scenarios(capabilities=[capability]))
     def run(s):
         used = {Capability.FREEZE_MODULE: bool(s.intent.frozen_modules),
@@ -91,8 +89,7 @@ def test_intents_only_use_the_given_capability(capability):
 def test_element_patterns_all_appear():
     patterns = set()
 
-    @FAST
-    @settings(max_examples=150)
+    @settings(FAST, max_examples=150)
     @given(st.data())
     def run(data):
         shape = (3, 2)
@@ -106,8 +103,7 @@ def test_element_patterns_all_appear():
 
 
 def test_json_round_trip_and_short_repr():
-    @FAST
-    @settings(max_examples=60)
+    @settings(FAST, max_examples=60)
     @given(strategies.scenarios())
     def run(s):
         text = s.to_json()
@@ -118,8 +114,7 @@ def test_json_round_trip_and_short_repr():
 
 
 def test_build_is_deterministic():
-    @FAST
-    @settings(max_examples=40)
+    @settings(FAST, max_examples=40)
     @given(strategies.scenarios())
     def run(s):
         a, b = build_model(s), build_model(s)
@@ -128,12 +123,49 @@ def test_build_is_deterministic():
     run()
 
 
-def test_shrinks_toward_one_small_layer_one_step():
-    minimal = find(strategies.scenarios(), lambda s: True, settings=FAST)
-    assert minimal.steps == 1 and minimal.micro_batches == 1
-    assert minimal.optimizer.name == "SGD" and minimal.optimizer.scheduler == "none"
-    assert minimal.dtype == "float32"
+def _minimal(strategy, fails=lambda value: True):
+    """The example Hypothesis reports for a test failing when ``fails``: the shrunk minimum.
+
+    Derandomized, so the answer is the same on every run.
+    """
+    seen = []
+
+    @settings(FAST, max_examples=200, report_multiple_bugs=False)
+    @given(strategy)
+    def probe(value):
+        if fails(value):
+            seen.append(value)
+            raise ValueError
+
+    with pytest.raises(ValueError):
+        probe()
+    return seen[-1]
+
+
+def _assert_small(s: Scenario, max_layers: int) -> None:
+    assert s.steps == 1 and s.micro_batches == 1
+    assert s.optimizer.name == "SGD" and s.optimizer.scheduler == "none" and s.optimizer.clip == "none"
+    assert s.dtype == "float32"
+    assert len(s.architecture.layers) <= max_layers
+
+
+@pytest.mark.parametrize("capability", list(Capability), ids=lambda c: c.value)
+def test_simplest_scenario_is_one_small_linear_model(capability):
+    minimal = _minimal(strategies.scenarios(capabilities=[capability]))
+    _assert_small(minimal, 2)
+    assert {l.kind for l in minimal.architecture.layers} == {"linear"} and minimal.data.batch == 1
     assert len(minimal.architecture.call_sites) <= 2
+
+
+def test_shrinking_keeps_only_what_the_failure_needs():
+    def needs_conv_and_weight_decay(s):
+        return any(l.kind == "conv2d" for l in s.architecture.layers) and s.optimizer.weight_decay > 0
+    minimal = _minimal(strategies.scenarios(capabilities=["FREEZE_MODULE"]), needs_conv_and_weight_decay)
+    assert needs_conv_and_weight_decay(minimal)
+    assert minimal.steps == 1 and minimal.micro_batches == 1 and minimal.dtype == "float32"
+    # the shrinker can stop at a local minimum in structure (a tied pair it cannot drop), so
+    # only a bound on size is asserted here; the loop settings must be fully minimal
+    assert len(minimal.architecture.layers) <= 4 and minimal.optimizer.scheduler == "none"
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -145,9 +177,9 @@ def test_shrinks_toward_one_small_layer_one_step():
 ])
 def test_invalid_arguments_name_the_value(kwargs, needle):
     with pytest.raises(InvalidArgument, match=needle):
-        strategies.scenarios(**kwargs).example()
+        find(strategies.scenarios(**kwargs), lambda s: True)
 
 
 def test_element_indices_rejects_bad_shape():
     with pytest.raises(InvalidArgument, match=r"shape=\(0,\)"):
-        strategies.element_indices((0,)).example()
+        find(strategies.element_indices((0,)), lambda s: True)
