@@ -9,7 +9,7 @@ from typing import Iterable
 from hypothesis import HealthCheck, event, given, settings, target
 
 from . import devices as devices_mod
-from .invariants import INVARIANTS, Context, Violation, evaluate
+from .invariants import INVARIANTS, Context, Violation, divergence, evaluate
 from .reference import Reference
 from .runner import TechniqueDriver, Trace, run
 from .scenario import Scenario
@@ -24,6 +24,7 @@ class Verdict:
     scenario: Scenario
     device: str
     violations: tuple[Violation, ...] = ()
+    divergence: float = 0.0  # distance from the reference in tolerance units (steers the search)
 
     @property
     def ok(self) -> bool:
@@ -80,8 +81,8 @@ def check(technique: Technique | type[Technique], scenario: Scenario, device: st
     reference = reference_trace(scenario, device)
     trace = run(scenario, TechniqueDriver(technique), device)
     other = run(scenario, TechniqueDriver(technique), "cpu") if device.startswith("cuda") else None
-    violations = evaluate(Context(scenario, trace, reference, other))
-    return Verdict(technique.name, scenario, device, tuple(violations))
+    ctx = Context(scenario, trace, reference, other)
+    return Verdict(technique.name, scenario, device, tuple(evaluate(ctx)), divergence(ctx))
 
 
 # --- the search ---------------------------------------------------------------------------
@@ -158,7 +159,8 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         for v in verdict.violations:
             event(v.invariant)
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
-        # steer toward failures: more violated invariants is more interesting
+        # steer toward failures: runs that drift further from the reference are more interesting
+        target(min(verdict.divergence, 1e6), label="divergence from the reference")
         target(float(len(verdict.violations)), label="violations")
         if not verdict.ok:
             if result.first_failure_at is None:

@@ -276,6 +276,25 @@ def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict
     return None
 
 
+def divergence(ctx: Context) -> float:
+    """How far the technique's run is from the reference's, in units of the match tolerance.
+
+    Not an invariant: the search maximises it with ``hypothesis.target`` so near-misses
+    (a clipping factor slightly off, a drift just under tolerance) grow into violations.
+    """
+    if ctx.technique.crash or not ctx.reference.steps:
+        return 0.0
+    tol = MATCH_TOLERANCE[ctx.reference.steps[0].losses[0].dtype]
+    worst = 0.0
+    for a, e in zip(ctx.technique.steps, ctx.reference.steps):
+        pairs = list(zip(a.losses, e.losses)) + [(a.params[p], e.params[p]) for p in e.params if p in a.params]
+        for x, y in pairs:
+            if x.shape == y.shape and x.numel():
+                gap = ((x.double() - y.double()).abs() / (tol["atol"] + tol["rtol"] * y.double().abs())).max()
+                worst = max(worst, float(gap.nan_to_num(1e6)))
+    return worst
+
+
 def matches_reference(ctx: Context) -> Violation | None:
     dtype = ctx.reference.steps[0].losses[0].dtype if ctx.reference.steps else torch.float32
     return compare_traces(ctx, ctx.technique, ctx.reference, MATCH_TOLERANCE[dtype], MATCHES_REFERENCE,

@@ -154,6 +154,9 @@ def make_scheduler(recipe: OptimizerRecipe, optimizer: torch.optim.Optimizer, st
 
 
 def clip_gradients(recipe: OptimizerRecipe, params: list[torch.Tensor]) -> None:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return  # torch's foreach grouping rejects an empty list
     if recipe.clip == "norm":
         torch.nn.utils.clip_grad_norm_(params, recipe.clip_value)
     elif recipe.clip == "value":

@@ -43,8 +43,8 @@ class CatalogEntry:
 
 
 TRAIN_MODE = (
-    Condition("gradient-flows", "a BatchNorm inside the frozen module normalises with batch statistics",
-              c.frozen_has_batchnorm),
+    Condition("gradient-flows", "a BatchNorm or Dropout inside the frozen module runs in training mode: "
+              "batch statistics or dropped units zero the gradient upstream", c.frozen_has_train_mode_layer),
     Condition("frozen-unchanged", "a BatchNorm inside the frozen module updates its running stats",
               c.frozen_has_batchnorm),
     Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode",
