@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from hypothesis import HealthCheck, event, given, settings, target
+from hypothesis import HealthCheck, Phase, event, given, settings, target
+from hypothesis import seed as hypothesis_seed
 
 from . import devices as devices_mod
 from .invariants import INVARIANTS, Context, Violation, divergence, evaluate
@@ -109,6 +110,7 @@ class SearchResult:
     first_failure_at: int | None = None  # examples run when the first violation was seen
     invariant_counts: dict[str, int] = field(default_factory=dict)
     budget_reached: bool = False
+    seconds_to_first_failure: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -130,7 +132,8 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
 
 
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
-           device: str = "cpu", max_examples: int | None = None, budget: float | None = None) -> SearchResult:
+           device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
+           seed: int | None = None, shrink: bool = True) -> SearchResult:
     """Hypothesis search for a scenario that breaks ``technique``; the failure returned is shrunk.
 
     With ``budget`` (seconds) the search stops generating when the time is spent; a failure
@@ -147,7 +150,11 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     started = time.monotonic()
     smallest: list[Verdict] = []
 
-    @search_settings(max_examples, device)
+    run_settings = search_settings(max_examples, device)
+    if not shrink:  # detection only: stop at the first violation
+        run_settings = settings(run_settings, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
+
+    @run_settings
     @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],)))
     def probe(scenario: Scenario) -> None:
         if budget is not None:
@@ -165,9 +172,12 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         if not verdict.ok:
             if result.first_failure_at is None:
                 result.first_failure_at = result.examples
+                result.seconds_to_first_failure = time.monotonic() - started
             smallest[:] = [verdict]  # the shrinker only tries smaller examples
             raise IsolationFailure(verdict)
 
+    if seed is not None:
+        probe = hypothesis_seed(seed)(probe)
     # separate database entries per technique, capability set and device
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"{technique.name}|{sorted(c.value for c in caps)}|{device}".encode())

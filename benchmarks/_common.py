@@ -1,0 +1,56 @@
+"""A fixed, seeded corpus of scenarios and small helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+import strategies
+from isolation_suite.scenario import Scenario
+from isolation_suite.technique import Capability
+
+OUT = Path(os.environ.get("ISOLATION_BENCH_DIR", "reports/bench"))
+warnings.simplefilter("ignore")
+
+
+def corpus(capability: Capability | None = None, size: int = 60, corpus_seed: int = 1234) -> list[Scenario]:
+    """``size`` scenarios drawn once from a fixed Hypothesis seed: the same list on every run."""
+    drawn: list[Scenario] = []
+
+    @seed(corpus_seed)
+    @settings(max_examples=size, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(strategies.scenarios(capabilities=None if capability is None else [capability]))
+    def collect(scenario):
+        drawn.append(scenario)
+
+    collect()
+    return drawn[:size]
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def write(name: str, data: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return path
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
