@@ -10,7 +10,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-Scalar = "int | float | bool | str"
 
 #: layer kinds that ``build`` knows, grouped by what they need
 PARAM_LAYER_KINDS = (
