@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .technique import Technique
+from .technique import Capability, Technique
 
 
 class TechniqueLoadError(ValueError):
@@ -57,6 +57,10 @@ def load_technique(spec: str) -> Technique:
         raise TechniqueLoadError(f"{spec} is a {type(obj).__name__}, not a Technique instance, class or factory")
     if not technique.capabilities:
         raise TechniqueLoadError(f"{spec} declares no capabilities: set capabilities = frozenset({{...}})")
+    bad = [c for c in technique.capabilities if not isinstance(c, Capability)]
+    if bad:
+        raise TechniqueLoadError(f"{spec} declares capabilities {bad!r}: use isolation_suite.Capability members, "
+                                 f"e.g. Capability.FREEZE_MODULE")
     return technique
 
 

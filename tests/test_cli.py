@@ -33,6 +33,10 @@ PLUGIN = textwrap.dedent('''
             return module(*args)
 
     NotATechnique = 42
+
+    class StringCapabilities(iso.Technique):
+        name = "mine.strings"
+        capabilities = frozenset({"FREEZE_MODULE"})
 ''')
 
 
@@ -68,6 +72,7 @@ def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
     (["check", "mytech:Missing"], "has no attribute 'Missing'"),
     (["check", "mytech:NotATechnique"], "not a Technique"),
     (["check", "brokenplugin:X"], "ImportError: missing dependency foo"),
+    (["check", "mytech:StringCapabilities"], "use isolation_suite.Capability members"),
     (["check", "mytech:Sound", "--devices", "tpu"], "unknown device 'tpu'"),
     (["check", "mytech:Sound", "--max-examples", "-1"], "must be positive"),
     (["fuzz", "--budget", "-5"], "must be positive"),
