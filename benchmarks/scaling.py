@@ -22,7 +22,7 @@ def fuzz(workers: int, devices: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "isolation_suite.cli", "fuzz", "--workers", str(workers),
-                        "--devices", devices, "--techniques", TECHNIQUES, "--max-examples", "60",
+                        "--devices", devices, "--techniques", TECHNIQUES, "--max-examples", "250",
                         "--budget", "600", "--report-dir", out], check=True, capture_output=True)
         wall = time.perf_counter() - start
         run = Path(out) / (Path(out) / "LATEST").read_text().strip()

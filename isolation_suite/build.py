@@ -24,7 +24,8 @@ class SeededDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = (torch.rand(x.shape, dtype=x.dtype) >= self.p).to(x.device)
+        # drawn in float32 whatever the dtype, so a float64 re-run drops the same units
+        keep = (torch.rand(x.shape) >= self.p).to(x.device)
         return x * keep / (1.0 - self.p)
 
 
@@ -161,7 +162,8 @@ def make_inputs(scenario: Scenario) -> list[list[torch.Tensor]]:
             if arch.input_kind == "tokens":
                 step.append(torch.randint(0, arch.vocab, shape, generator=generator))
             else:
-                step.append(torch.randn(shape, generator=generator, dtype=DTYPES[scenario.dtype]))
+                # drawn in float32 and cast: the float64 twin of a scenario sees the same numbers
+                step.append(torch.randn(shape, generator=generator).to(DTYPES[scenario.dtype]))
         batches.append(step)
     return batches
 
@@ -169,7 +171,7 @@ def make_inputs(scenario: Scenario) -> list[list[torch.Tensor]]:
 def loss_fn(kind: str, out: torch.Tensor, seed: int) -> torch.Tensor:
     """The scenario's loss; the target is drawn on the CPU from ``seed`` so it is device-independent."""
     generator = torch.Generator().manual_seed(seed)
-    target = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
+    target = torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
     if kind == "mse":
         return torch.nn.functional.mse_loss(out, target)
     if kind == "smooth_l1":

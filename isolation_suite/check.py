@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
 
 from . import devices as devices_mod
-from .invariants import INVARIANTS, Context, Violation, divergence, evaluate
+from .invariants import INVARIANTS, MATCHES_REFERENCE, Context, Violation, divergence, evaluate, matches_reference
 from .reference import Reference
 from .runner import TechniqueDriver, Trace, run
 from .scenario import Scenario
@@ -83,7 +84,25 @@ def check(technique: Technique | type[Technique], scenario: Scenario, device: st
     trace = run(scenario, TechniqueDriver(technique), device)
     other = run(scenario, TechniqueDriver(technique), "cpu") if device.startswith("cuda") else None
     ctx = Context(scenario, trace, reference, other)
-    return Verdict(technique.name, scenario, device, tuple(evaluate(ctx)), divergence(ctx))
+    violations = [v for v in evaluate(ctx) if not _float32_rounding_only(v, technique, scenario, device)]
+    return Verdict(technique.name, scenario, device, tuple(violations), divergence(ctx))
+
+
+def _float32_rounding_only(violation: Violation, technique: Technique, scenario: Scenario, device: str) -> bool:
+    """True when a float32 ``matches-reference`` mismatch disappears in float64.
+
+    Two mathematically equal computations may round differently (another kernel path), and
+    adaptive optimizers amplify that noise on near-zero gradients (``g / (sqrt(v) + eps)``)
+    up to ``lr``-sized steps. The float64 twin of the scenario has the same weights, data and
+    dropout masks, upcast: a semantic difference survives there, rounding noise does not.
+    """
+    if violation.invariant != MATCHES_REFERENCE or scenario.dtype != "float32":
+        return False
+    twin = dataclasses.replace(scenario, dtype="float64")
+    ctx = Context(twin, run(twin, TechniqueDriver(technique), device), reference_trace(twin, device))
+    if ctx.technique.crash is not None:
+        return False
+    return matches_reference(ctx) is None
 
 
 # --- the search ---------------------------------------------------------------------------

@@ -63,8 +63,8 @@ def test_pass_through_second_use_gets_first_use_gradient_only():
     torch.testing.assert_close(trace.steps[0].input_grads[0], dh @ W, rtol=1e-12, atol=1e-14)
 
     # the loss is the loss of y; one SGD step with lr=0.1 from those gradients
-    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(site_seed(1, 1, 0, LOSS_SITE)),
-                         dtype=torch.float64)
+    # the target is a float32 draw, upcast (so float32 and float64 twins see the same numbers)
+    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(site_seed(1, 1, 0, LOSS_SITE))).double()
     torch.testing.assert_close(trace.steps[0].losses[0], ((y - target) ** 2).mean(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(trace.steps[0].params["fc.weight"], W - 0.1 * expected_dW, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(trace.steps[0].params["fc.bias"], b - 0.1 * expected_db, rtol=1e-12, atol=1e-14)
@@ -179,8 +179,8 @@ def test_frozen_batchnorm_runs_in_eval_mode_and_keeps_its_buffers():
     h = x @ p["enc.lin.weight"].T + p["enc.lin.bias"]
     bn = (h - 0.0) / torch.sqrt(torch.tensor(1.0 + 1e-5, dtype=torch.float64)) * p["enc.bn.weight"] + p["enc.bn.bias"]
     y = bn @ p["head.weight"].T + p["head.bias"]
-    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(site_seed(1, 1, 0, LOSS_SITE)),
-                         dtype=torch.float64)
+    # the target is a float32 draw, upcast (so float32 and float64 twins see the same numbers)
+    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(site_seed(1, 1, 0, LOSS_SITE))).double()
     torch.testing.assert_close(trace.steps[0].losses[0], ((y - target) ** 2).mean(), rtol=1e-12, atol=1e-14)
     g = dloss_dy(s, y)
     torch.testing.assert_close(trace.steps[0].grads["head.weight"], g.T @ bn, rtol=1e-12, atol=1e-14)
