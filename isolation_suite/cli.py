@@ -157,31 +157,30 @@ def cmd_repro(args) -> int:
 
 # --- fuzz ---------------------------------------------------------------------------------
 
-def _fuzz_specs(text: str | None) -> list[str]:
+def _fuzz_techniques(text: str | None) -> dict:
+    """spec -> technique; loading fails fast, in one line, before any worker starts."""
     from .loading import load_technique
     from .techniques import CATALOG
     specs = [s.strip() for s in text.split(",") if s.strip()] if text else [e.name for e in CATALOG]
     if not specs:
         raise UsageError("--techniques is empty")
-    for spec in specs:
-        load_technique(spec)  # fail fast, one line, before any worker starts
-    return specs
+    return {spec: load_technique(spec) for spec in specs}
 
 
 def cmd_fuzz(args) -> int:
     import pytest
 
     from . import devices as devices_mod
-    from .loading import load_technique
     from .profiles import PROFILE_ENV, PROFILES
     from .report import point_latest, run_id
 
-    specs = _fuzz_specs(args.techniques)
+    techniques = _fuzz_techniques(args.techniques)
+    specs = list(techniques)
     devices = devices_mod.resolve(args.devices)
     if args.profile and args.profile not in PROFILES:
         raise UsageError(f"--profile {args.profile!r} is not one of {', '.join(PROFILES)}")
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
-    items = sum(len(load_technique(s).capabilities) for s in specs) * len(devices)
+    items = sum(len(t.capabilities) for t in techniques.values()) * len(devices)
     # each worker runs items one after another: split the wall-clock budget over its share
     per_item = max(1.0, args.budget * min(workers, items) / max(items, 1) * 0.8)
     reports = Path(args.report_dir)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .build import call_sites
+from .build import DTYPES, call_sites
 from .runner import Trace
 from .scenario import OptimizerRecipe, Scenario
 from .technique import Role, element_mask
@@ -103,6 +103,10 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | Non
     return idx, float(a[idx]), float(b[idx])
 
 
+def _dtype(ctx: Context) -> torch.dtype:
+    return DTYPES[ctx.scenario.dtype]
+
+
 def _elements_mask(ctx: Context, path: str) -> torch.Tensor | None:
     indices = ctx.scenario.intent.elements.get(path)
     if indices is None:
@@ -189,12 +193,14 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
             hit = _first_difference(record.params[path], trace.initial_params[path], mask)
             if hit:
                 idx, after, before = hit
-                return Violation(FROZEN_UNCHANGED, f"{_name(ctx, path)}{_index(idx)} moved {_moved(before, after)} at step {step} ({context})", step)
+                return Violation(FROZEN_UNCHANGED, f"{_name(ctx, path)}{_index(idx)} moved "
+                                 f"{_moved(before, after)} at step {step} ({context})", step)
         for path in frozen_buffers:
             hit = _first_difference(record.buffers[path], trace.initial_buffers[path])
             if hit:
                 idx, after, before = hit
-                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_moved(before, after)} at step {step} (the frozen module ran in training mode)", step)
+                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_moved(before, after)} "
+                                 f"at step {step} (the frozen module ran in training mode)", step)
     return None
 
 
@@ -284,7 +290,7 @@ def divergence(ctx: Context) -> float:
     """
     if ctx.technique.crash or not ctx.reference.steps:
         return 0.0
-    tol = MATCH_TOLERANCE[ctx.reference.steps[0].losses[0].dtype]
+    tol = MATCH_TOLERANCE[_dtype(ctx)]
     worst = 0.0
     for a, e in zip(ctx.technique.steps, ctx.reference.steps):
         pairs = list(zip(a.losses, e.losses)) + [(a.params[p], e.params[p]) for p in e.params if p in a.params]
@@ -296,16 +302,14 @@ def divergence(ctx: Context) -> float:
 
 
 def matches_reference(ctx: Context) -> Violation | None:
-    dtype = ctx.reference.steps[0].losses[0].dtype if ctx.reference.steps else torch.float32
-    return compare_traces(ctx, ctx.technique, ctx.reference, MATCH_TOLERANCE[dtype], MATCHES_REFERENCE,
+    return compare_traces(ctx, ctx.technique, ctx.reference, MATCH_TOLERANCE[_dtype(ctx)], MATCHES_REFERENCE,
                           "the technique does not train like the reference")
 
 
 def device_parity(ctx: Context) -> Violation | None:
     if ctx.other_device is None or not ctx.technique.steps:
         return None
-    dtype = ctx.technique.steps[0].losses[0].dtype
-    return compare_traces(ctx, ctx.technique.to("cpu"), ctx.other_device.to("cpu"), PARITY_TOLERANCE[dtype],
+    return compare_traces(ctx, ctx.technique.to("cpu"), ctx.other_device.to("cpu"), PARITY_TOLERANCE[_dtype(ctx)],
                           DEVICE_PARITY, f"{ctx.technique.device} disagrees with cpu")
 
 

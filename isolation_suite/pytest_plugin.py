@@ -67,8 +67,8 @@ def pytest_configure(config: pytest.Config) -> None:
                                 or settings._current_profile, "budget": budget,
                                 "max_examples": config.getoption("isolation_max_examples"),
                                 "techniques": specs, "workers": config.getoption("numprocesses", None)})
-            config._isolation_meta = meta
             write_summary(report_dir, meta)
+            config.pluginmanager.register(SummaryWriter(report_dir, meta), "isolation-summary-writer")
 
 
 class IsolationGateError(Exception):
@@ -126,27 +126,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("CUDA is not available on this machine")
 
 
-def _rebuild(config: pytest.Config, complete: bool) -> None:
-    meta = getattr(config, "_isolation_meta", None)
-    if meta is not None:
+class SummaryWriter:
+    """Rebuilds the report summary on the controller after every finished item, and at the end."""
+
+    def __init__(self, report_dir: Path, meta: dict):
+        self.report_dir, self.meta = report_dir, meta
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self._write(complete=False)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        # interrupted (Ctrl-C/SIGTERM) runs still leave a valid summary, marked incomplete
+        self._write(complete=exitstatus in (0, 1))
+
+    def _write(self, complete: bool) -> None:
         from .report import write_summary
-        write_summary(config.stash[_REPORT], meta, complete=complete)
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    config = _CONFIG.get("config")
-    if config is not None and report.when == "call":
-        _rebuild(config, complete=False)
-
-
-_CONFIG: dict = {}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG["config"] = session.config
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # interrupted (Ctrl-C/SIGTERM) runs still leave a valid summary, marked incomplete
-    _rebuild(session.config, complete=exitstatus in (0, 1))
+        write_summary(self.report_dir, self.meta, complete=complete)

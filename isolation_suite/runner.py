@@ -255,7 +255,6 @@ def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
     trace.initial_params = {k: v[2].detach().clone() for k, v in originals.items()}
     trace.initial_buffers = {k: v.detach().clone() for k, v in original_buffers.items()}
     state = _global_state()  # setup and make_optimizer must leave global state alone too
-    flags = {p: t.requires_grad for p, (_, _, t) in originals.items()}
     try:
         with phase(driver, 0, "setup"):
             driver.setup(model, scenario.intent)
