@@ -11,6 +11,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 import strategies
+from isolation_suite.build import build_model, loss_fn, make_inputs
+from isolation_suite.runner import Driver, clip_gradients, make_scheduler, optimizer_builder
 from isolation_suite.scenario import Scenario
 from isolation_suite.technique import Capability
 
@@ -31,6 +33,30 @@ def corpus(capability: Capability | None = None, size: int = 60, corpus_seed: in
 
     collect()
     return drawn[:size]
+
+
+def bare_loop(scenario, driver: Driver) -> None:
+    """The training loop a user would write around ``driver``'s code, on the same model, inputs and recipe."""
+    recipe = scenario.optimizer
+    model = build_model(scenario)
+    driver.setup(model, scenario.intent)
+    model.router = lambda site, module, args: driver.call(site, module, args)
+    optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
+    scheduler = make_scheduler(recipe, optimizer, scenario.steps)
+    for step, batches in enumerate(make_inputs(scenario), start=1):
+        model.train()
+        optimizer.zero_grad(set_to_none=recipe.set_to_none)
+        for micro, x in enumerate(batches):
+            if scenario.data.input_requires_grad:
+                x.requires_grad_(True)
+            loss = loss_fn(scenario.data.loss, model(x), step * 10 + micro) / scenario.micro_batches
+            if loss.requires_grad:
+                loss.backward()
+        clip_gradients(recipe, list(model.parameters()))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        driver.after_step(model, optimizer)
 
 
 def timed(fn, *args, **kwargs):

@@ -147,7 +147,9 @@ def build_model(scenario: Scenario, device: str | torch.device = "cpu") -> Isola
         target = model.get_submodule(dst_module)
         del target._parameters[dst_name]
         setattr(target, dst_name, shared)
-    return model.to(device=device, dtype=DTYPES[scenario.dtype])
+    if torch.device(device) != torch.device("cpu") or DTYPES[scenario.dtype] != torch.get_default_dtype():
+        model.to(device=device, dtype=DTYPES[scenario.dtype])  # a walk over every tensor: only when needed
+    return model
 
 
 def make_inputs(scenario: Scenario) -> list[list[torch.Tensor]]:

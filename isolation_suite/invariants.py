@@ -6,8 +6,9 @@ tests use these strings.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -51,6 +52,23 @@ class Context:
     reference: Trace
     other_device: Trace | None = None  # the technique's trace on the CPU, for device-parity
 
+    # derived once per context: every invariant walks every step with them
+    @functools.cached_property
+    def trainable(self) -> list[str]:
+        intent = self.scenario.intent
+        return [p for p in self.reference.initial_params if not intent.is_frozen_param(p)]
+
+    @functools.cached_property
+    def element_masks(self) -> dict[str, torch.Tensor]:
+        """Path -> boolean mask of its frozen entries, for each element-frozen parameter."""
+        return {path: element_mask(self.reference.initial_params[path], indices)
+                for path, indices in self.scenario.intent.elements.items()}
+
+    @functools.cached_property
+    def free_masks(self) -> dict[str, torch.Tensor]:
+        """Path -> boolean mask of the entries that train, for each element-frozen parameter."""
+        return {path: ~mask for path, mask in self.element_masks.items()}
+
 
 def _fmt(x: float) -> str:
     return f"{x:.6g}"
@@ -66,7 +84,7 @@ def _moved(before: float, after: float) -> str:
 
 
 def _index(idx: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(i) for i in idx) + "]"
+    return "[" + ", ".join(str(i) for i in idx) + "]" if idx else ""
 
 
 def recipe_context(recipe: OptimizerRecipe) -> str:
@@ -86,37 +104,34 @@ def recipe_context(recipe: OptimizerRecipe) -> str:
 def _nonzero(t: torch.Tensor | None, mask: torch.Tensor | None = None) -> bool:
     if t is None:
         return False
+    if mask is None:
+        return bool(t.any())  # NaN counts as non-zero, as in ``t != 0``
+    return bool((t.ne(0) & mask).any())
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean map of the entries where ``a`` and ``b`` differ (bitwise), or None when none do."""
+    if torch.equal(a, b):  # the common case, in one pass
+        return None
+    # bitwise-equal entries and NaN stuck at NaN have not moved
+    differ = ~torch.isclose(a, b, rtol=0, atol=0, equal_nan=True)
     if mask is not None:
-        t = t[mask]
-    return bool((t != 0).any())
+        differ = differ & mask
+    return differ if bool(differ.any()) else None
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None):
     """Index and values of the first entry where ``a`` and ``b`` differ (bitwise), else None."""
-    differ = (a != b) & ~(torch.isnan(a) & torch.isnan(b))  # NaN stuck at NaN has not moved
-    if mask is not None:
-        differ = differ & mask
-    hits = differ.nonzero()
-    if hits.numel() == 0:
+    differ = _differ(a, b, mask)
+    if differ is None:
         return None
-    idx = tuple(int(i) for i in hits[0])
+    first = differ.reshape(-1).nonzero()[0, 0]  # a 0-d tensor (num_batches_tracked) has index ()
+    idx = tuple(int(i) for i in torch.unravel_index(first, differ.shape))
     return idx, float(a[idx]), float(b[idx])
 
 
 def _dtype(ctx: Context) -> torch.dtype:
     return DTYPES[ctx.scenario.dtype]
-
-
-def _elements_mask(ctx: Context, path: str) -> torch.Tensor | None:
-    indices = ctx.scenario.intent.elements.get(path)
-    if indices is None:
-        return None
-    return element_mask(ctx.reference.initial_params[path], indices)
-
-
-def _trainable(ctx: Context) -> list[str]:
-    intent = ctx.scenario.intent
-    return [p for p in ctx.reference.initial_params if not intent.is_frozen_param(p)]
 
 
 def _name(ctx: Context, path: str) -> str:
@@ -156,7 +171,7 @@ def _upstream_of_isolation(scenario: Scenario) -> set[str]:
 def gradient_flows(ctx: Context) -> Violation | None:
     upstream = _upstream_of_isolation(ctx.scenario)
     for step, (tech, ref) in enumerate(zip(ctx.technique.steps, ctx.reference.steps), start=1):
-        switched_off = any(not tech.requires_grad.get(p, True) for p in _trainable(ctx))
+        switched_off = any(not tech.requires_grad.get(p, True) for p in ctx.trainable)
         # a loss cut off because trainable parameters were switched off is trainable-trains' finding
         if tech.loss_without_grad and not ref.loss_without_grad and not switched_off:
             return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
@@ -166,7 +181,7 @@ def gradient_flows(ctx: Context) -> Violation | None:
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 return Violation(GRADIENT_FLOWS, f"input got {got} at step {step}, micro-batch {micro}; "
                                  f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
-        for path in _trainable(ctx):
+        for path in ctx.trainable:
             module = path.rpartition(".")[0]
             # nested parameters (mha.out_proj.weight) belong to the call site that owns them
             if not any(module == u or module.startswith(u + ".") for u in upstream) \
@@ -184,7 +199,7 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
     intent, trace = ctx.scenario.intent, ctx.technique
     context = recipe_context(ctx.scenario.optimizer)
     frozen_params = [(p, None) for p in trace.initial_params if intent.is_frozen_param(p)]
-    frozen_params += [(p, _elements_mask(ctx, p)) for p in intent.elements]
+    frozen_params += list(ctx.element_masks.items())
     frozen_buffers = [b for b in trace.initial_buffers if intent.is_frozen_param(b)]
     for step, record in enumerate(trace.steps, start=1):
         for path, mask in frozen_params:
@@ -206,7 +221,7 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
 
 def trainable_trains(ctx: Context) -> Violation | None:
     tech, ref = ctx.technique, ctx.reference
-    trainable = _trainable(ctx)
+    trainable = ctx.trainable
     for path in trainable:
         if path in tech.unreachable:
             return Violation(TRAINABLE_TRAINS, f"{path} is no longer a parameter of the model or the optimizer "
@@ -214,8 +229,7 @@ def trainable_trains(ctx: Context) -> Violation | None:
     prev_t, prev_r = dict(tech.initial_params), dict(ref.initial_params)
     for step, (ts, rs) in enumerate(zip(tech.steps, ref.steps), start=1):
         for path in trainable:
-            free = _elements_mask(ctx, path)
-            free = None if free is None else ~free
+            free = ctx.free_masks.get(path)  # only the entries that train count
             rg, tg = rs.grads.get(path), ts.grads.get(path)
             if _nonzero(rg, free) and not _nonzero(tg, free):
                 got = "no gradient" if tg is None else "an all-zero gradient"
@@ -224,9 +238,9 @@ def trainable_trains(ctx: Context) -> Violation | None:
                                  f"trains in the reference (max |grad| {_fmt(rg.abs().max())})", step)
             if path not in ts.params:
                 continue
-            ref_moved = _first_difference(rs.params[path], prev_r[path], free)
-            if ref_moved and not _first_difference(ts.params[path], prev_t[path], free):
-                idx, after, before = ref_moved
+            if _differ(rs.params[path], prev_r[path], free) is not None \
+                    and _differ(ts.params[path], prev_t[path], free) is None:
+                idx, after, before = _first_difference(rs.params[path], prev_r[path], free)
                 return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference "
                                  f"moved {path}{_index(idx)} {_moved(before, after)} "
                                  f"({recipe_context(ctx.scenario.optimizer)})", step)
@@ -245,19 +259,16 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict) -> str
         flat = int(diff.argmax()) if diff.numel() else 0
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
         a, e = float(actual[idx]), float(expected[idx])
-        return f"{_index(idx) if idx else ''} is {_fmt(a)}, reference {_fmt(e)} (|diff| {_fmt(abs(a - e))})"
+        return f"{_index(idx)} is {_fmt(a)}, reference {_fmt(e)} (|diff| {_fmt(abs(a - e))})"
 
 
-def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict, invariant: str,
-                   what: str) -> Violation | None:
-    """The first place where two traces disagree beyond ``tolerance``: losses, input grads, trainable params."""
-    context = recipe_context(ctx.scenario.optimizer)
-    trainable = _trainable(ctx)
+def _compared(ctx: Context, actual: Trace, expected: Trace) -> Iterator[tuple[int, str, object, torch.Tensor,
+                                                                          torch.Tensor]]:
+    """(step, kind, key, actual, expected) for everything two traces must agree on, in report order:
+    per step the losses, the input gradients, then the trainable parameters."""
     for step, (a, e) in enumerate(zip(actual.steps, expected.steps), start=1):
         for micro, (la, le) in enumerate(zip(a.losses, e.losses)):
-            diff = _close(la, le, tolerance)
-            if diff:
-                return Violation(invariant, f"loss at step {step}, micro-batch {micro}{diff}; {what}", step)
+            yield step, "loss", micro, la, le
         for micro, (ga, ge) in enumerate(zip(a.input_grads, e.input_grads)):
             # a missing gradient is numerically a zero one; "must be non-zero" is gradient-flows' rule
             if ga is None and ge is not None:
@@ -265,20 +276,49 @@ def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict
             elif ge is None and ga is not None:
                 ge = torch.zeros_like(ga)
             if ga is not None:
-                diff = _close(ga, ge, tolerance)
-                if diff:
-                    return Violation(invariant, f"input gradient at step {step}, micro-batch {micro}: "
-                                     f"grad{diff}; {what}", step)
-        for path in trainable:
+                yield step, "input", micro, ga, ge
+        for path in ctx.trainable:
             if path in a.params and path in e.params:
-                frozen = _elements_mask(ctx, path)
+                frozen = ctx.element_masks.get(path)
                 pa, pe = a.params[path], e.params[path]
                 if frozen is not None:  # frozen entries are frozen-unchanged's business
                     pa, pe = pa.masked_fill(frozen, 0), pe.masked_fill(frozen, 0)
-                diff = _close(pa, pe, tolerance)
-                if diff:
-                    return Violation(invariant, f"{_name(ctx, path)}{diff} after step {step} ({context}); {what}",
-                                     step)
+                yield step, "param", path, pa, pe
+
+
+def _all_close(pairs: list[tuple[torch.Tensor, torch.Tensor]], tolerance: dict) -> bool:
+    """``assert_close``'s verdict for every pair at once: one ``isclose`` over the concatenation.
+
+    False also when shapes, dtypes or devices differ anywhere: then the per-pair walk decides.
+    """
+    if not pairs:
+        return True
+    first = pairs[0][0]
+    if any(a.shape != e.shape or a.dtype != first.dtype or e.dtype != first.dtype or a.device != first.device
+           or e.device != first.device for a, e in pairs):
+        return False
+    actual = torch.cat([a.reshape(-1) for a, _ in pairs])
+    expected = torch.cat([e.reshape(-1) for _, e in pairs])
+    return bool(torch.isclose(actual, expected, **tolerance, equal_nan=True).all())
+
+
+def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict, invariant: str,
+                   what: str) -> Violation | None:
+    """The first place where two traces disagree beyond ``tolerance``: losses, input grads, trainable params."""
+    entries = list(_compared(ctx, actual, expected))
+    if _all_close([(a, e) for *_, a, e in entries], tolerance):
+        return None
+    context = recipe_context(ctx.scenario.optimizer)
+    for step, kind, key, a, e in entries:
+        diff = _close(a, e, tolerance)
+        if not diff:
+            continue
+        if kind == "loss":
+            return Violation(invariant, f"loss at step {step}, micro-batch {key}{diff}; {what}", step)
+        if kind == "input":
+            return Violation(invariant, f"input gradient at step {step}, micro-batch {key}: grad{diff}; {what}",
+                             step)
+        return Violation(invariant, f"{_name(ctx, key)}{diff} after step {step} ({context}); {what}", step)
     return None
 
 
@@ -291,14 +331,18 @@ def divergence(ctx: Context) -> float:
     if ctx.technique.crash or not ctx.reference.steps:
         return 0.0
     tol = MATCH_TOLERANCE[_dtype(ctx)]
-    worst = 0.0
+    pairs = []
     for a, e in zip(ctx.technique.steps, ctx.reference.steps):
-        pairs = list(zip(a.losses, e.losses)) + [(a.params[p], e.params[p]) for p in e.params if p in a.params]
-        for x, y in pairs:
-            if x.shape == y.shape and x.numel():
-                gap = ((x.double() - y.double()).abs() / (tol["atol"] + tol["rtol"] * y.double().abs())).max()
-                worst = max(worst, float(gap.nan_to_num(1e6)))
-    return worst
+        pairs += list(zip(a.losses, e.losses)) + [(a.params[p], e.params[p]) for p in e.params if p in a.params]
+    pairs = [(x, y) for x, y in pairs if x.shape == y.shape and x.numel()]
+    if not pairs:
+        return 0.0
+    # one pass over everything, in float64 (a NaN anywhere is as far as it gets)
+    device = pairs[0][1].device
+    x = torch.cat([x.detach().reshape(-1).to(device, torch.float64) for x, _ in pairs])
+    y = torch.cat([y.detach().reshape(-1).to(device, torch.float64) for _, y in pairs])
+    gap = (x - y).abs() / (tol["atol"] + tol["rtol"] * y.abs())
+    return float(gap.nan_to_num(1e6).max())
 
 
 def matches_reference(ctx: Context) -> Violation | None:

@@ -60,7 +60,7 @@ class Reference:
 
     def call(self, site: CallSite, module: nn.Module, args: tuple) -> Any:
         constant = site.role in (Role.FROZEN, Role.PASS_THROUGH)
-        if not constant and not any(f"{site.path}.{n}" in self.masks for n, _ in module.named_parameters()):
+        if not constant and not any(path.startswith(site.path + ".") for path in self.masks):
             return module(*args)  # nothing to isolate at this call: the plain forward
         overrides = {}
         for name, p in module.named_parameters():

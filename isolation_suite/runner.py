@@ -7,10 +7,9 @@ clipping, ``step``, scheduler) and records a :class:`Trace`. Global torch state
 """
 from __future__ import annotations
 
-import contextlib
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -82,26 +81,24 @@ class Trace:
         return out
 
 
-class TechniqueCrash(Exception):
-    def __init__(self, crash: Crash):
-        super().__init__(crash.error)
-        self.crash = crash
+class Phase:
+    """Which part of the loop is running. The technique is in charge only while ``name`` is set:
+    an exception then is the technique's crash; anywhere else it is the harness's own error."""
 
+    __slots__ = ("step", "name")
 
-@contextlib.contextmanager
-def phase(driver: Driver, step: int, name: str) -> Iterator[None]:
-    """Turn an exception raised while the technique is in charge into a recorded crash."""
-    if not driver.guarded:
-        yield
-        return
-    try:
-        yield
-    except TechniqueCrash:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the technique is a verdict, not our error
+    def __init__(self) -> None:
+        self.step, self.name = 0, None
+
+    def enter(self, step: int, name: str) -> None:
+        self.step, self.name = step, name
+
+    def leave(self) -> None:
+        self.name = None
+
+    def crash(self, exc: BaseException) -> Crash:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise TechniqueCrash(Crash(step, name, f"{type(exc).__name__}: {first}",
-                                   "".join(traceback.format_exception(exc)))) from exc
+        return Crash(self.step, self.name, f"{type(exc).__name__}: {first}", "".join(traceback.format_exception(exc)))
 
 
 class TechniqueDriver:
@@ -243,83 +240,98 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu") -> Trace:
 
 
 def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
-    recipe, data = scenario.optimizer, scenario.data
     trace = Trace(device)
+    at = Phase()
+    try:
+        _train(scenario, driver, device, trace, at)
+    except Exception as exc:  # noqa: BLE001 - any failure of the technique is a verdict, not our error
+        if not driver.guarded or at.name is None:
+            raise
+        trace.crash = at.crash(exc)
+    return trace
+
+
+def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Phase) -> None:
+    recipe, data = scenario.optimizer, scenario.data
     model: IsolationModel = build_model(scenario, device)
     inputs = make_inputs(scenario)
+    modules = dict(model.named_modules())
     originals = {}
     for path, p in model.named_parameters():
         module_path, name = module_param_name(path)
-        originals[path] = (model.get_submodule(module_path), name, p)
+        originals[path] = (modules[module_path], name, p)
     original_buffers = dict(model.named_buffers())
     trace.initial_params = {k: v[2].detach().clone() for k, v in originals.items()}
     trace.initial_buffers = {k: v.detach().clone() for k, v in original_buffers.items()}
     state = _global_state()  # setup and make_optimizer must leave global state alone too
-    try:
-        with phase(driver, 0, "setup"):
-            driver.setup(model, scenario.intent)
-        step_now = [0, 0]
+    at.enter(0, "setup")
+    driver.setup(model, scenario.intent)
+    at.leave()
+    step_now = [0, 0]
 
-        def router(site: CallSite, module: nn.Module, args: tuple) -> Any:
-            # stochastic layers draw the same numbers in every run of this scenario; only the CPU
-            # generator (SeededDropout draws there), since torch.manual_seed also seeds every backend
-            torch.default_generator.manual_seed(site_seed(data.seed, step_now[0], step_now[1], site.index))
-            return driver.call(site, module, args)
-        model.router = router
-        with phase(driver, 0, "make_optimizer"):
-            optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
-            scheduler = make_scheduler(recipe, optimizer, scenario.steps)
-        handles = resolve(model, originals, optimizer)
-        trace.unreachable = [p for p, h in handles.items() if h.raw is None]
-        trace.aliases = {p: h.alias for p, h in handles.items() if h.alias != p}
-        buffers = _buffers(model, original_buffers)
-        for change in _describe_state_change(state, _global_state(), {}, {}, trace.aliases):
-            trace.state_leaks.append((0, change))
-        for step in range(1, scenario.steps + 1):
-            step_now[0] = step
-            record = StepRecord()
-            # requires_grad flags set in setup are the technique's baseline; grad mode and dtype are not
-            flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
-            state = _global_state()
-            record.requires_grad = dict(flags)
-            with phase(driver, step, "train"):
-                model.train()
-            with phase(driver, step, "zero_grad"):
-                optimizer.zero_grad(set_to_none=recipe.set_to_none)
-            for micro, x in enumerate(inputs[step - 1]):
-                step_now[1] = micro
-                x = x.to(device)
-                if data.input_requires_grad:
-                    x.requires_grad_(True)
-                with phase(driver, step, "forward"):
-                    out = model(x)
-                    loss = loss_fn(data.loss, out, site_seed(data.seed, step, micro, 999_983))
-                    loss = loss / scenario.micro_batches
-                record.losses.append(loss.detach().clone())
-                if loss.requires_grad:
-                    with phase(driver, step, "backward"):
-                        loss.backward()
-                else:
-                    record.loss_without_grad = True
-                record.input_grads.append(None if x.grad is None else x.grad.detach().clone())
-            with phase(driver, step, "clip"):
-                clip_gradients(recipe, list(model.parameters()))
-            record.grads = {p: (None if h.raw is None or h.raw.grad is None else h.raw.grad.detach().clone())
-                            for p, h in handles.items()}
-            with phase(driver, step, "optimizer.step"):
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-            with phase(driver, step, "after_step"):
-                driver.after_step(model, optimizer)
-            with torch.no_grad():
-                record.params = {p: driver.effective(p, h.read()).detach().clone()
-                                 for p, h in handles.items() if h.read is not None}
-            record.buffers = {p: read().detach().clone() for p, read in buffers.items()}
-            trace.steps.append(record)
-            after_flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
-            for change in _describe_state_change(state, _global_state(), flags, after_flags, trace.aliases):
-                trace.state_leaks.append((step, change))
-    except TechniqueCrash as crash:
-        trace.crash = crash.crash
-    return trace
+    def router(site: CallSite, module: nn.Module, args: tuple) -> Any:
+        # stochastic layers draw the same numbers in every run of this scenario; only the CPU
+        # generator (SeededDropout draws there), since torch.manual_seed also seeds every backend
+        torch.default_generator.manual_seed(site_seed(data.seed, step_now[0], step_now[1], site.index))
+        return driver.call(site, module, args)
+    model.router = router
+    at.enter(0, "make_optimizer")
+    optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
+    scheduler = make_scheduler(recipe, optimizer, scenario.steps)
+    at.leave()
+    handles = resolve(model, originals, optimizer)
+    trace.unreachable = [p for p, h in handles.items() if h.raw is None]
+    trace.aliases = {p: h.alias for p, h in handles.items() if h.alias != p}
+    buffers = _buffers(model, original_buffers)
+    for change in _describe_state_change(state, _global_state(), {}, {}, trace.aliases):
+        trace.state_leaks.append((0, change))
+    for step in range(1, scenario.steps + 1):
+        step_now[0] = step
+        record = StepRecord()
+        # requires_grad flags set in setup are the technique's baseline; grad mode and dtype are not
+        flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
+        state = _global_state()
+        record.requires_grad = dict(flags)
+        at.enter(step, "train")
+        model.train()
+        at.enter(step, "zero_grad")
+        optimizer.zero_grad(set_to_none=recipe.set_to_none)
+        at.leave()
+        for micro, x in enumerate(inputs[step - 1]):
+            step_now[1] = micro
+            x = x.to(device)
+            if data.input_requires_grad:
+                x.requires_grad_(True)
+            at.enter(step, "forward")
+            out = model(x)
+            loss = loss_fn(data.loss, out, site_seed(data.seed, step, micro, 999_983))
+            loss = loss / scenario.micro_batches
+            at.leave()
+            record.losses.append(loss.detach().clone())
+            if loss.requires_grad:
+                at.enter(step, "backward")
+                loss.backward()
+                at.leave()
+            else:
+                record.loss_without_grad = True
+            record.input_grads.append(None if x.grad is None else x.grad.detach().clone())
+        at.enter(step, "clip")
+        clip_gradients(recipe, list(model.parameters()))
+        at.leave()
+        record.grads = {p: (None if h.raw is None or h.raw.grad is None else h.raw.grad.detach().clone())
+                        for p, h in handles.items()}
+        at.enter(step, "optimizer.step")
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        at.enter(step, "after_step")
+        driver.after_step(model, optimizer)
+        at.leave()
+        with torch.no_grad():
+            record.params = {p: driver.effective(p, h.read()).detach().clone()
+                             for p, h in handles.items() if h.read is not None}
+        record.buffers = {p: read().detach().clone() for p, read in buffers.items()}
+        trace.steps.append(record)
+        after_flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
+        for change in _describe_state_change(state, _global_state(), flags, after_flags, trace.aliases):
+            trace.state_leaks.append((step, change))

@@ -123,6 +123,14 @@ def test_frozen_unchanged_fires_on_a_changed_frozen_batchnorm_buffer():
     assert "0 -> 0.25" in v.message and "training mode" in v.message
 
 
+def test_frozen_unchanged_fires_on_a_changed_zero_dim_buffer():
+    # num_batches_tracked is a 0-d tensor: its index is (), and a change must still count
+    s, technique, reference = good("module")
+    technique.steps[1].buffers["enc.bn.num_batches_tracked"] += 1
+    v = fire("frozen-unchanged", s, technique, reference)
+    assert v.message.startswith("buffer enc.bn.num_batches_tracked changed 0 -> 1 at step 2")
+
+
 def test_frozen_unchanged_names_the_alias():
     s, technique, reference = good("elements")
     technique.aliases = {"fc.weight": "fc.parametrizations.weight.original"}
