@@ -167,6 +167,12 @@ def _fuzz_techniques(text: str | None) -> dict:
     return {spec: load_technique(spec) for spec in specs}
 
 
+def item_budget(budget: float, workers: int, items: int) -> float:
+    """Seconds per item: each worker runs its share of the items one after another, with a
+    fifth of the budget kept for start-up, shrinking and the report."""
+    return max(1.0, budget * min(workers, items) / max(items, 1) * 0.8)
+
+
 def cmd_fuzz(args) -> int:
     import pytest
 
@@ -181,8 +187,7 @@ def cmd_fuzz(args) -> int:
         raise UsageError(f"--profile {args.profile!r} is not one of {', '.join(PROFILES)}")
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     items = sum(len(t.capabilities) for t in techniques.values()) * len(devices)
-    # each worker runs items one after another: split the wall-clock budget over its share
-    per_item = max(1.0, args.budget * min(workers, items) / max(items, 1) * 0.8)
+    per_item = item_budget(args.budget, workers, items)
     reports = Path(args.report_dir)
     try:
         run_dir = reports / run_id()

@@ -65,6 +65,15 @@ class Context:
                 for path, indices in self.scenario.intent.elements.items()}
 
     @functools.cached_property
+    def against_reference(self) -> list:
+        """What matches-reference compares: ``_compared`` entries, technique against reference."""
+        return list(_compared(self, self.technique, self.reference))
+
+    @functools.cached_property
+    def flat_against_reference(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return _flatten([(a, e) for *_, a, e in self.against_reference])
+
+    @functools.cached_property
     def free_masks(self) -> dict[str, torch.Tensor]:
         """Path -> boolean mask of the entries that train, for each element-frozen parameter."""
         return {path: ~mask for path, mask in self.element_masks.items()}
@@ -177,7 +186,7 @@ def gradient_flows(ctx: Context) -> Violation | None:
             return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
                              "every path from the input and the trainable parameters to the loss", step)
         for micro, (tg, rg) in enumerate(zip(tech.input_grads, ref.input_grads)):
-            if _nonzero(rg) and not _nonzero(tg):
+            if not _nonzero(tg) and _nonzero(rg):  # the technique's side first: usually it settles it
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 return Violation(GRADIENT_FLOWS, f"input got {got} at step {step}, micro-batch {micro}; "
                                  f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
@@ -188,7 +197,7 @@ def gradient_flows(ctx: Context) -> Violation | None:
                     or not tech.requires_grad.get(path, True):
                 continue  # a parameter the technique switched off is trainable-trains' business
             rg, tg = ref.grads.get(path), tech.grads.get(path)
-            if _nonzero(rg) and not _nonzero(tg):
+            if not _nonzero(tg) and _nonzero(rg):  # the technique's side first: usually it settles it
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 return Violation(GRADIENT_FLOWS, f"{_name(ctx, path)} (upstream of an isolated call site) got "
                                  f"{got} at step {step}; the reference's max |grad| is {_fmt(rg.abs().max())}", step)
@@ -231,15 +240,15 @@ def trainable_trains(ctx: Context) -> Violation | None:
         for path in trainable:
             free = ctx.free_masks.get(path)  # only the entries that train count
             rg, tg = rs.grads.get(path), ts.grads.get(path)
-            if _nonzero(rg, free) and not _nonzero(tg, free):
+            if not _nonzero(tg, free) and _nonzero(rg, free):
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 flag = "" if ts.requires_grad.get(path, True) else " (requires_grad=False)"
                 return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} got {got}{flag} at step {step}, but it "
                                  f"trains in the reference (max |grad| {_fmt(rg.abs().max())})", step)
             if path not in ts.params:
                 continue
-            if _differ(rs.params[path], prev_r[path], free) is not None \
-                    and _differ(ts.params[path], prev_t[path], free) is None:
+            if _differ(ts.params[path], prev_t[path], free) is None \
+                    and _differ(rs.params[path], prev_r[path], free) is not None:
                 idx, after, before = _first_difference(rs.params[path], prev_r[path], free)
                 return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference "
                                  f"moved {path}{_index(idx)} {_moved(before, after)} "
@@ -286,27 +295,27 @@ def _compared(ctx: Context, actual: Trace, expected: Trace) -> Iterator[tuple[in
                 yield step, "param", path, pa, pe
 
 
-def _all_close(pairs: list[tuple[torch.Tensor, torch.Tensor]], tolerance: dict) -> bool:
-    """``assert_close``'s verdict for every pair at once: one ``isclose`` over the concatenation.
-
-    False also when shapes, dtypes or devices differ anywhere: then the per-pair walk decides.
-    """
+def _flatten(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every pair laid end to end as two vectors; None when shapes, dtypes or devices differ anywhere."""
     if not pairs:
-        return True
+        return None
     first = pairs[0][0]
     if any(a.shape != e.shape or a.dtype != first.dtype or e.dtype != first.dtype or a.device != first.device
            or e.device != first.device for a, e in pairs):
-        return False
-    actual = torch.cat([a.reshape(-1) for a, _ in pairs])
-    expected = torch.cat([e.reshape(-1) for _, e in pairs])
-    return bool(torch.isclose(actual, expected, **tolerance, equal_nan=True).all())
+        return None
+    return torch.cat([a.reshape(-1) for a, _ in pairs]), torch.cat([e.reshape(-1) for _, e in pairs])
 
 
-def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict, invariant: str,
-                   what: str) -> Violation | None:
-    """The first place where two traces disagree beyond ``tolerance``: losses, input grads, trainable params."""
-    entries = list(_compared(ctx, actual, expected))
-    if _all_close([(a, e) for *_, a, e in entries], tolerance):
+def compare_traces(ctx: Context, entries: list, tolerance: dict, invariant: str, what: str,
+                   flat: tuple[torch.Tensor, torch.Tensor] | None = None) -> Violation | None:
+    """The first entry (see ``_compared``) where two traces disagree beyond ``tolerance``.
+
+    ``assert_close``'s verdict on everything at once first (one ``isclose`` over ``flat``, the
+    entries laid end to end); the entry-by-entry walk only runs to name a mismatch.
+    """
+    if not entries:
+        return None
+    if flat is not None and bool(torch.isclose(*flat, **tolerance, equal_nan=True).all()):
         return None
     context = recipe_context(ctx.scenario.optimizer)
     for step, kind, key, a, e in entries:
@@ -323,38 +332,38 @@ def compare_traces(ctx: Context, actual: Trace, expected: Trace, tolerance: dict
 
 
 def divergence(ctx: Context) -> float:
-    """How far the technique's run is from the reference's, in units of the match tolerance.
+    """How far the technique's run is from the reference's, in units of the match tolerance,
+    over everything ``matches-reference`` compares.
 
     Not an invariant: the search maximises it with ``hypothesis.target`` so near-misses
     (a clipping factor slightly off, a drift just under tolerance) grow into violations.
     """
-    if ctx.technique.crash or not ctx.reference.steps:
+    if ctx.technique.crash:
         return 0.0
+    flat = ctx.flat_against_reference
+    if flat is None:  # another layout somewhere: the pairs that still line up
+        pairs = [(a, e) for *_, a, e in ctx.against_reference if a.shape == e.shape and a.device == e.device]
+        if not pairs:
+            return 0.0
+        flat = (torch.cat([a.reshape(-1).double() for a, _ in pairs]),
+                torch.cat([e.reshape(-1).double() for _, e in pairs]))
     tol = MATCH_TOLERANCE[_dtype(ctx)]
-    pairs = []
-    for a, e in zip(ctx.technique.steps, ctx.reference.steps):
-        pairs += list(zip(a.losses, e.losses)) + [(a.params[p], e.params[p]) for p in e.params if p in a.params]
-    pairs = [(x, y) for x, y in pairs if x.shape == y.shape and x.numel()]
-    if not pairs:
-        return 0.0
-    # one pass over everything, in float64 (a NaN anywhere is as far as it gets)
-    device = pairs[0][1].device
-    x = torch.cat([x.detach().reshape(-1).to(device, torch.float64) for x, _ in pairs])
-    y = torch.cat([y.detach().reshape(-1).to(device, torch.float64) for _, y in pairs])
+    x, y = flat[0].double(), flat[1].double()
     gap = (x - y).abs() / (tol["atol"] + tol["rtol"] * y.abs())
-    return float(gap.nan_to_num(1e6).max())
+    return float(gap.nan_to_num(1e6).max()) if gap.numel() else 0.0  # a NaN is as far as it gets
 
 
 def matches_reference(ctx: Context) -> Violation | None:
-    return compare_traces(ctx, ctx.technique, ctx.reference, MATCH_TOLERANCE[_dtype(ctx)], MATCHES_REFERENCE,
-                          "the technique does not train like the reference")
+    return compare_traces(ctx, ctx.against_reference, MATCH_TOLERANCE[_dtype(ctx)], MATCHES_REFERENCE,
+                          "the technique does not train like the reference", ctx.flat_against_reference)
 
 
 def device_parity(ctx: Context) -> Violation | None:
     if ctx.other_device is None or not ctx.technique.steps:
         return None
-    return compare_traces(ctx, ctx.technique.to("cpu"), ctx.other_device.to("cpu"), PARITY_TOLERANCE[_dtype(ctx)],
-                          DEVICE_PARITY, f"{ctx.technique.device} disagrees with cpu")
+    entries = list(_compared(ctx, ctx.technique.to("cpu"), ctx.other_device.to("cpu")))
+    return compare_traces(ctx, entries, PARITY_TOLERANCE[_dtype(ctx)], DEVICE_PARITY,
+                          f"{ctx.technique.device} disagrees with cpu", _flatten([(a, e) for *_, a, e in entries]))
 
 
 CHECKS: dict[str, Callable[[Context], Violation | None]] = {
