@@ -293,6 +293,60 @@ def test_matches_reference_tolerance_for_float32():
     assert "fc.weight[0, 0]" in fire("matches-reference", s, technique, reference).message
 
 
+@pytest.mark.parametrize("units", [0.5, 0.99, 1.01, 3.0])
+def test_matches_reference_agrees_with_assert_close_at_the_tolerance_edge(units):
+    # the fused comparison over the whole trace must give assert_close's verdict entry by entry
+    s, technique, reference = good("module32")
+    tol = MATCH_TOLERANCE[torch.float32]
+    expected = reference.steps[1].params["fc.bias"][1]
+    technique.steps[1].params["fc.bias"][1] = expected + units * (tol["atol"] + tol["rtol"] * expected.abs())
+    try:
+        torch.testing.assert_close(technique.steps[1].params["fc.bias"], reference.steps[1].params["fc.bias"],
+                                   **tol)
+        close = True
+    except AssertionError:
+        close = False
+    assert close == (units < 1)
+    if close:
+        silent("matches-reference", s, technique, reference)
+    else:
+        assert "fc.bias[1]" in fire("matches-reference", s, technique, reference).message
+
+
+# --- divergence (steers the search; not an invariant) -------------------------------------------
+
+def test_divergence_is_zero_on_a_good_pair_and_counts_tolerance_units():
+    from isolation_suite.invariants import divergence
+    s, technique, reference = good("module32")
+    assert divergence(Context(s, technique, reference)) == 0.0
+    tol = MATCH_TOLERANCE[torch.float32]
+    expected = float(reference.steps[0].params["fc.weight"][0, 0])
+    technique.steps[0].params["fc.weight"][0, 0] += 0.5 * (tol["atol"] + tol["rtol"] * abs(expected))
+    near = divergence(Context(s, technique, reference))
+    assert 0.3 < near < 0.7  # a near miss: under tolerance, yet visible to target()
+    technique.steps[0].params["fc.weight"][0, 0] += 1e-2
+    assert divergence(Context(s, technique, reference)) > 100 * near
+
+
+def test_divergence_covers_input_gradients_but_not_frozen_entries():
+    from isolation_suite.invariants import divergence
+    s, technique, reference = good("pass")
+    technique.steps[0].input_grads[0] = technique.steps[0].input_grads[0] + 1e-3
+    assert divergence(Context(s, technique, reference)) > 1
+    s, technique, reference = good("elements")
+    technique.steps[0].params["fc.weight"][0, 1] += 1.0  # a frozen entry: frozen-unchanged's business
+    assert divergence(Context(s, technique, reference)) == 0.0
+
+
+def test_divergence_of_a_nan_is_as_far_as_it_gets_and_a_crash_is_zero():
+    from isolation_suite.invariants import divergence
+    s, technique, reference = good("module")
+    technique.steps[1].losses[0] = torch.tensor(float("nan"), dtype=torch.float64)
+    assert divergence(Context(s, technique, reference)) >= 1e6
+    technique.crash = Crash(1, "forward", "RuntimeError: boom", "")
+    assert divergence(Context(s, technique, reference)) == 0.0
+
+
 # --- no-crash --------------------------------------------------------------------------------
 
 def test_no_crash_fires_on_a_crash():
