@@ -207,11 +207,9 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-technique", spec]
     if args.max_examples:
         argv += ["--isolation-max-examples", str(args.max_examples)]
-    if workers > 1 and items > 1:
-        argv += ["-n", str(min(workers, items))]
-    else:
-        import torch
-        torch.set_num_threads(1)  # one worker, one thread: as each xdist worker runs
+    # always in xdist workers, even just one: a worker killed by a crashing kernel (a segfault, out of
+    # memory) then costs its item an error record, not the whole run and its report
+    argv += ["-n", str(max(1, min(workers, items)))]
     os.environ[PROFILE_ENV] = args.profile or os.environ.get(PROFILE_ENV) or "isolation-dev"
     # collect nothing but the gate items: point pytest at an empty folder
     with tempfile.TemporaryDirectory(prefix="isolation-fuzz-") as empty:

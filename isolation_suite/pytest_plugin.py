@@ -68,7 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "max_examples": config.getoption("isolation_max_examples"),
                                 "techniques": specs, "workers": config.getoption("numprocesses", None)})
             write_summary(report_dir, meta)
-            config.pluginmanager.register(SummaryWriter(report_dir, meta), "isolation-summary-writer")
+            items = {item_name(t, c, d): (t, c, d) for _, t in config.stash[_TECHNIQUES]
+                     for d in config.stash[_DEVICES] for c in t.capabilities}
+            config.pluginmanager.register(SummaryWriter(report_dir, meta, items), "isolation-summary-writer")
 
 
 class IsolationGateError(Exception):
@@ -112,12 +114,16 @@ class IsolationItem(pytest.Item):
         return self.path, None, f"isolation gate: {self.name}"
 
 
+def item_name(technique, capability, device: str) -> str:
+    return f"{technique.name}[{capability.value}-{device}]"
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     for spec, technique in config.stash.get(_TECHNIQUES, []):
         for device in config.stash[_DEVICES]:
             for capability in sorted(technique.capabilities, key=lambda c: c.value):
                 items.append(IsolationItem.from_parent(
-                    session, name=f"{technique.name}[{capability.value}-{device}]", spec=spec,
+                    session, name=item_name(technique, capability, device), spec=spec,
                     technique=technique, capability=capability, device=device))
 
 
@@ -126,15 +132,33 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("CUDA is not available on this machine")
 
 
-class SummaryWriter:
-    """Rebuilds the report summary on the controller after every finished item, and at the end."""
+def _error_line(report: pytest.TestReport) -> str:
+    """The exception line of a failed report (``E   ...``), or its last line (a crashed worker's)."""
+    lines = [line for line in str(report.longrepr).strip().splitlines() if line.strip()]
+    raised = [line[1:].strip() for line in lines if line.startswith("E ")]
+    return (raised or lines or ["failed without a verdict"])[-1]
 
-    def __init__(self, report_dir: Path, meta: dict):
-        self.report_dir, self.meta = report_dir, meta
+
+class SummaryWriter:
+    """Rebuilds the report summary on the controller after every finished item, and at the end.
+
+    An item that failed without leaving its record (its xdist worker crashed: ``when == "???"``;
+    or the harness raised) gets an error record, so the report can never pass without it.
+    """
+
+    def __init__(self, report_dir: Path, meta: dict, items: dict):
+        self.report_dir, self.meta, self.items = report_dir, meta, items
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call":
-            self._write(complete=False)
+        if report.when not in ("call", "???"):
+            return
+        gate_item = self.items.get(report.nodeid.rpartition("::")[2])
+        if report.failed and gate_item is not None:
+            from .report import error_record, has_record
+            technique, capability, device = gate_item
+            if not has_record(self.report_dir, technique.name, [capability.value], device):
+                error_record(self.report_dir, technique, [capability.value], device, _error_line(report))
+        self._write(complete=False)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         # interrupted (Ctrl-C/SIGTERM) runs still leave a valid summary, marked incomplete

@@ -64,7 +64,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
     """One search as JSON; with ``run_dir`` also writes its record file and repro script."""
     status, passed = outcome(result, technique.expected_violations)
     caps = sorted(c.value for c in result.capabilities)
-    item = f"{technique.name}-{'+'.join(caps)}-{result.device}"
+    item = item_slug(technique.name, caps, result.device)
     data: dict[str, Any] = {
         "item": item, "technique": technique.name, "capabilities": caps, "device": result.device,
         "expected": sorted(technique.expected_violations), "outcome": status, "passed": passed,
@@ -88,6 +88,31 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         (run_dir / "results").mkdir(parents=True, exist_ok=True)
         _atomic_write(run_dir / "results" / f"{_slug(item)}.json", json.dumps(data, indent=2, sort_keys=True))
     return data
+
+
+def item_slug(technique: str, capabilities: Iterable[str], device: str) -> str:
+    return f"{technique}-{'+'.join(sorted(capabilities))}-{device}"
+
+
+def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
+                 error: str) -> dict[str, Any]:
+    """The record of an item that ended without a verdict: its worker died (a segfault in a
+    kernel, out of memory) or the harness itself failed. It fails the run; it is never a pass."""
+    caps = sorted(capabilities)
+    item = item_slug(technique.name, caps, device)
+    data: dict[str, Any] = {
+        "item": item, "technique": technique.name, "capabilities": caps, "device": device,
+        "expected": sorted(technique.expected_violations), "outcome": "error", "passed": False, "error": error,
+        "examples": 0, "seconds": None, "first_failure_at": None, "budget_reached": False, "invariant_counts": {},
+        "violations": [], "scenario": None, "repro": None,
+    }
+    (Path(run_dir) / "results").mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(run_dir) / "results" / f"{_slug(item)}.json", json.dumps(data, indent=2, sort_keys=True))
+    return data
+
+
+def has_record(run_dir: Path, technique: str, capabilities: Iterable[str], device: str) -> bool:
+    return (Path(run_dir) / "results" / f"{_slug(item_slug(technique, capabilities, device))}.json").exists()
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -185,6 +210,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{r['outcome']} | {r['examples']} | " + " | ".join(cells) + " |")
     lines += ["", "## Counterexamples", ""]
     for r in summary["results"]:
+        if r.get("error"):
+            lines += [f"### {r['item']} (error: no verdict)", f"- {r['error']}", ""]
         if r["violations"]:
             lines.append(f"### {r['item']} ({r['outcome']})")
             lines += [f"- `{v['invariant']}`: {v['message']}" for v in r["violations"]]
@@ -206,6 +233,9 @@ def html_report(summary: dict[str, Any]) -> str:
         rows.append(f'<tr><th>{esc(technique)}</th><td class="{status}">{status}</td>{tds}</tr>')
     details = []
     for r in summary["results"]:
+        if r.get("error"):
+            details.append(f"<details open><summary>{esc(r['item'])}: error, no verdict</summary>"
+                           f"<p>{esc(r['error'])}</p></details>")
         if r["violations"]:
             msgs = "".join(f"<li><b>{esc(v['invariant'])}</b>: {esc(v['message'])}</li>" for v in r["violations"])
             repro = f"<p>repro: <code>python {esc(r['repro'])}</code></p>" if r.get("repro") else ""

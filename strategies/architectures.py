@@ -125,6 +125,10 @@ def _conv_args(k: Knobs, channels: int, length: int, preserve: bool) -> tuple[di
     out = channels if preserve else groups * k.pick((1, 2))
     kernel = k.pick((1, 3) if preserve else (1, 2, 3))
     dilation = k.pick((1, 2))
+    if kernel == 1:
+        # dilation changes nothing for a 1-wide kernel, and torch's CPU kernel can segfault on it:
+        # Conv1d(2, 2, 1, stride=2, padding=1, dilation=2) on x.transpose(1, 2) of shape (2, 2, 1)
+        dilation = 1
     if preserve:
         stride, padding = 1, dilation * (kernel - 1) // 2
     else:

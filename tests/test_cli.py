@@ -132,6 +132,40 @@ def test_fuzz_writes_a_complete_report(tmp_path):
     assert len(list((run_dir / "repro").glob("*.py"))) == 2
 
 
+SEGFAULTING = textwrap.dedent('''
+    import os, signal
+    import isolation_suite as iso
+
+    class Segfaulting(iso.Technique):
+        """Dies the way a crashing kernel does: the worker process is gone, no verdict."""
+        name = "segfaulting"
+        capabilities = frozenset({iso.Capability.PASS_THROUGH})
+        def setup(self, model, intent):
+            os.kill(os.getpid(), signal.SIGSEGV)
+''')
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_fuzz_reports_a_crashed_worker_as_an_error_never_a_pass(tmp_path, workers):
+    (tmp_path / "crashtech.py").write_text(SEGFAULTING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+           "PYTHONFAULTHANDLER": ""}
+    run = subprocess.run(_cli("fuzz", "--budget", "20", "--workers", workers, "--report-dir", str(tmp_path / "reports"),
+                              "--techniques", "crashtech:Segfaulting,functional_detach", "--max-examples", "10"),
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FAIL" in run.stdout.splitlines()[-1]
+    run_dir = tmp_path / "reports" / (tmp_path / "reports" / "LATEST").read_text().strip()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and not summary["ok"]
+    outcomes = {r["technique"]: r for r in summary["results"]}
+    assert outcomes["functional_detach"]["outcome"] == "held"
+    crashed = outcomes["segfaulting"]
+    assert crashed["outcome"] == "error" and not crashed["passed"] and "crashed" in crashed["error"]
+    assert "segfaulting-PASS_THROUGH-cpu (error: no verdict)" in (run_dir / "summary.md").read_text()
+    assert "error, no verdict" in (run_dir / "report.html").read_text()
+
+
 def test_interrupted_fuzz_leaves_a_valid_report(tmp_path):
     proc = subprocess.Popen(_cli("fuzz", "--budget", "600", "--workers", "1", "--report-dir", str(tmp_path),
                                  "--techniques", "no_grad_call,functional_detach,toggle_requires_grad",

@@ -38,6 +38,9 @@ def _features(s: Scenario) -> set[str]:
         found.add("names:prefix-collision")
     for _, idx in s.intent.frozen_elements:
         found.add("elements:" + ("single" if len(idx) == 1 else "several"))
+    for layer in arch.layers:
+        if layer.kind in ("conv1d", "conv2d") and layer.kwargs["dilation"] > 1:
+            found.add("conv:dilated")
     return found
 
 
@@ -47,7 +50,7 @@ REQUIRED = ({f"layer:{k}" for k in LAYER_KINDS} | {f"optimizer:{o}" for o in OPT
                "input:float", "reuse:layer-at-several-sites", "reuse:tied-parameters",
                "reuse:called-around-another", "nesting:two-levels", "names:prefix-collision",
                "elements:single", "elements:several", "set_to_none:False", "set_to_none:True",
-               "input_requires_grad:False", "steps:4", "micro:2"})
+               "input_requires_grad:False", "steps:4", "micro:2", "conv:dilated"})
 
 
 def test_300_scenarios_build_run_and_cover_section_6():
@@ -68,6 +71,17 @@ def test_300_scenarios_build_run_and_cover_section_6():
     run()
     missing = REQUIRED - set(seen)
     assert not missing, f"never drawn in 300 scenarios: {sorted(missing)}"
+
+
+def test_no_dilated_one_wide_convolution_is_drawn():
+    # it computes what dilation=1 does, and torch 2.13's CPU kernel segfaults on some of them
+    @settings(FAST, max_examples=300)
+    @given(strategies.scenarios())
+    def run(scenario):
+        for layer in scenario.architecture.layers:
+            if layer.kind in ("conv1d", "conv2d") and layer.kwargs["kernel_size"] == 1:
+                assert layer.kwargs["dilation"] == 1, layer
+    run()
 
 
 @pytest.mark.parametrize("capability", list(Capability), ids=lambda c: c.value)
