@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
 
 from . import devices as devices_mod
-from .invariants import INVARIANTS, MATCHES_REFERENCE, Context, Violation, divergence, evaluate, matches_reference
+from .invariants import (INVARIANTS, MATCHES_REFERENCE, Context, Violation, confirmed_matches_reference,
+                         divergence, evaluate)
 from .reference import Reference
 from .runner import TechniqueDriver, Trace, run
 from .scenario import Scenario
@@ -84,25 +85,28 @@ def check(technique: Technique | type[Technique], scenario: Scenario, device: st
     trace = run(scenario, TechniqueDriver(technique), device)
     other = run(scenario, TechniqueDriver(technique), "cpu") if device.startswith("cuda") else None
     ctx = Context(scenario, trace, reference, other)
-    violations = [v for v in evaluate(ctx) if not _float32_rounding_only(v, technique, scenario, device)]
-    return Verdict(technique.name, scenario, device, tuple(violations), divergence(ctx))
+    violations = [_confirmed(v, ctx, technique, device) for v in evaluate(ctx)]
+    return Verdict(technique.name, scenario, device, tuple(v for v in violations if v is not None),
+                   divergence(ctx))
 
 
-def _float32_rounding_only(violation: Violation, technique: Technique, scenario: Scenario, device: str) -> bool:
-    """True when a float32 ``matches-reference`` mismatch disappears in float64.
+def _confirmed(violation: Violation, ctx: Context, technique: Technique, device: str) -> Violation | None:
+    """A float32 ``matches-reference`` mismatch, judged again beside the scenario's float64 twin.
 
-    Two mathematically equal computations may round differently (another kernel path), and
-    adaptive optimizers amplify that noise on near-zero gradients (``g / (sqrt(v) + eps)``)
-    up to ``lr``-sized steps. The float64 twin of the scenario has the same weights, data and
-    dropout masks, upcast: a semantic difference survives there, rounding noise does not.
+    Two mathematically equal computations can round differently (another kernel path), and
+    adaptive optimizers amplify rounding noise on near-zero gradients (``g / (sqrt(v) + eps)``)
+    up to ``lr``-sized steps. The twin has the same weights, data and dropout masks, upcast: a
+    semantic difference shows there at the same step and place, rounding noise does not
+    (``invariants.confirmed_matches_reference``). None when nothing is left of the mismatch.
     """
+    scenario = ctx.scenario
     if violation.invariant != MATCHES_REFERENCE or scenario.dtype != "float32":
-        return False
+        return violation
     twin = dataclasses.replace(scenario, dtype="float64")
-    ctx = Context(twin, run(twin, TechniqueDriver(technique), device), reference_trace(twin, device))
-    if ctx.technique.crash is not None:
-        return False
-    return matches_reference(ctx) is None
+    twin_ctx = Context(twin, run(twin, TechniqueDriver(technique), device), reference_trace(twin, device))
+    if twin_ctx.technique.crash is not None:
+        return violation
+    return confirmed_matches_reference(ctx, twin_ctx)
 
 
 # --- the search ---------------------------------------------------------------------------
