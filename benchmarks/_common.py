@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 import strategies
 from isolation_suite.build import build_model, loss_fn, make_inputs
-from isolation_suite.runner import Driver, clip_gradients, make_scheduler, optimizer_builder
+from isolation_suite.reference import Reference
+from isolation_suite.runner import Driver, TechniqueDriver, clip_gradients, make_scheduler, optimizer_builder
 from isolation_suite.scenario import Scenario
 from isolation_suite.technique import Capability
 
@@ -57,6 +58,15 @@ def bare_loop(scenario, driver: Driver) -> None:
         if scheduler is not None:
             scheduler.step()
         driver.after_step(model, optimizer)
+
+
+def bare_pair(technique, scenario) -> None:
+    """The two loops a check runs, in bare torch: the technique's, then the reference's."""
+    try:
+        bare_loop(scenario, TechniqueDriver(technique))
+    except Exception:  # noqa: BLE001 - a known-bad technique may crash; the run stops there too
+        pass
+    bare_loop(scenario, Reference())
 
 
 def timed(fn, *args, **kwargs):

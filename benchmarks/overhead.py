@@ -18,19 +18,13 @@ import torch
 
 from isolation_suite import catalog, check
 from isolation_suite.check import _REFERENCE_CACHE
-from isolation_suite.reference import Reference
-from isolation_suite.runner import TechniqueDriver
 
-from ._common import bare_loop, corpus, median, table, timed, write
+from ._common import bare_pair, corpus, median, table, timed, write
 
 # the sound rows: a known-bad row's bare loop may crash, and its check also pays for confirmations
 TECHNIQUES = ("functional_detach", "toggle_requires_grad", "freeze_and_eval", "parametrize_where", "weight_dropout",
               "parametrize_dropconnect")
 REPEATS = 3
-
-
-def fastest(fn, repeats: int = REPEATS) -> float:
-    return min(timed(fn)[1] for _ in range(repeats))
 
 
 def side_by_side(technique, scenario) -> tuple[float, float]:
@@ -39,10 +33,7 @@ def side_by_side(technique, scenario) -> tuple[float, float]:
         _REFERENCE_CACHE.clear()  # every check pays for its reference run
         check(technique, scenario)
 
-    def bare():
-        bare_loop(scenario, TechniqueDriver(technique))
-        bare_loop(scenario, Reference())
-    pairs = [(fastest(harness, 1), fastest(bare, 1)) for _ in range(REPEATS)]
+    pairs = [(timed(harness)[1], timed(bare_pair, technique, scenario)[1]) for _ in range(REPEATS)]
     return min(h for h, _ in pairs), min(b for _, b in pairs)
 
 

@@ -5,7 +5,7 @@
 Each check runs the technique and the reference (one training loop each), judges the
 invariants and, for a float32 ``matches-reference`` mismatch, re-runs both in float64.
 The "floor" column is what a worker would do if the harness cost nothing: the two
-bare training loops alone (``benchmarks._common.bare_loop``).
+bare training loops alone (``benchmarks._common.bare_pair``).
 """
 from __future__ import annotations
 
@@ -13,18 +13,8 @@ import torch
 
 from isolation_suite import catalog, check
 from isolation_suite.check import _REFERENCE_CACHE
-from isolation_suite.reference import Reference
-from isolation_suite.runner import TechniqueDriver
 
-from ._common import bare_loop, corpus, table, timed, write
-
-
-def bare_pair(technique, scenario) -> None:
-    try:
-        bare_loop(scenario, TechniqueDriver(technique))
-    except Exception:  # noqa: BLE001 - a known-bad technique may crash; the run stops there too
-        pass
-    bare_loop(scenario, Reference())
+from ._common import bare_pair, corpus, table, timed, write
 
 
 def main() -> dict:

@@ -322,9 +322,7 @@ def compare_traces(ctx: Context, entries: list, tolerance: dict, invariant: str,
     ``assert_close``'s verdict on everything at once first (one ``isclose`` over ``flat``, the
     entries laid end to end); the entry-by-entry walk only runs to name a mismatch.
     """
-    if not entries:
-        return None
-    if flat is not None and bool(torch.isclose(*flat, **tolerance, equal_nan=True).all()):
+    if not entries or _all_close(flat, tolerance):
         return None
     for step, kind, key, a, e in entries:
         diff = _close(a, e, tolerance)
@@ -344,7 +342,7 @@ def confirmed_matches_reference(ctx: Context, twin: Context) -> Violation | None
     rest of the run; a real difference elsewhere is still reported.
     """
     tol32, tol64 = MATCH_TOLERANCE[torch.float32], MATCH_TOLERANCE[torch.float64]
-    if _flatten_close(ctx, tol32):
+    if _all_close(ctx.flat_against_reference, tol32):
         return None
     in_twin = {(step, kind, key): (a, e) for step, kind, key, a, e in twin.against_reference}
     noise: set = set()  # parameters whose float32 drift is rounding noise
@@ -359,8 +357,9 @@ def confirmed_matches_reference(ctx: Context, twin: Context) -> Violation | None
     return None
 
 
-def _flatten_close(ctx: Context, tolerance: dict) -> bool:
-    flat = ctx.flat_against_reference
+def _all_close(flat: tuple[torch.Tensor, torch.Tensor] | None, tolerance: dict) -> bool:
+    """``assert_close``'s verdict on entries laid end to end (``_flatten``), in one ``isclose``;
+    False when there is no such layout, so the caller walks the entries one by one."""
     return flat is not None and bool(torch.isclose(*flat, **tolerance, equal_nan=True).all())
 
 
@@ -373,13 +372,11 @@ def divergence(ctx: Context) -> float:
     """
     if ctx.technique.crash:
         return 0.0
-    flat = ctx.flat_against_reference
-    if flat is None:  # another layout somewhere: the pairs that still line up
-        pairs = [(a, e) for *_, a, e in ctx.against_reference if a.shape == e.shape and a.device == e.device]
-        if not pairs:
-            return 0.0
-        flat = (torch.cat([a.reshape(-1).double() for a, _ in pairs]),
-                torch.cat([e.reshape(-1).double() for _, e in pairs]))
+    # another layout somewhere (a dtype or shape the technique changed): the pairs that still line up
+    flat = ctx.flat_against_reference or _flatten(
+        [(a.double(), e.double()) for *_, a, e in ctx.against_reference if a.shape == e.shape])
+    if flat is None:
+        return 0.0
     tol = MATCH_TOLERANCE[_dtype(ctx)]
     x, y = flat[0].double(), flat[1].double()
     gap = (x - y).abs() / (tol["atol"] + tol["rtol"] * y.abs())

@@ -156,7 +156,7 @@ class SummaryWriter:
         if report.failed and gate_item is not None:
             from .report import error_record, has_record
             technique, capability, device = gate_item
-            if not has_record(self.report_dir, technique.name, [capability.value], device):
+            if not has_record(self.report_dir, technique, [capability.value], device):
                 error_record(self.report_dir, technique, [capability.value], device, _error_line(report))
         self._write(complete=False)
 

@@ -63,13 +63,10 @@ def _slug(text: str) -> str:
 def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None) -> dict[str, Any]:
     """One search as JSON; with ``run_dir`` also writes its record file and repro script."""
     status, passed = outcome(result, technique.expected_violations)
-    caps = sorted(c.value for c in result.capabilities)
-    item = item_slug(technique.name, caps, result.device)
     data: dict[str, Any] = {
-        "item": item, "technique": technique.name, "capabilities": caps, "device": result.device,
-        "expected": sorted(technique.expected_violations), "outcome": status, "passed": passed,
-        "examples": result.examples, "seconds": round(seconds, 3), "first_failure_at": result.first_failure_at,
-        "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
+        **_identity(technique, [c.value for c in result.capabilities], result.device),
+        "outcome": status, "passed": passed, "examples": result.examples, "seconds": round(seconds, 3),
+        "first_failure_at": result.first_failure_at, "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
     }
     if result.failure is not None:
@@ -78,41 +75,49 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
     if run_dir is not None:
         run_dir = Path(run_dir)
         if result.failure is not None:
-            rel = Path("repro") / f"{_slug(item)}.py"
+            rel = Path("repro") / f"{_slug(data['item'])}.py"
             try:
                 write_repro(run_dir / rel, technique, result.failure.scenario, result.device,
                             str(result.failure.first))
                 data["repro"] = str(rel)
             except ValueError as exc:  # a plug-in whose source cannot be read
                 data["repro_error"] = str(exc)
-        (run_dir / "results").mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_dir / "results" / f"{_slug(item)}.json", json.dumps(data, indent=2, sort_keys=True))
+        _write_record(run_dir, data)
     return data
 
 
-def item_slug(technique: str, capabilities: Iterable[str], device: str) -> str:
-    return f"{technique}-{'+'.join(sorted(capabilities))}-{device}"
+def _identity(technique: Technique, capabilities: Iterable[str], device: str) -> dict[str, Any]:
+    """The fields that name a record's item; every record starts with them."""
+    caps = sorted(capabilities)
+    return {"item": f"{technique.name}-{'+'.join(caps)}-{device}", "technique": technique.name,
+            "capabilities": caps, "device": device, "expected": sorted(technique.expected_violations)}
+
+
+def _record_path(run_dir: Path, item: str) -> Path:
+    return Path(run_dir) / "results" / f"{_slug(item)}.json"
+
+
+def _write_record(run_dir: Path, data: dict[str, Any]) -> None:
+    path = _record_path(run_dir, data["item"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
                  error: str) -> dict[str, Any]:
     """The record of an item that ended without a verdict: its worker died (a segfault in a
     kernel, out of memory) or the harness itself failed. It fails the run; it is never a pass."""
-    caps = sorted(capabilities)
-    item = item_slug(technique.name, caps, device)
     data: dict[str, Any] = {
-        "item": item, "technique": technique.name, "capabilities": caps, "device": device,
-        "expected": sorted(technique.expected_violations), "outcome": "error", "passed": False, "error": error,
+        **_identity(technique, capabilities, device), "outcome": "error", "passed": False, "error": error,
         "examples": 0, "seconds": None, "first_failure_at": None, "budget_reached": False, "invariant_counts": {},
         "violations": [], "scenario": None, "repro": None,
     }
-    (Path(run_dir) / "results").mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(run_dir) / "results" / f"{_slug(item)}.json", json.dumps(data, indent=2, sort_keys=True))
+    _write_record(run_dir, data)
     return data
 
 
-def has_record(run_dir: Path, technique: str, capabilities: Iterable[str], device: str) -> bool:
-    return (Path(run_dir) / "results" / f"{_slug(item_slug(technique, capabilities, device))}.json").exists()
+def has_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str) -> bool:
+    return _record_path(run_dir, _identity(technique, capabilities, device)["item"]).exists()
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
