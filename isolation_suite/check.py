@@ -1,8 +1,11 @@
-"""``check`` (one scenario) and ``check_technique`` (a Hypothesis search)."""
+"""The search: Hypothesis over :func:`isolation_suite.judge.judge`, after the catalog's trigger examples.
+
+``check`` is the one judging path (``judge``) under its public name; ``search`` and
+``check_technique`` look for a scenario that breaks a technique and return the smallest one seen.
+"""
 from __future__ import annotations
 
-import collections
-import dataclasses
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -11,108 +14,22 @@ from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
 
 from . import devices as devices_mod
-from .invariants import (INVARIANTS, MATCHES_REFERENCE, Context, Violation, confirmed_matches_reference,
-                         divergence, evaluate)
-from .reference import Reference
-from .runner import TechniqueDriver, Trace, run
+from .judge import Verdict, as_technique, judge, reference_trace
 from .scenario import Scenario
 from .technique import Capability, Technique
 
-
-@dataclass(frozen=True)
-class Verdict:
-    """The result of checking one technique on one scenario on one device."""
-
-    technique: str
-    scenario: Scenario
-    device: str
-    violations: tuple[Violation, ...] = ()
-    divergence: float = 0.0  # distance from the reference in tolerance units (steers the search)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    @property
-    def first(self) -> Violation | None:
-        return self.violations[0] if self.violations else None
-
-    @property
-    def invariants(self) -> tuple[str, ...]:
-        return tuple(v.invariant for v in self.violations)
-
-    def __str__(self) -> str:
-        if self.ok:
-            return f"{self.technique} on {self.device}: ok"
-        return f"{self.technique} on {self.device}:\n" + "\n".join(f"  {v}" for v in self.violations)
-
-
-_REFERENCE_CACHE: "collections.OrderedDict[tuple[Scenario, str], Trace]" = collections.OrderedDict()
-_REFERENCE_CACHE_SIZE = 64
-
-
-def reference_trace(scenario: Scenario, device: str = "cpu") -> Trace:
-    """The reference's trace, cached: several techniques are often checked against one scenario."""
-    key = (scenario, device)
-    if key in _REFERENCE_CACHE:
-        _REFERENCE_CACHE.move_to_end(key)
-        return _REFERENCE_CACHE[key]
-    trace = run(scenario, Reference(), device)
-    _REFERENCE_CACHE[key] = trace
-    if len(_REFERENCE_CACHE) > _REFERENCE_CACHE_SIZE:
-        _REFERENCE_CACHE.popitem(last=False)
-    return trace
-
-
-def as_technique(technique: Technique | type[Technique]) -> Technique:
-    if isinstance(technique, type) and issubclass(technique, Technique):
-        return technique()
-    if isinstance(technique, Technique):
-        return technique
-    raise TypeError(f"expected an isolation_suite.Technique instance or subclass, got {technique!r}")
-
-
-def check(technique: Technique | type[Technique], scenario: Scenario, device: str = "cpu") -> Verdict:
-    """Run ``technique`` and the reference on ``scenario`` and judge every invariant.
-
-    On a CUDA device the technique also runs on the CPU, for ``device-parity``.
-    """
-    technique = as_technique(technique)
-    device = devices_mod.normalize(device)
-    if device.startswith("cuda"):
-        devices_mod.deterministic_cuda()
-    reference = reference_trace(scenario, device)
-    trace = run(scenario, TechniqueDriver(technique), device)
-    other = run(scenario, TechniqueDriver(technique), "cpu") if device.startswith("cuda") else None
-    ctx = Context(scenario, trace, reference, other)
-    violations = [_confirmed(v, ctx, technique, device) for v in evaluate(ctx)]
-    return Verdict(technique.name, scenario, device, tuple(v for v in violations if v is not None),
-                   divergence(ctx))
-
-
-def _confirmed(violation: Violation, ctx: Context, technique: Technique, device: str) -> Violation | None:
-    """A float32 ``matches-reference`` mismatch, judged again beside the scenario's float64 twin.
-
-    Two mathematically equal computations can round differently (another kernel path), and
-    adaptive optimizers amplify rounding noise on near-zero gradients (``g / (sqrt(v) + eps)``)
-    up to ``lr``-sized steps. The twin has the same weights, data and dropout masks, upcast: a
-    semantic difference shows there at the same step and place, rounding noise does not
-    (``invariants.confirmed_matches_reference``). None when nothing is left of the mismatch.
-    """
-    scenario = ctx.scenario
-    if violation.invariant != MATCHES_REFERENCE or scenario.dtype != "float32":
-        return violation
-    twin = dataclasses.replace(scenario, dtype="float64")
-    twin_ctx = Context(twin, run(twin, TechniqueDriver(technique), device), reference_trace(twin, device))
-    if twin_ctx.technique.crash is not None:
-        return violation
-    return confirmed_matches_reference(ctx, twin_ctx)
+#: ``iso.check(technique, scenario, device)``: judge one scenario (see :func:`isolation_suite.judge.judge`)
+check = judge
 
 
 # --- the search ---------------------------------------------------------------------------
 
 class BudgetSpent(BaseException):
     """Stops a search when its time budget is spent (a BaseException, so Hypothesis lets it through)."""
+
+
+class ExamplesSpent(BaseException):
+    """Stops a search that has generated ``max_examples`` examples without a failure."""
 
 
 class IsolationFailure(AssertionError):
@@ -125,19 +42,34 @@ class IsolationFailure(AssertionError):
 
 @dataclass
 class SearchResult:
+    """What one search did and found. The three example counts are apart: ``explicit`` trigger
+    examples (judged first), ``examples`` generated by Hypothesis (at most ``max_examples``), and
+    ``shrink_examples`` judged while shrinking a failure."""
+
     technique: str
     capabilities: frozenset[Capability]
     device: str
     examples: int = 0
+    explicit: int = 0
+    shrink_examples: int = 0
+    max_examples: int | None = None
+    budget: float | None = None
+    seed: int | None = None  # None: derandomized (the profile's fixed seed per technique)
     failure: Verdict | None = None
-    first_failure_at: int | None = None  # examples run when the first violation was seen
+    found_by: str | None = None  # "explicit" (a trigger example) or "search"
+    first_failure_at: int | None = None  # examples judged (explicit + generated) when the first violation was seen
     invariant_counts: dict[str, int] = field(default_factory=dict)
     budget_reached: bool = False
     seconds_to_first_failure: float | None = None
+    statistics: str = ""  # Hypothesis's own description of the search
 
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    @property
+    def judged(self) -> int:
+        return self.explicit + self.examples + self.shrink_examples
 
 
 def search_settings(max_examples: int | None = None, device: str = "cpu") -> settings:
@@ -156,46 +88,76 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
 
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
            device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
-           seed: int | None = None, shrink: bool = True) -> SearchResult:
-    """Hypothesis search for a scenario that breaks ``technique``; the failure returned is shrunk.
+           seed: int | None = None, shrink: bool = True, explicit: bool = True) -> SearchResult:
+    """Look for a scenario that breaks ``technique``; the failure returned is the smallest seen.
 
-    With ``budget`` (seconds) the search stops generating when the time is spent; a failure
-    already found may shrink for as long again, then the smallest one seen is returned.
+    First the catalog's trigger scenarios for these capabilities (``explicit``), then a Hypothesis
+    search of at most ``max_examples`` generated examples (the profile's by default), then shrinking.
+    ``seed`` fixes the search (it wins over a derandomized profile); without one, a derandomized
+    profile uses its fixed seed per technique and any other profile draws a seed, recorded in the result. With ``budget`` (seconds) the whole search, shrinking
+    included, ends within the budget plus one example; the smallest failure seen is returned.
     """
     import strategies  # the top-level strategies package
+    from hypothesis.statistics import collector, describe_statistics
+
+    from .techniques import explicit_examples
 
     technique = as_technique(technique)
     caps = frozenset(capabilities) if capabilities is not None else technique.capabilities
     if not caps:
         raise ValueError(f"technique {technique.name!r} declares no capabilities: nothing to check")
     device = devices_mod.normalize(device)
-    result = SearchResult(technique.name, caps, device)
-    started = time.monotonic()
-    smallest: list[Verdict] = []
-
     run_settings = search_settings(max_examples, device)
     if not shrink:  # detection only: stop at the first violation
         run_settings = settings(run_settings, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
+    if seed is None and not run_settings.derandomize:
+        seed = random.SystemRandom().getrandbits(32)  # drawn here, so every run can be replayed
+    result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
+                          seed=seed)
+    started = time.monotonic()
+    deadline = None if budget is None else started + budget
+
+    def judged(scenario: Scenario, found_by: str) -> Verdict:
+        if deadline is not None and time.monotonic() > deadline:
+            raise BudgetSpent()
+        verdict = judge(technique, scenario, device)
+        for v in verdict.violations:
+            result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
+        if not verdict.ok and result.first_failure_at is None:
+            result.first_failure_at = result.explicit + result.examples
+            result.seconds_to_first_failure = time.monotonic() - started
+            result.found_by = found_by
+        return verdict
+
+    try:
+        for scenario in explicit_examples(caps) if explicit else ():
+            result.explicit += 1
+            verdict = judged(scenario, "explicit")
+            if not verdict.ok:  # a trigger example is minimal by construction: nothing to shrink
+                result.failure = verdict
+                return result
+    except BudgetSpent:
+        result.budget_reached = True
+        return result
+
+    smallest: list[Verdict] = []
 
     @run_settings
     @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],)))
     def probe(scenario: Scenario) -> None:
-        if budget is not None:
-            spent = time.monotonic() - started
-            if spent > (2 * budget if smallest else budget):
-                raise BudgetSpent()
-        result.examples += 1
-        verdict = check(technique, scenario, device)
+        if smallest:
+            result.shrink_examples += 1
+        elif result.examples >= result.max_examples:
+            raise ExamplesSpent()  # what is said is what is run, whatever the database replays
+        else:
+            result.examples += 1
+        verdict = judged(scenario, "search")
         for v in verdict.violations:
             event(v.invariant)
-            result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
         # steer toward failures: runs that drift further from the reference are more interesting
         target(min(verdict.divergence, 1e6), label="divergence from the reference")
         target(float(len(verdict.violations)), label="violations")
         if not verdict.ok:
-            if result.first_failure_at is None:
-                result.first_failure_at = result.examples
-                result.seconds_to_first_failure = time.monotonic() - started
             smallest[:] = [verdict]  # the shrinker only tries smaller examples
             raise IsolationFailure(verdict)
 
@@ -204,17 +166,26 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     # separate database entries per technique, capability set and device
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"{technique.name}|{sorted(c.value for c in caps)}|{device}".encode())
+
+    def note(stats) -> None:
+        result.statistics = describe_statistics(stats)
     try:
-        probe()
+        with collector.with_value(note):
+            probe()
     except IsolationFailure as failure:
         result.failure = failure.verdict
     except BudgetSpent:
         result.budget_reached = True
         result.failure = smallest[0] if smallest else None
+    except ExamplesSpent:
+        pass
     return result
 
 
-def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = ()) -> str:
+def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = (),
+                    result: SearchResult | None = None) -> str:
+    """The invariant, every violation, the minimal scenario and how to replay it (and, given the
+    search ``result``, what was run and with which seed)."""
     caps = ", ".join(sorted(c.value for c in capabilities))
     lines = [f"{verdict.technique} violates {verdict.first.invariant} on {verdict.device}"
              + (f" (capabilities: {caps})" if caps else ""),
@@ -225,11 +196,29 @@ def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = ()) -
              f"  iso.check(technique, iso.Scenario.from_json({verdict.scenario.to_json()!r}), "
              f"device={verdict.device!r})",
              "  or save the JSON to a file and run: isolation-suite repro FILE --technique SPEC"]
+    if result is not None:
+        lines.append(f"search: {search_line(result)}"
+                     + (" (found by a trigger example)" if result.found_by == "explicit" else ""))
     return "\n".join(lines)
 
 
+def search_line(result: SearchResult) -> str:
+    """``12 trigger examples, 60 generated (max 60), 41 shrinking; seed 123``: what one search ran."""
+    parts = [f"{result.explicit} trigger example{'s' * (result.explicit != 1)}",
+             f"{result.examples} generated (max {result.max_examples})"]
+    if result.shrink_examples:
+        parts.append(f"{result.shrink_examples} while shrinking")
+    if result.budget_reached:
+        parts.append(f"budget of {result.budget:g}s reached")
+    return ", ".join(parts) + "; " + seed_text(result.seed)
+
+
+def seed_text(seed: int | None) -> str:
+    return "derandomized (the profile's fixed seed)" if seed is None else f"seed {seed}"
+
+
 def check_technique(technique: Technique | type[Technique], devices: str | Iterable[str] | None = None,
-                    max_examples: int | None = None) -> list[SearchResult]:
+                    max_examples: int | None = None, *, seed: int | None = None) -> list[SearchResult]:
     """Search every declared capability on every device; raise ``AssertionError`` on the first violation.
 
     The message names the invariant, shows the minimal scenario and says how to replay it.
@@ -238,12 +227,12 @@ def check_technique(technique: Technique | type[Technique], devices: str | Itera
     results = []
     for device in devices_mod.resolve(devices):
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
-            result = search(technique, {capability}, device, max_examples)
+            result = search(technique, {capability}, device, max_examples, seed=seed)
             results.append(result)
             if result.failure is not None:
-                raise AssertionError(failure_message(result.failure, {capability}))
+                raise AssertionError(failure_message(result.failure, {capability}, result))
     return results
 
 
-__all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "IsolationFailure", "INVARIANTS",
-           "reference_trace"]
+__all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "IsolationFailure", "reference_trace",
+           "search_line", "seed_text", "failure_message"]

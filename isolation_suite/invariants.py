@@ -258,17 +258,27 @@ def trainable_trains(ctx: Context) -> Violation | None:
     return None
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict) -> str | None:
-    """None when close; otherwise 'index: actual vs expected' for the worst entry."""
+def first_mismatch(actual: torch.Tensor, expected: torch.Tensor, tolerance: dict) -> str | None:
+    """None when ``assert_close`` accepts the pair; otherwise where and by how much it does not:
+    the worst *mismatched* entry (largest gap in tolerance units) and how many entries mismatch."""
     try:
         torch.testing.assert_close(actual, expected, **tolerance, equal_nan=True)
         return None
     except AssertionError:
-        diff = (actual.double() - expected.double()).abs().nan_to_num(float("inf"))
-        flat = int(diff.argmax()) if diff.numel() else 0
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
-        a, e = float(actual[idx]), float(expected[idx])
-        return f"{_index(idx)} is {_fmt(a)}, reference {_fmt(e)} (|diff| {_fmt(abs(a - e))})"
+        pass
+    if actual.shape != expected.shape:
+        return f" has shape {tuple(actual.shape)}, reference {tuple(expected.shape)}"
+    a64, e64 = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad = ~torch.isclose(a64, e64, **tolerance, equal_nan=True)
+    if not bool(bad.any()):  # equal values, but another dtype or device than the reference's
+        return f" is {actual.dtype} on {actual.device}, reference {expected.dtype} on {expected.device}"
+    gap = ((a64 - e64).abs() / (tolerance["atol"] + tolerance["rtol"] * e64.abs())).nan_to_num(float("inf"))
+    worst = int(torch.where(bad, gap, torch.full_like(gap, -1.0)).reshape(-1).argmax()) if gap.numel() else 0
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), gap.shape)) if gap.dim() else ()
+    a, e = float(a64[idx]), float(e64[idx])
+    count = int(bad.sum())
+    of = f"; {count} of {bad.numel()} entries differ" if bad.numel() > 1 else ""
+    return f"{_index(idx)} is {_fmt(a)}, reference {_fmt(e)} (|diff| {_fmt(abs(a - e))}{of})"
 
 
 def _compared(ctx: Context, actual: Trace, expected: Trace) -> Iterator[tuple[int, str, object, torch.Tensor,
@@ -306,7 +316,7 @@ def _flatten(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
     return torch.cat([a.reshape(-1) for a, _ in pairs]), torch.cat([e.reshape(-1) for _, e in pairs])
 
 
-def _mismatch(ctx: Context, step: int, kind: str, key, diff: str, invariant: str, what: str) -> Violation:
+def mismatch(ctx: Context, step: int, kind: str, key, diff: str, invariant: str, what: str) -> Violation:
     if kind == "loss":
         return Violation(invariant, f"loss at step {step}, micro-batch {key}{diff}; {what}", step)
     if kind == "input":
@@ -322,42 +332,16 @@ def compare_traces(ctx: Context, entries: list, tolerance: dict, invariant: str,
     ``assert_close``'s verdict on everything at once first (one ``isclose`` over ``flat``, the
     entries laid end to end); the entry-by-entry walk only runs to name a mismatch.
     """
-    if not entries or _all_close(flat, tolerance):
+    if not entries or all_close(flat, tolerance):
         return None
     for step, kind, key, a, e in entries:
-        diff = _close(a, e, tolerance)
+        diff = first_mismatch(a, e, tolerance)
         if diff:
-            return _mismatch(ctx, step, kind, key, diff, invariant, what)
+            return mismatch(ctx, step, kind, key, diff, invariant, what)
     return None
 
 
-def confirmed_matches_reference(ctx: Context, twin: Context) -> Violation | None:
-    """``matches-reference`` for a float32 run, confirmed on its float64 ``twin``.
-
-    A float32 mismatch is a violation only where the twin disagrees too, at the same step and
-    in the same place. Rounding noise does not pass that test: a mathematically zero gradient
-    (an attention key bias) is pure noise in both precisions, and an adaptive optimizer
-    (``g / (sqrt(v) + eps)``) turns that noise into ``lr``-sized steps, but the float64 noise
-    needs more steps to get there. A parameter caught drifting on noise is set aside for the
-    rest of the run; a real difference elsewhere is still reported.
-    """
-    tol32, tol64 = MATCH_TOLERANCE[torch.float32], MATCH_TOLERANCE[torch.float64]
-    if _all_close(ctx.flat_against_reference, tol32):
-        return None
-    in_twin = {(step, kind, key): (a, e) for step, kind, key, a, e in twin.against_reference}
-    noise: set = set()  # parameters whose float32 drift is rounding noise
-    for step, kind, key, a, e in ctx.against_reference:
-        if (kind == "param" and key in noise) or not (diff := _close(a, e, tol32)):
-            continue
-        pair = in_twin.get((step, kind, key))
-        if pair is None or pair[0].shape != pair[1].shape or _close(*pair, tol64):
-            return _mismatch(ctx, step, kind, key, diff, MATCHES_REFERENCE, _NOT_LIKE_REFERENCE)
-        if kind == "param":
-            noise.add(key)
-    return None
-
-
-def _all_close(flat: tuple[torch.Tensor, torch.Tensor] | None, tolerance: dict) -> bool:
+def all_close(flat: tuple[torch.Tensor, torch.Tensor] | None, tolerance: dict) -> bool:
     """``assert_close``'s verdict on entries laid end to end (``_flatten``), in one ``isclose``;
     False when there is no such layout, so the caller walks the entries one by one."""
     return flat is not None and bool(torch.isclose(*flat, **tolerance, equal_nan=True).all())
@@ -383,12 +367,12 @@ def divergence(ctx: Context) -> float:
     return float(gap.nan_to_num(1e6).max()) if gap.numel() else 0.0  # a NaN is as far as it gets
 
 
-_NOT_LIKE_REFERENCE = "the technique does not train like the reference"
+NOT_LIKE_REFERENCE = "the technique does not train like the reference"
 
 
 def matches_reference(ctx: Context) -> Violation | None:
     return compare_traces(ctx, ctx.against_reference, MATCH_TOLERANCE[_dtype(ctx)], MATCHES_REFERENCE,
-                          _NOT_LIKE_REFERENCE, ctx.flat_against_reference)
+                          NOT_LIKE_REFERENCE, ctx.flat_against_reference)
 
 
 def device_parity(ctx: Context) -> Violation | None:

@@ -6,50 +6,18 @@ import torch
 
 import isolation_suite as iso
 from isolation_suite import Capability, Technique
-from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from isolation_suite.scenario import Intent, OptimizerRecipe
 from isolation_suite.techniques import entry
+from isolation_suite.techniques.triggers import ELEMENTS_ADAMW, ELEMENTS_PLAIN, FROZEN_LINEAR, REPARAM_LINEAR, \
+    REPARAM_RNN, linear, scenario
+from isolation_suite.techniques.triggers import ELEMENTS_CLIP_NORM as ELEMENTS_CLIP
+from isolation_suite.techniques.triggers import FROZEN_BATCHNORM as FROZEN_BN
+from isolation_suite.techniques.triggers import PASS_UPSTREAM as PASS
 
 
-def linear(path: str, n_in: int = 2, n_out: int = 2) -> Layer:
-    return Layer(path, "linear", (("bias", True), ("in_features", n_in), ("out_features", n_out)))
-
-
-def batchnorm(path: str) -> Layer:
-    return Layer(path, "batchnorm1d", (("num_features", 2),))
-
-
-def rnn(path: str) -> Layer:
-    return Layer(path, "rnn", (("hidden_size", 2), ("input_size", 2)))
-
-
-SGD = OptimizerRecipe(name="SGD", args=(("lr", 0.1),))
-
-
-def scenario(layers, program, intent=Intent(), optimizer=SGD, steps=2, input_shape=(2,), dtype="float64",
-             input_requires_grad=True, micro_batches=1) -> Scenario:
-    arch = Architecture(input_shape=input_shape, layers=tuple(layers), program=tuple(Op("call", p) for p in program))
-    data = Data(batch=3, seed=1, input_requires_grad=input_requires_grad, loss="mse")
-    return Scenario(arch, intent, optimizer, data, steps, micro_batches, dtype)
-
-
-# hand-written scenarios, by capability
-FROZEN_LINEAR = scenario([linear("pre"), linear("enc"), linear("fc")], ["pre", "enc", "fc"],
-                         Intent(frozen_modules=("enc",)))
-FROZEN_BN = scenario([linear("pre"), linear("enc.lin"), batchnorm("enc.bn"), linear("fc")],
-                     ["pre", "enc.lin", "enc.bn", "fc"], Intent(frozen_modules=("enc",)),
-                     OptimizerRecipe(name="Adam", args=(("lr", 0.05),)))
+# hand-written scenarios, by capability (the catalog's trigger examples, and a few more)
 FROZEN_AROUND = scenario([linear("enc"), linear("gen")], ["enc", "gen", "enc"], Intent(frozen_modules=("enc",)),
                          OptimizerRecipe(name="SGD", args=(("lr", 0.1), ("momentum", 0.9))), dtype="float32")
-PASS = scenario([linear("pre"), linear("fc")], ["pre", "fc", "fc"], Intent(pass_through=(("fc", 1),)))
-ELEMENTS_ADAMW = scenario([linear("fc")], ["fc"], Intent(frozen_elements=(("fc.weight", ((0, 1), (1, 0))),)),
-                          OptimizerRecipe(name="AdamW", args=(("lr", 0.1),)), steps=3)
-ELEMENTS_CLIP = scenario([linear("pre"), linear("fc")], ["pre", "fc"],
-                         Intent(frozen_elements=(("fc.weight", ((0, 0),)),)),
-                         OptimizerRecipe(name="SGD", args=(("lr", 0.5),), clip="norm", clip_value=0.01))
-ELEMENTS_PLAIN = scenario([linear("fc")], ["fc"], Intent(frozen_elements=(("fc.weight", ((1, 1),)),)))
-REPARAM_RNN = scenario([rnn("rnn")], ["rnn"], Intent(reparameterized=("rnn",)), input_shape=(3, 2))
-REPARAM_LINEAR = scenario([linear("fc"), linear("head")], ["fc", "head"], Intent(reparameterized=("fc",)),
-                          OptimizerRecipe(name="RMSprop", args=(("lr", 0.01),)))
 
 
 # --- tiny hand-written techniques --------------------------------------------------------------

@@ -7,11 +7,12 @@ scenario) under which each expected violation shows up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..scenario import Scenario
-from ..technique import Technique
+from ..technique import Capability, Technique
 from . import conditions as c
+from . import triggers as t
 from .freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, ParametrizeWhere, RestoreAfterStep,
                               TensorHookMask)
 from .freeze_module import (FreezeAndEval, LrZeroGroup, LrZeroGroupSeed, NameSubstring, NoGradRegion,
@@ -22,11 +23,13 @@ from .reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, 
 
 @dataclass(frozen=True)
 class Condition:
-    """When ``invariant`` fires for this row, ``holds(scenario)`` says the known trigger is present."""
+    """When ``invariant`` fires for this row, ``holds(scenario)`` says the known trigger is present;
+    ``examples`` are minimal scenarios that have it, judged before any random search."""
 
     invariant: str
     description: str
     holds: Callable[[Scenario], bool]
+    examples: tuple[Scenario, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,12 @@ class CatalogEntry:
 
 TRAIN_MODE = (
     Condition("gradient-flows", "a BatchNorm or Dropout inside the frozen module runs in training mode: "
-              "batch statistics or dropped units zero the gradient upstream", c.frozen_has_train_mode_layer),
+              "batch statistics or dropped units zero the gradient upstream", c.frozen_has_train_mode_layer,
+              (t.FROZEN_BATCHNORM,)),
     Condition("frozen-unchanged", "a BatchNorm inside the frozen module updates its running stats",
-              c.frozen_has_batchnorm),
+              c.frozen_has_batchnorm, (t.FROZEN_BATCHNORM,)),
     Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode",
-              c.frozen_has_train_mode_layer),
+              c.frozen_has_train_mode_layer, (t.FROZEN_DROPOUT,)),
 )
 
 CATALOG: tuple[CatalogEntry, ...] = (
@@ -56,44 +60,48 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(ToggleRequiresGrad),
     CatalogEntry(NoGradCall, (
         Condition("gradient-flows", "something upstream of the pass-through call needs gradient",
-                  c.upstream_needs_gradient),)),
+                  c.upstream_needs_gradient, (t.PASS_UPSTREAM,)),)),
     CatalogEntry(RequiresGradFalse, TRAIN_MODE),
     CatalogEntry(OptimizerFilter, TRAIN_MODE),
     CatalogEntry(FreezeAndEval),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
-                  c.has_multi_element_parameter),) + TRAIN_MODE),
+                  c.has_multi_element_parameter, (t.FROZEN_LINEAR,)),) + TRAIN_MODE),
     CatalogEntry(LrZeroGroup, TRAIN_MODE[:1] + (
         Condition("frozen-unchanged", "OneCycleLR/Rprop rewrite lr=0, or a BatchNorm updates",
-                  lambda s: c.lr_is_rewritten(s) or c.frozen_has_batchnorm(s)),
+                  lambda s: c.lr_is_rewritten(s) or c.frozen_has_batchnorm(s),
+                  (t.FROZEN_RPROP, t.FROZEN_ONE_CYCLE)),
         Condition("matches-reference", "clip-norm counts frozen gradients, or BatchNorm/Dropout train",
-                  lambda s: c.counts_frozen_gradients(s) or c.frozen_has_train_mode_layer(s)),
+                  lambda s: c.counts_frozen_gradients(s) or c.frozen_has_train_mode_layer(s),
+                  (t.FROZEN_CLIP_NORM,)),
     )),
     CatalogEntry(NoGradRegion, (
         Condition("gradient-flows", "something upstream of the frozen module needs gradient",
-                  c.upstream_needs_gradient),) + TRAIN_MODE[1:]),
+                  c.upstream_needs_gradient, (t.FROZEN_LINEAR,)),) + TRAIN_MODE[1:]),
     CatalogEntry(NameSubstring, (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
-                  c.names_collide),) + TRAIN_MODE),
+                  c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE),
     CatalogEntry(BackwardHookZeroGrad, (
         Condition("no-crash", "the module's input needs no gradient, so weight.grad is None in the hook",
-                  c.input_needs_no_gradient),
+                  c.input_needs_no_gradient, (t.ELEMENTS_NO_INPUT_GRAD,)),
         Condition("frozen-unchanged", "weight decay or a stale/accumulated gradient moves the entry",
-                  c.weight_decay_or_stale_gradients),
+                  c.weight_decay_or_stale_gradients, (t.ELEMENTS_ADAMW,)),
     )),
     CatalogEntry(TensorHookMask, (
-        Condition("frozen-unchanged", "weight decay moves an entry whose gradient is zero", c.weight_decay),)),
+        Condition("frozen-unchanged", "weight decay moves an entry whose gradient is zero", c.weight_decay,
+                  (t.ELEMENTS_ADAMW,)),)),
     CatalogEntry(ForwardPreHookOverwrite, (
-        Condition("frozen-unchanged", "the entry drifts after every step", lambda s: True),
+        Condition("frozen-unchanged", "the entry drifts after every step", lambda s: True, (t.ELEMENTS_PLAIN,)),
         Condition("no-crash", "the module is called twice: the reset edits a tensor saved for backward",
-                  c.elements_module_reused),
+                  c.elements_module_reused, (t.ELEMENTS_REUSED,)),
     )),
     CatalogEntry(RestoreAfterStep, (
         Condition("matches-reference", "gradient-norm clipping counts the frozen entries' gradients",
-                  c.counts_frozen_gradients),)),
+                  c.counts_frozen_gradients, (t.ELEMENTS_CLIP_NORM,)),)),
     CatalogEntry(ParametrizeWhere),
     CatalogEntry(WeightDropoutDataTechnique, (
-        Condition("trainable-trains", "the raw weights never get gradient", c.reparameterized),)),
+        Condition("trainable-trains", "the raw weights never get gradient", c.reparameterized,
+                  (t.REPARAM_RNN, t.REPARAM_LINEAR)),)),
     CatalogEntry(WeightDropoutTechnique),
     CatalogEntry(ParametrizeDropConnect),
 )
@@ -102,6 +110,18 @@ CATALOG: tuple[CatalogEntry, ...] = (
 def catalog() -> dict[str, Technique]:
     """Fresh instances of every built-in technique, by name."""
     return {entry.name: entry.technique() for entry in CATALOG}
+
+
+def explicit_examples(capabilities: Iterable[Capability]) -> tuple[Scenario, ...]:
+    """The trigger scenarios of every catalog row whose capabilities lie within ``capabilities``,
+    in catalog order, without repeats: what the search judges before it draws anything."""
+    caps = frozenset(capabilities)
+    seen: dict[Scenario, None] = {}
+    for row in CATALOG:
+        if row.technique.capabilities <= caps:
+            for condition in row.conditions:
+                seen.update(dict.fromkeys(condition.examples))
+    return tuple(seen)
 
 
 def entry(name: str) -> CatalogEntry:

@@ -1,0 +1,142 @@
+"""The one judging path: a technique on one scenario, on one device -> a :class:`Verdict`.
+
+``judge`` runs the technique and the reference, on CUDA also the technique on the CPU
+(``device-parity``), evaluates every invariant and confirms a float32 ``matches-reference``
+mismatch on the scenario's float64 twin. ``iso.check``, the Hypothesis search, the pytest
+plug-in, the repro scripts and the benchmarks all call it. Nothing here imports Hypothesis,
+so a repro script can embed this module and need nothing but torch.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from . import devices as devices_mod
+from .invariants import MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, Context, Violation, all_close, \
+    divergence, evaluate, first_mismatch, mismatch
+from .reference import Reference
+from .runner import TechniqueDriver, Trace, run
+from .scenario import Scenario
+from .technique import Technique
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The result of judging one technique on one scenario on one device."""
+
+    technique: str
+    scenario: Scenario
+    device: str
+    violations: tuple[Violation, ...] = ()
+    divergence: float = 0.0  # distance from the reference in tolerance units (steers the search)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def first(self) -> Violation | None:
+        return self.violations[0] if self.violations else None
+
+    @property
+    def invariants(self) -> tuple[str, ...]:
+        return tuple(v.invariant for v in self.violations)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.technique} on {self.device}: ok"
+        return f"{self.technique} on {self.device}:\n" + "\n".join(f"  {v}" for v in self.violations)
+
+
+_REFERENCE_CACHE: "collections.OrderedDict[tuple[Scenario, str], Trace]" = collections.OrderedDict()
+_REFERENCE_CACHE_SIZE = 64
+
+
+def reference_trace(scenario: Scenario, device: str = "cpu") -> Trace:
+    """The reference's trace, cached: several techniques are often judged on one scenario."""
+    key = (scenario, device)
+    if key in _REFERENCE_CACHE:
+        _REFERENCE_CACHE.move_to_end(key)
+        return _REFERENCE_CACHE[key]
+    trace = run(scenario, Reference(), device)
+    _REFERENCE_CACHE[key] = trace
+    if len(_REFERENCE_CACHE) > _REFERENCE_CACHE_SIZE:
+        _REFERENCE_CACHE.popitem(last=False)
+    return trace
+
+
+def as_technique(technique: Technique | type[Technique]) -> Technique:
+    if isinstance(technique, type) and issubclass(technique, Technique):
+        return technique()
+    if isinstance(technique, Technique):
+        return technique
+    raise TypeError(f"expected an isolation_suite.Technique instance or subclass, got {technique!r}")
+
+
+def judge(technique: Technique | type[Technique], scenario: Scenario, device: str = "cpu") -> Verdict:
+    """Run ``technique`` and the reference on ``scenario`` and judge every invariant.
+
+    On a CUDA device the technique also runs on the CPU, for ``device-parity``. A float32
+    ``matches-reference`` mismatch counts only where the float64 twin confirms it.
+    """
+    technique = as_technique(technique)
+    device = devices_mod.normalize(device)
+    if device.startswith("cuda"):
+        devices_mod.deterministic_cuda()
+    trace = run(scenario, TechniqueDriver(technique), device)
+    other = run(scenario, TechniqueDriver(technique), "cpu") if device.startswith("cuda") else None
+    ctx = Context(scenario, trace, reference_trace(scenario, device), other)
+    violations = [_confirmed(v, ctx, technique, device) for v in evaluate(ctx)]
+    return Verdict(technique.name, scenario, device, tuple(v for v in violations if v is not None),
+                   divergence(ctx))
+
+
+def _confirmed(violation: Violation, ctx: Context, technique: Technique, device: str) -> Violation | None:
+    """A float32 ``matches-reference`` mismatch, judged again beside the scenario's float64 twin.
+
+    Two mathematically equal computations can round differently (another kernel path), and
+    adaptive optimizers amplify rounding noise on near-zero gradients (``g / (sqrt(v) + eps)``)
+    up to ``lr``-sized steps. The twin has the same weights, data and dropout masks, upcast: a
+    semantic difference shows there at the same step and place, rounding noise does not.
+    None when nothing is left of the mismatch.
+    """
+    scenario = ctx.scenario
+    if violation.invariant != MATCHES_REFERENCE or scenario.dtype != "float32":
+        return violation
+    twin = dataclasses.replace(scenario, dtype="float64")
+    twin_ctx = Context(twin, run(twin, TechniqueDriver(technique), device), reference_trace(twin, device))
+    if twin_ctx.technique.crash is not None:
+        return violation
+    return confirmed_on_twin(ctx, twin_ctx)
+
+
+def confirmed_on_twin(ctx: Context, twin: Context) -> Violation | None:
+    """``matches-reference`` for a float32 run ``ctx``, kept only where its float64 ``twin`` agrees.
+
+    A float32 mismatch is a violation only where the twin disagrees too, at the same step and
+    in the same place. Rounding noise does not pass that test: a mathematically zero gradient
+    (an attention key bias) is pure noise in both precisions, and an adaptive optimizer turns
+    that noise into ``lr``-sized steps, but the float64 noise needs more steps to get there.
+    A parameter caught drifting on noise is set aside for the rest of the run; a real
+    difference elsewhere is still reported.
+    """
+    tol32, tol64 = MATCH_TOLERANCE[torch.float32], MATCH_TOLERANCE[torch.float64]
+    if all_close(ctx.flat_against_reference, tol32):
+        return None
+    in_twin = {(step, kind, key): (a, e) for step, kind, key, a, e in twin.against_reference}
+    noise: set = set()  # parameters whose float32 drift is rounding noise
+    for step, kind, key, a, e in ctx.against_reference:
+        if (kind == "param" and key in noise) or not (diff := first_mismatch(a, e, tol32)):
+            continue
+        pair = in_twin.get((step, kind, key))
+        if pair is None or pair[0].shape != pair[1].shape or first_mismatch(*pair, tol64):
+            return mismatch(ctx, step, kind, key, diff, MATCHES_REFERENCE, NOT_LIKE_REFERENCE)
+        if kind == "param":
+            noise.add(key)
+    return None
+
+
+__all__ = ["Verdict", "judge", "reference_trace", "as_technique", "confirmed_on_twin"]
