@@ -213,6 +213,14 @@ def search_line(result: SearchResult) -> str:
     return ", ".join(parts) + "; " + seed_text(result.seed)
 
 
+def run_seed(max_examples: int | None = None) -> int | None:
+    """The seed for a whole run, drawn up front so it can be printed before anything runs:
+    None under a derandomized profile (its fixed seed per item), else a random 32-bit number."""
+    if search_settings(max_examples).derandomize:
+        return None
+    return random.SystemRandom().getrandbits(32)
+
+
 def seed_text(seed: int | None) -> str:
     return "derandomized (the profile's fixed seed)" if seed is None else f"seed {seed}"
 

@@ -39,6 +39,24 @@ def _positive(kind):
     return parse
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--seed takes a non-negative integer, got {text}")
+    return value
+
+
+def _writable(directory: str) -> Path:
+    from .report import ReportDirError, ensure_writable
+    try:
+        return ensure_writable(Path(directory))
+    except ReportDirError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _workers(text: str) -> str:
     if text == "auto" or (text.isdigit() and int(text) >= 1):
         return text
@@ -55,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-examples", type=_positive(int), default=None)
     c.add_argument("--budget", type=_positive(float), default=None, help="seconds per capability x device")
     c.add_argument("--report-dir", default=None, help="also write a report (and repro scripts) here")
+    c.add_argument("--seed", type=_seed, default=None,
+                   help="fix the search (default: drawn and printed; derandomized under isolation-ci)")
     f = sub.add_parser("fuzz", help="the main job: the whole catalog, in parallel, with a report")
     f.add_argument("--budget", type=_positive(float), default=120.0, help="total seconds (default 120)")
     f.add_argument("--max-examples", type=_positive(int), default=None, help="cap per technique x device")
@@ -63,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report-dir", default="reports", help="runs go to DIR/<run-id>/ (default reports)")
     f.add_argument("--techniques", default=None, help="comma list of catalog names or specs (default: all)")
     f.add_argument("--profile", default=None, help="Hypothesis profile (default isolation-dev)")
+    f.add_argument("--seed", type=_seed, default=None,
+                   help="fix every search (default: drawn and printed; derandomized under isolation-ci)")
     r = sub.add_parser("repro", help="re-run a stored scenario")
     r.add_argument("file", help="a scenario JSON, or a result record from a report's results/ folder")
     r.add_argument("--technique", default=None, help="spec; required when FILE is a bare scenario")
@@ -91,24 +113,28 @@ def cmd_list(args) -> int:
 
 def cmd_check(args) -> int:
     from . import devices as devices_mod
-    from .check import failure_message, search
-    from .invariants import INVARIANTS
+    from .check import failure_message, run_seed, search, search_line, seed_text
+    from .invariants import DEVICE_PARITY, INVARIANTS
     from .loading import load_technique
+    from .profiles import active_profile, describe
     from .report import environment, record, write_summary
 
     technique = load_technique(args.spec)
     devices = devices_mod.resolve(args.devices)
-    run_dir = Path(args.report_dir) if args.report_dir else None
+    run_dir = _writable(args.report_dir) if args.report_dir else None  # before the search, not after it
+    seed = args.seed if args.seed is not None else run_seed(args.max_examples)
+    replay = _replay(["check", args.spec, "--devices", ",".join(devices)], seed, args.max_examples)
+    _line(f"isolation-suite check {technique.name}: profile {describe(active_profile())}; {seed_text(seed)}")
     failures = []
     for device in devices:
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
             started = time.monotonic()
-            result = search(technique, {capability}, device, args.max_examples, args.budget)
-            record(result, technique, time.monotonic() - started, run_dir)
+            result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed)
+            record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
             fired = set(result.failure.invariants) if result.failure else set()
-            _line(f"{technique.name} [{capability.value} on {device}]: {result.examples} examples")
+            _line(f"{technique.name} [{capability.value} on {device}]: {search_line(result)}")
             for inv in INVARIANTS:
-                if inv == "device-parity" and not device.startswith("cuda"):
+                if inv == DEVICE_PARITY and not device.startswith("cuda"):
                     state = "n/a (needs cuda)"
                 else:
                     state = "VIOLATED" if inv in fired else "held"
@@ -117,13 +143,29 @@ def cmd_check(args) -> int:
                 failures.append((result, capability))
     for result, capability in failures:
         _line("")
-        _line(failure_message(result.failure, {capability}))
+        _line(failure_message(result.failure, {capability}, result))
     if run_dir is not None:
-        write_summary(run_dir, environment({"devices": devices, "technique": args.spec}), complete=True)
+        write_summary(run_dir, environment({"devices": devices, "technique": args.spec, "profile": active_profile(),
+                                            "seed": seed, "seed_text": seed_text(seed), "budget": args.budget,
+                                            "max_examples": args.max_examples}), complete=True)
         _line(f"report: {run_dir}")
     if failures and technique.expected_violations:
         _line(f"note: {technique.name} is known-bad (expected: {', '.join(sorted(technique.expected_violations))})")
+    _line(f"replay: {replay}")
     return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def _replay(argv: list[str], seed: int | None, max_examples: int | None) -> str:
+    """The command line that runs the same searches again."""
+    import shlex
+    from .profiles import active_profile
+    argv = ["isolation-suite", *argv]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if max_examples is not None:
+        argv += ["--max-examples", str(max_examples)]
+    prefix = f"ISOLATION_PROFILE={active_profile()} "
+    return prefix + " ".join(shlex.quote(a) for a in argv)
 
 
 # --- repro --------------------------------------------------------------------------------
@@ -140,8 +182,10 @@ def cmd_repro(args) -> int:
     except ValueError as exc:
         raise UsageError(f"{args.file} is not JSON: {exc}") from None
     spec = args.technique
-    if isinstance(data, dict) and "scenario" in data and "technique" in data:
-        spec = spec or data["technique"]
+    if isinstance(data, dict) and "scenario" in data and "technique" in data:  # a report's record
+        if data["scenario"] is None:
+            raise UsageError(f"{args.file} is the record of an item without a counterexample: nothing to replay")
+        spec = spec or data.get("spec") or data["technique"]
         data = data["scenario"]
     if spec is None:
         raise UsageError(f"{args.file} holds a bare scenario: name the technique with --technique SPEC")
@@ -169,48 +213,64 @@ def _fuzz_techniques(text: str | None) -> dict:
 
 def item_budget(budget: float, workers: int, items: int) -> float:
     """Seconds per item: each worker runs its share of the items one after another, with a
-    fifth of the budget kept for start-up, shrinking and the report."""
-    return max(1.0, budget * min(workers, items) / max(items, 1) * 0.8)
+    fifth of the budget kept for start-up and the report. Items never run past the run's
+    deadline either (``--isolation-deadline``), so the whole run ends within the budget plus
+    one example."""
+    return budget * min(workers, items) / max(items, 1) * 0.8
+
+
+#: seconds of the budget kept for writing the report and stopping the workers
+REPORT_RESERVE_S = 1.0
 
 
 def cmd_fuzz(args) -> int:
     import pytest
 
     from . import devices as devices_mod
-    from .profiles import PROFILE_ENV, PROFILES
+    from .check import run_seed, seed_text
+    from .profiles import PROFILE_ENV, PROFILES, describe
     from .report import point_latest, run_id
 
+    started = time.time()
     techniques = _fuzz_techniques(args.techniques)
     specs = list(techniques)
     devices = devices_mod.resolve(args.devices)
     if args.profile and args.profile not in PROFILES:
         raise UsageError(f"--profile {args.profile!r} is not one of {', '.join(PROFILES)}")
+    profile = args.profile or os.environ.get(PROFILE_ENV) or "isolation-dev"
+    if profile not in PROFILES:
+        raise UsageError(f"{PROFILE_ENV}={profile!r} is not one of {', '.join(PROFILES)}")
+    os.environ[PROFILE_ENV] = profile
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     items = sum(len(t.capabilities) for t in techniques.values()) * len(devices)
     per_item = item_budget(args.budget, workers, items)
-    reports = Path(args.report_dir)
-    try:
-        run_dir = reports / run_id()
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write reports into {reports}: {exc.strerror or exc}") from None
+    reports = _writable(args.report_dir)
+    rid = run_id()
+    run_dir = _writable(str(reports / rid))
     point_latest(reports, run_dir)
+    seed = args.seed if args.seed is not None else run_seed(args.max_examples)
+    replay = _replay(["fuzz", "--budget", f"{args.budget:g}", "--devices", ",".join(devices)]
+                     + (["--techniques", args.techniques] if args.techniques else []), seed, args.max_examples)
     _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items on {','.join(devices)}, "
-          f"{workers} worker(s), budget {args.budget:g}s ({per_item:.1f}s per item); report: {run_dir}")
+          f"{workers} worker(s), budget {args.budget:g}s (up to {per_item:.1f}s per item); report: {run_dir}")
+    _line(f"profile {describe(profile)}; {seed_text(seed)}; replay: {replay}")
     # the plug-in arrives through its pytest11 entry point unless autoloading is off
     plugin = ["-p", "isolation_suite.pytest_plugin"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
     argv = plugin + ["-p", "no:cacheprovider", "-p", "no:benchmark", "-q", "--no-header",
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
             "-o", "addopts=", "-o", "testpaths=", "--rootdir", str(run_dir),
-            "--isolation-devices", ",".join(devices), "--isolation-report", str(run_dir.resolve()),
-            "--isolation-budget", f"{per_item:.3f}"]
+            "--isolation-devices", ",".join(devices), "--isolation-report", str(reports.resolve()),
+            "--isolation-run-id", rid, "--isolation-budget", f"{per_item:.3f}",
+            "--isolation-deadline", f"{started + args.budget - REPORT_RESERVE_S:.3f}"]
     for spec in specs:
         argv += ["--isolation-technique", spec]
     if args.max_examples:
         argv += ["--isolation-max-examples", str(args.max_examples)]
+    if seed is not None:
+        argv += ["--hypothesis-seed", str(seed)]
     # always in xdist workers, even just one: a worker killed by a crashing kernel (a segfault, out of
     # memory) then costs its item an error record, not the whole run and its report
     argv += ["-n", str(max(1, min(workers, items)))]
-    os.environ[PROFILE_ENV] = args.profile or os.environ.get(PROFILE_ENV) or "isolation-dev"
     # collect nothing but the gate items: point pytest at an empty folder
     with tempfile.TemporaryDirectory(prefix="isolation-fuzz-") as empty:
         argv.append(empty)
@@ -220,11 +280,17 @@ def cmd_fuzz(args) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     summary = json.loads((run_dir / "summary.json").read_text())
-    _line(f"report: {run_dir}/report.html ({'PASS' if summary['ok'] else 'FAIL'}"
-          f"{'' if summary['complete'] else ', incomplete'})")
+    failed = [r for r in summary["results"] if not r["passed"]]
+    status = "PASS" if summary["ok"] else "FAIL"
+    _line(f"report: {run_dir}/report.html ({status}{'' if summary['complete'] else ', incomplete'}); "
+          f"{len(summary['results'])} of {items} items judged, {len(failed)} failed; {seed_text(seed)}")
+    for r in failed:
+        _line(f"  FAIL {r['item']}: {r.get('reason') or r.get('error') or r['outcome']}")
+    if failed:
+        _line(f"replay: {replay}")
     if code == pytest.ExitCode.INTERRUPTED:
         return 130
-    return EXIT_OK if code == pytest.ExitCode.OK else EXIT_VIOLATION
+    return EXIT_OK if code == pytest.ExitCode.OK and summary["ok"] else EXIT_VIOLATION
 
 
 def _sigterm_as_interrupt(signum, frame):

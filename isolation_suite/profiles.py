@@ -1,4 +1,14 @@
-"""Hypothesis profiles: ``isolation-dev``, ``isolation-ci``, ``isolation-nightly``."""
+"""Hypothesis profiles ``isolation-dev``, ``isolation-ci``, ``isolation-nightly``, and where failures are kept.
+
+| profile             | examples | seed                            | example database                        |
+|---------------------|----------|---------------------------------|-----------------------------------------|
+| ``isolation-dev``   | 60       | drawn per run, printed          | ``$ISOLATION_DATABASE`` (default below) |
+| ``isolation-ci``    | 80       | derandomized: fixed per item    | none: every run judges the same things  |
+| ``isolation-nightly`` | 2000   | drawn per run, printed          | ``$ISOLATION_DATABASE`` (default below) |
+
+``ISOLATION_DATABASE`` is a directory (default ``.hypothesis/examples``, relative to the working
+directory), or ``none`` to keep no database. Failing examples stored there are replayed first.
+"""
 from __future__ import annotations
 
 import os
@@ -7,21 +17,37 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 PROFILE_ENV = "ISOLATION_PROFILE"
+DATABASE_ENV = "ISOLATION_DATABASE"
 DEFAULT_PROFILE = "isolation-dev"
+DEFAULT_DATABASE = ".hypothesis/examples"
 PROFILES = ("isolation-dev", "isolation-ci", "isolation-nightly")
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
-settings.register_profile("isolation-dev", max_examples=60, deadline=None, suppress_health_check=_SLOW)
-# CI: derandomized, so the gate gives the same answer on every run; no database writes
-settings.register_profile("isolation-ci", max_examples=80, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=_SLOW, print_blob=True)
-# nightly: big budgets; failures stay in the example database so the next plain run replays them first
-settings.register_profile(
-    "isolation-nightly", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True,
-    database=DirectoryBasedExampleDatabase(os.environ.get("ISOLATION_DATABASE", ".hypothesis/examples")),
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-)
+
+def database_location() -> str | None:
+    """The example database directory for the dev and nightly profiles, or None (``ISOLATION_DATABASE=none``)."""
+    value = os.environ.get(DATABASE_ENV, DEFAULT_DATABASE).strip()
+    return None if value.lower() in ("", "none", "off") else value
+
+
+def register_profiles() -> None:
+    """(Re-)register the three profiles; call again after changing ``ISOLATION_DATABASE``."""
+    location = database_location()
+    database = DirectoryBasedExampleDatabase(location) if location else None
+    settings.register_profile("isolation-dev", max_examples=60, deadline=None, suppress_health_check=_SLOW,
+                              database=database)
+    # CI: derandomized, so the gate gives the same answer on every run; no database reads or writes
+    settings.register_profile("isolation-ci", max_examples=80, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=_SLOW, print_blob=True)
+    # nightly: big budgets; failures stay in the example database so the next run replays them first
+    settings.register_profile(
+        "isolation-nightly", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True,
+        database=database, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    )
+
+
+register_profiles()
 
 
 def active_profile() -> str:
@@ -33,3 +59,12 @@ def active_profile() -> str:
         return name
     current = getattr(settings, "_current_profile", None)
     return current if current in PROFILES else DEFAULT_PROFILE
+
+
+def describe(profile: str) -> str:
+    """``isolation-dev: 60 examples, example database .hypothesis/examples``: a profile in one line."""
+    chosen = settings.get_profile(profile)
+    database = getattr(chosen.database, "path", None) if chosen.database is not None else None
+    return (f"{profile}: {chosen.max_examples} examples, "
+            + ("derandomized, " if chosen.derandomize else "")
+            + (f"example database {database}" if database else "no example database"))

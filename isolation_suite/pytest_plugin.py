@@ -3,6 +3,11 @@
 One test item per technique x capability x device. An item passes when the
 technique behaves as it declares: no violation for a sound technique, an
 expected invariant for a known-bad one. Works in an empty folder.
+
+The run's seed is Hypothesis's own ``--hypothesis-seed`` when given; otherwise a
+derandomized profile (``isolation-ci``) keeps its fixed seed per item and any other
+profile draws one seed for the run, printed in the header. Under xdist the controller
+hands the seed and the report folder to every worker.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ from .profiles import PROFILE_ENV, PROFILES
 _TECHNIQUES = pytest.StashKey[list]()
 _DEVICES = pytest.StashKey[list]()
 _REPORT = pytest.StashKey[object]()
+_SEED = pytest.StashKey[object]()
+_PROFILE = pytest.StashKey[str]()
+#: keys of xdist's ``workerinput``: what the controller decided, so every worker agrees
+_WORKER_SEED, _WORKER_REPORT = "isolation_seed", "isolation_report_dir"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,27 +36,49 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="technique to gate: 'pkg.module:attr' or a catalog name (repeatable)")
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
                     help="comma list of cpu, cuda, cuda:N, or auto (cpu plus cuda when present; default)")
-    group.addoption("--isolation-report", default=None, metavar="DIR", help="write a report into DIR")
+    group.addoption("--isolation-report", default=None, metavar="DIR",
+                    help="write a report into DIR/<run-id>/ (DIR/latest points at it)")
+    group.addoption("--isolation-run-id", default=None, metavar="ID",
+                    help="the report's run id (default: date, time and process id)")
     group.addoption("--isolation-max-examples", type=int, default=None, metavar="N",
-                    help="examples per item (default: the Hypothesis profile's)")
+                    help="generated examples per item, at most (default: the Hypothesis profile's)")
     group.addoption("--isolation-budget", type=float, default=None, metavar="SECONDS",
-                    help="time budget per item")
+                    help="time budget per item, shrinking included")
+    group.addoption("--isolation-deadline", type=float, default=None, metavar="EPOCH",
+                    help="no item runs past this time (seconds since the epoch); items not started by then "
+                         "are recorded as not run")
     group.addoption("--isolation-profile", default=None, choices=PROFILES,
                     help=f"Hypothesis profile to load (also: ${PROFILE_ENV})")
+
+
+def _gate_seed(config: pytest.Config) -> int | None:
+    """The controller's choice: ``--hypothesis-seed``, else None (derandomized) or a drawn seed."""
+    given = config.getoption("hypothesis_seed", None)
+    if given is not None:
+        try:
+            return int(given)
+        except ValueError:
+            raise pytest.UsageError(f"--hypothesis-seed takes an integer here, got {given!r}") from None
+    from .check import run_seed
+    return run_seed(config.getoption("isolation_max_examples"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "isolation: an isolation-suite gate item")
     devices_mod.configure_worker(os.environ.get("PYTEST_XDIST_WORKER"))
-    profile = config.getoption("isolation_profile") or os.environ.get(PROFILE_ENV)
-    if profile:
-        if profile not in PROFILES:
-            raise pytest.UsageError(f"{PROFILE_ENV}={profile!r} is not one of {', '.join(PROFILES)}")
-        os.environ[PROFILE_ENV] = profile
-        settings.load_profile(profile)
     specs = config.getoption("isolation_technique")
+    profile = config.getoption("isolation_profile") or os.environ.get(PROFILE_ENV)
+    if profile and profile not in PROFILES:
+        raise pytest.UsageError(f"{PROFILE_ENV}={profile!r} is not one of {', '.join(PROFILES)}")
     if not specs:
+        if profile:  # the project's own tests choose a profile without gating anything
+            os.environ[PROFILE_ENV] = profile
+            settings.load_profile(profile)
         return
+    profile = profile or "isolation-dev"
+    os.environ[PROFILE_ENV] = profile
+    settings.load_profile(profile)  # so Hypothesis's own header and statistics name the real profile
+    config.stash[_PROFILE] = profile
     from .loading import TechniqueLoadError, load_technique
     try:
         config.stash[_TECHNIQUES] = [(spec, load_technique(spec)) for spec in specs]
@@ -57,20 +88,63 @@ def pytest_configure(config: pytest.Config) -> None:
     budget = config.getoption("isolation_budget")
     if budget is not None and budget <= 0:
         raise pytest.UsageError(f"--isolation-budget must be positive, got {budget}")
+    max_examples = config.getoption("isolation_max_examples")
+    if max_examples is not None and max_examples <= 0:
+        raise pytest.UsageError(f"--isolation-max-examples must be positive, got {max_examples}")
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:  # an xdist worker: the controller has decided
+        config.stash[_SEED] = worker.get(_WORKER_SEED)
+        report = worker.get(_WORKER_REPORT)
+        if report:
+            config.stash[_REPORT] = Path(report)
+        return
+    config.stash[_SEED] = _gate_seed(config)
     report_dir = config.getoption("isolation_report")
     if report_dir:
-        report_dir = Path(report_dir)
-        config.stash[_REPORT] = report_dir
-        if not hasattr(config, "workerinput"):  # the controller (or a run without xdist) owns the summary
-            from .report import environment, write_summary
-            meta = environment({"devices": config.stash[_DEVICES], "profile": os.environ.get(PROFILE_ENV)
-                                or settings._current_profile, "budget": budget,
-                                "max_examples": config.getoption("isolation_max_examples"),
-                                "techniques": specs, "workers": config.getoption("numprocesses", None)})
-            write_summary(report_dir, meta)
-            items = {item_name(t, c, d): (t, c, d) for _, t in config.stash[_TECHNIQUES]
-                     for d in config.stash[_DEVICES] for c in t.capabilities}
-            config.pluginmanager.register(SummaryWriter(report_dir, meta, items), "isolation-summary-writer")
+        _start_report(config, Path(report_dir), budget, max_examples, specs)
+
+
+def _start_report(config: pytest.Config, reports: Path, budget, max_examples, specs) -> None:
+    """The controller (or a run without xdist) owns the run folder and its summary."""
+    from .check import seed_text
+    from .report import ReportDirError, ensure_writable, environment, point_latest, run_id
+    try:
+        ensure_writable(reports)
+        run_dir = ensure_writable(reports / (config.getoption("isolation_run_id") or run_id()))
+        point_latest(reports, run_dir)
+    except ReportDirError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_REPORT] = run_dir
+    seed = config.stash[_SEED]
+    meta = environment({"devices": config.stash[_DEVICES], "profile": config.stash[_PROFILE], "seed": seed,
+                        "seed_text": seed_text(seed), "budget": budget, "max_examples": max_examples,
+                        "techniques": specs, "workers": config.getoption("numprocesses", None)})
+    items = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash[_TECHNIQUES]
+             for d in config.stash[_DEVICES] for c in t.capabilities}
+    config.pluginmanager.register(SummaryWriter(run_dir, meta, items), "isolation-summary-writer")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist: every worker uses the controller's seed and run folder."""
+    config = node.config
+    if _SEED in config.stash:
+        node.workerinput[_WORKER_SEED] = config.stash[_SEED]
+    if _REPORT in config.stash:
+        node.workerinput[_WORKER_REPORT] = str(config.stash[_REPORT])
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    if _TECHNIQUES not in config.stash:
+        return None
+    from .check import seed_text
+    from .profiles import describe
+    seed = config.stash.get(_SEED, None)
+    lines = [f"isolation-suite: profile {describe(config.stash[_PROFILE])}; {seed_text(seed)}"
+             + (f" (replay with --hypothesis-seed {seed})" if seed is not None else "")]
+    if _REPORT in config.stash:
+        lines.append(f"isolation-suite: report {config.stash[_REPORT]}")
+    return lines
 
 
 class IsolationGateError(Exception):
@@ -84,22 +158,39 @@ class IsolationItem(pytest.Item):
         self.add_marker("isolation")
 
     def runtest(self) -> None:
-        from .check import failure_message, search
-        from .report import outcome, record
+        from .check import failure_message, search, search_line
+        from .report import error_record, outcome, reason, record
         cfg = self.config
+        report_dir = cfg.stash.get(_REPORT, None)
+        budget, deadline = cfg.getoption("isolation_budget"), cfg.getoption("isolation_deadline")
+        if deadline is not None:
+            left = deadline - time.time()
+            if left <= 0:
+                message = f"not run: the run's time budget was spent before {self.name} started"
+                if report_dir is not None:
+                    error_record(report_dir, self.technique, [self.capability.value], self.device, message,
+                                 self.spec, outcome="not-run")
+                raise IsolationGateError(message)
+            budget = left if budget is None else min(budget, left)
         started = time.monotonic()
-        result = search(self.technique, {self.capability}, self.device,
-                        cfg.getoption("isolation_max_examples"), cfg.getoption("isolation_budget"))
-        record(result, self.technique, time.monotonic() - started, cfg.stash.get(_REPORT, None))
+        result = search(self.technique, {self.capability}, self.device, cfg.getoption("isolation_max_examples"),
+                        budget, seed=cfg.stash.get(_SEED, None))
+        record(result, self.technique, time.monotonic() - started, report_dir, spec=self.spec)
+        # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
+        self.hypothesis_statistics = (f"{self.nodeid}:\n  - isolation-suite: {search_line(result)}\n"
+                                      + (result.statistics or "  - no example was generated (a trigger example "
+                                         "decided the item)"))
         status, passed = outcome(result, self.technique.expected_violations)
-        self.user_properties.append(("examples", result.examples))
+        self.user_properties += [("examples", result.examples), ("explicit_examples", result.explicit),
+                                 ("shrink_examples", result.shrink_examples), ("seed", result.seed)]
         if passed:
             return
         if status == "missed":
-            raise IsolationGateError(
-                f"{self.technique.name} declares expected violations {sorted(self.technique.expected_violations)} "
-                f"but none was found in {result.examples} examples on {self.device}")
-        message = failure_message(result.failure, {self.capability})
+            raise IsolationGateError(f"{self.technique.name} declares expected violations "
+                                     f"{sorted(self.technique.expected_violations)} but "
+                                     + reason(status, result, self.technique.expected_violations)
+                                     + f" on {self.device}")
+        message = failure_message(result.failure, {self.capability}, result)
         if self.technique.expected_violations:
             message = (f"unexpected invariant (declared: {sorted(self.technique.expected_violations)})\n"
                        + message)
@@ -155,9 +246,9 @@ class SummaryWriter:
         gate_item = self.items.get(report.nodeid.rpartition("::")[2])
         if report.failed and gate_item is not None:
             from .report import error_record, has_record
-            technique, capability, device = gate_item
+            spec, technique, capability, device = gate_item
             if not has_record(self.report_dir, technique, [capability.value], device):
-                error_record(self.report_dir, technique, [capability.value], device, _error_line(report))
+                error_record(self.report_dir, technique, [capability.value], device, _error_line(report), spec)
         self._write(complete=False)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

@@ -16,10 +16,28 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from .check import SearchResult
-from .invariants import INVARIANTS
+from .check import SearchResult, seed_text
+from .invariants import DEVICE_PARITY, INVARIANTS
 from .repro import write_repro
+from .scenario import Scenario
 from .technique import Technique
+
+
+class ReportDirError(ValueError):
+    """The report folder cannot be created or written; the message says why in one line."""
+
+
+def ensure_writable(directory: Path) -> Path:
+    """Create ``directory`` and prove a file can be written there, before any search starts."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ReportDirError(f"cannot write reports into {directory}: {exc.strerror or exc}") from None
+    return directory
 
 
 def run_id() -> str:
@@ -60,13 +78,35 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
-def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None) -> dict[str, Any]:
-    """One search as JSON; with ``run_dir`` also writes its record file and repro script."""
+def reason(status: str, result: SearchResult, expected: Iterable[str]) -> str:
+    """Why an item passed or failed, in one line a reader can act on."""
+    if status == "missed":
+        return (f"expected violation ({', '.join(sorted(expected))}) not found in {result.explicit} trigger and "
+                f"{result.examples} generated examples ({seed_text(result.seed)})")
+    if status == "held":
+        return f"no violation in {result.explicit} trigger and {result.examples} generated examples"
+    first = result.failure.first
+    how = "a trigger example" if result.found_by == "explicit" else f"the search ({seed_text(result.seed)})"
+    if status == "caught":
+        return f"caught as expected by {how}: {first.invariant}"
+    return f"{first.invariant} (not expected), found by {how}: {first.message}"
+
+
+def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None,
+           spec: str | None = None) -> dict[str, Any]:
+    """One search as JSON; with ``run_dir`` also writes its record file and repro script.
+
+    ``spec`` is how the technique is imported (``pkg.module:attr`` or a catalog name), so
+    ``isolation-suite repro RECORD`` can load it again without ``--technique``.
+    """
     status, passed = outcome(result, technique.expected_violations)
     data: dict[str, Any] = {
-        **_identity(technique, [c.value for c in result.capabilities], result.device),
-        "outcome": status, "passed": passed, "examples": result.examples, "seconds": round(seconds, 3),
-        "first_failure_at": result.first_failure_at, "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
+        **_identity(technique, [c.value for c in result.capabilities], result.device), "spec": spec or technique.name,
+        "outcome": status, "passed": passed, "reason": reason(status, result, technique.expected_violations),
+        "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
+        "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
+        "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
+        "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
     }
     if result.failure is not None:
@@ -104,13 +144,15 @@ def _write_record(run_dir: Path, data: dict[str, Any]) -> None:
 
 
 def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
-                 error: str) -> dict[str, Any]:
+                 error: str, spec: str | None = None, outcome: str = "error") -> dict[str, Any]:
     """The record of an item that ended without a verdict: its worker died (a segfault in a
-    kernel, out of memory) or the harness itself failed. It fails the run; it is never a pass."""
+    kernel, out of memory), the harness itself failed, or (``not-run``) the run's time was spent
+    before it started. It fails the run; it is never a pass."""
     data: dict[str, Any] = {
-        **_identity(technique, capabilities, device), "outcome": "error", "passed": False, "error": error,
-        "examples": 0, "seconds": None, "first_failure_at": None, "budget_reached": False, "invariant_counts": {},
-        "violations": [], "scenario": None, "repro": None,
+        **_identity(technique, capabilities, device), "spec": spec or technique.name, "outcome": outcome,
+        "passed": False, "error": error, "reason": error, "explicit_examples": 0, "examples": 0,
+        "shrink_examples": 0, "seed": None, "seconds": None, "first_failure_at": None, "budget_reached": False,
+        "invariant_counts": {}, "violations": [], "scenario": None, "repro": None,
     }
     _write_record(run_dir, data)
     return data
@@ -131,11 +173,16 @@ def load_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """technique -> invariant -> {verdict, count, first_message, scenario}."""
+    """technique -> invariant -> {verdict, count, first_message, scenario}.
+
+    ``device-parity`` is ``n/a`` until a record of the technique ran on a second device (CUDA)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for rec in records:
-        row = out.setdefault(rec["technique"], {inv: {"verdict": "held", "count": 0, "first_message": None,
-                                                       "scenario": None} for inv in INVARIANTS})
+        row = out.setdefault(rec["technique"], {inv: {"verdict": "n/a" if inv == DEVICE_PARITY else "held",
+                                                       "count": 0, "first_message": None, "scenario": None}
+                                                 for inv in INVARIANTS})
+        if rec["device"].startswith("cuda") and row[DEVICE_PARITY]["verdict"] == "n/a":
+            row[DEVICE_PARITY]["verdict"] = "held"
         for inv, n in rec["invariant_counts"].items():
             row[inv]["count"] += n
         for rank, v in enumerate(rec["violations"]):
@@ -154,12 +201,16 @@ def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 
 def write_summary(run_dir: Path, meta: dict[str, Any], complete: bool = False) -> dict[str, Any]:
+    """Rebuild ``summary.json``/``.md`` and ``report.html`` from the records so far.
+
+    ``ok`` is true only for a complete run whose every item passed: an incomplete run never passes.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     records = load_records(run_dir)
     summary = {
         "run_id": run_dir.name, "complete": complete, "meta": meta,
-        "ok": all(r["passed"] for r in records) if records else complete,
+        "ok": complete and all(r["passed"] for r in records),
         "examples_per_technique": _examples(records),
         "results": records, "matrix": matrix(records),
     }
@@ -193,35 +244,64 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
 
 # --- renderers ----------------------------------------------------------------------------
 
-_MARK = {"held": "ok", "expected": "caught", "secondary": "also", "violated": "VIOLATED"}
+_MARK = {"held": "ok", "expected": "caught", "secondary": "also", "violated": "VIOLATED", "n/a": "n/a"}
+_LEGEND = ("ok = held; caught = a known-bad technique violated an expected invariant; also = a knock-on "
+           "violation after an expected one; VIOLATED = an unexpected violation; n/a = not judged here "
+           "(device-parity needs a second device). A count in brackets is the number of judged examples "
+           "in which the invariant fired.")
 
 
 def _row_cells(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return matrix([rec])[rec["technique"]]
 
 
+def _examples_text(r: dict[str, Any]) -> str:
+    """``2 trigger + 60 generated (+41 shrinking)``: what an item judged, each count labelled."""
+    text = f"{r.get('explicit_examples', 0)} trigger + {r['examples']} generated"
+    return text + (f" (+{r['shrink_examples']} shrinking)" if r.get("shrink_examples") else "")
+
+
+def _short_scenario(data: dict[str, Any] | None) -> str:
+    try:
+        return repr(Scenario.from_dict(data)) if data else ""
+    except (KeyError, TypeError, ValueError):  # a record from another version: show the JSON only
+        return ""
+
+
+def _status_line(summary: dict[str, Any]) -> str:
+    state = "PASS" if summary["ok"] else "FAIL"
+    if not summary["complete"]:
+        return f"{state} (incomplete: the run did not finish, so it cannot pass)"
+    failed = [r for r in summary["results"] if not r["passed"]]
+    return state + (f" ({len(failed)} of {len(summary['results'])} items failed)" if failed else "")
+
+
 def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = [f"# isolation-suite run {summary['run_id']}", "",
-             f"status: **{'PASS' if summary['ok'] else 'FAIL'}**"
-             + ("" if summary["complete"] else " (incomplete: the run did not finish)"),
+             f"status: **{_status_line(summary)}**",
              f"torch {meta.get('torch')}, hypothesis {meta.get('hypothesis')}, devices {meta.get('devices')}, "
-             f"profile {meta.get('profile')}, budget {meta.get('budget')}", "",
-             "| technique | device | expected | outcome | examples | " + " | ".join(INVARIANTS) + " |",
-             "|" + "---|" * (5 + len(INVARIANTS))]
+             f"profile {meta.get('profile')}, {meta.get('seed_text', 'seed ' + str(meta.get('seed')))}, "
+             f"budget {meta.get('budget')}, max examples {meta.get('max_examples')}", "", _LEGEND, "",
+             "| technique | device | expected | outcome | examples judged | " + " | ".join(INVARIANTS) + " | why |",
+             "|" + "---|" * (6 + len(INVARIANTS))]
     for r in summary["results"]:
         cells = [_MARK[cell["verdict"]] for cell in _row_cells(r).values()]
         lines.append(f"| {r['technique']} | {r['device']} | {', '.join(r['expected']) or 'sound'} | "
-                     f"{r['outcome']} | {r['examples']} | " + " | ".join(cells) + " |")
+                     f"{r['outcome']} | {_examples_text(r)} | " + " | ".join(cells)
+                     + f" | {r.get('reason', '')} |")
     lines += ["", "## Counterexamples", ""]
     for r in summary["results"]:
         if r.get("error"):
-            lines += [f"### {r['item']} (error: no verdict)", f"- {r['error']}", ""]
+            lines += [f"### {r['item']} ({r['outcome']}: no verdict)", f"- {r['error']}", ""]
         if r["violations"]:
             lines.append(f"### {r['item']} ({r['outcome']})")
             lines += [f"- `{v['invariant']}`: {v['message']}" for v in r["violations"]]
             if r.get("repro"):
                 lines.append(f"- repro: `python {r['repro']}`")
+            short = _short_scenario(r["scenario"])
+            if short:
+                lines += ["", "```", short, "```"]
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -230,34 +310,37 @@ def html_report(summary: dict[str, Any]) -> str:
     esc = html.escape
     rows = []
     for technique, cells in summary["matrix"].items():
-        tds = "".join(f'<td class="{c["verdict"]}" title="{esc(c["first_message"] or "")}">'
+        tds = "".join(f'<td class="{c["verdict"].replace("/", "")}" title="{esc(c["first_message"] or "")}">'
                       f'{_MARK[c["verdict"]]}{" (" + str(c["count"]) + ")" if c["count"] else ""}</td>'
                       for c in cells.values())
         recs = [r for r in summary["results"] if r["technique"] == technique]
         status = "pass" if all(r["passed"] for r in recs) else "fail"
-        rows.append(f'<tr><th>{esc(technique)}</th><td class="{status}">{status}</td>{tds}</tr>')
+        why = "<br>".join(esc(r.get("reason", "")) for r in recs if not r["passed"]) or esc(
+            "; ".join(r.get("reason", "") for r in recs))
+        judged = "<br>".join(esc(f"{r['device']}: {_examples_text(r)}") for r in recs)
+        rows.append(f'<tr><th>{esc(technique)}</th><td class="{status}">{status}</td><td>{judged}</td>{tds}'
+                    f'<td class="why">{why}</td></tr>')
     details = []
     for r in summary["results"]:
         if r.get("error"):
-            details.append(f"<details open><summary>{esc(r['item'])}: error, no verdict</summary>"
+            details.append(f"<details open><summary>{esc(r['item'])}: {esc(r['outcome'])}, no verdict</summary>"
                            f"<p>{esc(r['error'])}</p></details>")
         if r["violations"]:
             msgs = "".join(f"<li><b>{esc(v['invariant'])}</b>: {esc(v['message'])}</li>" for v in r["violations"])
             repro = f"<p>repro: <code>python {esc(r['repro'])}</code></p>" if r.get("repro") else ""
             scenario = esc(json.dumps(r["scenario"], indent=1))
             details.append(f"<details><summary>{esc(r['item'])}: {esc(r['outcome'])}</summary><ul>{msgs}</ul>"
-                           f"{repro}<pre>{scenario}</pre></details>")
+                           f"{repro}<pre>{esc(_short_scenario(r['scenario']))}</pre>"
+                           f"<details><summary>scenario JSON</summary><pre>{scenario}</pre></details></details>")
     head = "".join(f"<th>{esc(i)}</th>" for i in INVARIANTS)
-    state = "PASS" if summary["ok"] else "FAIL"
-    partial = "" if summary["complete"] else " &mdash; incomplete"
+    meta = summary["meta"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>isolation-suite {esc(summary['run_id'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 .held{{background:#e6f4ea}}.expected{{background:#fff4d6}}.secondary{{background:#fdf8ec;color:#777}}.violated{{background:#f8d7da;font-weight:bold}}
-.pass{{background:#e6f4ea}}.fail{{background:#f8d7da;font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style></head>
-<body><h1>isolation-suite run {esc(summary['run_id'])}: {state}{partial}</h1>
-<p>ok = held; caught = a known-bad technique violated an expected invariant; also = a knock-on violation
-after an expected one; VIOLATED = an unexpected violation.
-Counts are examples in which the invariant fired.</p>
-<table><tr><th>technique</th><th>status</th>{head}</tr>{''.join(rows)}</table>
+.na{{color:#999}}.why{{font-size:90%}}.pass{{background:#e6f4ea}}.fail{{background:#f8d7da;font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style></head>
+<body><h1>isolation-suite run {esc(summary['run_id'])}: {esc(_status_line(summary))}</h1>
+<p>{esc(f"profile {meta.get('profile')}, {meta.get('seed_text', 'seed ' + str(meta.get('seed')))}, budget {meta.get('budget')}, max examples {meta.get('max_examples')}, devices {meta.get('devices')}")}</p>
+<p>{esc(_LEGEND)}</p>
+<table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{''.join(rows)}</table>
 <h2>Counterexamples</h2>{''.join(details) or '<p>none</p>'}</body></html>
 """

@@ -2,8 +2,10 @@
 
 The script embeds the harness modules it needs (specs, builder, runner,
 reference, invariants) and the technique's own module as source text, serves
-them through an import hook, and re-runs the check. It exits 1 while the
-violation reproduces and 0 once it is fixed.
+them through an import hook, and judges the scenario with the harness's one judging
+path (:func:`isolation_suite.judge.judge`: float64 twin and second device included).
+It exits 1 while the violation reproduces, 0 once it is fixed, and 2 when it could not
+run at all (a missing import, a broken technique module, a device this machine lacks).
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from .technique import Technique
 
 _PACKAGE = Path(__file__).resolve().parent
 #: harness modules the script needs; none of them imports hypothesis
-_EMBEDDED = ("scenario", "technique", "build", "runner", "reference", "invariants",
-             "techniques/__init__", "techniques/_util", "techniques/conditions", "techniques/pass_through",
+_EMBEDDED = ("scenario", "technique", "build", "runner", "reference", "invariants", "devices", "judge",
+             "techniques/__init__", "techniques/_util", "techniques/conditions", "techniques/triggers", "techniques/pass_through",
              "techniques/freeze_module", "techniques/freeze_elements", "techniques/reparameterize")
 
 _INIT = '''"""A minimal isolation_suite for a repro script (embedded, torch only)."""
@@ -34,7 +36,7 @@ _TEMPLATE = '''#!/usr/bin/env python
 """Repro: {technique} -> {headline}
 
 Device: {device}. Needs only torch: python {filename}
-Exits 1 while the violation reproduces, 0 once the technique is fixed.
+Exits 1 while the violation reproduces, 0 once the technique is fixed, 2 when it cannot run.
 """
 import importlib.abc
 import importlib.util
@@ -42,6 +44,8 @@ import sys
 
 SOURCES = {sources!r}
 PACKAGES = {packages!r}
+SCENARIO = {scenario_json!r}
+DEVICE = {device!r}
 
 
 class _Embedded(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -59,32 +63,29 @@ class _Embedded(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(compile(SOURCES[module.__name__], "<embedded " + module.__name__ + ">", "exec"), module.__dict__)
 
 
-sys.meta_path.insert(0, _Embedded())
-for _name in [n for n in sys.modules if n == "isolation_suite" or n.startswith("isolation_suite.")]:
-    del sys.modules[_name]
-
-from isolation_suite.invariants import Context, evaluate  # noqa: E402
-from isolation_suite.reference import Reference  # noqa: E402
-from isolation_suite.runner import TechniqueDriver, run  # noqa: E402
-from isolation_suite.scenario import Scenario  # noqa: E402
+def load():
+    """The harness, the technique and the scenario; any failure here means the script cannot run."""
+    sys.meta_path.insert(0, _Embedded())
+    for name in [n for n in sys.modules if n == "isolation_suite" or n.startswith("isolation_suite.")]:
+        del sys.modules[name]
+    from isolation_suite.judge import judge
+    from isolation_suite.scenario import Scenario
 {technique_import}
-
-SCENARIO = {scenario_json!r}
-DEVICE = {device!r}
+    return judge, technique, Scenario.from_json(SCENARIO)
 
 
 def main():
-    scenario = Scenario.from_json(SCENARIO)
-    print(repr(scenario))
-    reference = run(scenario, Reference(), DEVICE)
-    trace = run(scenario, TechniqueDriver(technique), DEVICE)
-    violations = evaluate(Context(scenario, trace, reference))
-    for violation in violations:
-        print(violation)
-    if trace.crash is not None:
-        print(trace.crash.detail)
-    print("reproduced" if violations else "not reproduced: the technique holds on this scenario")
-    return 1 if violations else 0
+    try:
+        judge, technique, scenario = load()
+        print(repr(scenario))
+        verdict = judge(technique, scenario, DEVICE)
+    except Exception as exc:  # noqa: BLE001 - a crash of the technique's own code is a verdict, not this
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print("could not run: " + type(exc).__name__ + ": " + first, file=sys.stderr)
+        return 2
+    print(verdict)
+    print("reproduced" if not verdict.ok else "not reproduced: the technique holds on this scenario")
+    return 0 if verdict.ok else 1
 
 
 if __name__ == "__main__":
@@ -107,14 +108,14 @@ def repro_script(technique: Technique, scenario: Scenario, device: str, headline
     cls = type(technique)
     module_name = cls.__module__
     if module_name.startswith("isolation_suite.") and module_name in sources:
-        technique_import = f"from {module_name} import {cls.__name__}\ntechnique = {cls.__name__}()"
+        technique_import = f"    from {module_name} import {cls.__name__}\n    technique = {cls.__name__}()"
     else:
         module = sys.modules[module_name]
         try:
             sources["repro_technique"] = inspect.getsource(module)
         except (OSError, TypeError) as exc:
             raise ValueError(f"cannot embed the source of {module_name!r}: {exc}") from None
-        technique_import = f"from repro_technique import {cls.__name__}\ntechnique = {cls.__name__}()"
+        technique_import = f"    from repro_technique import {cls.__name__}\n    technique = {cls.__name__}()"
     packages = ["isolation_suite", "isolation_suite.techniques"]
     return _TEMPLATE.format(technique=technique.name, headline=headline.replace('"""', "'''"), device=device,
                             filename=filename, sources=sources, packages=packages,

@@ -154,7 +154,8 @@ def test_fuzz_reports_a_crashed_worker_as_an_error_never_a_pass(tmp_path, worker
                               "--techniques", "crashtech:Segfaulting,functional_detach", "--max-examples", "10"),
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "FAIL" in run.stdout.splitlines()[-1]
+    assert "(FAIL)" in next(line for line in run.stdout.splitlines() if line.startswith("report: "))
+    assert "FAIL segfaulting-PASS_THROUGH-cpu: " in run.stdout
     run_dir = tmp_path / "reports" / (tmp_path / "reports" / "LATEST").read_text().strip()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and not summary["ok"]

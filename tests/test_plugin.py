@@ -75,14 +75,55 @@ def test_one_item_per_technique_capability_and_device(project):
     result.stdout.fnmatch_lines(["*mylib.freeze[[]FREEZE_MODULE-cpu[]]*", "*mylib.broken[[]FREEZE_MODULE-cpu[]]*"])
 
 
-def test_report_option_writes_a_report(project):
-    report = project.path / "rep"
-    project.runpytest_subprocess("--isolation-technique", "mylib:Broken", "--isolation-max-examples", "40",
-                      "--isolation-report", str(report))
-    summary = json.loads((report / "summary.json").read_text())
+def test_report_option_writes_a_report_into_a_run_folder(project):
+    reports = project.path / "rep"
+    result = project.runpytest_subprocess("--isolation-technique", "mylib:Broken", "--isolation-max-examples", "40",
+                                          "--isolation-report", str(reports), "-n", "2")
+    run_dir = reports / (reports / "LATEST").read_text().strip()
+    assert run_dir.parent == reports and (reports / "latest").resolve() == run_dir.resolve()
+    result.stdout.fnmatch_lines([f"isolation-suite: report {run_dir}"])
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] is True and summary["ok"] is False
     assert summary["matrix"]["mylib.broken"]["gradient-flows"]["verdict"] == "violated"
-    assert (report / "report.html").exists() and list((report / "repro").glob("*.py"))
+    assert summary["matrix"]["mylib.broken"]["device-parity"]["verdict"] == "n/a"
+    (rec,) = summary["results"]
+    assert rec["spec"] == "mylib:Broken" and rec["reason"].startswith("gradient-flows (not expected)")
+    assert (run_dir / "report.html").exists() and list((run_dir / "repro").glob("*.py"))
+
+
+def test_an_unwritable_report_folder_is_a_usage_error_before_anything_runs(project):
+    (project.path / "afile").write_text("")
+    result = project.runpytest_subprocess("--isolation-technique", "mylib:Sound", "--isolation-report",
+                                          str(project.path / "afile" / "rep"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["*cannot write reports into*afile/rep*"])
+
+
+def test_the_seed_header_statistics_and_profile_are_what_runs(project, monkeypatch):
+    monkeypatch.setenv("ISOLATION_PROFILE", "isolation-dev")
+    monkeypatch.setenv("ISOLATION_DATABASE", "none")
+    reports = project.path / "rep"
+    result = project.runpytest_subprocess("--isolation-technique", "mylib:Sound", "--isolation-max-examples", "7",
+                                          "--isolation-devices", "cpu", "--hypothesis-seed", "4242",
+                                          "--hypothesis-show-statistics", "--isolation-report", str(reports))
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([
+        "isolation-suite: profile isolation-dev: 60 examples, no example database; seed 4242 "
+        "(replay with --hypothesis-seed 4242)",
+        "*Hypothesis Statistics*",
+        "*isolation-suite: * trigger examples, 7 generated (max 7); seed 4242",
+        "*- during generate phase*"])
+    (rec,) = json.loads((reports / "latest" / "summary.json").read_text())["results"]
+    assert rec["seed"] == 4242 and rec["examples"] == 7 and rec["max_examples"] == 7
+
+
+def test_without_a_seed_a_dev_run_draws_one_and_prints_it(project, monkeypatch):
+    monkeypatch.setenv("ISOLATION_PROFILE", "isolation-dev")
+    monkeypatch.setenv("ISOLATION_DATABASE", "none")
+    result = project.runpytest_subprocess("--isolation-technique", "mylib:Sound", "--isolation-max-examples", "3",
+                                          "--isolation-devices", "cpu")
+    result.stdout.fnmatch_lines(["isolation-suite: profile isolation-dev*; seed * (replay with --hypothesis-seed *)"])
 
 
 @pytest.mark.parametrize("args, needle", [

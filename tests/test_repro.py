@@ -47,12 +47,52 @@ def test_repro_script_exits_0_when_the_technique_is_fixed(tmp_path):
     result = search(broken, max_examples=30)
     rec = record(result, broken, 1.0, tmp_path)
     script = (tmp_path / rec["repro"]).read_text()
-    fixed = script.replace("from isolation_suite.techniques.pass_through import NoGradCall\ntechnique = NoGradCall()",
+    fixed = script.replace("from isolation_suite.techniques.pass_through import NoGradCall\n    technique = NoGradCall()",
                            "from isolation_suite.techniques.pass_through import FunctionalDetach\n"
-                           "technique = FunctionalDetach()")
+                           "    technique = FunctionalDetach()")
     assert fixed != script
     path = tmp_path / "fixed.py"
     path.write_text(fixed)
     run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "not reproduced" in run.stdout
+
+
+PLUGIN_WITH_A_DEPENDENCY = textwrap.dedent('''
+    import torch
+    import helper_dep  # importable when the report was written, missing where the script runs
+    import isolation_suite as iso
+
+    class Broken(iso.Technique):
+        name = "dep.broken"
+        capabilities = frozenset({iso.Capability.PASS_THROUGH})
+        def call(self, module, args, role):
+            with torch.no_grad():
+                return module(*args)
+''')
+
+
+def test_a_repro_that_cannot_run_exits_2_not_1(tmp_path, monkeypatch):
+    plugin_dir = tmp_path / "plugin"
+    plugin_dir.mkdir()
+    (plugin_dir / "helper_dep.py").write_text("")
+    (plugin_dir / "deptech.py").write_text(PLUGIN_WITH_A_DEPENDENCY)
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    from deptech import Broken
+    result = search(Broken(), max_examples=5)
+    rec = record(result, Broken(), 1.0, tmp_path / "rep")
+    run = subprocess.run([sys.executable, "-c", RUN_WITHOUT_HARNESS, str(tmp_path / "rep" / rec["repro"])],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines() == ["could not run: ModuleNotFoundError: No module named 'helper_dep'"]
+
+
+@pytest.mark.skipif(iso.devices.cuda_available(), reason="needs a machine without CUDA")
+def test_a_cuda_repro_on_a_machine_without_cuda_exits_2(tmp_path):
+    from isolation_suite.repro import write_repro
+    from isolation_suite.techniques.triggers import PASS_UPSTREAM
+    script = write_repro(tmp_path / "parity.py", iso.catalog()["no_grad_call"], PASS_UPSTREAM, "cuda",
+                         "device-parity: ...")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "could not run: DeviceError" in run.stderr and "CUDA is not available" in run.stderr
