@@ -117,9 +117,12 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     started = time.monotonic()
     deadline = None if budget is None else started + budget
 
-    def judged(scenario: Scenario, found_by: str) -> Verdict:
-        if deadline is not None and time.monotonic() > deadline:
+    def spent() -> None:
+        """No example starts once the budget is spent: the search ends within it plus one example."""
+        if deadline is not None and time.monotonic() >= deadline:
             raise BudgetSpent()
+
+    def judged(scenario: Scenario, found_by: str) -> Verdict:
         verdict = judge(technique, scenario, device)
         for v in verdict.violations:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
@@ -131,6 +134,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
 
     try:
         for scenario in explicit_examples(caps) if explicit else ():
+            spent()
             result.explicit += 1
             verdict = judged(scenario, "explicit")
             if not verdict.ok:  # a trigger example is minimal by construction: nothing to shrink
@@ -145,6 +149,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     @run_settings
     @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],)))
     def probe(scenario: Scenario) -> None:
+        spent()
         if smallest:
             result.shrink_examples += 1
         elif result.examples >= result.max_examples:

@@ -304,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .devices import DeviceError
     from .loading import TechniqueLoadError
 
+    from .profiles import register_profiles
+
+    register_profiles()  # ISOLATION_DATABASE as it is now, not as it was at import
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -35,15 +35,18 @@ def register_profiles() -> None:
     """(Re-)register the three profiles; call again after changing ``ISOLATION_DATABASE``."""
     location = database_location()
     database = DirectoryBasedExampleDatabase(location) if location else None
-    settings.register_profile("isolation-dev", max_examples=60, deadline=None, suppress_health_check=_SLOW,
-                              database=database)
+    # built on Hypothesis's own defaults, never on whichever profile happens to be loaded now
+    base = settings.get_profile("default")
+    settings.register_profile("isolation-dev", base, max_examples=60, deadline=None, derandomize=False,
+                              suppress_health_check=_SLOW, database=database)
     # CI: derandomized, so the gate gives the same answer on every run; no database reads or writes
-    settings.register_profile("isolation-ci", max_examples=80, deadline=None, derandomize=True, database=None,
+    settings.register_profile("isolation-ci", base, max_examples=80, deadline=None, derandomize=True, database=None,
                               suppress_health_check=_SLOW, print_blob=True)
     # nightly: big budgets; failures stay in the example database so the next run replays them first
     settings.register_profile(
-        "isolation-nightly", max_examples=2000, deadline=None, suppress_health_check=_SLOW, print_blob=True,
-        database=database, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        "isolation-nightly", base, max_examples=2000, deadline=None, derandomize=False, suppress_health_check=_SLOW,
+        print_blob=True, database=database,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     )
 
 

@@ -44,6 +44,7 @@ PLUGIN = textwrap.dedent('''
 def plugin_dir(tmp_path, monkeypatch):
     (tmp_path / "mytech.py").write_text(PLUGIN)
     (tmp_path / "brokenplugin.py").write_text("raise ImportError('missing dependency foo')\n")
+    (tmp_path / "afile").write_text("")  # a report folder below a file can never be created
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -79,9 +80,16 @@ def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
     (["fuzz", "--workers", "zero"], "--workers"),
     (["fuzz", "--techniques", "bogus"], "unknown technique 'bogus'"),
     (["repro", "does-not-exist.json", "--technique", "mytech:Sound"], "cannot read does-not-exist.json"),
+    (["check", "mytech:Sound", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
+    (["fuzz", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
+    (["check", "mytech:Sound", "--seed", "x"], "--seed takes a non-negative integer"),
+    (["fuzz", "--seed", "-3"], "--seed takes a non-negative integer"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_and_exit_2(plugin_dir, capsys, argv, needle):
+def test_bad_input_is_one_line_and_exit_2(plugin_dir, capsys, argv, needle, monkeypatch):
+    def no_search(*args, **kwargs):
+        raise AssertionError("bad input must be rejected before any search")
+    monkeypatch.setattr(sys.modules["isolation_suite.check"], "search", no_search)
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -96,6 +104,26 @@ def test_repro_rejects_bad_files(plugin_dir, capsys):
     assert "is not JSON" in capsys.readouterr().err
     assert main(["repro", "bare.json", "--technique", "mytech:Sound"]) == 2
     assert "is not a scenario" in capsys.readouterr().err
+
+
+def test_check_says_what_it_runs_and_how_to_replay_it(plugin_dir, capsys, monkeypatch):
+    monkeypatch.setenv("ISOLATION_PROFILE", "isolation-dev")
+    monkeypatch.setenv("ISOLATION_DATABASE", "none")
+    assert main(["check", "mytech:Sound", "--max-examples", "4", "--seed", "77"]) == 0
+    out = capsys.readouterr().out
+    assert "profile isolation-dev: 60 examples, no example database; seed 77" in out
+    assert "1 trigger example, 4 generated (max 4); seed 77" in out
+    assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --seed 77 "
+            "--max-examples 4") in out
+
+
+def test_repro_of_a_plugin_record_needs_no_technique_option(plugin_dir, capsys):
+    assert main(["check", "mytech:Broken", "--max-examples", "5", "--report-dir", "rep"]) == 1
+    record = next((plugin_dir / "rep" / "results").glob("*.json"))
+    assert json.loads(record.read_text())["spec"] == "mytech:Broken"
+    capsys.readouterr()
+    assert main(["repro", str(record)]) == 1
+    assert "gradient-flows" in capsys.readouterr().out
 
 
 def test_repro_replays_a_stored_counterexample(plugin_dir, capsys):
