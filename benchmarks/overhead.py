@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.check import _REFERENCE_CACHE
+from isolation_suite.judge import clear_reference_cache
 
 from ._common import bare_pair, corpus, median, table, timed, write
 
@@ -30,7 +30,7 @@ REPEATS = 3
 def side_by_side(technique, scenario) -> tuple[float, float]:
     """(harness seconds, bare seconds) for one scenario, alternating the two."""
     def harness():
-        _REFERENCE_CACHE.clear()  # every check pays for its reference run
+        clear_reference_cache()  # every check pays for its reference run
         check(technique, scenario)
 
     pairs = [(timed(harness)[1], timed(bare_pair, technique, scenario)[1]) for _ in range(REPEATS)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.check import _REFERENCE_CACHE
+from isolation_suite.judge import clear_reference_cache
 
 from ._common import bare_pair, corpus, table, timed, write
 
@@ -24,7 +24,7 @@ def main() -> dict:
         scenarios, gen_seconds = timed(corpus, capability_name, 60)
         for name in names:
             technique = catalog()[name]
-            _REFERENCE_CACHE.clear()
+            clear_reference_cache()
             _, cold = timed(lambda: [check(technique, s) for s in scenarios])
             _, warm = timed(lambda: [check(technique, s) for s in scenarios])  # reference traces cached
             _, bare = timed(lambda: [bare_pair(technique, s) for s in scenarios])

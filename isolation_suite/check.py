@@ -94,8 +94,9 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     First the catalog's trigger scenarios for these capabilities (``explicit``), then a Hypothesis
     search of at most ``max_examples`` generated examples (the profile's by default), then shrinking.
     ``seed`` fixes the search (it wins over a derandomized profile); without one, a derandomized
-    profile uses its fixed seed per technique and any other profile draws a seed, recorded in the result. With ``budget`` (seconds) the whole search, shrinking
-    included, ends within the budget plus one example; the smallest failure seen is returned.
+    profile uses its fixed seed per technique and any other profile draws a seed, recorded in the
+    result. With ``budget`` (seconds) the whole search, shrinking included, ends within the budget
+    plus one example; the smallest failure seen is returned.
     """
     import strategies  # the top-level strategies package
     from hypothesis.statistics import collector, describe_statistics

@@ -68,6 +68,11 @@ def reference_trace(scenario: Scenario, device: str = "cpu") -> Trace:
     return trace
 
 
+def clear_reference_cache() -> None:
+    """Forget every cached reference trace (benchmarks time a check that pays for its reference)."""
+    _REFERENCE_CACHE.clear()
+
+
 def as_technique(technique: Technique | type[Technique]) -> Technique:
     if isinstance(technique, type) and issubclass(technique, Technique):
         return technique()
@@ -139,4 +144,4 @@ def confirmed_on_twin(ctx: Context, twin: Context) -> Violation | None:
     return None
 
 
-__all__ = ["Verdict", "judge", "reference_trace", "as_technique", "confirmed_on_twin"]
+__all__ = ["Verdict", "judge", "reference_trace", "clear_reference_cache", "as_technique", "confirmed_on_twin"]

@@ -268,6 +268,14 @@ def _short_scenario(data: dict[str, Any] | None) -> str:
         return ""
 
 
+def _run_line(meta: dict[str, Any]) -> str:
+    """What ran: versions, devices, profile, seed, budget, example cap."""
+    seed = meta.get("seed_text") or f"seed {meta.get('seed')}"
+    return (f"torch {meta.get('torch')}, hypothesis {meta.get('hypothesis')}, devices {meta.get('devices')}, "
+            f"profile {meta.get('profile')}, {seed}, budget {meta.get('budget')}, "
+            f"max examples {meta.get('max_examples')}")
+
+
 def _status_line(summary: dict[str, Any]) -> str:
     state = "PASS" if summary["ok"] else "FAIL"
     if not summary["complete"]:
@@ -279,10 +287,7 @@ def _status_line(summary: dict[str, Any]) -> str:
 def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = [f"# isolation-suite run {summary['run_id']}", "",
-             f"status: **{_status_line(summary)}**",
-             f"torch {meta.get('torch')}, hypothesis {meta.get('hypothesis')}, devices {meta.get('devices')}, "
-             f"profile {meta.get('profile')}, {meta.get('seed_text', 'seed ' + str(meta.get('seed')))}, "
-             f"budget {meta.get('budget')}, max examples {meta.get('max_examples')}", "", _LEGEND, "",
+             f"status: **{_status_line(summary)}**", _run_line(meta), "", _LEGEND, "",
              "| technique | device | expected | outcome | examples judged | " + " | ".join(INVARIANTS) + " | why |",
              "|" + "---|" * (6 + len(INVARIANTS))]
     for r in summary["results"]:
@@ -304,6 +309,13 @@ def markdown(summary: dict[str, Any]) -> str:
                 lines += ["", "```", short, "```"]
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+_CSS = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 8px}.held{background:#e6f4ea}.expected{background:#fff4d6}
+.secondary{background:#fdf8ec;color:#777}.violated{background:#f8d7da;font-weight:bold}.na{color:#999}
+.why{font-size:90%}.pass{background:#e6f4ea}.fail{background:#f8d7da;font-weight:bold}
+pre{background:#f6f6f6;padding:8px}"""
 
 
 def html_report(summary: dict[str, Any]) -> str:
@@ -335,11 +347,9 @@ def html_report(summary: dict[str, Any]) -> str:
     head = "".join(f"<th>{esc(i)}</th>" for i in INVARIANTS)
     meta = summary["meta"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>isolation-suite {esc(summary['run_id'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-.held{{background:#e6f4ea}}.expected{{background:#fff4d6}}.secondary{{background:#fdf8ec;color:#777}}.violated{{background:#f8d7da;font-weight:bold}}
-.na{{color:#999}}.why{{font-size:90%}}.pass{{background:#e6f4ea}}.fail{{background:#f8d7da;font-weight:bold}}pre{{background:#f6f6f6;padding:8px}}</style></head>
+<style>{_CSS}</style></head>
 <body><h1>isolation-suite run {esc(summary['run_id'])}: {esc(_status_line(summary))}</h1>
-<p>{esc(f"profile {meta.get('profile')}, {meta.get('seed_text', 'seed ' + str(meta.get('seed')))}, budget {meta.get('budget')}, max examples {meta.get('max_examples')}, devices {meta.get('devices')}")}</p>
+<p>{esc(_run_line(meta))}</p>
 <p>{esc(_LEGEND)}</p>
 <table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{''.join(rows)}</table>
 <h2>Counterexamples</h2>{''.join(details) or '<p>none</p>'}</body></html>

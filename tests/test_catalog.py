@@ -105,8 +105,9 @@ def test_seed_004_backward_hook_counterexample_names_its_trigger():
     result = search(entry("backward_hook_zero_grad").technique())
     first = result.failure.first
     scenario = result.failure.scenario
-    if first.invariant == "no-crash":
-        assert "NoneType" in first.message and scenario.data.input_requires_grad is False
+    if first.invariant == "no-crash":  # the hook ran before weight.grad existed
+        assert "NoneType" in first.message
+        assert scenario.data.input_requires_grad is False or len(scenario.architecture.call_sites) > 1
     else:
         assert first.invariant == "frozen-unchanged"
         assert ("weight_decay=" in first.message or "set_to_none=False" in first.message

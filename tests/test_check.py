@@ -61,7 +61,8 @@ def test_float32_rounding_noise_is_not_a_violation():
 
 # an adaptive optimizer turns the rounding noise of a mathematically zero gradient (an attention key
 # bias) into lr-sized steps, in float64 too, only steps later than in float32 (found by fuzzing)
-NOISE_DRIVEN = {("fc.bias", torch.float32): (2, lambda dtype: 1e-3), ("fc.bias", torch.float64): (3, lambda dtype: 1e-3)}
+NOISE_DRIVEN = {("fc.bias", torch.float32): (2, lambda dtype: 1e-3),
+                ("fc.bias", torch.float64): (3, lambda dtype: 1e-3)}
 
 
 def test_noise_driven_parameter_is_not_a_violation_even_though_it_drifts_in_float64_too():

@@ -70,8 +70,8 @@ def test_broken_technique_fails_naming_the_invariant(project):
 
 
 def test_one_item_per_technique_capability_and_device(project):
-    result = project.runpytest_subprocess("--isolation-technique", "mylib:Sound", "--isolation-technique", "mylib:Broken",
-                               "--collect-only", "-q")
+    result = project.runpytest_subprocess("--isolation-technique", "mylib:Sound",
+                                          "--isolation-technique", "mylib:Broken", "--collect-only", "-q")
     result.stdout.fnmatch_lines(["*mylib.freeze[[]FREEZE_MODULE-cpu[]]*", "*mylib.broken[[]FREEZE_MODULE-cpu[]]*"])
 
 

@@ -47,7 +47,8 @@ def test_repro_script_exits_0_when_the_technique_is_fixed(tmp_path):
     result = search(broken, max_examples=30)
     rec = record(result, broken, 1.0, tmp_path)
     script = (tmp_path / rec["repro"]).read_text()
-    fixed = script.replace("from isolation_suite.techniques.pass_through import NoGradCall\n    technique = NoGradCall()",
+    fixed = script.replace("from isolation_suite.techniques.pass_through import NoGradCall\n"
+                           "    technique = NoGradCall()",
                            "from isolation_suite.techniques.pass_through import FunctionalDetach\n"
                            "    technique = FunctionalDetach()")
     assert fixed != script

@@ -82,8 +82,10 @@ CATALOG: tuple[CatalogEntry, ...] = (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
                   c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE),
     CatalogEntry(BackwardHookZeroGrad, (
-        Condition("no-crash", "the module's input needs no gradient, so weight.grad is None in the hook",
-                  c.input_needs_no_gradient, (t.ELEMENTS_NO_INPUT_GRAD,)),
+        Condition("no-crash", "the hook fires before weight.grad exists: the module's input needs no gradient, "
+                  "or the module is called more than once (its weight's gradient is summed after the last "
+                  "call's hook)", lambda s: c.input_needs_no_gradient(s) or c.elements_module_reused(s),
+                  (t.ELEMENTS_NO_INPUT_GRAD, t.ELEMENTS_REUSED)),
         Condition("frozen-unchanged", "weight decay or a stale/accumulated gradient moves the entry",
                   c.weight_decay_or_stale_gradients, (t.ELEMENTS_ADAMW,)),
     )),

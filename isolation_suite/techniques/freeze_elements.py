@@ -23,8 +23,9 @@ class BackwardHookZeroGrad(Technique):
     name = "backward_hook_zero_grad"
     seed = "004"
     capabilities = ELEMENTS
-    # the hook fires before the weight's gradient exists when no input needs a gradient
-    # (weight.grad is None -> AttributeError), and a zero gradient does not stop weight decay
+    # the hook fires before the weight's gradient exists when no input needs a gradient, or when
+    # the module is called more than once (the weight's gradient is summed after the last call's
+    # hook): weight.grad is None -> AttributeError; and a zero gradient does not stop weight decay
     expected_violations = frozenset({"no-crash", "frozen-unchanged"})
     summary = "register_full_backward_hook writing module.weight.grad.data[index] = 0"
 
