@@ -8,12 +8,13 @@ from . import profiles  # registers the Hypothesis profiles
 from .check import IsolationFailure, SearchResult, Verdict, check, check_technique, search
 from .invariants import INVARIANTS, Violation
 from .loading import TechniqueLoadError, load_technique
-from .scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from .sandbox import SandboxError
+from .scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, ScenarioError
 from .technique import Capability, Role, Technique
 from .techniques import CATALOG, catalog
 
 __all__ = [
-    "Architecture", "Data", "Intent", "Layer", "Op", "OptimizerRecipe", "Scenario",
+    "Architecture", "Data", "Intent", "Layer", "Op", "OptimizerRecipe", "Scenario", "ScenarioError", "SandboxError",
     "Capability", "Role", "Technique", "Verdict", "Violation", "INVARIANTS",
     "check", "check_technique", "search", "SearchResult", "IsolationFailure",
     "catalog", "CATALOG", "load_technique", "TechniqueLoadError", "profiles",

@@ -14,7 +14,10 @@ from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
 
 from . import devices as devices_mod
+from .invariants import TIMEOUT
 from .judge import Verdict, as_technique, judge, reference_trace
+from .profiles import example_timeout
+from .sandbox import Sandbox, watch_user_interrupts
 from .scenario import Scenario
 from .technique import Capability, Technique
 
@@ -30,6 +33,14 @@ class BudgetSpent(BaseException):
 
 class ExamplesSpent(BaseException):
     """Stops a search that has generated ``max_examples`` examples without a failure."""
+
+
+class HangFound(BaseException):
+    """Stops a search at its first timeout: shrinking a hang would cost a timeout per attempt."""
+
+    def __init__(self, verdict: Verdict):
+        super().__init__(str(verdict.first))
+        self.verdict = verdict
 
 
 class IsolationFailure(AssertionError):
@@ -88,7 +99,8 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
 
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
            device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
-           seed: int | None = None, shrink: bool = True, explicit: bool = True) -> SearchResult:
+           seed: int | None = None, shrink: bool = True, explicit: bool = True,
+           timeout: float | None = None) -> SearchResult:
     """Look for a scenario that breaks ``technique``; the failure returned is the smallest seen.
 
     First the catalog's trigger scenarios for these capabilities (``explicit``), then a Hypothesis
@@ -96,13 +108,10 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     ``seed`` fixes the search (it wins over a derandomized profile); without one, a derandomized
     profile uses its fixed seed per technique and any other profile draws a seed, recorded in the
     result. With ``budget`` (seconds) the whole search, shrinking included, ends within the budget
-    plus one example; the smallest failure seen is returned.
+    plus one example; the smallest failure seen is returned. The technique runs in one sandbox
+    (a child process) for the whole search; each of its runs stops after ``timeout`` seconds (the
+    profile's by default, see ``profiles.example_timeout``).
     """
-    import strategies  # the top-level strategies package
-    from hypothesis.statistics import collector, describe_statistics
-
-    from .techniques import explicit_examples
-
     technique = as_technique(technique)
     caps = frozenset(capabilities) if capabilities is not None else technique.capabilities
     if not caps:
@@ -115,6 +124,19 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         seed = random.SystemRandom().getrandbits(32)  # drawn here, so every run can be replayed
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
                           seed=seed)
+    watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
+    with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
+        _search(technique, caps, device, run_settings, result, budget, explicit, sandbox)
+    return result
+
+
+def _search(technique: Technique, caps: frozenset[Capability], device: str, run_settings: settings,
+            result: SearchResult, budget: float | None, explicit: bool, sandbox: Sandbox) -> None:
+    import strategies  # the top-level strategies package
+    from hypothesis.statistics import collector, describe_statistics
+
+    from .techniques import explicit_examples
+
     started = time.monotonic()
     deadline = None if budget is None else started + budget
 
@@ -124,7 +146,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
             raise BudgetSpent()
 
     def judged(scenario: Scenario, found_by: str) -> Verdict:
-        verdict = judge(technique, scenario, device)
+        verdict = judge(technique, scenario, device, sandbox=sandbox)
         for v in verdict.violations:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
         if not verdict.ok and result.first_failure_at is None:
@@ -140,10 +162,10 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
             verdict = judged(scenario, "explicit")
             if not verdict.ok:  # a trigger example is minimal by construction: nothing to shrink
                 result.failure = verdict
-                return result
+                return
     except BudgetSpent:
         result.budget_reached = True
-        return result
+        return
 
     smallest: list[Verdict] = []
 
@@ -164,11 +186,13 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         target(min(verdict.divergence, 1e6), label="divergence from the reference")
         target(float(len(verdict.violations)), label="violations")
         if not verdict.ok:
+            if TIMEOUT in verdict.invariants and not smallest:
+                raise HangFound(verdict)
             smallest[:] = [verdict]  # the shrinker only tries smaller examples
             raise IsolationFailure(verdict)
 
-    if seed is not None:
-        probe = hypothesis_seed(seed)(probe)
+    if result.seed is not None:
+        probe = hypothesis_seed(result.seed)(probe)
     # separate database entries per technique, capability set and device
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"{technique.name}|{sorted(c.value for c in caps)}|{device}".encode())
@@ -183,9 +207,10 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     except BudgetSpent:
         result.budget_reached = True
         result.failure = smallest[0] if smallest else None
+    except HangFound as hang:
+        result.failure = hang.verdict
     except ExamplesSpent:
         pass
-    return result
 
 
 def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = (),
@@ -232,7 +257,8 @@ def seed_text(seed: int | None) -> str:
 
 
 def check_technique(technique: Technique | type[Technique], devices: str | Iterable[str] | None = None,
-                    max_examples: int | None = None, *, seed: int | None = None) -> list[SearchResult]:
+                    max_examples: int | None = None, *, seed: int | None = None,
+                    timeout: float | None = None) -> list[SearchResult]:
     """Search every declared capability on every device; raise ``AssertionError`` on the first violation.
 
     The message names the invariant, shows the minimal scenario and says how to replay it.
@@ -241,7 +267,7 @@ def check_technique(technique: Technique | type[Technique], devices: str | Itera
     results = []
     for device in devices_mod.resolve(devices):
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
-            result = search(technique, {capability}, device, max_examples, seed=seed)
+            result = search(technique, {capability}, device, max_examples, seed=seed, timeout=timeout)
             results.append(result)
             if result.failure is not None:
                 raise AssertionError(failure_message(result.failure, {capability}, result))

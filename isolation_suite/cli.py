@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report-dir", default=None, help="also write a report (and repro scripts) here")
     c.add_argument("--seed", type=_seed, default=None,
                    help="fix the search (default: drawn and printed; derandomized under isolation-ci)")
+    c.add_argument("--timeout", type=_positive(float), default=None,
+                   help="seconds one training run may take before it is stopped (default: the profile's)")
     f = sub.add_parser("fuzz", help="the main job: the whole catalog, in parallel, with a report")
     f.add_argument("--budget", type=_positive(float), default=120.0, help="total seconds (default 120)")
     f.add_argument("--max-examples", type=_positive(int), default=None, help="cap per technique x device")
@@ -85,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--profile", default=None, help="Hypothesis profile (default isolation-dev)")
     f.add_argument("--seed", type=_seed, default=None,
                    help="fix every search (default: drawn and printed; derandomized under isolation-ci)")
+    f.add_argument("--timeout", type=_positive(float), default=None,
+                   help="seconds one training run may take before it is stopped (default: the profile's)")
     r = sub.add_parser("repro", help="re-run a stored scenario")
     r.add_argument("file", help="a scenario JSON, or a result record from a report's results/ folder")
     r.add_argument("--technique", default=None, help="spec; required when FILE is a bare scenario")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--timeout", type=_positive(float), default=None,
+                   help="seconds one training run may take before it is stopped (default: the profile's)")
     return p
 
 
@@ -124,12 +130,14 @@ def cmd_check(args) -> int:
     run_dir = _writable(args.report_dir) if args.report_dir else None  # before the search, not after it
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
     replay = _replay(["check", args.spec, "--devices", ",".join(devices)], seed, args.max_examples)
-    _line(f"isolation-suite check {technique.name}: profile {describe(active_profile())}; {seed_text(seed)}")
+    _line(f"isolation-suite check {technique.name}: profile {describe(active_profile())}; {seed_text(seed)}"
+          + (f"; timeout {args.timeout:g}s per run" if args.timeout is not None else ""))
     failures = []
     for device in devices:
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
             started = time.monotonic()
-            result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed)
+            result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed,
+                            timeout=args.timeout)
             record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
             fired = set(result.failure.invariants) if result.failure else set()
             _line(f"{technique.name} [{capability.value} on {device}]: {search_line(result)}")
@@ -173,7 +181,8 @@ def _replay(argv: list[str], seed: int | None, max_examples: int | None) -> str:
 def cmd_repro(args) -> int:
     from .check import check
     from .loading import load_technique
-    from .scenario import Scenario
+    from .profiles import example_timeout
+    from .scenario import Scenario, ScenarioError
 
     try:
         data = json.loads(Path(args.file).read_text())
@@ -189,11 +198,13 @@ def cmd_repro(args) -> int:
         data = data["scenario"]
     if spec is None:
         raise UsageError(f"{args.file} holds a bare scenario: name the technique with --technique SPEC")
+    technique = load_technique(spec)
     try:
         scenario = Scenario.from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{args.file} is not a scenario: missing or bad field {exc}") from None
-    verdict = check(load_technique(spec), scenario, args.device)
+        verdict = check(technique, scenario, args.device,
+                        timeout=args.timeout if args.timeout is not None else example_timeout())
+    except ScenarioError as exc:
+        raise UsageError(f"{args.file} is not a valid scenario: {exc}") from None
     _line(repr(scenario))
     _line(str(verdict))
     return EXIT_OK if verdict.ok else EXIT_VIOLATION
@@ -257,7 +268,7 @@ def cmd_fuzz(args) -> int:
     # the plug-in arrives through its pytest11 entry point unless autoloading is off
     plugin = ["-p", "isolation_suite.pytest_plugin"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
     argv = plugin + ["-p", "no:cacheprovider", "-p", "no:benchmark", "-q", "--no-header",
-            "-W", "ignore::pytest.PytestAssertRewriteWarning",
+            "-W", "ignore::pytest.PytestAssertRewriteWarning", "-W", "ignore:Full backward hook is firing",
             "-o", "addopts=", "-o", "testpaths=", "--rootdir", str(run_dir),
             "--isolation-devices", ",".join(devices), "--isolation-report", str(reports.resolve()),
             "--isolation-run-id", rid, "--isolation-budget", f"{per_item:.3f}",
@@ -268,6 +279,8 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-max-examples", str(args.max_examples)]
     if seed is not None:
         argv += ["--hypothesis-seed", str(seed)]
+    if args.timeout is not None:
+        argv += ["--isolation-timeout", f"{args.timeout:g}"]
     # always in xdist workers, even just one: a worker killed by a crashing kernel (a segfault, out of
     # memory) then costs its item an error record, not the whole run and its report
     argv += ["-n", str(max(1, min(workers, items)))]
@@ -286,6 +299,10 @@ def cmd_fuzz(args) -> int:
           f"{len(summary['results'])} of {items} items judged, {len(failed)} failed; {seed_text(seed)}")
     for r in failed:
         _line(f"  FAIL {r['item']}: {r.get('reason') or r.get('error') or r['outcome']}")
+    for key, label in (("running", "running when it stopped"), ("not_started", "never started")):
+        names = (summary.get("items") or {}).get(key)
+        if names and not summary["complete"]:
+            _line(f"  {label}: {', '.join(names)}")
     if failed:
         _line(f"replay: {replay}")
     if code == pytest.ExitCode.INTERRUPTED:

@@ -22,11 +22,12 @@ GRADIENT_FLOWS = "gradient-flows"
 TRAINABLE_TRAINS = "trainable-trains"
 MATCHES_REFERENCE = "matches-reference"
 NO_CRASH = "no-crash"
+TIMEOUT = "timeout"
 STATE_RESTORED = "state-restored"
 DEVICE_PARITY = "device-parity"
 
 #: every id, in the order they are evaluated (the first violation is the verdict's headline)
-INVARIANTS = (NO_CRASH, STATE_RESTORED, GRADIENT_FLOWS, FROZEN_UNCHANGED, TRAINABLE_TRAINS,
+INVARIANTS = (NO_CRASH, TIMEOUT, STATE_RESTORED, GRADIENT_FLOWS, FROZEN_UNCHANGED, TRAINABLE_TRAINS,
               MATCHES_REFERENCE, DEVICE_PARITY)
 
 #: technique vs reference on one device: torch.testing's defaults for the dtype
@@ -150,13 +151,22 @@ def _name(ctx: Context, path: str) -> str:
 
 # --- the invariants ------------------------------------------------------------------------
 
-def no_crash(ctx: Context) -> Violation | None:
+def _crash(ctx: Context, invariant: str, timed_out: bool) -> Violation | None:
     crash = ctx.technique.crash
-    if crash is None:
+    if crash is None or crash.timed_out != timed_out:
         return None
     where = f"during {crash.phase}" if crash.step == 0 else f"in {crash.phase} at step {crash.step}"
-    return Violation(NO_CRASH, f"{crash.error} ({where}; {recipe_context(ctx.scenario.optimizer)})",
-                     crash.step)
+    return Violation(invariant, f"{crash.error} ({where}; {recipe_context(ctx.scenario.optimizer)})", crash.step)
+
+
+def no_crash(ctx: Context) -> Violation | None:
+    """The technique's code raised, exited the process or was killed by a signal."""
+    return _crash(ctx, NO_CRASH, timed_out=False)
+
+
+def timeout(ctx: Context) -> Violation | None:
+    """The run took longer than the per-example timeout and was stopped."""
+    return _crash(ctx, TIMEOUT, timed_out=True)
 
 
 def state_restored(ctx: Context) -> Violation | None:
@@ -385,6 +395,7 @@ def device_parity(ctx: Context) -> Violation | None:
 
 CHECKS: dict[str, Callable[[Context], Violation | None]] = {
     NO_CRASH: no_crash,
+    TIMEOUT: timeout,
     STATE_RESTORED: state_restored,
     GRADIENT_FLOWS: gradient_flows,
     FROZEN_UNCHANGED: frozen_unchanged,
@@ -397,7 +408,8 @@ CHECKS: dict[str, Callable[[Context], Violation | None]] = {
 def evaluate(ctx: Context) -> list[Violation]:
     """All violations, one per invariant at most, in :data:`INVARIANTS` order.
 
-    A crashed run is judged on ``no-crash`` and ``state-restored`` only: its trace is cut short.
+    A crashed or stopped run is judged on ``no-crash``, ``timeout`` and ``state-restored`` only: its
+    trace is cut short.
     """
-    ids = (NO_CRASH, STATE_RESTORED) if ctx.technique.crash else INVARIANTS
+    ids = (NO_CRASH, TIMEOUT, STATE_RESTORED) if ctx.technique.crash else INVARIANTS
     return [v for v in (CHECKS[i](ctx) for i in ids) if v is not None]

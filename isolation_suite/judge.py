@@ -18,8 +18,9 @@ from . import devices as devices_mod
 from .invariants import MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, Context, Violation, all_close, \
     divergence, evaluate, first_mismatch, mismatch
 from .reference import Reference
-from .runner import TechniqueDriver, Trace, run
-from .scenario import Scenario
+from .runner import Trace, run
+from .sandbox import DEFAULT_TIMEOUT, Sandbox
+from .scenario import Scenario, ScenarioError
 from .technique import Technique
 
 
@@ -81,25 +82,44 @@ def as_technique(technique: Technique | type[Technique]) -> Technique:
     raise TypeError(f"expected an isolation_suite.Technique instance or subclass, got {technique!r}")
 
 
-def judge(technique: Technique | type[Technique], scenario: Scenario, device: str = "cpu") -> Verdict:
+def judge(technique: Technique | type[Technique], scenario: Scenario, device: str = "cpu", *,
+          sandbox: Sandbox | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> Verdict:
     """Run ``technique`` and the reference on ``scenario`` and judge every invariant.
 
-    On a CUDA device the technique also runs on the CPU, for ``device-parity``. A float32
+    The technique's runs happen in ``sandbox`` (a child process that a search keeps for all its
+    examples; by default one just for this call), each stopped after ``timeout`` seconds. On a
+    CUDA device the technique also runs on the CPU, for ``device-parity``. A float32
     ``matches-reference`` mismatch counts only where the float64 twin confirms it.
     """
     technique = as_technique(technique)
     device = devices_mod.normalize(device)
     if device.startswith("cuda"):
         devices_mod.deterministic_cuda()
-    trace = run(scenario, TechniqueDriver(technique), device)
-    other = run(scenario, TechniqueDriver(technique), "cpu") if device.startswith("cuda") else None
-    ctx = Context(scenario, trace, reference_trace(scenario, device), other)
-    violations = [_confirmed(v, ctx, technique, device) for v in evaluate(ctx)]
+    if sandbox is None:
+        with Sandbox(technique, timeout) as own:
+            return judge(technique, scenario, device, sandbox=own)
+    if sandbox.technique is not technique:
+        raise ValueError("the sandbox runs another technique than the one being judged")
+    reference = _reference(scenario, device)
+    trace = sandbox.run(scenario, device)
+    other = sandbox.run(scenario, "cpu") if device.startswith("cuda") and trace.crash is None else None
+    ctx = Context(scenario, trace, reference, other)
+    violations = [_confirmed(v, ctx, sandbox, device) for v in evaluate(ctx)]
     return Verdict(technique.name, scenario, device, tuple(v for v in violations if v is not None),
                    divergence(ctx))
 
 
-def _confirmed(violation: Violation, ctx: Context, technique: Technique, device: str) -> Violation | None:
+def _reference(scenario: Scenario, device: str) -> Trace:
+    """The reference's trace; a scenario the reference itself cannot run (shapes that do not chain)
+    is not one to judge a technique on."""
+    try:
+        return reference_trace(scenario, device)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ScenarioError(f"the scenario's model does not run: {type(exc).__name__}: {first}") from None
+
+
+def _confirmed(violation: Violation, ctx: Context, sandbox: Sandbox, device: str) -> Violation | None:
     """A float32 ``matches-reference`` mismatch, judged again beside the scenario's float64 twin.
 
     Two mathematically equal computations can round differently (another kernel path), and
@@ -112,7 +132,7 @@ def _confirmed(violation: Violation, ctx: Context, technique: Technique, device:
     if violation.invariant != MATCHES_REFERENCE or scenario.dtype != "float32":
         return violation
     twin = dataclasses.replace(scenario, dtype="float64")
-    twin_ctx = Context(twin, run(twin, TechniqueDriver(technique), device), reference_trace(twin, device))
+    twin_ctx = Context(twin, sandbox.run(twin, device), reference_trace(twin, device))
     if twin_ctx.technique.crash is not None:
         return violation
     return confirmed_on_twin(ctx, twin_ctx)

@@ -18,6 +18,10 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 PROFILE_ENV = "ISOLATION_PROFILE"
 DATABASE_ENV = "ISOLATION_DATABASE"
+TIMEOUT_ENV = "ISOLATION_TIMEOUT"
+#: seconds one training run of the technique may take before it is stopped (a ``timeout`` violation);
+#: runs take milliseconds to a second, so these only ever stop a hang
+TIMEOUTS = {"isolation-dev": 60.0, "isolation-ci": 60.0, "isolation-nightly": 300.0}
 DEFAULT_PROFILE = "isolation-dev"
 DEFAULT_DATABASE = ".hypothesis/examples"
 PROFILES = ("isolation-dev", "isolation-ci", "isolation-nightly")
@@ -64,10 +68,25 @@ def active_profile() -> str:
     return current if current in PROFILES else DEFAULT_PROFILE
 
 
+def example_timeout(profile: str | None = None) -> float:
+    """``ISOLATION_TIMEOUT`` when set, else the profile's (the active one by default)."""
+    value = os.environ.get(TIMEOUT_ENV)
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+        if seconds <= 0:
+            raise ValueError(f"{TIMEOUT_ENV}={value!r} must be positive")
+        return seconds
+    return TIMEOUTS[profile or active_profile()]
+
+
 def describe(profile: str) -> str:
     """``isolation-dev: 60 examples, example database .hypothesis/examples``: a profile in one line."""
     chosen = settings.get_profile(profile)
     database = getattr(chosen.database, "path", None) if chosen.database is not None else None
     return (f"{profile}: {chosen.max_examples} examples, "
             + ("derandomized, " if chosen.derandomize else "")
-            + (f"example database {database}" if database else "no example database"))
+            + (f"example database {database}" if database else "no example database")
+            + f", timeout {example_timeout(profile):g}s per run")

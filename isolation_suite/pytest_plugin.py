@@ -47,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isolation-deadline", type=float, default=None, metavar="EPOCH",
                     help="no item runs past this time (seconds since the epoch); items not started by then "
                          "are recorded as not run")
+    group.addoption("--isolation-timeout", type=float, default=None, metavar="SECONDS",
+                    help="seconds one training run of the technique may take before it is stopped "
+                         "(default: the profile's)")
     group.addoption("--isolation-profile", default=None, choices=PROFILES,
                     help=f"Hypothesis profile to load (also: ${PROFILE_ENV})")
 
@@ -91,6 +94,9 @@ def pytest_configure(config: pytest.Config) -> None:
     max_examples = config.getoption("isolation_max_examples")
     if max_examples is not None and max_examples <= 0:
         raise pytest.UsageError(f"--isolation-max-examples must be positive, got {max_examples}")
+    timeout = config.getoption("isolation_timeout")
+    if timeout is not None and timeout <= 0:
+        raise pytest.UsageError(f"--isolation-timeout must be positive, got {timeout}")
     worker = getattr(config, "workerinput", None)
     if worker is not None:  # an xdist worker: the controller has decided
         config.stash[_SEED] = worker.get(_WORKER_SEED)
@@ -174,7 +180,7 @@ class IsolationItem(pytest.Item):
             budget = left if budget is None else min(budget, left)
         started = time.monotonic()
         result = search(self.technique, {self.capability}, self.device, cfg.getoption("isolation_max_examples"),
-                        budget, seed=cfg.stash.get(_SEED, None))
+                        budget, seed=cfg.stash.get(_SEED, None), timeout=cfg.getoption("isolation_timeout"))
         record(result, self.technique, time.monotonic() - started, report_dir, spec=self.spec)
         # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
         self.hypothesis_statistics = (f"{self.nodeid}:\n  - isolation-suite: {search_line(result)}\n"
@@ -239,11 +245,22 @@ class SummaryWriter:
 
     def __init__(self, report_dir: Path, meta: dict, items: dict):
         self.report_dir, self.meta, self.items = report_dir, meta, items
+        self.started: set[str] = set()
+        self.finished: set[str] = set()
+
+    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+        name = nodeid.rpartition("::")[2]
+        if name in self.items:
+            self.started.add(name)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        name = report.nodeid.rpartition("::")[2]
+        if report.when == "teardown" or report.when == "???" or (report.when == "setup" and report.skipped):
+            if name in self.items:
+                self.finished.add(name)
         if report.when not in ("call", "???"):
             return
-        gate_item = self.items.get(report.nodeid.rpartition("::")[2])
+        gate_item = self.items.get(name)
         if report.failed and gate_item is not None:
             from .report import error_record, has_record
             spec, technique, capability, device = gate_item
@@ -253,8 +270,12 @@ class SummaryWriter:
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         # interrupted (Ctrl-C/SIGTERM) runs still leave a valid summary, marked incomplete
-        self._write(complete=exitstatus in (0, 1))
+        self._write(complete=exitstatus in (0, 1), interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
 
-    def _write(self, complete: bool) -> None:
+    def _write(self, complete: bool, interrupted: bool = False) -> None:
         from .report import write_summary
-        write_summary(self.report_dir, self.meta, complete=complete)
+        every = sorted(self.items)
+        progress = {"finished": [n for n in every if n in self.finished],
+                    "running": [n for n in every if n in self.started and n not in self.finished],
+                    "not_started": [n for n in every if n not in self.started and n not in self.finished]}
+        write_summary(self.report_dir, self.meta, complete=complete, progress=progress, interrupted=interrupted)

@@ -200,16 +200,19 @@ def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
     return out
 
 
-def write_summary(run_dir: Path, meta: dict[str, Any], complete: bool = False) -> dict[str, Any]:
+def write_summary(run_dir: Path, meta: dict[str, Any], complete: bool = False, progress: dict | None = None,
+                  interrupted: bool = False) -> dict[str, Any]:
     """Rebuild ``summary.json``/``.md`` and ``report.html`` from the records so far.
 
     ``ok`` is true only for a complete run whose every item passed: an incomplete run never passes.
+    ``progress`` names the items that finished, were running, and never started.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     records = load_records(run_dir)
     summary = {
-        "run_id": run_dir.name, "complete": complete, "meta": meta,
+        "run_id": run_dir.name, "complete": complete, "interrupted": interrupted, "meta": meta,
+        "items": progress,
         "ok": complete and all(r["passed"] for r in records),
         "examples_per_technique": _examples(records),
         "results": records, "matrix": matrix(records),
@@ -279,15 +282,30 @@ def _run_line(meta: dict[str, Any]) -> str:
 def _status_line(summary: dict[str, Any]) -> str:
     state = "PASS" if summary["ok"] else "FAIL"
     if not summary["complete"]:
-        return f"{state} (incomplete: the run did not finish, so it cannot pass)"
+        why = "interrupted" if summary.get("interrupted") else "incomplete"
+        items = summary.get("items") or {}
+        counts = ", ".join(f"{len(items[k])} {k.replace('_', ' ')}" for k in ("finished", "running", "not_started")
+                           if k in items)
+        return f"{state} ({why}: the run did not finish, so it cannot pass" + (f"; items: {counts})" if counts
+                                                                                   else ")")
     failed = [r for r in summary["results"] if not r["passed"]]
     return state + (f" ({len(failed)} of {len(summary['results'])} items failed)" if failed else "")
+
+
+def _unfinished_lines(summary: dict[str, Any]) -> list[str]:
+    """For a run that did not finish: which items were running and which never started."""
+    items = summary.get("items") or {}
+    if summary["complete"]:
+        return []
+    return [f"{label}: {', '.join(items[key])}" for key, label in (("running", "running when it stopped"),
+                                                                    ("not_started", "never started"))
+            if items.get(key)]
 
 
 def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = [f"# isolation-suite run {summary['run_id']}", "",
-             f"status: **{_status_line(summary)}**", _run_line(meta), "", _LEGEND, "",
+             f"status: **{_status_line(summary)}**", *_unfinished_lines(summary), _run_line(meta), "", _LEGEND, "",
              "| technique | device | expected | outcome | examples judged | " + " | ".join(INVARIANTS) + " | why |",
              "|" + "---|" * (6 + len(INVARIANTS))]
     for r in summary["results"]:
@@ -349,6 +367,7 @@ def html_report(summary: dict[str, Any]) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>isolation-suite {esc(summary['run_id'])}</title>
 <style>{_CSS}</style></head>
 <body><h1>isolation-suite run {esc(summary['run_id'])}: {esc(_status_line(summary))}</h1>
+{''.join(f"<p>{esc(line)}</p>" for line in _unfinished_lines(summary))}
 <p>{esc(_run_line(meta))}</p>
 <p>{esc(_LEGEND)}</p>
 <table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{''.join(rows)}</table>

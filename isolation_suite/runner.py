@@ -7,6 +7,7 @@ clipping, ``step``, scheduler) and records a :class:`Trace`. Global torch state
 """
 from __future__ import annotations
 
+import struct
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -38,6 +39,7 @@ class Crash:
     phase: str
     error: str  # "TypeName: first line"
     detail: str  # the formatted traceback, for reports
+    timed_out: bool = False  # the run was stopped by the per-example timeout
 
 
 @dataclass
@@ -81,22 +83,39 @@ class Trace:
         return out
 
 
+#: the parts of the loop where the technique's code runs, in order
+PHASES = ("setup", "make_optimizer", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
+          "after_step", "record")
+_PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
+_PROGRESS = struct.Struct("ii")
+
+
 class Phase:
     """Which part of the loop is running. The technique is in charge only while ``name`` is set:
-    an exception then is the technique's crash; anywhere else it is the harness's own error."""
+    an exception then is the technique's crash; anywhere else it is the harness's own error.
+    With ``progress`` (a buffer shared with the parent process) every change is mirrored there,
+    so a run that dies or hangs can still be placed."""
 
-    __slots__ = ("step", "name")
+    __slots__ = ("step", "name", "progress")
 
-    def __init__(self) -> None:
-        self.step, self.name = 0, None
+    def __init__(self, progress=None) -> None:
+        self.step, self.name, self.progress = 0, None, progress
 
     def enter(self, step: int, name: str) -> None:
         self.step, self.name = step, name
+        if self.progress is not None:
+            _PROGRESS.pack_into(self.progress, 0, step, _PHASE_INDEX[name])
 
     def leave(self) -> None:
         self.name = None
+        if self.progress is not None:
+            _PROGRESS.pack_into(self.progress, 0, self.step, -1)
 
-    def crash(self, exc: BaseException) -> Crash:
+    def crash(self, exc: BaseException, timeout: float | None = None) -> Crash:
+        from .sandbox import ExampleTimeout
+        if isinstance(exc, ExampleTimeout):
+            error = f"timeout: the run took longer than {timeout:g}s and was stopped"
+            return Crash(self.step, self.name, error, error, timed_out=True)
         first = (str(exc).strip().splitlines() or [""])[0]
         return Crash(self.step, self.name, f"{type(exc).__name__}: {first}", "".join(traceback.format_exception(exc)))
 
@@ -227,27 +246,34 @@ def _describe_state_change(before, after, flags_before, flags_after, aliases) ->
     return out
 
 
-def run(scenario: Scenario, driver: Driver, device: str = "cpu") -> Trace:
-    """Train the scenario's model under ``driver`` and record what happened."""
+def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=None,
+        timeout: float | None = None) -> Trace:
+    """Train the scenario's model under ``driver`` and record what happened.
+
+    ``progress`` mirrors the current step and phase into a shared buffer (see ``sandbox``);
+    ``timeout`` only names the limit in the crash an in-process timeout alarm leaves.
+    """
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
     grad_mode, default_dtype = _global_state()
     with torch.random.fork_rng(devices=devices):
         try:
-            return _run(scenario, driver, str(device))
+            return _run(scenario, driver, str(device), Phase(progress), timeout)
         finally:
             torch.set_grad_enabled(grad_mode)
             torch.set_default_dtype(default_dtype)
 
 
-def _run(scenario: Scenario, driver: Driver, device: str) -> Trace:
+def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: float | None) -> Trace:
     trace = Trace(device)
-    at = Phase()
     try:
         _train(scenario, driver, device, trace, at)
-    except Exception as exc:  # noqa: BLE001 - any failure of the technique is a verdict, not our error
+    except BaseException as exc:  # noqa: BLE001 - whatever the technique raises is a verdict, not our error
         if not driver.guarded or at.name is None:
             raise
-        trace.crash = at.crash(exc)
+        from .sandbox import user_interrupted
+        if isinstance(exc, KeyboardInterrupt) and user_interrupted():
+            raise  # the user's Ctrl-C, not the technique's
+        trace.crash = at.crash(exc, timeout)
     return trace
 
 
@@ -326,11 +352,12 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
             scheduler.step()
         at.enter(step, "after_step")
         driver.after_step(model, optimizer)
-        at.leave()
+        at.enter(step, "record")  # reading a parametrized weight runs the technique's code
         with torch.no_grad():
             record.params = {p: driver.effective(p, h.read()).detach().clone()
                              for p, h in handles.items() if h.read is not None}
         record.buffers = {p: read().detach().clone() for p, read in buffers.items()}
+        at.leave()
         trace.steps.append(record)
         after_flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
         for change in _describe_state_change(state, _global_state(), flags, after_flags, trace.aliases):

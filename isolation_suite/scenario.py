@@ -1,7 +1,12 @@
-"""Scenario specs: pure, frozen, JSON-round-trippable data.
+"""Scenario specs: pure, frozen, JSON-round-trippable data, validated at construction.
 
 Hypothesis draws these; nothing here touches torch. ``build`` turns an
 :class:`Architecture` into a module, ``runner`` trains it.
+
+Every spec checks itself when it is made (``__post_init__``) and raises :class:`ScenarioError`
+naming the bad value: unknown kinds, fields or layer arguments, and sizes outside the bounds
+below, which keep one training run small enough to judge in well under a second to a few
+seconds (the widest layer allowed, ``Linear(1024, 1024)``, has a million weights).
 """
 from __future__ import annotations
 
@@ -24,6 +29,71 @@ SCHEDULERS = ("none", "StepLR", "OneCycleLR", "LambdaLR")
 CLIPPING = ("none", "norm", "value")
 DTYPES = ("float32", "float64")
 LOSSES = ("mse", "smooth_l1")
+OP_KINDS = ("call", "act", "reshape", "transpose", "save", "add")
+INPUT_KINDS = ("float", "tokens")
+
+#: bounds (inclusive) every scenario is held to
+MAX_WIDTH = 1024  # features, channels, hidden size, vocabulary, any one dimension
+MAX_KERNEL = 16  # kernel size, stride, padding, dilation
+MAX_LAYERS = 64
+MAX_PROGRAM = 256
+MAX_BATCH = 64
+MAX_STEPS = 64
+MAX_MICRO_BATCHES = 8
+
+_SIZE, _SMALL, _FLAG, _RATE = "size", "small", "flag", "rate"
+#: layer kind -> argument -> (kind of value, required)
+LAYER_ARGS: dict[str, dict[str, tuple[str, bool]]] = {
+    "linear": {"in_features": (_SIZE, True), "out_features": (_SIZE, True), "bias": (_FLAG, False)},
+    **{k: {"in_channels": (_SIZE, True), "out_channels": (_SIZE, True), "kernel_size": (_SMALL, True),
+           "stride": (_SMALL, False), "padding": (_SMALL, False), "dilation": (_SMALL, False),
+           "groups": (_SIZE, False), "bias": (_FLAG, False)} for k in ("conv1d", "conv2d")},
+    "embedding": {"num_embeddings": (_SIZE, True), "embedding_dim": (_SIZE, True)},
+    "layernorm": {"normalized_shape": (_SIZE, True), "elementwise_affine": (_FLAG, False)},
+    **{k: {"num_features": (_SIZE, True)} for k in ("batchnorm1d", "batchnorm2d")},
+    "groupnorm": {"num_groups": (_SIZE, True), "num_channels": (_SIZE, True)},
+    "mha": {"embed_dim": (_SIZE, True), "num_heads": (_SIZE, True)},
+    **{k: {"input_size": (_SIZE, True), "hidden_size": (_SIZE, True)} for k in ("lstm", "gru", "rnn")},
+    "dropout": {"p": (_RATE, True)},
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario (or one of its parts) that cannot be judged; the message names the bad value."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ScenarioError(message)
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+             f"{name}={value!r} must be an integer in [{low}, {high}]")
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, f"{name}={value!r} is not one of {allowed}")
+
+
+def _check_layer_args(path: str, kind: str, args: tuple) -> None:
+    spec = LAYER_ARGS[kind]
+    given = dict(args)
+    for name, value in given.items():
+        _require(name in spec, f"layer {path!r} ({kind}) has no argument {name!r}; it takes {sorted(spec)}")
+        sort = spec[name][0]
+        where = f"layer {path!r} argument {name}"
+        if sort == _SIZE:
+            _int_in(where, value, 1, MAX_WIDTH)
+        elif sort == _SMALL:
+            _int_in(where, value, 0 if name == "padding" else 1, MAX_KERNEL)
+        elif sort == _FLAG:
+            _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
+        else:
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+                     f"{where}={value!r} must be a number in [0, 1)")
+    missing = [name for name, (_, required) in spec.items() if required and name not in given]
+    _require(not missing, f"layer {path!r} ({kind}) misses argument(s) {missing}")
 
 
 def _kv(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -37,6 +107,12 @@ class Layer:
     path: str
     kind: str
     args: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.path, str) and all(p.isidentifier() or p.isdigit() for p in self.path.split(".")),
+                 f"layer path {self.path!r} must be dot-separated names")
+        _one_of(f"layer {self.path!r} kind", self.kind, LAYER_KINDS)
+        _check_layer_args(self.path, self.kind, self.args)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -62,6 +138,15 @@ class Op:
     target: str = ""
     shape: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        _one_of("op kind", self.kind, OP_KINDS)
+        if self.kind == "act":
+            _one_of("activation", self.target, ACTIVATIONS)
+        if self.kind == "reshape":
+            _require(1 <= len(self.shape) <= 3, f"reshape to {self.shape!r}: 1 to 3 dimensions")
+            for size in self.shape:
+                _int_in("reshape size", size, 1, MAX_WIDTH)
+
     def __repr__(self) -> str:
         if self.kind == "call":
             return self.target
@@ -82,6 +167,24 @@ class Architecture:
     input_kind: str = "float"  # "float" or "tokens"
     vocab: int = 0  # token range when input_kind == "tokens"
     ties: tuple[tuple[str, str], ...] = ()  # (param path, source param path)
+
+    def __post_init__(self) -> None:
+        _require(1 <= len(self.input_shape) <= 3, f"input_shape={self.input_shape!r}: 1 to 3 dimensions")
+        for size in self.input_shape:
+            _int_in("input_shape size", size, 1, MAX_WIDTH)
+        _one_of("input_kind", self.input_kind, INPUT_KINDS)
+        if self.input_kind == "tokens":
+            _int_in("vocab", self.vocab, 1, MAX_WIDTH)
+        _require(1 <= len(self.layers) <= MAX_LAYERS, f"{len(self.layers)} layers: 1 to {MAX_LAYERS} allowed")
+        _require(1 <= len(self.program) <= MAX_PROGRAM, f"{len(self.program)} ops: 1 to {MAX_PROGRAM} allowed")
+        paths = [layer.path for layer in self.layers]
+        _require(len(set(paths)) == len(paths), f"layer paths repeat: {paths}")
+        for op in self.program:
+            if op.kind == "call":
+                _require(op.target in paths, f"the program calls {op.target!r}, which is not a layer")
+        for pair in self.ties:
+            for param in pair:
+                _require(_in_a_layer(param, paths), f"tie names {param!r}, which is not in a layer")
 
     def layer(self, path: str) -> Layer:
         for layer in self.layers:
@@ -152,6 +255,15 @@ class OptimizerRecipe:
     clip_value: float = 1.0
     set_to_none: bool = True
 
+    def __post_init__(self) -> None:
+        _one_of("optimizer", self.name, OPTIMIZERS)
+        _one_of("scheduler", self.scheduler, SCHEDULERS)
+        _one_of("clip", self.clip, CLIPPING)
+        _require(isinstance(self.clip_value, (int, float)) and 0 < self.clip_value < float("inf"),
+                 f"clip_value={self.clip_value!r} must be a positive number")
+        lr = dict(self.args).get("lr")
+        _require(isinstance(lr, (int, float)) and 0 < lr <= 10, f"optimizer lr={lr!r} must be in (0, 10]")
+
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.args)
@@ -185,6 +297,12 @@ class Data:
     input_requires_grad: bool = True
     loss: str = "mse"
 
+    def __post_init__(self) -> None:
+        _int_in("batch", self.batch, 1, MAX_BATCH)
+        _int_in("data seed", self.seed, 0, 2**63 - 1)
+        _require(isinstance(self.input_requires_grad, bool), "input_requires_grad must be true or false")
+        _one_of("loss", self.loss, LOSSES)
+
     def __repr__(self) -> str:
         return (f"Data(batch={self.batch}, seed={self.seed}, "
                 f"input_requires_grad={self.input_requires_grad}, loss={self.loss})")
@@ -202,6 +320,28 @@ class Scenario:
     micro_batches: int = 1
     dtype: str = "float32"
     init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int_in("steps", self.steps, 1, MAX_STEPS)
+        _int_in("micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
+        _one_of("dtype", self.dtype, DTYPES)
+        _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
+        arch, intent = self.architecture, self.intent
+        layers = {layer.path for layer in arch.layers}
+        modules = layers | {".".join(p.split(".")[:i]) for p in layers for i in range(1, p.count(".") + 1)}
+        for path in intent.frozen_modules + intent.reparameterized:
+            _require(path in modules, f"the intent names module {path!r}, which the architecture does not have")
+        uses: dict[str, int] = {}
+        for path, _ in arch.call_sites:
+            uses[path] = uses.get(path, 0) + 1
+        for path, use in intent.pass_through:
+            _require(isinstance(use, int) and 0 <= use < uses.get(path, 0),
+                     f"pass_through ({path!r}, {use!r}): {path!r} is called {uses.get(path, 0)} time(s)")
+        for param, indices in intent.frozen_elements:
+            _require(_in_a_layer(param, layers), f"frozen elements of {param!r}, which is not in a layer")
+            for index in indices:
+                _require(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_WIDTH for i in index),
+                         f"frozen element index {index!r} of {param!r} must be non-negative integers")
 
     def __repr__(self) -> str:
         return (f"Scenario(\n  architecture={self.architecture!r},\n  intent={self.intent!r},\n"
@@ -221,31 +361,67 @@ class Scenario:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Scenario":
-        a = d["architecture"]
-        arch = Architecture(
-            input_shape=tuple(a["input_shape"]),
-            layers=tuple(Layer(x["path"], x["kind"], _pairs(x["args"])) for x in a["layers"]),
-            program=tuple(Op(o["kind"], o["target"], tuple(o["shape"])) for o in a["program"]),
-            input_kind=a["input_kind"],
-            vocab=a["vocab"],
-            ties=tuple((t[0], t[1]) for t in a["ties"]),
-        )
-        i = d["intent"]
-        intent = Intent(
-            frozen_modules=tuple(i["frozen_modules"]),
-            frozen_elements=tuple((p, tuple(tuple(ix) for ix in idx)) for p, idx in i["frozen_elements"]),
-            pass_through=tuple((p, u) for p, u in i["pass_through"]),
-            reparameterized=tuple(i["reparameterized"]),
-        )
-        o = d["optimizer"]
-        opt = OptimizerRecipe(o["name"], _pairs(o["args"]), o["scheduler"], o["clip"],
-                              o["clip_value"], o["set_to_none"])
-        data = Data(**d["data"])
-        return cls(arch, intent, opt, data, d["steps"], d["micro_batches"], d["dtype"], d["init_seed"])
+        """The scenario ``to_dict`` wrote; unknown or missing fields and bad values raise ScenarioError."""
+        try:
+            d = _fields(d, "scenario", Scenario)
+            a = _fields(d["architecture"], "architecture", Architecture)
+            arch = Architecture(
+                input_shape=tuple(a["input_shape"]),
+                layers=tuple(Layer(x["path"], x["kind"], _pairs(x["args"]))
+                             for x in (_fields(x, "layer", Layer) for x in a["layers"])),
+                program=tuple(Op(o["kind"], o["target"], tuple(o["shape"]))
+                              for o in (_fields(o, "op", Op) for o in a["program"])),
+                input_kind=a["input_kind"],
+                vocab=a["vocab"],
+                ties=tuple((t[0], t[1]) for t in a["ties"]),
+            )
+            i = _fields(d["intent"], "intent", Intent)
+            intent = Intent(
+                frozen_modules=tuple(i["frozen_modules"]),
+                frozen_elements=tuple((p, tuple(tuple(ix) for ix in idx)) for p, idx in i["frozen_elements"]),
+                pass_through=tuple((p, u) for p, u in i["pass_through"]),
+                reparameterized=tuple(i["reparameterized"]),
+            )
+            o = _fields(d["optimizer"], "optimizer", OptimizerRecipe)
+            opt = OptimizerRecipe(o["name"], _pairs(o["args"]), o["scheduler"], o["clip"],
+                                  o["clip_value"], o["set_to_none"])
+            data = Data(**_fields(d["data"], "data", Data))
+            return cls(arch, intent, opt, data, d["steps"], d["micro_batches"], d["dtype"], d["init_seed"])
+        except ScenarioError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ScenarioError(f"not a scenario: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "Scenario":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ScenarioError(f"not JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _in_a_layer(param: str, layers) -> bool:
+    """``fc.weight`` or a nested ``attn.out_proj.weight``: the parameter belongs to one of ``layers``."""
+    module = param.rpartition(".")[0]
+    return any(module == layer or module.startswith(layer + ".") for layer in layers)
+
+
+def _fields(d: Any, what: str, spec: type) -> Mapping[str, Any]:
+    """``d`` as a mapping with exactly ``spec``'s fields (those with defaults may be left out)."""
+    _require(isinstance(d, Mapping), f"{what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name: f for f in dataclasses.fields(spec)}
+    unknown = sorted(set(d) - set(known))
+    _require(not unknown, f"unknown field(s) {unknown} in {what}; it has {sorted(known)}")
+    missing = [n for n, f in known.items() if n not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    _require(not missing, f"{what} misses field(s) {missing}")
+    return {**{n: _default(f) for n, f in known.items() if n not in d}, **d}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _pairs(items: Any) -> tuple[tuple[str, Any], ...]:

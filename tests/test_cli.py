@@ -111,7 +111,7 @@ def test_check_says_what_it_runs_and_how_to_replay_it(plugin_dir, capsys, monkey
     monkeypatch.setenv("ISOLATION_DATABASE", "none")
     assert main(["check", "mytech:Sound", "--max-examples", "4", "--seed", "77"]) == 0
     out = capsys.readouterr().out
-    assert "profile isolation-dev: 60 examples, no example database; seed 77" in out
+    assert "profile isolation-dev: 60 examples, no example database, timeout 60s per run; seed 77" in out
     assert "1 trigger example, 4 generated (max 4); seed 77" in out
     assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --seed 77 "
             "--max-examples 4") in out
@@ -173,19 +173,38 @@ SEGFAULTING = textwrap.dedent('''
 ''')
 
 
+def _fuzz_with(tmp_path, module: str, spec: str, *extra, env=None):
+    (tmp_path / "crashtech.py").write_text(module)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+           "PYTHONFAULTHANDLER": "", **(env or {})}
+    run = subprocess.run(_cli("fuzz", "--budget", "60", "--report-dir", str(tmp_path / "reports"),
+                              "--techniques", f"{spec},functional_detach", "--max-examples", "10", *extra),
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    run_dir = tmp_path / "reports" / (tmp_path / "reports" / "LATEST").read_text().strip()
+    return run, json.loads((run_dir / "summary.json").read_text()), run_dir
+
+
+def test_fuzz_reports_a_technique_that_kills_its_process_as_a_violation(tmp_path):
+    run, summary, _ = _fuzz_with(tmp_path, SEGFAULTING, "crashtech:Segfaulting", "--workers", "2")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert summary["complete"] and not summary["ok"]
+    outcomes = {r["technique"]: r for r in summary["results"]}
+    assert outcomes["functional_detach"]["outcome"] == "held"
+    crashed = outcomes["segfaulting"]
+    assert crashed["outcome"] == "violated" and not crashed["passed"]
+    assert crashed["violations"][0] == {"invariant": "no-crash", "message": (
+        "the process was killed by signal SIGSEGV (during setup; SGD)")}
+    assert "FAIL segfaulting-PASS_THROUGH-cpu: no-crash (not expected)" in run.stdout
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_fuzz_reports_a_crashed_worker_as_an_error_never_a_pass(tmp_path, workers):
-    (tmp_path / "crashtech.py").write_text(SEGFAULTING)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
-           "PYTHONFAULTHANDLER": ""}
-    run = subprocess.run(_cli("fuzz", "--budget", "20", "--workers", workers, "--report-dir", str(tmp_path / "reports"),
-                              "--techniques", "crashtech:Segfaulting,functional_detach", "--max-examples", "10"),
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    # without the sandbox the technique's segfault takes its xdist worker down with it
+    run, summary, run_dir = _fuzz_with(tmp_path, SEGFAULTING, "crashtech:Segfaulting", "--workers", workers,
+                                       env={"ISOLATION_SANDBOX": "off"})
     assert run.returncode == 1, run.stdout + run.stderr
     assert "(FAIL)" in next(line for line in run.stdout.splitlines() if line.startswith("report: "))
     assert "FAIL segfaulting-PASS_THROUGH-cpu: " in run.stdout
-    run_dir = tmp_path / "reports" / (tmp_path / "reports" / "LATEST").read_text().strip()
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and not summary["ok"]
     outcomes = {r["technique"]: r for r in summary["results"]}
     assert outcomes["functional_detach"]["outcome"] == "held"

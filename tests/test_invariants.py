@@ -82,7 +82,7 @@ def test_good_pair_is_silent_on_every_invariant(name):
 
 def test_every_invariant_has_a_check():
     assert set(CHECKS) == set(INVARIANTS)
-    assert len(INVARIANTS) == len(set(INVARIANTS)) == 7
+    assert len(INVARIANTS) == len(set(INVARIANTS)) == 8
 
 
 # --- frozen-unchanged ------------------------------------------------------------------------
@@ -382,6 +382,25 @@ def test_a_crashed_trace_is_judged_only_on_no_crash_and_state_restored():
     # without the crash the same trace breaks much more
     technique.crash = None
     assert len(evaluate(Context(s, technique, reference, other))) >= 5
+
+
+# --- timeout ---------------------------------------------------------------------------------
+
+def test_timeout_fires_on_a_stopped_run_and_no_crash_stays_silent():
+    s, technique, reference = good("module")
+    technique.crash = Crash(2, "forward", "timeout: the run took longer than 5s and was killed", "",
+                            timed_out=True)
+    technique.steps = technique.steps[:1]
+    v = fire("timeout", s, technique, reference)
+    assert v.message == "timeout: the run took longer than 5s and was killed (in forward at step 2; SGD)"
+    silent("no-crash", s, technique, reference)
+    assert [x.invariant for x in evaluate(Context(s, technique, reference))] == ["timeout"]
+
+
+def test_timeout_stays_silent_on_a_crash():
+    s, technique, reference = good("module")
+    technique.crash = Crash(1, "backward", "RuntimeError: boom", "")
+    silent("timeout", s, technique, reference)
 
 
 # --- state-restored --------------------------------------------------------------------------

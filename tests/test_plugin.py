@@ -109,8 +109,8 @@ def test_the_seed_header_statistics_and_profile_are_what_runs(project, monkeypat
                                           "--hypothesis-show-statistics", "--isolation-report", str(reports))
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
-        "isolation-suite: profile isolation-dev: 60 examples, no example database; seed 4242 "
-        "(replay with --hypothesis-seed 4242)",
+        "isolation-suite: profile isolation-dev: 60 examples, no example database, timeout 60s per run; "
+        "seed 4242 (replay with --hypothesis-seed 4242)",
         "*Hypothesis Statistics*",
         "*isolation-suite: * trigger examples, 7 generated (max 7); seed 4242",
         "*- during generate phase*"])

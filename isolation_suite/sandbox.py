@@ -1,0 +1,381 @@
+"""Where technique code runs: a child process that cannot hurt the judge.
+
+The technique under test is hostile user code. On the CPU (Linux), each search forks one child
+process that runs the technique's training runs and sends their traces back; the reference and
+the invariants stay in the parent. So:
+
+* whatever the technique raises (``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` too)
+  is a ``no-crash`` violation with its phase and step;
+* a process exit (``os._exit``) or a fatal signal is a ``no-crash`` violation naming the exit
+  code or signal and the last phase the child reported;
+* an example that runs past the timeout is killed and is a ``timeout`` violation;
+* global state the technique changed (grad mode, default dtype, ``torch.backends`` flags,
+  anomaly mode, deterministic algorithms, thread count, functions of ``torch``,
+  ``torch.nn.functional`` and ``torch.Tensor`` it replaced) is reported as ``state-restored``,
+  and the child is retired, so the next example starts from a clean copy of the parent.
+
+Where a child cannot be forked (CUDA runs, a platform without ``fork``, or
+``ISOLATION_SANDBOX=off`` for debugging), the run is in-process: exceptions of every kind are
+still verdicts, the global state is checked and put back, and the timeout is a ``SIGALRM`` in the
+main thread, which cannot stop code that blocks signals or hangs inside a C call, nor survive a
+process exit. The README says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import pickle
+import select
+import signal
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .runner import PHASES, Crash, Trace, run
+from .technique import Technique
+
+SANDBOX_ENV = "ISOLATION_SANDBOX"
+DEFAULT_TIMEOUT = 60.0  # seconds per training run; the profiles may set their own
+
+
+class SandboxError(RuntimeError):
+    """The harness's own code failed in the child (never the technique's): a bug to report."""
+
+
+class ExampleTimeout(BaseException):
+    """Raised in-process by the timeout alarm; a BaseException so technique code is unlikely to swallow it."""
+
+
+# --- global state: what a technique must leave as it found it ------------------------------
+
+def _backend_flags() -> dict[str, Any]:
+    b = torch.backends
+    flags = {"torch.backends.cudnn.enabled": b.cudnn.enabled, "torch.backends.cudnn.benchmark": b.cudnn.benchmark,
+             "torch.backends.cudnn.deterministic": b.cudnn.deterministic,
+             "torch.backends.cudnn.allow_tf32": b.cudnn.allow_tf32,
+             "torch.backends.cuda.matmul.allow_tf32": b.cuda.matmul.allow_tf32,
+             "torch.backends.mkldnn.enabled": b.mkldnn.enabled}
+    return flags
+
+
+_SETTERS: dict[str, Callable[[Any], None]] = {
+    "grad mode": torch.set_grad_enabled,
+    "default dtype": torch.set_default_dtype,
+    "anomaly mode": lambda on: torch.autograd.set_detect_anomaly(on),
+    "deterministic algorithms": lambda on: torch.use_deterministic_algorithms(on),
+    "torch threads": torch.set_num_threads,
+    "torch.backends.cudnn.enabled": lambda v: setattr(torch.backends.cudnn, "enabled", v),
+    "torch.backends.cudnn.benchmark": lambda v: setattr(torch.backends.cudnn, "benchmark", v),
+    "torch.backends.cudnn.deterministic": lambda v: setattr(torch.backends.cudnn, "deterministic", v),
+    "torch.backends.cudnn.allow_tf32": lambda v: setattr(torch.backends.cudnn, "allow_tf32", v),
+    "torch.backends.cuda.matmul.allow_tf32": lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
+    "torch.backends.mkldnn.enabled": lambda v: setattr(torch.backends.mkldnn, "enabled", v),
+}
+#: namespaces whose functions a technique may monkeypatch and forget
+_NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor}
+
+
+def settle_lazy_imports() -> None:
+    """Import what torch imports lazily and that rewrites torch's own namespace when it loads
+    (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
+    it happens once in the parent, before any snapshot and before any child is forked."""
+    import torch._dynamo  # noqa: F401
+
+
+def snapshot() -> dict[str, Any]:
+    """Every global a technique could leave changed: flags by value, namespaces by identity."""
+    flags = {"grad mode": torch.is_grad_enabled(), "default dtype": torch.get_default_dtype(),
+             "anomaly mode": torch.is_anomaly_enabled(),
+             "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+             "torch threads": torch.get_num_threads(), **_backend_flags()}
+    return {"flags": flags, "namespaces": {name: dict(vars(ns)) for name, ns in _NAMESPACES.items()}}
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs, one line each: ``torch.backends.cudnn.benchmark changed False -> True``."""
+    out = [f"{name} changed {value} -> {after['flags'][name]}"
+           for name, value in before["flags"].items() if after["flags"][name] != value]
+    for name, attrs in before["namespaces"].items():
+        now = after["namespaces"][name]
+        for attr, value in attrs.items():
+            if attr not in now:
+                out.append(f"{name}.{attr} was deleted")
+            elif now[attr] is not value:
+                out.append(f"{name}.{attr} was replaced")
+    return out
+
+
+def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Put back every global that differs between ``before`` and ``after`` (in-process runs; a
+    child is simply retired)."""
+    for name, value in before["flags"].items():
+        if after["flags"][name] != value:
+            _SETTERS[name](value)
+    for name, attrs in before["namespaces"].items():
+        namespace, now = _NAMESPACES[name], after["namespaces"][name]
+        for attr, value in attrs.items():
+            if now.get(attr, _MISSING) is not value:
+                setattr(namespace, attr, value)
+
+
+_MISSING = object()
+
+
+# --- the user's Ctrl-C, told apart from a technique raising KeyboardInterrupt ----------------
+
+_USER_INTERRUPT = threading.Event()
+
+
+def _on_sigint(signum, frame):
+    _USER_INTERRUPT.set()
+    raise KeyboardInterrupt
+
+
+def watch_user_interrupts() -> None:
+    """Note a real SIGINT before raising KeyboardInterrupt (main thread, default handler only)."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def user_interrupted() -> bool:
+    return _USER_INTERRUPT.is_set()
+
+
+# --- the child process ---------------------------------------------------------------------
+
+_HEADER = struct.Struct("!Q")
+_PROGRESS = struct.Struct("ii")  # step, phase index (-1: none)
+
+
+def _map_arrays(x: Any, convert: Callable[[Any], Any]) -> Any:
+    """Every tensor or array in ``x`` (a trace, its records, dicts and lists of them) converted;
+    dataclasses are changed in place (each side owns the trace it converts)."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return convert(x)
+    if isinstance(x, dict):
+        return {k: _map_arrays(v, convert) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_map_arrays(v, convert) for v in x]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            setattr(x, f.name, _map_arrays(getattr(x, f.name), convert))
+    return x
+
+
+def _to_numpy(t):
+    # numpy arrays pickle an order of magnitude faster than tensors; anything numpy cannot hold stays a tensor
+    try:
+        return t.numpy() if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.requires_grad else t
+    except TypeError:  # bfloat16 and friends
+        return t
+
+
+def _to_tensor(a):
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+
+def _send(fd: int, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes | None:
+    """``n`` bytes from ``fd``; None on end of file; raises TimeoutError past ``deadline``."""
+    chunks, left = [], n
+    while left:
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                raise TimeoutError
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(fd: int, deadline: float | None = None) -> Any:
+    header = _read_exactly(fd, _HEADER.size, deadline)
+    if header is None:
+        return _EOF
+    body = _read_exactly(fd, _HEADER.unpack(header)[0], deadline)
+    return _EOF if body is None else pickle.loads(body)
+
+
+_EOF = object()
+
+
+def fork_available() -> bool:
+    return hasattr(os, "fork") and sys.platform.startswith("linux") \
+        and os.environ.get(SANDBOX_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
+
+
+class Sandbox:
+    """Runs one technique's training runs in a forked child; ``run`` returns the trace.
+
+    One child serves a whole search; a child that crashed, hung, or leaked global state is
+    replaced by a fresh fork at the next run. Use as a context manager (or call ``close``).
+    """
+
+    def __init__(self, technique: Technique, timeout: float | None = DEFAULT_TIMEOUT):
+        self.technique, self.timeout = technique, timeout
+        self.pid: int | None = None
+        self.progress = mmap.mmap(-1, _PROGRESS.size)  # shared with the child: where it is now
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, scenario, device: str) -> Trace:
+        if str(device).startswith("cuda") or not fork_available():
+            return run_in_process(self.technique, scenario, device, self.timeout)
+        if self.pid is None:
+            self._start()
+        _PROGRESS.pack_into(self.progress, 0, 0, -1)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        _send(self.to_child, (scenario, str(device)))
+        try:
+            reply = _receive(self.from_child, deadline)
+        except TimeoutError:
+            return self._lost(device, timed_out=True)
+        if reply is _EOF:
+            return self._lost(device, timed_out=False)
+        kind, payload, retire = reply
+        if retire:
+            self._reap()
+        if kind == "error":
+            self.close()
+            raise SandboxError(payload)
+        return _map_arrays(payload, _to_tensor)
+
+    def _start(self) -> None:
+        settle_lazy_imports()
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(to_child_w)
+            os.close(from_child_r)
+            _child_main(self.technique, to_child_r, from_child_w, self.progress)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.pid, self.to_child, self.from_child = pid, to_child_w, from_child_r
+
+    def _lost(self, device: str, timed_out: bool) -> Trace:
+        """The child hung or died mid-run: its trace is a crash at the last phase it reported."""
+        step, index = _PROGRESS.unpack_from(self.progress, 0)
+        phase = PHASES[index] if 0 <= index < len(PHASES) else "the harness's own code"
+        if timed_out:
+            os.kill(self.pid, signal.SIGKILL)
+        status = self._reap()
+        if timed_out:
+            error = f"timeout: the run took longer than {self.timeout:g}s and was killed"
+        elif status is not None and os.WIFSIGNALED(status):
+            error = f"the process was killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+        elif status is not None and os.WIFEXITED(status):
+            error = f"the process exited with code {os.WEXITSTATUS(status)} (os._exit or a fatal error)"
+        else:
+            error = "the process ended without a trace"
+        return Trace(str(device), crash=Crash(step, phase, error, error, timed_out=timed_out))
+
+    def _reap(self) -> int | None:
+        pid, self.pid = self.pid, None
+        for fd in (self.to_child, self.from_child):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if pid is None:
+            return None
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return None
+
+    def close(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._reap()
+
+    def __del__(self) -> None:  # a search that raised still leaves no child behind
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _child_main(technique: Technique, requests: int, replies: int, progress: mmap.mmap) -> None:
+    """Serve runs until told to stop, a leak retires this copy, or the technique ends the process."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C belongs to the parent
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        while True:
+            request = _receive(requests)
+            if request is _EOF:
+                break
+            scenario, device = request
+            before = snapshot()
+            try:
+                trace = run(scenario, _driver(technique), device, progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
+                _send(replies, ("error", f"{type(exc).__name__}: {exc}", True))
+                break
+            leaks = changes(before, snapshot())
+            last = len(trace.steps)
+            trace.state_leaks.extend((last, leak) for leak in leaks)
+            _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks)))
+            if leaks:
+                break  # isolated: the next run gets a fresh copy of the parent
+    except BaseException:  # noqa: BLE001 - the parent reads a lost child as a crash
+        code = 70
+    finally:
+        os._exit(code)
+
+
+def _driver(technique: Technique):
+    from .runner import TechniqueDriver
+    return TechniqueDriver(technique)
+
+
+def run_in_process(technique: Technique, scenario, device: str, timeout: float | None) -> Trace:
+    """The same run without a child: state checked and restored, a SIGALRM timeout where possible."""
+    settle_lazy_imports()
+    before = snapshot()
+    alarm = timeout is not None and threading.current_thread() is threading.main_thread()
+    if alarm:
+        previous = signal.signal(signal.SIGALRM, _raise_timeout)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        trace = run(scenario, _driver(technique), device, timeout=timeout)
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        after = snapshot()
+        leaks = changes(before, after)
+        restore(before, after)
+    trace.state_leaks.extend((len(trace.steps), leak) for leak in leaks)
+    return trace
+
+
+def _raise_timeout(signum, frame):
+    raise ExampleTimeout()
