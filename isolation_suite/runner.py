@@ -114,7 +114,7 @@ class Phase:
     def crash(self, exc: BaseException, timeout: float | None = None) -> Crash:
         from .sandbox import ExampleTimeout
         if isinstance(exc, ExampleTimeout):
-            error = f"timeout: the run took longer than {timeout:g}s and was stopped"
+            error = f"the run took longer than {timeout:g}s and was stopped"
             return Crash(self.step, self.name, error, error, timed_out=True)
         first = (str(exc).strip().splitlines() or [""])[0]
         return Crash(self.step, self.name, f"{type(exc).__name__}: {first}", "".join(traceback.format_exception(exc)))

@@ -23,6 +23,7 @@ process exit. The README says so.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import mmap
 import os
 import pickle
@@ -80,6 +81,9 @@ _SETTERS: dict[str, Callable[[Any], None]] = {
 }
 #: namespaces whose functions a technique may monkeypatch and forget
 _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor}
+#: where a new attribute is a patch too (``torch.Tensor.add = ...`` shadows the inherited method);
+#: modules gain attributes legitimately (lazy submodule imports), so only replacements count there
+_CLOSED = ("torch.Tensor",)
 
 
 def settle_lazy_imports() -> None:
@@ -109,6 +113,8 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
                 out.append(f"{name}.{attr} was deleted")
             elif now[attr] is not value:
                 out.append(f"{name}.{attr} was replaced")
+        if name in _CLOSED:
+            out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs)
     return out
 
 
@@ -123,6 +129,9 @@ def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
         for attr, value in attrs.items():
             if now.get(attr, _MISSING) is not value:
                 setattr(namespace, attr, value)
+        if name in _CLOSED:
+            for attr in [a for a in now if a not in attrs]:
+                delattr(namespace, attr)
 
 
 _MISSING = object()
@@ -284,7 +293,7 @@ class Sandbox:
             os.kill(self.pid, signal.SIGKILL)
         status = self._reap()
         if timed_out:
-            error = f"timeout: the run took longer than {self.timeout:g}s and was killed"
+            error = f"the run took longer than {self.timeout:g}s and was killed"
         elif status is not None and os.WIFSIGNALED(status):
             error = f"the process was killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
         elif status is not None and os.WIFEXITED(status):
@@ -328,6 +337,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C belongs to the parent
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        faulthandler.disable()  # a fatal signal is reported by the parent, with the phase and step
         while True:
             request = _receive(requests)
             if request is _EOF:

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
+import isolation_suite as iso
 from isolation_suite.cli import main
 
 PLUGIN = textwrap.dedent('''
@@ -232,5 +234,42 @@ def test_interrupted_fuzz_leaves_a_valid_report(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     summary = json.loads((results.parent / "summary.json").read_text())
-    assert summary["complete"] is False
+    assert summary["complete"] is False and summary["ok"] is False and summary["interrupted"] is True
     assert any(r["technique"] == "no_grad_call" for r in summary["results"]), out
+    items = summary["items"]
+    assert sorted(items["finished"] + items["running"] + items["not_started"]) == sorted(
+        ["no_grad_call[PASS_THROUGH-cpu]", "functional_detach[PASS_THROUGH-cpu]",
+         "toggle_requires_grad[PASS_THROUGH-cpu]"])
+    assert items["running"], out  # the search that was stopped is named
+    report_line = next(line for line in out.splitlines() if line.startswith("report: "))
+    assert "(FAIL, incomplete)" in report_line
+    assert "interrupted: the run did not finish, so it cannot pass" in (results.parent / "summary.md").read_text()
+
+
+def test_check_reports_a_technique_that_exits_as_a_violation(plugin_dir, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert main(["check", "hostile:SysExit", "--max-examples", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "no-crash           VIOLATED" in out and "SystemExit: 0" in out
+
+
+def test_fuzz_survives_hostile_techniques_each_costing_only_its_own_item(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    hostile = "hostile:OsExit,hostile:Sleeps,hostile:RaisesKeyboardInterrupt,hostile:PatchesLinear"
+    run = subprocess.run(_cli("fuzz", "--budget", "120", "--workers", "2", "--report-dir", str(tmp_path),
+                              "--techniques", f"{hostile},name_substring,functional_detach", "--max-examples", "5",
+                              "--timeout", "2"),
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "latest" / "summary.json").read_text())
+    assert summary["complete"] and not summary["ok"] and len(summary["results"]) == 6
+    outcome = {r["technique"]: (r["outcome"], r["violations"][0]["invariant"] if r["violations"] else None)
+               for r in summary["results"]}
+    assert outcome == {"hostile.os_exit": ("violated", "no-crash"), "hostile.sleeps": ("violated", "timeout"),
+                       "hostile.keyboard_interrupt": ("violated", "no-crash"),
+                       "hostile.patches_linear": ("violated", "state-restored"),
+                       "name_substring": ("caught", outcome["name_substring"][1]),
+                       "functional_detach": ("held", None)}
+    # the monkeypatch did not reach name_substring: caught as without it, with one of its own invariants
+    assert outcome["name_substring"][1] in iso.catalog()["name_substring"].expected_violations

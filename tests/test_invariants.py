@@ -388,11 +388,11 @@ def test_a_crashed_trace_is_judged_only_on_no_crash_and_state_restored():
 
 def test_timeout_fires_on_a_stopped_run_and_no_crash_stays_silent():
     s, technique, reference = good("module")
-    technique.crash = Crash(2, "forward", "timeout: the run took longer than 5s and was killed", "",
+    technique.crash = Crash(2, "forward", "the run took longer than 5s and was killed", "",
                             timed_out=True)
     technique.steps = technique.steps[:1]
     v = fire("timeout", s, technique, reference)
-    assert v.message == "timeout: the run took longer than 5s and was killed (in forward at step 2; SGD)"
+    assert v.message == "the run took longer than 5s and was killed (in forward at step 2; SGD)"
     silent("no-crash", s, technique, reference)
     assert [x.invariant for x in evaluate(Context(s, technique, reference))] == ["timeout"]
 

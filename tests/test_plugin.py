@@ -1,6 +1,7 @@
 """The pytest plug-in, exercised in a throw-away user project with ``pytester``."""
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,24 @@ def test_profiles_are_registered():
     assert settings.get_profile("isolation-nightly").max_examples >= 1000
     assert settings.get_profile("isolation-nightly").deadline is None
     assert settings.get_profile("isolation-ci").derandomize
+
+
+HOSTILE = ["hostile:SysExit", "hostile:OsExit", "hostile:Sleeps", "hostile:RaisesKeyboardInterrupt",
+           "hostile:PatchesLinear"]
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["in-process", "xdist"])
+def test_hostile_techniques_fail_the_gate_and_never_pass(pytester, xdist):
+    pytester.makepyfile(hostile=(Path(__file__).parent / "hostile.py").read_text())
+    pytester.syspathinsert()
+    args = [a for spec in HOSTILE for a in ("--isolation-technique", spec)]
+    result = pytester.runpytest_subprocess(*args, "--isolation-devices", "cpu", "--isolation-timeout", "2",
+                                           "--isolation-max-examples", "3", *xdist)
+    result.assert_outcomes(failed=len(HOSTILE))
+    result.stdout.fnmatch_lines_random([
+        "hostile.sys_exit violates no-crash on cpu*", "  no-crash: SystemExit: 0 (in forward at step 1*",
+        "hostile.os_exit violates no-crash on cpu*", "  no-crash: the process exited with code 0*",
+        "hostile.sleeps violates timeout on cpu*", "  timeout: the run took longer than 2s*",
+        "hostile.keyboard_interrupt violates no-crash on cpu*", "  no-crash: KeyboardInterrupt:*",
+        "hostile.patches_linear violates state-restored on cpu*",
+        "  state-restored: torch.nn.functional.linear was replaced*"])

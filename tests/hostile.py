@@ -1,0 +1,105 @@
+"""Hostile techniques, written against the public contract only: each ends, stalls or poisons
+the process in its own way inside ``call`` (or right after the optimizer step). Shared by the
+sandbox, CLI, plug-in and fuzz tests; importable as ``hostile`` from the tests folder."""
+import os
+import signal
+import time
+
+import torch
+import torch.nn.functional as F
+
+import isolation_suite as iso
+
+PASS = frozenset({iso.Capability.PASS_THROUGH})
+
+
+class _Hostile(iso.Technique):
+    capabilities = PASS
+
+    def act(self):
+        raise NotImplementedError
+
+    def call(self, module, args, role):
+        if role is iso.Role.PASS_THROUGH:
+            self.act()
+        return module(*args)
+
+
+class SysExit(_Hostile):
+    name = "hostile.sys_exit"
+
+    def act(self):
+        raise SystemExit(0)
+
+
+class OsExit(_Hostile):
+    name = "hostile.os_exit"
+
+    def act(self):
+        os._exit(0)
+
+
+class Segfault(_Hostile):
+    name = "hostile.segfault"
+
+    def act(self):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class BusyLoop(_Hostile):
+    name = "hostile.busy_loop"
+
+    def act(self):
+        while True:
+            pass
+
+
+class Sleeps(_Hostile):
+    name = "hostile.sleeps"
+
+    def act(self):
+        time.sleep(600)
+
+
+class RaisesKeyboardInterrupt(_Hostile):
+    name = "hostile.keyboard_interrupt"
+
+    def act(self):
+        raise KeyboardInterrupt
+
+
+class RaisesGeneratorExit(_Hostile):
+    name = "hostile.generator_exit"
+
+    def act(self):
+        raise GeneratorExit
+
+
+def _detached_linear(x, weight, bias=None):
+    return _ORIGINAL_LINEAR(x, weight.detach(), None if bias is None else bias.detach())
+
+
+_ORIGINAL_LINEAR = F.linear
+
+
+class PatchesLinear(iso.Technique):
+    """'Isolates' every Linear by monkeypatching F.linear to detach weights, and never undoes it."""
+
+    name = "hostile.patches_linear"
+    capabilities = frozenset({iso.Capability.PASS_THROUGH})
+
+    def call(self, module, args, role):
+        F.linear = _detached_linear
+        return module(*args)
+
+
+class SetsCudnnFlags(iso.Technique):
+    name = "hostile.cudnn_flags"
+    capabilities = frozenset({iso.Capability.PASS_THROUGH})
+
+    def call(self, module, args, role):
+        torch.backends.cudnn.deterministic = True  # both False by default
+        torch.backends.cudnn.benchmark = True
+        if role is iso.Role.PASS_THROUGH:
+            return torch.func.functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
+        return module(*args)

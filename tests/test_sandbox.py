@@ -1,0 +1,127 @@
+"""Hostile techniques cannot pass, hang or poison the judge: in the sandbox and in-process."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import isolation_suite as iso
+from isolation_suite.sandbox import Sandbox, changes, restore, snapshot
+from isolation_suite.techniques.triggers import NAMES_COLLIDE, PASS_UPSTREAM
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hostile  # noqa: E402
+
+#: every technique that ends the run; what its verdict must say (sandbox / in-process)
+ENDINGS = [
+    (hostile.SysExit, "no-crash", "SystemExit: 0 (in forward at step 1"),
+    (hostile.RaisesKeyboardInterrupt, "no-crash", "KeyboardInterrupt:  (in forward at step 1"),
+    (hostile.RaisesGeneratorExit, "no-crash", "GeneratorExit:  (in forward at step 1"),
+    (hostile.BusyLoop, "timeout", "the run took longer than 1s"),
+    (hostile.Sleeps, "timeout", "the run took longer than 1s"),
+]
+#: what only a process boundary can survive
+PROCESS_ENDINGS = [
+    (hostile.OsExit, "no-crash", "the process exited with code 0 (os._exit or a fatal error) (in forward at step 1"),
+    (hostile.Segfault, "no-crash", "the process was killed by signal SIGSEGV (in forward at step 1"),
+]
+
+
+@pytest.mark.parametrize("technique, invariant, message", ENDINGS + PROCESS_ENDINGS,
+                         ids=[t.name for t, _, _ in ENDINGS + PROCESS_ENDINGS])
+def test_whatever_ends_the_run_is_a_verdict_in_the_sandbox(technique, invariant, message):
+    verdict = iso.check(technique(), PASS_UPSTREAM, timeout=1.0)
+    assert verdict.invariants == (invariant,), str(verdict)
+    assert verdict.first.message.startswith(message), verdict.first.message
+
+
+@pytest.mark.parametrize("technique, invariant, message", ENDINGS, ids=[t.name for t, _, _ in ENDINGS])
+def test_whatever_ends_the_run_is_a_verdict_in_process_too(technique, invariant, message, monkeypatch):
+    monkeypatch.setenv("ISOLATION_SANDBOX", "off")
+    verdict = iso.check(technique(), PASS_UPSTREAM, timeout=1.0)
+    assert verdict.invariants == (invariant,), str(verdict)
+    assert verdict.first.message.startswith(message.replace("killed", "stopped")), verdict.first.message
+
+
+@pytest.mark.parametrize("sandbox", ["on", "off"])
+def test_a_hostile_search_is_caught_without_shrinking_a_hang_and_never_passes(sandbox, monkeypatch):
+    monkeypatch.setenv("ISOLATION_SANDBOX", sandbox)
+    for technique in (hostile.SysExit(), hostile.RaisesKeyboardInterrupt(), hostile.Sleeps()):
+        result = iso.search(technique, max_examples=5, timeout=0.5)
+        assert result.failure is not None and result.found_by == "explicit", technique.name
+        assert result.failure.first.invariant in ("no-crash", "timeout")
+
+
+@pytest.mark.parametrize("sandbox", ["on", "off"])
+def test_a_leaked_monkeypatch_is_reported_and_does_not_reach_the_next_technique(sandbox, monkeypatch):
+    monkeypatch.setenv("ISOLATION_SANDBOX", sandbox)
+    linear = F.linear
+    verdict = iso.check(hostile.PatchesLinear(), PASS_UPSTREAM)
+    leak = next(v for v in verdict.violations if v.invariant == "state-restored")
+    assert "torch.nn.functional.linear was replaced" in leak.message
+    assert F.linear is linear
+    # the next technique still sees the real F.linear: name_substring is caught as before
+    after = iso.check(iso.catalog()["name_substring"], NAMES_COLLIDE)
+    assert after.first.invariant == "trainable-trains"
+
+
+@pytest.mark.parametrize("sandbox", ["on", "off"])
+def test_backend_flags_are_reported_and_put_back(sandbox, monkeypatch):
+    monkeypatch.setenv("ISOLATION_SANDBOX", sandbox)
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    verdict = iso.check(hostile.SetsCudnnFlags(), PASS_UPSTREAM)
+    assert verdict.invariants == ("state-restored",)
+    assert "torch.backends.cudnn" in verdict.first.message and "changed" in verdict.first.message
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == flags
+
+
+def test_snapshot_sees_each_kind_of_global_and_restore_puts_it_back():
+    before = snapshot()
+    original_relu, original_add = torch.relu, torch.Tensor.add
+    try:
+        torch.set_grad_enabled(False)
+        torch.autograd.set_detect_anomaly(True)
+        torch.use_deterministic_algorithms(True)
+        torch.relu = lambda x: x
+        torch.Tensor.add = lambda self, other: self
+        found = changes(before, snapshot())
+        assert {"grad mode changed True -> False", "anomaly mode changed False -> True",
+                "deterministic algorithms changed False -> True", "torch.relu was replaced",
+                "torch.Tensor.add was replaced"} <= set(found)
+    finally:
+        restore(before, snapshot())
+    assert torch.is_grad_enabled() and not torch.is_anomaly_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.relu is original_relu and torch.Tensor.add is original_add
+    assert changes(before, snapshot()) == []
+
+
+def test_a_sound_technique_keeps_one_child_for_the_whole_search():
+    technique = iso.catalog()["functional_detach"]
+    with Sandbox(technique, timeout=30) as sandbox:
+        first = sandbox.run(PASS_UPSTREAM, "cpu")
+        pid = sandbox.pid
+        second = sandbox.run(PASS_UPSTREAM, "cpu")
+        assert pid is not None and sandbox.pid == pid and first.crash is None
+        torch.testing.assert_close(first.steps[-1].params, second.steps[-1].params, rtol=0, atol=0)
+    assert sandbox.pid is None  # closed: no child left behind
+
+
+def test_a_child_that_leaked_is_replaced_by_a_fresh_one():
+    with Sandbox(hostile.PatchesLinear(), timeout=30) as sandbox:
+        sandbox.run(PASS_UPSTREAM, "cpu")
+        assert sandbox.pid is None  # retired after the leak
+        trace = sandbox.run(PASS_UPSTREAM, "cpu")
+        assert any("linear was replaced" in leak for _, leak in trace.state_leaks)
+
+
+def test_the_repro_of_a_hostile_technique_reproduces(tmp_path):
+    import subprocess
+    from isolation_suite.repro import write_repro
+    script = write_repro(tmp_path / "exit.py", hostile.SysExit(), PASS_UPSTREAM, "cpu", "no-crash: SystemExit")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "no-crash: SystemExit: 0" in run.stdout and "reproduced" in run.stdout
