@@ -18,6 +18,7 @@ import torch
 
 from isolation_suite import catalog, check
 from isolation_suite.judge import clear_reference_cache
+from isolation_suite.sandbox import Sandbox
 
 from ._common import bare_pair, corpus, median, table, timed, write
 
@@ -27,11 +28,11 @@ TECHNIQUES = ("functional_detach", "toggle_requires_grad", "freeze_and_eval", "p
 REPEATS = 3
 
 
-def side_by_side(technique, scenario) -> tuple[float, float]:
+def side_by_side(technique, scenario, sandbox) -> tuple[float, float]:
     """(harness seconds, bare seconds) for one scenario, alternating the two."""
     def harness():
         clear_reference_cache()  # every check pays for its reference run
-        check(technique, scenario)
+        check(technique, scenario, sandbox=sandbox)
 
     pairs = [(timed(harness)[1], timed(bare_pair, technique, scenario)[1]) for _ in range(REPEATS)]
     return min(h for h, _ in pairs), min(b for _, b in pairs)
@@ -44,7 +45,8 @@ def main() -> dict:
         technique = catalog()[name]
         (capability,) = technique.capabilities
         scenarios = corpus(capability, 40)
-        times = [side_by_side(technique, s) for s in scenarios]
+        with Sandbox(technique) as sandbox:  # one child for the corpus, as a search keeps one
+            times = [side_by_side(technique, s, sandbox) for s in scenarios]
         harness, bare = sum(h for h, _ in times), sum(b for _, b in times)
         data[name] = {"overhead": harness / bare, "median_overhead": median([h / b for h, b in times]),
                       "harness_ms_per_check": 1000 * harness / len(times),

@@ -2,8 +2,10 @@
 
     python -m benchmarks.throughput
 
-Each check runs the technique and the reference (one training loop each), judges the
-invariants and, for a float32 ``matches-reference`` mismatch, re-runs both in float64.
+Each check runs the technique (in the sandbox's child process, one per technique as in a
+search; ``ISOLATION_SANDBOX=off`` measures the in-process path) and the reference (one
+training loop each), judges the invariants and, for a float32 ``matches-reference``
+mismatch, re-runs both in float64.
 The "floor" column is what a worker would do if the harness cost nothing: the two
 bare training loops alone (``benchmarks._common.bare_pair``).
 """
@@ -13,6 +15,7 @@ import torch
 
 from isolation_suite import catalog, check
 from isolation_suite.judge import clear_reference_cache
+from isolation_suite.sandbox import Sandbox
 
 from ._common import bare_pair, corpus, table, timed, write
 
@@ -25,8 +28,10 @@ def main() -> dict:
         for name in names:
             technique = catalog()[name]
             clear_reference_cache()
-            _, cold = timed(lambda: [check(technique, s) for s in scenarios])
-            _, warm = timed(lambda: [check(technique, s) for s in scenarios])  # reference traces cached
+            # one sandbox (one child process) for the corpus, as a search keeps one for all its examples
+            with Sandbox(technique) as sandbox:
+                _, cold = timed(lambda: [check(technique, s, sandbox=sandbox) for s in scenarios])
+                _, warm = timed(lambda: [check(technique, s, sandbox=sandbox) for s in scenarios])  # cached reference
             _, bare = timed(lambda: [bare_pair(technique, s) for s in scenarios])
             n = len(scenarios)
             data[name] = {"scenarios": n, "checks_per_s_cold": n / cold, "checks_per_s_cached_reference": n / warm,
