@@ -105,7 +105,7 @@ def test_repro_rejects_bad_files(plugin_dir, capsys):
     assert main(["repro", "bad.json", "--technique", "mytech:Sound"]) == 2
     assert "is not JSON" in capsys.readouterr().err
     assert main(["repro", "bare.json", "--technique", "mytech:Sound"]) == 2
-    assert "is not a scenario" in capsys.readouterr().err
+    assert "is not a valid scenario: scenario misses field(s) ['architecture']" in capsys.readouterr().err
 
 
 def test_check_says_what_it_runs_and_how_to_replay_it(plugin_dir, capsys, monkeypatch):
