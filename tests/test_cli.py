@@ -199,10 +199,9 @@ def test_fuzz_reports_a_technique_that_kills_its_process_as_a_violation(tmp_path
     assert "FAIL segfaulting-PASS_THROUGH-cpu: no-crash (not expected)" in run.stdout
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_fuzz_reports_a_crashed_worker_as_an_error_never_a_pass(tmp_path, workers):
-    # without the sandbox the technique's segfault takes its xdist worker down with it
-    run, summary, run_dir = _fuzz_with(tmp_path, SEGFAULTING, "crashtech:Segfaulting", "--workers", workers,
+def test_fuzz_reports_a_crashed_worker_as_an_error_never_a_pass(tmp_path):
+    # without the sandbox the technique's segfault takes its xdist worker down with it, here the only one
+    run, summary, run_dir = _fuzz_with(tmp_path, SEGFAULTING, "crashtech:Segfaulting", "--workers", "1",
                                        env={"ISOLATION_SANDBOX": "off"})
     assert run.returncode == 1, run.stdout + run.stderr
     assert "(FAIL)" in next(line for line in run.stdout.splitlines() if line.startswith("report: "))
