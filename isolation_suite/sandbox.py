@@ -255,7 +255,10 @@ class Sandbox:
             self._start()
         _PROGRESS.pack_into(self.progress, 0, 0, -1)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        _send(self.to_child, (scenario, str(device)))
+        try:
+            _send(self.to_child, (scenario, str(device)))
+        except BrokenPipeError:  # the child ended between runs (a thread the technique left behind)
+            return self._lost(device, timed_out=False)
         try:
             reply = _receive(self.from_child, deadline)
         except TimeoutError:

@@ -103,3 +103,14 @@ class SetsCudnnFlags(iso.Technique):
         if role is iso.Role.PASS_THROUGH:
             return torch.func.functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
         return module(*args)
+
+
+class ExitsLater(iso.Technique):
+    """Leaves a thread behind that ends the process after the run has been reported."""
+
+    name = "hostile.exits_later"
+    capabilities = PASS
+
+    def setup(self, model, intent):
+        import threading
+        threading.Timer(0.3, lambda: os._exit(3)).start()

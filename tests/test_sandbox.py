@@ -125,3 +125,12 @@ def test_the_repro_of_a_hostile_technique_reproduces(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "no-crash: SystemExit: 0" in run.stdout and "reproduced" in run.stdout
+
+
+def test_a_process_ended_between_runs_is_a_crash_of_the_next_run():
+    import time
+    with Sandbox(hostile.ExitsLater(), timeout=30) as sandbox:
+        assert sandbox.run(PASS_UPSTREAM, "cpu").crash is None
+        time.sleep(1.0)  # the technique's timer ends the child in the meantime
+        trace = sandbox.run(PASS_UPSTREAM, "cpu")
+    assert trace.crash is not None and "exited with code 3" in trace.crash.error
