@@ -119,7 +119,7 @@ def cmd_list(args) -> int:
 
 def cmd_check(args) -> int:
     from . import devices as devices_mod
-    from .check import failure_message, run_seed, search, search_line, seed_text
+    from .check import failure_message, run_seed, search, search_line, search_settings, seed_text
     from .invariants import DEVICE_PARITY, INVARIANTS
     from .loading import load_technique
     from .profiles import active_profile, describe
@@ -129,9 +129,9 @@ def cmd_check(args) -> int:
     devices = devices_mod.resolve(args.devices)
     run_dir = _writable(args.report_dir) if args.report_dir else None  # before the search, not after it
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
-    replay = _replay(["check", args.spec, "--devices", ",".join(devices)], seed, args.max_examples)
-    _line(f"isolation-suite check {technique.name}: profile {describe(active_profile())}; {seed_text(seed)}"
-          + (f"; timeout {args.timeout:g}s per run" if args.timeout is not None else ""))
+    replay = _replay(["check", args.spec, "--devices", ",".join(devices)], seed, args.max_examples, args.timeout)
+    _line(f"isolation-suite check {technique.name}: profile {describe(active_profile(), args.timeout)}; "
+          f"{seed_text(seed)}")
     failures = []
     for device in devices:
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
@@ -155,7 +155,8 @@ def cmd_check(args) -> int:
     if run_dir is not None:
         write_summary(run_dir, environment({"devices": devices, "technique": args.spec, "profile": active_profile(),
                                             "seed": seed, "seed_text": seed_text(seed), "budget": args.budget,
-                                            "max_examples": args.max_examples}), complete=True)
+                                            "max_examples": search_settings(args.max_examples).max_examples}),
+                      complete=True)
         _line(f"report: {run_dir}")
     if failures and technique.expected_violations:
         _line(f"note: {technique.name} is known-bad (expected: {', '.join(sorted(technique.expected_violations))})")
@@ -163,7 +164,7 @@ def cmd_check(args) -> int:
     return EXIT_VIOLATION if failures else EXIT_OK
 
 
-def _replay(argv: list[str], seed: int | None, max_examples: int | None) -> str:
+def _replay(argv: list[str], seed: int | None, max_examples: int | None, timeout: float | None) -> str:
     """The command line that runs the same searches again."""
     import shlex
     from .profiles import active_profile
@@ -172,6 +173,8 @@ def _replay(argv: list[str], seed: int | None, max_examples: int | None) -> str:
         argv += ["--seed", str(seed)]
     if max_examples is not None:
         argv += ["--max-examples", str(max_examples)]
+    if timeout is not None:
+        argv += ["--timeout", f"{timeout:g}"]
     prefix = f"ISOLATION_PROFILE={active_profile()} "
     return prefix + " ".join(shlex.quote(a) for a in argv)
 
@@ -261,10 +264,11 @@ def cmd_fuzz(args) -> int:
     point_latest(reports, run_dir)
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
     replay = _replay(["fuzz", "--budget", f"{args.budget:g}", "--devices", ",".join(devices)]
-                     + (["--techniques", args.techniques] if args.techniques else []), seed, args.max_examples)
+                     + (["--techniques", args.techniques] if args.techniques else []), seed, args.max_examples,
+                     args.timeout)
     _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items on {','.join(devices)}, "
           f"{workers} worker(s), budget {args.budget:g}s (up to {per_item:.1f}s per item); report: {run_dir}")
-    _line(f"profile {describe(profile)}; {seed_text(seed)}; replay: {replay}")
+    _line(f"profile {describe(profile, args.timeout)}; {seed_text(seed)}; replay: {replay}")
     # the plug-in arrives through its pytest11 entry point unless autoloading is off
     plugin = ["-p", "isolation_suite.pytest_plugin"] if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") else []
     argv = plugin + ["-p", "no:cacheprovider", "-p", "no:benchmark", "-q", "--no-header",

@@ -82,11 +82,12 @@ def example_timeout(profile: str | None = None) -> float:
     return TIMEOUTS[profile or active_profile()]
 
 
-def describe(profile: str) -> str:
-    """``isolation-dev: 60 examples, example database .hypothesis/examples``: a profile in one line."""
+def describe(profile: str, timeout: float | None = None) -> str:
+    """``isolation-dev: 60 examples, example database .hypothesis/examples, timeout 60s per run``:
+    a profile in one line (``timeout``: the one given instead of the profile's)."""
     chosen = settings.get_profile(profile)
     database = getattr(chosen.database, "path", None) if chosen.database is not None else None
     return (f"{profile}: {chosen.max_examples} examples, "
             + ("derandomized, " if chosen.derandomize else "")
             + (f"example database {database}" if database else "no example database")
-            + f", timeout {example_timeout(profile):g}s per run")
+            + f", timeout {timeout or example_timeout(profile):g}s per run")

@@ -121,9 +121,11 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
     except ReportDirError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_REPORT] = run_dir
+    from .check import search_settings
     seed = config.stash[_SEED]
     meta = environment({"devices": config.stash[_DEVICES], "profile": config.stash[_PROFILE], "seed": seed,
-                        "seed_text": seed_text(seed), "budget": budget, "max_examples": max_examples,
+                        "seed_text": seed_text(seed), "budget": budget,
+                        "max_examples": search_settings(max_examples).max_examples,
                         "techniques": specs, "workers": config.getoption("numprocesses", None)})
     items = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash[_TECHNIQUES]
              for d in config.stash[_DEVICES] for c in t.capabilities}
@@ -146,7 +148,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     from .check import seed_text
     from .profiles import describe
     seed = config.stash.get(_SEED, None)
-    lines = [f"isolation-suite: profile {describe(config.stash[_PROFILE])}; {seed_text(seed)}"
+    lines = [f"isolation-suite: profile {describe(config.stash[_PROFILE], config.getoption('isolation_timeout'))}; "
+             f"{seed_text(seed)}"
              + (f" (replay with --hypothesis-seed {seed})" if seed is not None else "")]
     if _REPORT in config.stash:
         lines.append(f"isolation-suite: report {config.stash[_REPORT]}")

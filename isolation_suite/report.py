@@ -274,9 +274,11 @@ def _short_scenario(data: dict[str, Any] | None) -> str:
 def _run_line(meta: dict[str, Any]) -> str:
     """What ran: versions, devices, profile, seed, budget, example cap."""
     seed = meta.get("seed_text") or f"seed {meta.get('seed')}"
+    budget = meta.get("budget")
     return (f"torch {meta.get('torch')}, hypothesis {meta.get('hypothesis')}, devices {meta.get('devices')}, "
-            f"profile {meta.get('profile')}, {seed}, budget {meta.get('budget')}, "
-            f"max examples {meta.get('max_examples')}")
+            f"profile {meta.get('profile')}, {seed}, "
+            + (f"budget {budget:.3g}s per search" if budget else "no time budget")
+            + f", at most {meta.get('max_examples')} generated examples per search")
 
 
 def _status_line(summary: dict[str, Any]) -> str:

@@ -341,6 +341,9 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C belongs to the parent
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         faulthandler.disable()  # a fatal signal is reported by the parent, with the phase and step
+        # OpenMP's thread pool does not survive fork: a parent that ran parallel kernels leaves the
+        # child's pool deadlocked on its first parallel region. One thread never enters the pool.
+        torch.set_num_threads(1)
         while True:
             request = _receive(requests)
             if request is _EOF:

@@ -134,3 +134,18 @@ def test_a_process_ended_between_runs_is_a_crash_of_the_next_run():
         time.sleep(1.0)  # the technique's timer ends the child in the meantime
         trace = sandbox.run(PASS_UPSTREAM, "cpu")
     assert trace.crash is not None and "exited with code 3" in trace.crash.error
+
+
+def test_a_parent_that_ran_parallel_kernels_does_not_deadlock_its_child():
+    """OpenMP's pool does not survive fork; the child must not wait on it (found by a check run)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        big = torch.randn(512, 512)
+        (big @ big).sum()  # starts the parent's OpenMP pool
+        with Sandbox(iso.catalog()["freeze_and_eval"], timeout=20) as sandbox:
+            from isolation_suite.techniques.triggers import FROZEN_BATCHNORM
+            trace = sandbox.run(FROZEN_BATCHNORM, "cpu")
+        assert trace.crash is None, trace.crash
+    finally:
+        torch.set_num_threads(threads)
