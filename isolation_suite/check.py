@@ -18,6 +18,7 @@ from .invariants import TIMEOUT
 from .judge import Verdict, as_technique, judge, reference_trace
 from .profiles import example_timeout
 from .sandbox import Sandbox, watch_user_interrupts
+from .sandbox import mode as sandbox_mode
 from .scenario import Scenario
 from .technique import Capability, Technique
 
@@ -73,6 +74,7 @@ class SearchResult:
     budget_reached: bool = False
     seconds_to_first_failure: float | None = None
     statistics: str = ""  # Hypothesis's own description of the search
+    sandbox: str = ""  # where the technique's code ran (``sandbox.mode()``)
 
     @property
     def ok(self) -> bool:
@@ -127,6 +129,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
     with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
         _search(technique, caps, device, run_settings, result, budget, explicit, sandbox)
+    result.sandbox = "in-process (CUDA runs)" if device.startswith("cuda") else sandbox_mode()
     return result
 
 
@@ -241,7 +244,8 @@ def search_line(result: SearchResult) -> str:
         parts.append(f"{result.shrink_examples} while shrinking")
     if result.budget_reached:
         parts.append(f"budget of {result.budget:g}s reached")
-    return ", ".join(parts) + "; " + seed_text(result.seed)
+    where = f"; technique code ran {result.sandbox}" if result.sandbox.startswith("in-process") else ""
+    return ", ".join(parts) + "; " + seed_text(result.seed) + where
 
 
 def run_seed(max_examples: int | None = None) -> int | None:

@@ -225,9 +225,24 @@ def _receive(fd: int, deadline: float | None = None) -> Any:
 _EOF = object()
 
 
+#: why forked children cannot run technique code in this process any more (None while they can)
+_FORK_UNUSABLE: list[str] = []
+
+
 def fork_available() -> bool:
-    return hasattr(os, "fork") and sys.platform.startswith("linux") \
+    return hasattr(os, "fork") and sys.platform.startswith("linux") and not _FORK_UNUSABLE \
         and os.environ.get(SANDBOX_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
+
+
+def mode() -> str:
+    """Where technique code runs in this process now, in words (reports print it)."""
+    if os.environ.get(SANDBOX_ENV, "on").strip().lower() in ("off", "0", "no", "false"):
+        return f"in-process ({SANDBOX_ENV}=off)"
+    if not (hasattr(os, "fork") and sys.platform.startswith("linux")):
+        return "in-process (no fork on this platform)"
+    if _FORK_UNUSABLE:
+        return f"in-process ({_FORK_UNUSABLE[0]})"
+    return "forked child"
 
 
 class Sandbox:
@@ -249,10 +264,10 @@ class Sandbox:
         self.close()
 
     def run(self, scenario, device: str) -> Trace:
-        if str(device).startswith("cuda") or not fork_available():
+        if self.pid is None and (str(device).startswith("cuda") or not fork_available() or not self._start()):
             return run_in_process(self.technique, scenario, device, self.timeout)
-        if self.pid is None:
-            self._start()
+        if str(device).startswith("cuda"):
+            return run_in_process(self.technique, scenario, device, self.timeout)
         _PROGRESS.pack_into(self.progress, 0, 0, -1)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
@@ -273,7 +288,10 @@ class Sandbox:
             raise SandboxError(payload)
         return _map_arrays(payload, _to_tensor)
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Fork the child; False (and every later run of this process in-process) when a child
+        cannot run autograd: on a CUDA build, autograd's device threads, started by the parent's
+        first backward, do not survive fork."""
         settle_lazy_imports()
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -287,6 +305,16 @@ class Sandbox:
         os.close(to_child_r)
         os.close(from_child_w)
         self.pid, self.to_child, self.from_child = pid, to_child_w, from_child_r
+        try:
+            hello = _receive(self.from_child, time.monotonic() + 120)
+        except TimeoutError:
+            hello = _EOF
+        if hello is _EOF or hello[0] != "ready":
+            reason = hello[1] if hello is not _EOF else "the child did not start"
+            _FORK_UNUSABLE.append(f"a forked child cannot run autograd here: {reason}")
+            self.close()
+            return False
+        return True
 
     def _lost(self, device: str, timed_out: bool) -> Trace:
         """The child hung or died mid-run: its trace is a crash at the last phase it reported."""
@@ -344,6 +372,13 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
         # OpenMP's thread pool does not survive fork: a parent that ran parallel kernels leaves the
         # child's pool deadlocked on its first parallel region. One thread never enters the pool.
         torch.set_num_threads(1)
+        try:  # can this copy run autograd at all?
+            probe = torch.ones(1, requires_grad=True)
+            (probe * 2).sum().backward()
+        except RuntimeError as exc:
+            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True))
+            return
+        _send(replies, ("ready", None, False))
         while True:
             request = _receive(requests)
             if request is _EOF:

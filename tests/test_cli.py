@@ -13,6 +13,9 @@ import pytest
 import isolation_suite as iso
 from isolation_suite.cli import main
 
+sys.path.insert(0, str(Path(__file__).parent))
+import hostile as hostile_mod  # noqa: E402
+
 PLUGIN = textwrap.dedent('''
     import torch
     import isolation_suite as iso
@@ -187,6 +190,7 @@ def _fuzz_with(tmp_path, module: str, spec: str, *extra, env=None):
 
 
 def test_fuzz_reports_a_technique_that_kills_its_process_as_a_violation(tmp_path):
+    hostile_mod.require_fork_sandbox()
     run, summary, _ = _fuzz_with(tmp_path, SEGFAULTING, "crashtech:Segfaulting", "--workers", "2")
     assert run.returncode == 1, run.stdout + run.stderr
     assert summary["complete"] and not summary["ok"]
@@ -253,6 +257,7 @@ def test_check_reports_a_technique_that_exits_as_a_violation(plugin_dir, capsys,
 
 
 def test_fuzz_survives_hostile_techniques_each_costing_only_its_own_item(tmp_path):
+    hostile_mod.require_fork_sandbox()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
                                                                      os.environ.get("PYTHONPATH")]))}
     hostile = "hostile:OsExit,hostile:Sleeps,hostile:RaisesKeyboardInterrupt,hostile:PatchesLinear"

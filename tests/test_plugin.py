@@ -1,5 +1,6 @@
 """The pytest plug-in, exercised in a throw-away user project with ``pytester``."""
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -151,6 +152,9 @@ HOSTILE = ["hostile:SysExit", "hostile:OsExit", "hostile:Sleeps", "hostile:Raise
 
 @pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["in-process", "xdist"])
 def test_hostile_techniques_fail_the_gate_and_never_pass(pytester, xdist):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hostile
+    hostile.require_fork_sandbox()
     pytester.makepyfile(hostile=(Path(__file__).parent / "hostile.py").read_text())
     pytester.syspathinsert()
     args = [a for spec in HOSTILE for a in ("--isolation-technique", spec)]

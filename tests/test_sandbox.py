@@ -1,6 +1,7 @@
 """Hostile techniques cannot pass, hang or poison the judge: in the sandbox and in-process."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import isolation_suite as iso
+from isolation_suite.check import search_line
 from isolation_suite.sandbox import Sandbox, changes, restore, snapshot
 from isolation_suite.techniques.triggers import NAMES_COLLIDE, PASS_UPSTREAM
 
@@ -33,6 +35,7 @@ PROCESS_ENDINGS = [
 @pytest.mark.parametrize("technique, invariant, message", ENDINGS + PROCESS_ENDINGS,
                          ids=[t.name for t, _, _ in ENDINGS + PROCESS_ENDINGS])
 def test_whatever_ends_the_run_is_a_verdict_in_the_sandbox(technique, invariant, message):
+    hostile.require_fork_sandbox()
     verdict = iso.check(technique(), PASS_UPSTREAM, timeout=1.0)
     assert verdict.invariants == (invariant,), str(verdict)
     assert verdict.first.message.startswith(message), verdict.first.message
@@ -100,6 +103,7 @@ def test_snapshot_sees_each_kind_of_global_and_restore_puts_it_back():
 
 
 def test_a_sound_technique_keeps_one_child_for_the_whole_search():
+    hostile.require_fork_sandbox()
     technique = iso.catalog()["functional_detach"]
     with Sandbox(technique, timeout=30) as sandbox:
         first = sandbox.run(PASS_UPSTREAM, "cpu")
@@ -111,6 +115,7 @@ def test_a_sound_technique_keeps_one_child_for_the_whole_search():
 
 
 def test_a_child_that_leaked_is_replaced_by_a_fresh_one():
+    hostile.require_fork_sandbox()
     with Sandbox(hostile.PatchesLinear(), timeout=30) as sandbox:
         sandbox.run(PASS_UPSTREAM, "cpu")
         assert sandbox.pid is None  # retired after the leak
@@ -128,6 +133,7 @@ def test_the_repro_of_a_hostile_technique_reproduces(tmp_path):
 
 
 def test_a_process_ended_between_runs_is_a_crash_of_the_next_run():
+    hostile.require_fork_sandbox()
     import time
     with Sandbox(hostile.ExitsLater(), timeout=30) as sandbox:
         assert sandbox.run(PASS_UPSTREAM, "cpu").crash is None
@@ -138,6 +144,7 @@ def test_a_process_ended_between_runs_is_a_crash_of_the_next_run():
 
 def test_a_parent_that_ran_parallel_kernels_does_not_deadlock_its_child():
     """OpenMP's pool does not survive fork; the child must not wait on it (found by a check run)."""
+    hostile.require_fork_sandbox()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -149,3 +156,23 @@ def test_a_parent_that_ran_parallel_kernels_does_not_deadlock_its_child():
         assert trace.crash is None, trace.crash
     finally:
         torch.set_num_threads(threads)
+
+
+def test_where_a_child_cannot_run_autograd_the_runs_fall_back_in_process(monkeypatch):
+    """On a CUDA build, autograd's device threads do not survive fork: the child's first backward
+    raises. Made here deterministically: backward raises in any process but this one."""
+    from isolation_suite import sandbox as sandbox_mod
+    monkeypatch.setattr(sandbox_mod, "_FORK_UNUSABLE", [])
+    parent, backward = os.getpid(), torch.Tensor.backward
+
+    def backward_not_after_fork(self, *args, **kwargs):
+        if os.getpid() != parent:
+            raise RuntimeError("Unable to handle autograd's threading in combination with fork-based multiprocessing.")
+        return backward(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "backward", backward_not_after_fork)
+    verdict = iso.check(hostile.SysExit(), PASS_UPSTREAM)
+    assert verdict.invariants == ("no-crash",) and "SystemExit" in verdict.first.message
+    assert sandbox_mod.mode().startswith("in-process (a forked child cannot run autograd here: Unable to handle")
+    result = iso.search(iso.catalog()["functional_detach"], max_examples=3)
+    assert result.ok and result.sandbox.startswith("in-process")
+    assert "; technique code ran in-process (a forked child cannot run autograd" in search_line(result)
