@@ -75,6 +75,13 @@ class Context:
         return _flatten([(a, e) for *_, a, e in self.against_reference])
 
     @functools.cached_property
+    def against_other_device(self) -> list:
+        """What device-parity compares: ``_compared`` entries, this device's run against the CPU's."""
+        if self.other_device is None:
+            return []
+        return list(_compared(self, self.technique.to("cpu"), self.other_device.to("cpu")))
+
+    @functools.cached_property
     def free_masks(self) -> dict[str, torch.Tensor]:
         """Path -> boolean mask of the entries that train, for each element-frozen parameter."""
         return {path: ~mask for path, mask in self.element_masks.items()}
@@ -311,6 +318,7 @@ def _compared(ctx: Context, actual: Trace, expected: Trace) -> Iterator[tuple[in
                 frozen = ctx.element_masks.get(path)
                 pa, pe = a.params[path], e.params[path]
                 if frozen is not None:  # frozen entries are frozen-unchanged's business
+                    frozen = frozen.to(pa.device)  # the masks live with the reference (a CUDA one, say)
                     pa, pe = pa.masked_fill(frozen, 0), pe.masked_fill(frozen, 0)
                 yield step, "param", path, pa, pe
 
@@ -385,12 +393,15 @@ def matches_reference(ctx: Context) -> Violation | None:
                           NOT_LIKE_REFERENCE, ctx.flat_against_reference)
 
 
+PARITY_WHAT = "{device} disagrees with cpu"
+
+
 def device_parity(ctx: Context) -> Violation | None:
     if ctx.other_device is None or not ctx.technique.steps:
         return None
-    entries = list(_compared(ctx, ctx.technique.to("cpu"), ctx.other_device.to("cpu")))
+    entries = ctx.against_other_device
     return compare_traces(ctx, entries, PARITY_TOLERANCE[_dtype(ctx)], DEVICE_PARITY,
-                          f"{ctx.technique.device} disagrees with cpu", _flatten([(a, e) for *_, a, e in entries]))
+                          PARITY_WHAT.format(device=ctx.technique.device), _flatten([(a, e) for *_, a, e in entries]))
 
 
 CHECKS: dict[str, Callable[[Context], Violation | None]] = {

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from . import devices as devices_mod
-from .invariants import MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, Context, Violation, all_close, \
-    divergence, evaluate, first_mismatch, mismatch
+from .invariants import DEVICE_PARITY, MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, PARITY_TOLERANCE, \
+    PARITY_WHAT, Context, Violation, all_close, divergence, evaluate, first_mismatch, mismatch
 from .reference import Reference
 from .runner import Trace, run
 from .sandbox import DEFAULT_TIMEOUT, Sandbox
@@ -120,26 +120,30 @@ def _reference(scenario: Scenario, device: str) -> Trace:
 
 
 def _confirmed(violation: Violation, ctx: Context, sandbox: Sandbox, device: str) -> Violation | None:
-    """A float32 ``matches-reference`` mismatch, judged again beside the scenario's float64 twin.
+    """A float32 ``matches-reference`` or ``device-parity`` mismatch, judged again beside the
+    scenario's float64 twin.
 
-    Two mathematically equal computations can round differently (another kernel path), and
-    adaptive optimizers amplify rounding noise on near-zero gradients (``g / (sqrt(v) + eps)``)
-    up to ``lr``-sized steps. The twin has the same weights, data and dropout masks, upcast: a
-    semantic difference shows there at the same step and place, rounding noise does not.
-    None when nothing is left of the mismatch.
+    Two mathematically equal computations can round differently (another kernel path, another
+    device), and adaptive optimizers amplify rounding noise on near-zero gradients
+    (``g / (sqrt(v) + eps)``) up to ``lr``-sized steps. The twin has the same weights, data and
+    dropout masks, upcast: a semantic difference shows there at the same step and place, rounding
+    noise does not. None when nothing is left of the mismatch.
     """
     scenario = ctx.scenario
-    if violation.invariant != MATCHES_REFERENCE or scenario.dtype != "float32":
+    if violation.invariant not in (MATCHES_REFERENCE, DEVICE_PARITY) or scenario.dtype != "float32":
         return violation
     twin = dataclasses.replace(scenario, dtype="float64")
-    twin_ctx = Context(twin, sandbox.run(twin, device), reference_trace(twin, device))
-    if twin_ctx.technique.crash is not None:
+    trace = sandbox.run(twin, device)
+    other = sandbox.run(twin, "cpu") if violation.invariant == DEVICE_PARITY else None
+    twin_ctx = Context(twin, trace, reference_trace(twin, device), other)
+    if trace.crash is not None or (other is not None and other.crash is not None):
         return violation
-    return confirmed_on_twin(ctx, twin_ctx)
+    return confirmed_on_twin(ctx, twin_ctx, violation.invariant)
 
 
-def confirmed_on_twin(ctx: Context, twin: Context) -> Violation | None:
-    """``matches-reference`` for a float32 run ``ctx``, kept only where its float64 ``twin`` agrees.
+def confirmed_on_twin(ctx: Context, twin: Context, invariant: str = MATCHES_REFERENCE) -> Violation | None:
+    """``invariant`` (``matches-reference`` or ``device-parity``) for a float32 run ``ctx``, kept
+    only where its float64 ``twin`` agrees.
 
     A float32 mismatch is a violation only where the twin disagrees too, at the same step and
     in the same place. Rounding noise does not pass that test: a mathematically zero gradient
@@ -148,17 +152,23 @@ def confirmed_on_twin(ctx: Context, twin: Context) -> Violation | None:
     A parameter caught drifting on noise is set aside for the rest of the run; a real
     difference elsewhere is still reported.
     """
-    tol32, tol64 = MATCH_TOLERANCE[torch.float32], MATCH_TOLERANCE[torch.float64]
-    if all_close(ctx.flat_against_reference, tol32):
+    if invariant == DEVICE_PARITY:
+        tables, what = PARITY_TOLERANCE, PARITY_WHAT.format(device=ctx.technique.device)
+        mine, theirs, flat = ctx.against_other_device, twin.against_other_device, None
+    else:
+        tables, what = MATCH_TOLERANCE, NOT_LIKE_REFERENCE
+        mine, theirs, flat = ctx.against_reference, twin.against_reference, ctx.flat_against_reference
+    tol32, tol64 = tables[torch.float32], tables[torch.float64]
+    if flat is not None and all_close(flat, tol32):
         return None
-    in_twin = {(step, kind, key): (a, e) for step, kind, key, a, e in twin.against_reference}
+    in_twin = {(step, kind, key): (a, e) for step, kind, key, a, e in theirs}
     noise: set = set()  # parameters whose float32 drift is rounding noise
-    for step, kind, key, a, e in ctx.against_reference:
+    for step, kind, key, a, e in mine:
         if (kind == "param" and key in noise) or not (diff := first_mismatch(a, e, tol32)):
             continue
         pair = in_twin.get((step, kind, key))
         if pair is None or pair[0].shape != pair[1].shape or first_mismatch(*pair, tol64):
-            return mismatch(ctx, step, kind, key, diff, MATCHES_REFERENCE, NOT_LIKE_REFERENCE)
+            return mismatch(ctx, step, kind, key, diff, invariant, what)
         if kind == "param":
             noise.add(key)
     return None

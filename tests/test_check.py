@@ -120,3 +120,27 @@ def test_a_mismatch_names_the_worst_mismatched_entry_and_how_many_differ():
     text = first_mismatch(actual, expected, MATCH_TOLERANCE[torch.float64])
     assert text.startswith("[2] is 1.00001, reference 1") and "2 of 4 entries differ" in text
     assert first_mismatch(expected, expected.clone(), MATCH_TOLERANCE[torch.float64]) is None
+
+
+def _with_other_device(ctx, step, amount):
+    """``ctx`` with a second-device trace: the technique's own, one bias entry moved after ``step``."""
+    import copy
+    other = copy.deepcopy(ctx.technique)
+    for record in other.steps[step - 1:]:
+        record.params["fc.bias"] = record.params["fc.bias"].clone()
+        record.params["fc.bias"][0] += amount
+    return Context(ctx.scenario, ctx.technique, ctx.reference, other)
+
+
+def test_device_parity_noise_is_confirmed_away_on_the_twin_and_a_real_gap_is_not():
+    technique = iso.catalog()["freeze_and_eval"]
+    ctx32, ctx64 = _contexts(technique, FLOAT32)
+    from isolation_suite.invariants import device_parity
+    # noise: lr-sized on the second device at step 2 in float32, at step 3 in float64 (a zero gradient under Adam)
+    noisy32, noisy64 = _with_other_device(ctx32, 2, 1e-3), _with_other_device(ctx64, 3, 1e-3)
+    assert device_parity(noisy32) is not None and device_parity(noisy64) is not None
+    assert confirmed_on_twin(noisy32, noisy64, "device-parity") is None
+    # a real gap: the same step and place in both precisions
+    real = confirmed_on_twin(_with_other_device(ctx32, 2, 1e-3), _with_other_device(ctx64, 2, 1e-3), "device-parity")
+    assert real is not None and real.invariant == "device-parity" and "fc.bias[0]" in real.message
+    assert "after step 2" in real.message and "cpu disagrees with cpu" in real.message
