@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -297,7 +298,11 @@ class Sandbox:
         from_child_r, from_child_w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12 warns of fork in a threaded process: the two hazards that concern this child
+            # (OpenMP's pool, autograd's device threads) are handled in _child_main and by the probe
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(to_child_w)
             os.close(from_child_r)

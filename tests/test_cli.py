@@ -147,7 +147,8 @@ def _cli(*args, **kwargs):
 
 
 def test_fuzz_writes_a_complete_report(tmp_path):
-    run = subprocess.run(_cli("fuzz", "--budget", "20", "--workers", "2", "--report-dir", str(tmp_path),
+    run = subprocess.run(_cli("fuzz", "--budget", "20", "--workers", "2", "--devices", "cpu",
+                              "--report-dir", str(tmp_path),
                               "--techniques", "no_grad_call,functional_detach,weight_dropout_data",
                               "--max-examples", "25"),
                          capture_output=True, text=True, timeout=600)
@@ -220,7 +221,8 @@ def test_fuzz_reports_a_crashed_worker_as_an_error_never_a_pass(tmp_path):
 
 
 def test_interrupted_fuzz_leaves_a_valid_report(tmp_path):
-    proc = subprocess.Popen(_cli("fuzz", "--budget", "600", "--workers", "1", "--report-dir", str(tmp_path),
+    proc = subprocess.Popen(_cli("fuzz", "--budget", "600", "--workers", "1", "--devices", "cpu",
+                                 "--report-dir", str(tmp_path),
                                  "--techniques", "no_grad_call,functional_detach,toggle_requires_grad",
                                  "--max-examples", "100000"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
