@@ -67,7 +67,8 @@ class Reference:
             value = self._effective(f"{site.path}.{name}", p)
             overrides[name] = value.detach() if constant else value
         if site.role is Role.FROZEN:
-            with eval_mode(module):
+            # cuDNN's RNN backward refuses eval mode; the native kernel computes the same function
+            with eval_mode(module), torch.backends.cudnn.flags(enabled=False):
                 return functional_call(module, overrides, args)
         return functional_call(module, overrides, args)
 

@@ -10,11 +10,11 @@ from .architectures import Knobs
 
 LRS = (0.1, 0.01, 0.3)
 WEIGHT_DECAYS = (0.0, 0.01, 0.1)
-#: optimizers with a fused implementation in torch (CPU and CUDA)
-FUSED = ("SGD", "Adam", "AdamW", "Adagrad")
+#: optimizers with a fused implementation in torch, per device (torch's fused Adagrad is CPU-only)
+FUSED = {"cpu": ("SGD", "Adam", "AdamW", "Adagrad"), "cuda": ("SGD", "Adam", "AdamW")}
 
 
-def _hyper_parameters(k: Knobs, name: str) -> dict:
+def _hyper_parameters(k: Knobs, name: str, fused: tuple[str, ...] = FUSED["cpu"]) -> dict:
     """Hyper-parameters from a fixed number of knobs, so every optimizer costs the shrinker the same."""
     kw: dict = {"lr": k.pick(LRS)}
     if name == "SGD":
@@ -47,15 +47,17 @@ def _hyper_parameters(k: Knobs, name: str) -> dict:
         kw["foreach"] = True
     elif implementation == "for-loop":
         kw["foreach"] = False
-    elif implementation == "fused" and name in FUSED:
+    elif implementation == "fused" and name in fused:
         kw["fused"] = True
     return kw
 
 
 @st.composite
 def optimizer_recipes(draw, names: tuple[str, ...] = OPTIMIZERS, schedulers: tuple[str, ...] = SCHEDULERS,
-                      clipping: tuple[str, ...] = CLIPPING) -> OptimizerRecipe:
+                      clipping: tuple[str, ...] = CLIPPING, devices: tuple[str, ...] = ("cpu",)) -> OptimizerRecipe:
     """Draw an :class:`OptimizerRecipe`; shrinks toward plain SGD, no scheduler, no clipping.
+
+    ``devices``: a fused implementation is drawn only where every one of them has it.
 
     >>> optimizer_recipes(names=("AdamW",))  # doctest: +ELLIPSIS
     optimizer_recipes(...)
@@ -63,8 +65,10 @@ def optimizer_recipes(draw, names: tuple[str, ...] = OPTIMIZERS, schedulers: tup
     names = check_choice("names", names, OPTIMIZERS)
     schedulers = check_choice("schedulers", schedulers, SCHEDULERS)
     clipping = check_choice("clipping", clipping, CLIPPING)
+    devices = check_choice("devices", devices, tuple(FUSED))
+    fused = tuple(n for n in OPTIMIZERS if all(n in FUSED[d] for d in devices))
     name = draw(st.sampled_from(names))
-    kwargs = _hyper_parameters(Knobs(draw), name)
+    kwargs = _hyper_parameters(Knobs(draw), name, fused)
     clip = draw(st.sampled_from(clipping))
     return OptimizerRecipe(
         name=name,

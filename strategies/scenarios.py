@@ -148,7 +148,7 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
     """
     caps = as_capabilities(capabilities)
     dtypes = check_choice("dtypes", dtypes, DTYPES)
-    check_choice("devices", devices, DEVICES)
+    devices = check_choice("devices", devices, DEVICES)
     check_int("max_steps", max_steps, 1, 64)
     kinds = check_choice("kinds", kinds, LAYER_KINDS)
     ordered = sorted(caps, key=lambda c: c.value)
@@ -170,7 +170,7 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
     return Scenario(
         architecture=arch,
         intent=intent,
-        optimizer=draw(optimizer_recipes()),
+        optimizer=draw(optimizer_recipes(devices=devices)),
         data=data,
         steps=draw(st.integers(1, max_steps)),
         micro_batches=draw(st.integers(1, 2)),
