@@ -144,3 +144,16 @@ def test_device_parity_noise_is_confirmed_away_on_the_twin_and_a_real_gap_is_not
     real = confirmed_on_twin(_with_other_device(ctx32, 2, 1e-3), _with_other_device(ctx64, 2, 1e-3), "device-parity")
     assert real is not None and real.invariant == "device-parity" and "fc.bias[0]" in real.message
     assert "after step 2" in real.message and "cpu disagrees with cpu" in real.message
+
+
+def test_a_twin_gap_orders_of_magnitude_smaller_is_noise_and_one_of_the_same_size_is_not():
+    # what Adam makes of a zero gradient's rounding noise: lr-sized in float32, far smaller in float64
+    technique = Perturbing({("fc.bias", torch.float32): (1, lambda dtype: 0.099),
+                            ("fc.bias", torch.float64): (1, lambda dtype: 3.4e-6)})
+    ctx32, ctx64 = _contexts(technique, FLOAT32)
+    assert matches_reference(ctx64) is not None  # beyond float64's tolerance, yet 1/30000 of the float32 gap
+    assert confirmed_on_twin(ctx32, ctx64) is None
+    same = Perturbing({("fc.bias", dt): (1, lambda dtype: 0.099 if dtype == torch.float32 else 0.05)
+                       for dt in (torch.float32, torch.float64)})
+    v = confirmed_on_twin(*_contexts(same, FLOAT32))
+    assert v is not None and "fc.bias[0]" in v.message and "after step 1" in v.message
