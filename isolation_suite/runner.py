@@ -254,13 +254,18 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
     ``timeout`` only names the limit in the crash an in-process timeout alarm leaves.
     """
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
-    grad_mode, default_dtype = _global_state()
+    grad_mode, default_dtype, threads = *_global_state(), torch.get_num_threads()
+    # one CPU thread for every run, wherever it runs: a reduction split over another number of
+    # threads rounds differently, and a sandboxed child must run single-threaded (OpenMP after fork)
+    torch.set_num_threads(1)
     with torch.random.fork_rng(devices=devices):
         try:
             return _run(scenario, driver, str(device), Phase(progress), timeout)
         finally:
             torch.set_grad_enabled(grad_mode)
             torch.set_default_dtype(default_dtype)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: float | None) -> Trace:
