@@ -176,3 +176,23 @@ def test_where_a_child_cannot_run_autograd_the_runs_fall_back_in_process(monkeyp
     result = iso.search(iso.catalog()["functional_detach"], max_examples=3)
     assert result.ok and result.sandbox.startswith("in-process")
     assert "; technique code ran in-process (a forked child cannot run autograd" in search_line(result)
+
+
+def test_every_run_uses_one_thread_whatever_the_caller_set():
+    """Technique (sandboxed or not) and reference must round alike: one thread for every run."""
+    from isolation_suite.reference import Reference
+    from isolation_suite.runner import run
+
+    class Recording(Reference):
+        def setup(self, model, intent):
+            self.threads = torch.get_num_threads()
+            super().setup(model, intent)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        driver = Recording()
+        run(PASS_UPSTREAM, driver)
+        assert driver.threads == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
