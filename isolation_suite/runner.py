@@ -87,7 +87,8 @@ class Trace:
 PHASES = ("setup", "make_optimizer", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
           "after_step", "record")
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
-_PROGRESS = struct.Struct("ii")
+#: what a run mirrors into a shared buffer: step, phase index (-1: the harness's own code)
+PROGRESS = struct.Struct("ii")
 
 
 class Phase:
@@ -104,12 +105,12 @@ class Phase:
     def enter(self, step: int, name: str) -> None:
         self.step, self.name = step, name
         if self.progress is not None:
-            _PROGRESS.pack_into(self.progress, 0, step, _PHASE_INDEX[name])
+            PROGRESS.pack_into(self.progress, 0, step, _PHASE_INDEX[name])
 
     def leave(self) -> None:
         self.name = None
         if self.progress is not None:
-            _PROGRESS.pack_into(self.progress, 0, self.step, -1)
+            PROGRESS.pack_into(self.progress, 0, self.step, -1)
 
     def crash(self, exc: BaseException, timeout: float | None = None) -> Crash:
         from .sandbox import ExampleTimeout

@@ -10,15 +10,15 @@ the invariants stay in the parent. So:
   code or signal and the last phase the child reported;
 * an example that runs past the timeout is killed and is a ``timeout`` violation;
 * global state the technique changed (grad mode, default dtype, ``torch.backends`` flags,
-  anomaly mode, deterministic algorithms, thread count, functions of ``torch``,
+  anomaly mode, deterministic algorithms, functions of ``torch``,
   ``torch.nn.functional`` and ``torch.Tensor`` it replaced) is reported as ``state-restored``,
   and the child is retired, so the next example starts from a clean copy of the parent.
 
-Where a child cannot be forked (CUDA runs, a platform without ``fork``, or
-``ISOLATION_SANDBOX=off`` for debugging), the run is in-process: exceptions of every kind are
-still verdicts, the global state is checked and put back, and the timeout is a ``SIGALRM`` in the
-main thread, which cannot stop code that blocks signals or hangs inside a C call, nor survive a
-process exit. The README says so.
+Where a child cannot be forked (CUDA runs, a platform without ``fork``, a CUDA build where a
+forked child cannot run autograd, or ``ISOLATION_SANDBOX=off`` for debugging), the run is
+in-process: exceptions of every kind are still verdicts, the global state is checked and put
+back, and the timeout is a ``SIGALRM`` in the main thread, which cannot stop code that blocks
+signals or hangs inside a C call, nor survive a process exit. The README says so.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runner import PHASES, Crash, Trace, run
+from .runner import PHASES, PROGRESS, Crash, Trace, run
 from .technique import Technique
 
 SANDBOX_ENV = "ISOLATION_SANDBOX"
@@ -57,28 +57,20 @@ class ExampleTimeout(BaseException):
 
 # --- global state: what a technique must leave as it found it ------------------------------
 
-def _backend_flags() -> dict[str, Any]:
-    b = torch.backends
-    flags = {"torch.backends.cudnn.enabled": b.cudnn.enabled, "torch.backends.cudnn.benchmark": b.cudnn.benchmark,
-             "torch.backends.cudnn.deterministic": b.cudnn.deterministic,
-             "torch.backends.cudnn.allow_tf32": b.cudnn.allow_tf32,
-             "torch.backends.cuda.matmul.allow_tf32": b.cuda.matmul.allow_tf32,
-             "torch.backends.mkldnn.enabled": b.mkldnn.enabled}
-    return flags
-
-
-_SETTERS: dict[str, Callable[[Any], None]] = {
-    "grad mode": torch.set_grad_enabled,
-    "default dtype": torch.set_default_dtype,
-    "anomaly mode": lambda on: torch.autograd.set_detect_anomaly(on),
-    "deterministic algorithms": lambda on: torch.use_deterministic_algorithms(on),
-    "torch threads": torch.set_num_threads,
-    "torch.backends.cudnn.enabled": lambda v: setattr(torch.backends.cudnn, "enabled", v),
-    "torch.backends.cudnn.benchmark": lambda v: setattr(torch.backends.cudnn, "benchmark", v),
-    "torch.backends.cudnn.deterministic": lambda v: setattr(torch.backends.cudnn, "deterministic", v),
-    "torch.backends.cudnn.allow_tf32": lambda v: setattr(torch.backends.cudnn, "allow_tf32", v),
-    "torch.backends.cuda.matmul.allow_tf32": lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
-    "torch.backends.mkldnn.enabled": lambda v: setattr(torch.backends.mkldnn, "enabled", v),
+#: flag -> (read it, set it). The runner itself sets and restores the thread count around each run.
+_FLAGS: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
+    "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
+    "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
+    "anomaly mode": (torch.is_anomaly_enabled, torch.autograd.set_detect_anomaly),
+    "deterministic algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    **{f"torch.backends.{owner}.{attr}": ((lambda o=obj, a=attr: getattr(o, a)),
+                                          (lambda v, o=obj, a=attr: setattr(o, a, v)))
+       for owner, obj, attr in (("cudnn", torch.backends.cudnn, "enabled"),
+                                ("cudnn", torch.backends.cudnn, "benchmark"),
+                                ("cudnn", torch.backends.cudnn, "deterministic"),
+                                ("cudnn", torch.backends.cudnn, "allow_tf32"),
+                                ("cuda.matmul", torch.backends.cuda.matmul, "allow_tf32"),
+                                ("mkldnn", torch.backends.mkldnn, "enabled"))},
 }
 #: namespaces whose functions a technique may monkeypatch and forget
 _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor}
@@ -96,10 +88,7 @@ def settle_lazy_imports() -> None:
 
 def snapshot() -> dict[str, Any]:
     """Every global a technique could leave changed: flags by value, namespaces by identity."""
-    flags = {"grad mode": torch.is_grad_enabled(), "default dtype": torch.get_default_dtype(),
-             "anomaly mode": torch.is_anomaly_enabled(),
-             "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
-             "torch threads": torch.get_num_threads(), **_backend_flags()}
+    flags = {name: read() for name, (read, _) in _FLAGS.items()}
     return {"flags": flags, "namespaces": {name: dict(vars(ns)) for name, ns in _NAMESPACES.items()}}
 
 
@@ -124,7 +113,7 @@ def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
     child is simply retired)."""
     for name, value in before["flags"].items():
         if after["flags"][name] != value:
-            _SETTERS[name](value)
+            _FLAGS[name][1](value)
     for name, attrs in before["namespaces"].items():
         namespace, now = _NAMESPACES[name], after["namespaces"][name]
         for attr, value in attrs.items():
@@ -162,7 +151,6 @@ def user_interrupted() -> bool:
 # --- the child process ---------------------------------------------------------------------
 
 _HEADER = struct.Struct("!Q")
-_PROGRESS = struct.Struct("ii")  # step, phase index (-1: none)
 
 
 def _map_arrays(x: Any, convert: Callable[[Any], Any]) -> Any:
@@ -256,7 +244,7 @@ class Sandbox:
     def __init__(self, technique: Technique, timeout: float | None = DEFAULT_TIMEOUT):
         self.technique, self.timeout = technique, timeout
         self.pid: int | None = None
-        self.progress = mmap.mmap(-1, _PROGRESS.size)  # shared with the child: where it is now
+        self.progress = mmap.mmap(-1, PROGRESS.size)  # shared with the child: where it is now
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -265,11 +253,9 @@ class Sandbox:
         self.close()
 
     def run(self, scenario, device: str) -> Trace:
-        if self.pid is None and (str(device).startswith("cuda") or not fork_available() or not self._start()):
+        if str(device).startswith("cuda") or (self.pid is None and not (fork_available() and self._start())):
             return run_in_process(self.technique, scenario, device, self.timeout)
-        if str(device).startswith("cuda"):
-            return run_in_process(self.technique, scenario, device, self.timeout)
-        _PROGRESS.pack_into(self.progress, 0, 0, -1)
+        PROGRESS.pack_into(self.progress, 0, 0, -1)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
             _send(self.to_child, (scenario, str(device)))
@@ -323,7 +309,7 @@ class Sandbox:
 
     def _lost(self, device: str, timed_out: bool) -> Trace:
         """The child hung or died mid-run: its trace is a crash at the last phase it reported."""
-        step, index = _PROGRESS.unpack_from(self.progress, 0)
+        step, index = PROGRESS.unpack_from(self.progress, 0)
         phase = PHASES[index] if 0 <= index < len(PHASES) else "the harness's own code"
         if timed_out:
             os.kill(self.pid, signal.SIGKILL)
