@@ -1,107 +1,42 @@
-"""Scenario -> ``nn.Module``: deterministic, every call site routed by role."""
+"""Scenario -> ``nn.Module``: a generated architecture becomes an ordinary module tree.
+
+Every container is a real module whose ``forward`` calls its children (``Block``,
+``nn.Sequential``, ``Residual``, an ``nn.ModuleList`` looped over by its parent); the harness
+takes part only through ``tree.Router``, at the modules an intent names.
+"""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
 
-from .scenario import Architecture, Intent, Scenario
-from .technique import Role, module_param_name
+from .layers import SeededDropout, build_layer  # noqa: F401 - SeededDropout: part of build's public names
+from .scenario import Op, Scenario
+from .technique import module_param_name
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class SeededDropout(nn.Dropout):
-    """Dropout whose mask is drawn on the CPU, so CPU and CUDA runs drop the same entries.
+class Block(nn.Module):
+    """A container whose ``forward`` runs its program: calls of its children (through
+    ``nn.Module.__call__``, so their hooks run), activations, reshapes and residual adds."""
 
-    The runner reseeds the global generator before every call site, which makes
-    the mask a function of (step, micro-batch, call site) only.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        # drawn in float32 whatever the dtype, so a float64 re-run drops the same units
-        keep = (torch.rand(x.shape) >= self.p).to(x.device)
-        return x * keep / (1.0 - self.p)
-
-
-_RECURRENT = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
-    "linear": nn.Linear,
-    "conv1d": nn.Conv1d,
-    "conv2d": nn.Conv2d,
-    "embedding": nn.Embedding,
-    "layernorm": nn.LayerNorm,
-    "batchnorm1d": nn.BatchNorm1d,
-    "batchnorm2d": nn.BatchNorm2d,
-    "groupnorm": nn.GroupNorm,
-    "mha": lambda **kw: nn.MultiheadAttention(batch_first=True, **kw),
-    "dropout": SeededDropout,
-    **{k: (lambda cls: lambda **kw: cls(batch_first=True, **kw))(v) for k, v in _RECURRENT.items()},
-}
-
-
-@dataclass(frozen=True)
-class CallSite:
-    index: int  # position among call sites
-    path: str  # module path
-    use: int  # how many times this module was called before
-    role: Role
-    kind: str  # layer kind
-
-    def __repr__(self) -> str:
-        return f"{self.path}#{self.use}({self.role.value})"
-
-
-def default_router(site: CallSite, module: nn.Module, args: tuple) -> Any:
-    return module(*args)
-
-
-def call_sites(arch: Architecture, intent: Intent) -> tuple[CallSite, ...]:
-    passes = set(intent.pass_through)
-    sites = []
-    for index, (path, use) in enumerate(arch.call_sites):
-        if intent.is_frozen_module(path):
-            role = Role.FROZEN
-        elif (path, use) in passes:
-            role = Role.PASS_THROUGH
-        else:
-            role = Role.NORMAL
-        sites.append(CallSite(index, path, use, role, arch.layer(path).kind))
-    return tuple(sites)
-
-
-class IsolationModel(nn.Module):
-    """The model a scenario describes. ``router`` decides how each call site runs."""
-
-    def __init__(self, arch: Architecture, sites: tuple[CallSite, ...]):
+    def __init__(self, program: tuple[Op, ...], attention: frozenset[str], tuple_out: frozenset[str]):
         super().__init__()
-        self.architecture = arch
-        self.sites = sites
-        self.router: Callable[[CallSite, nn.Module, tuple], Any] = default_router
-
-    def _child(self, path: str) -> nn.Module:
-        """``get_submodule`` without its checks: paths come from the validated architecture."""
-        module: nn.Module = self
-        for name in path.split("."):
-            module = module._modules[name]
-        return module
+        self.program = program
+        self.attention, self.tuple_out = attention, tuple_out  # children called (x, x, x) / returning tuples
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         saved: list[torch.Tensor] = []
-        sites = iter(self.sites)
-        for op in self.architecture.program:
+        for op in self.program:
             if op.kind == "call":
-                site = next(sites)
-                # resolved at call time: a technique may have wrapped the module
-                module = self._child(op.target)
-                args = (x, x, x) if site.kind == "mha" else (x,)
-                out = self.router(site, module, args)
-                x = out[0] if isinstance(out, tuple) else out
+                x = self._call_child(op.target, getattr(self, op.target.rpartition(".")[2]), x)
+            elif op.kind == "loop":
+                for child in getattr(self, op.target.rpartition(".")[2]):
+                    x = child(x)
             elif op.kind == "act":
                 x = _ACTIVATIONS[op.target](x)
             elif op.kind == "reshape":
@@ -112,9 +47,21 @@ class IsolationModel(nn.Module):
                 saved.append(x)
             elif op.kind == "add":
                 x = x + saved.pop()
-            else:  # pragma: no cover - specs are validated by the strategies
+            else:  # pragma: no cover - specs are validated
                 raise ValueError(f"unknown op {op.kind!r}")
         return x
+
+    def _call_child(self, path: str, child: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # the spec says how each child is called: a technique may have wrapped or replaced it
+        out = child(x, x, x) if path in self.attention else child(x)
+        return out[0] if path in self.tuple_out else out
+
+
+class Residual(nn.Sequential):
+    """``x + body(x)``: the children run in order on ``x`` and the result is added back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
 
 
 _ACTIVATIONS = {
@@ -123,30 +70,40 @@ _ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "gelu": torch.nn.functional.gelu,
 }
+_TUPLE_OUT = ("lstm", "gru", "rnn", "mha")
 
 
-def _set_by_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    parts = path.split(".")
-    parent = root
-    for name in parts[:-1]:
-        if not hasattr(parent, name) or name not in parent._modules:
-            parent.add_module(name, nn.Module())
-        parent = parent._modules[name]
-    parent.add_module(parts[-1], module)
-
-
-def build_layer(kind: str, kwargs: dict[str, Any]) -> nn.Module:
-    return CONSTRUCTORS[kind](**kwargs)
-
-
-def build_model(scenario: Scenario, device: str | torch.device = "cpu") -> IsolationModel:
-    """Build the scenario's model; the same scenario gives bitwise-identical weights every time."""
+def build_model(scenario: Scenario, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the scenario's generated model, an ordinary module tree; the same scenario gives
+    bitwise-identical weights every time."""
     arch = scenario.architecture
-    model = IsolationModel(arch, call_sites(arch, scenario.intent))
+    kinds = {layer.path: layer.kind for layer in arch.layers}
+    attention = frozenset(p for p, k in kinds.items() if k == "mha")
+    tuple_out = frozenset(p for p, k in kinds.items() if k in _TUPLE_OUT)
+    built: dict[str, nn.Module] = {}
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(scenario.init_seed)
-        for layer in arch.layers:
-            _set_by_path(model, layer.path, build_layer(layer.kind, layer.kwargs))
+        for layer in arch.layers:  # in declaration order: the weights draw from the generator in this order
+            built[layer.path] = build_layer(layer.kind, layer.kwargs)
+    # containers from the innermost out; children are registered in the order the program calls them
+    for container in sorted(arch.containers, key=lambda c: -c.path.count(".")):
+        children = [(op.target.rpartition(".")[2], built.pop(op.target)) for op in container.program
+                    if op.kind in ("call", "loop") and op.target in built]
+        if container.kind == "block":
+            module: nn.Module = Block(container.program, attention, tuple_out)
+            for name, child in children:
+                module.add_module(name, child)
+        elif container.kind == "sequential":
+            module = nn.Sequential(OrderedDict(children))
+        elif container.kind == "residual":
+            module = Residual(OrderedDict(children))
+        else:
+            module = nn.ModuleList([child for _, child in children])
+        built[container.path] = module
+    model = Block(arch.program, attention, tuple_out)
+    for op in arch.program:
+        if op.kind in ("call", "loop") and op.target in built:
+            model.add_module(op.target, built.pop(op.target))
     for dst, src in arch.ties:
         dst_module, dst_name = module_param_name(dst)
         src_module, src_name = module_param_name(src)

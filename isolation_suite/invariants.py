@@ -12,7 +12,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .build import DTYPES, call_sites
+from .build import DTYPES
+from .models import tree_of
+from .tree import upstream_of_isolation
 from .runner import Trace
 from .scenario import OptimizerRecipe, Scenario
 from .technique import Role, element_mask
@@ -186,12 +188,7 @@ def state_restored(ctx: Context) -> Violation | None:
 
 def _upstream_of_isolation(scenario: Scenario) -> set[str]:
     """Modules called before the last frozen or pass-through call site: their gradient must cross it."""
-    sites = call_sites(scenario.architecture, scenario.intent)
-    isolated = [s.index for s in sites if s.role is not Role.NORMAL]
-    if not isolated:
-        return set()
-    last = max(isolated)
-    return {s.path for s in sites if s.index < last and s.role is not Role.FROZEN}
+    return upstream_of_isolation(tree_of(scenario), scenario.intent)
 
 
 def gradient_flows(ctx: Context) -> Violation | None:

@@ -1,12 +1,14 @@
 """The oracle: an independent implementation of each intent's exact semantics.
 
 Built only from torch primitives (``torch.func.functional_call``, ``detach``,
-``torch.where``); it imports nothing from the technique catalog.
+``torch.where``); it imports nothing from the technique catalog. It takes part in the forward
+through the same interception as a technique (``tree.Router``): at each call of a module the
+intent names (for a frozen ``nn.ModuleList``, never called itself, at each call of its children).
 
-* frozen module: an eval-mode constant function; gradient still reaches its input;
+* frozen module (a leaf or a whole container): an eval-mode constant function; gradient still reaches its input;
   its parameters and buffers never change;
-* pass-through call site: the module's ordinary forward with its parameters
-  detached for that call only (buffers are the real ones);
+* pass-through call (the ``use``-th call of a module, leaf or container): the module's ordinary
+  forward with every parameter below it detached for that call only (buffers are the real ones);
 * frozen elements: ``W = where(mask, W0, W_raw)``, so the entries are constants
   that get zero gradient and take no part in weight decay or clipping;
 * reparameterized module: trains exactly like the unwrapped module.
@@ -20,9 +22,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .build import CallSite
 from .scenario import Intent
 from .technique import Role, element_mask
+from .tree import CallSite
 
 
 @contextlib.contextmanager
@@ -64,7 +66,7 @@ class Reference:
             return module(*args)  # nothing to isolate at this call: the plain forward
         overrides = {}
         for name, p in module.named_parameters():
-            value = self._effective(f"{site.path}.{name}", p)
+            value = self._effective(f"{site.path}.{name}" if site.path else name, p)
             overrides[name] = value.detach() if constant else value
         if site.role is Role.FROZEN:
             # cuDNN's RNN backward refuses eval mode; the native kernel computes the same function

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -16,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .build import CallSite, IsolationModel, build_model, loss_fn, make_inputs
+from .models import build
 from .scenario import Intent, OptimizerRecipe, Scenario
 from .technique import Technique, module_param_name
+from .tree import CallSite, Router, check_intent, roles
 
 
 class Driver(Protocol):
@@ -231,6 +233,35 @@ def site_seed(data_seed: int, step: int, micro: int, site: int) -> int:
     return (data_seed * 1_000_003 + step * 10_007 + micro * 101 + site) % (2**63)
 
 
+#: the loss target's seed slot (module calls use their path's hash, see ``seed_every_call``)
+LOSS_SITE = 999_983
+
+
+class seed_every_call:
+    """Seeds the CPU generator before every call of a module of the original tree, from the step,
+    micro-batch, the module's path and how many times it was called in this forward: dropout
+    draws the same masks in every run of a scenario, whatever the technique draws in between.
+    (A global forward pre-hook, so hooks and wrappers the technique adds cannot skip it.)"""
+
+    def __init__(self, model: nn.Module, data_seed: int):
+        self.paths = {id(m): zlib.crc32(p.encode()) for p, m in model.named_modules(remove_duplicate=False)}
+        self.data_seed, self.step, self.micro, self.uses = data_seed, 0, 0, {}
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._seed)
+
+    def start(self, step: int, micro: int) -> None:
+        self.step, self.micro, self.uses = step, micro, {}
+
+    def _seed(self, module: nn.Module, args: Any) -> None:
+        key = self.paths.get(id(module))
+        if key is not None:
+            use = self.uses.get(key, 0)
+            self.uses[key] = use + 1
+            torch.default_generator.manual_seed(site_seed(self.data_seed, self.step, self.micro, key * 64 + use))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
 def _global_state() -> tuple[bool, torch.dtype]:
     return torch.is_grad_enabled(), torch.get_default_dtype()
 
@@ -285,8 +316,10 @@ def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: fl
 
 def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Phase) -> None:
     recipe, data = scenario.optimizer, scenario.data
-    model: IsolationModel = build_model(scenario, device)
-    inputs = make_inputs(scenario)
+    built = build(scenario, device)
+    model, tree = built.model, built.tree
+    if scenario.model:
+        check_intent(tree, scenario.intent)
     modules = dict(model.named_modules())
     originals = {}
     for path, p in model.named_parameters():
@@ -295,18 +328,23 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     original_buffers = dict(model.named_buffers())
     trace.initial_params = {k: v[2].detach().clone() for k, v in originals.items()}
     trace.initial_buffers = {k: v.detach().clone() for k, v in original_buffers.items()}
+    # before setup: the calls the intent names are intercepted on the modules the user built, whatever
+    # the technique wraps, replaces or hooks afterwards
+    router = Router(model, roles(tree, scenario.intent), driver.call)
+    seeding = seed_every_call(model, data.seed)
+    try:
+        _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding)
+    finally:
+        router.close()
+        seeding.close()
+
+
+def _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding) -> None:
+    recipe, data, model = scenario.optimizer, scenario.data, built.model
     state = _global_state()  # setup and make_optimizer must leave global state alone too
     at.enter(0, "setup")
     driver.setup(model, scenario.intent)
     at.leave()
-    step_now = [0, 0]
-
-    def router(site: CallSite, module: nn.Module, args: tuple) -> Any:
-        # stochastic layers draw the same numbers in every run of this scenario; only the CPU
-        # generator (SeededDropout draws there), since torch.manual_seed also seeds every backend
-        torch.default_generator.manual_seed(site_seed(data.seed, step_now[0], step_now[1], site.index))
-        return driver.call(site, module, args)
-    model.router = router
     at.enter(0, "make_optimizer")
     optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
     scheduler = make_scheduler(recipe, optimizer, scenario.steps)
@@ -318,7 +356,6 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     for change in _describe_state_change(state, _global_state(), {}, {}, trace.aliases):
         trace.state_leaks.append((0, change))
     for step in range(1, scenario.steps + 1):
-        step_now[0] = step
         record = StepRecord()
         # requires_grad flags set in setup are the technique's baseline; grad mode and dtype are not
         flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
@@ -329,14 +366,17 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
         at.enter(step, "zero_grad")
         optimizer.zero_grad(set_to_none=recipe.set_to_none)
         at.leave()
-        for micro, x in enumerate(inputs[step - 1]):
-            step_now[1] = micro
-            x = x.to(device)
+        for micro, batch in enumerate(built.inputs[step - 1]):
+            inputs = tuple(x.to(device) for x in batch)
+            floats = [x for x in inputs if x.is_floating_point()]
             if data.input_requires_grad:
-                x.requires_grad_(True)
+                for x in floats:
+                    x.requires_grad_(True)
+            seeding.start(step, micro)
             at.enter(step, "forward")
-            out = model(x)
-            loss = loss_fn(data.loss, out, site_seed(data.seed, step, micro, 999_983))
+            with router.forward():
+                out = model(*inputs)
+            loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))
             loss = loss / scenario.micro_batches
             at.leave()
             record.losses.append(loss.detach().clone())
@@ -346,7 +386,7 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
                 at.leave()
             else:
                 record.loss_without_grad = True
-            record.input_grads.append(None if x.grad is None else x.grad.detach().clone())
+            record.input_grads.append(_input_grad(floats))
         at.enter(step, "clip")
         clip_gradients(recipe, list(model.parameters()))
         at.leave()
@@ -368,3 +408,13 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
         after_flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
         for change in _describe_state_change(state, _global_state(), flags, after_flags, trace.aliases):
             trace.state_leaks.append((step, change))
+
+
+def _input_grad(inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The gradient that reached the inputs, flattened into one tensor (None when none did)."""
+    grads = [x.grad for x in inputs]
+    if all(g is None for g in grads):
+        return None
+    if len(inputs) == 1:
+        return grads[0].detach().clone()
+    return torch.cat([(torch.zeros_like(x) if g is None else g.detach()).flatten() for x, g in zip(inputs, grads)])

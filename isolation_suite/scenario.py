@@ -29,7 +29,10 @@ SCHEDULERS = ("none", "StepLR", "OneCycleLR", "LambdaLR")
 CLIPPING = ("none", "norm", "value")
 DTYPES = ("float32", "float64")
 LOSSES = ("mse", "smooth_l1")
-OP_KINDS = ("call", "act", "reshape", "transpose", "save", "add")
+OP_KINDS = ("call", "loop", "act", "reshape", "transpose", "save", "add")
+#: containers a generated model is made of (see ``build``): a block runs its own program over its
+#: children; sequential, residual and modulelist call each child once, in order
+CONTAINER_KINDS = ("block", "sequential", "residual", "modulelist")
 INPUT_KINDS = ("float", "tokens")
 
 #: bounds (inclusive) every scenario is held to
@@ -42,6 +45,7 @@ MAX_STEPS = 64
 MAX_MICRO_BATCHES = 8
 
 _SIZE, _SMALL, _FLAG, _RATE = "size", "small", "flag", "rate"
+_TUPLE_LAYERS = ("lstm", "gru", "rnn", "mha")
 #: layer kind -> argument -> (kind of value, required)
 LAYER_ARGS: dict[str, dict[str, tuple[str, bool]]] = {
     "linear": {"in_features": (_SIZE, True), "out_features": (_SIZE, True), "bias": (_FLAG, False)},
@@ -127,8 +131,8 @@ class Layer:
 class Op:
     """One program instruction.
 
-    ``call`` runs the module at ``target`` on the current value (a call site);
-    ``act`` applies the activation ``target``; ``reshape`` views the current
+    ``call`` runs the module at ``target`` (a direct child of the program's owner) on the current
+    value; ``loop`` runs every child of the ``nn.ModuleList`` at ``target`` in turn; ``act`` applies the activation ``target``; ``reshape`` views the current
     value as ``(batch, *shape)``; ``transpose`` swaps the two trailing axes of a
     3-d value; ``save`` pushes the current value and ``add`` pops it and adds it
     back (a residual connection).
@@ -150,6 +154,8 @@ class Op:
     def __repr__(self) -> str:
         if self.kind == "call":
             return self.target
+        if self.kind == "loop":
+            return f"for {self.target}"
         if self.kind == "act":
             return self.target
         if self.kind == "reshape":
@@ -158,8 +164,35 @@ class Op:
 
 
 @dataclass(frozen=True)
+class Container:
+    """A module whose ``forward`` calls its children: ``program`` lists those calls (and, for a
+    ``block``, the activations, reshapes and residual adds between them)."""
+
+    path: str
+    kind: str
+    program: tuple[Op, ...]
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.path, str) and all(p.isidentifier() or p.isdigit() for p in self.path.split(".")),
+                 f"container path {self.path!r} must be dot-separated names")
+        _one_of(f"container {self.path!r} kind", self.kind, CONTAINER_KINDS)
+        _require(1 <= len(self.program) <= MAX_PROGRAM, f"container {self.path!r}: 1 to {MAX_PROGRAM} ops")
+        if self.kind != "block":
+            targets = [op.target for op in self.program]
+            _require(all(op.kind == "call" for op in self.program) and len(set(targets)) == len(targets),
+                     f"a {self.kind} ({self.path!r}) calls each child once, in order, and nothing else")
+
+    def __repr__(self) -> str:
+        return f"{self.path}:{self.kind}[" + " > ".join(repr(op) for op in self.program) + "]"
+
+
+@dataclass(frozen=True)
 class Architecture:
-    """Layers, the ordered program of call sites, and tied parameters."""
+    """Layers, the containers that hold them, the top-level program, and tied parameters.
+
+    The model is an ordinary module tree: the top-level ``program`` calls direct children of the
+    model, each container's program calls its own direct children (see :class:`Container`).
+    """
 
     input_shape: tuple[int, ...]
     layers: tuple[Layer, ...]
@@ -167,6 +200,7 @@ class Architecture:
     input_kind: str = "float"  # "float" or "tokens"
     vocab: int = 0  # token range when input_kind == "tokens"
     ties: tuple[tuple[str, str], ...] = ()  # (param path, source param path)
+    containers: tuple[Container, ...] = ()
 
     def __post_init__(self) -> None:
         _require(1 <= len(self.input_shape) <= 3, f"input_shape={self.input_shape!r}: 1 to 3 dimensions")
@@ -178,10 +212,27 @@ class Architecture:
         _require(1 <= len(self.layers) <= MAX_LAYERS, f"{len(self.layers)} layers: 1 to {MAX_LAYERS} allowed")
         _require(1 <= len(self.program) <= MAX_PROGRAM, f"{len(self.program)} ops: 1 to {MAX_PROGRAM} allowed")
         paths = [layer.path for layer in self.layers]
-        _require(len(set(paths)) == len(paths), f"layer paths repeat: {paths}")
-        for op in self.program:
-            if op.kind == "call":
-                _require(op.target in paths, f"the program calls {op.target!r}, which is not a layer")
+        kinds = {c.path: c.kind for c in self.containers}
+        every = paths + list(kinds)
+        _require(len(set(every)) == len(every), f"module paths repeat: {every}")
+        called: set[str] = set()
+        for owner, program in self.programs:
+            for op in program:
+                if op.kind not in ("call", "loop"):
+                    continue
+                _require(op.target in every and op.target.rpartition(".")[0] == owner,
+                         f"{owner or 'the model'} calls {op.target!r}, which is not one of its direct children")
+                _require((op.kind == "loop") == (kinds.get(op.target) == "modulelist"),
+                         f"{op.target!r}: a modulelist is looped over ({op.kind} given)")
+                called.add(op.target)
+        layer_kinds = {layer.path: layer.kind for layer in self.layers}
+        for path in every:
+            parent = path.rpartition(".")[0]
+            _require(parent == "" or parent in kinds, f"{path!r} lies in {parent!r}, which is not a container")
+            _require(path in called, f"{path!r} is never called by {parent or 'the model'}")
+            # these containers chain tensor to tensor; attention and recurrent layers return tuples
+            _require(kinds.get(parent, "block") == "block" or layer_kinds.get(path) not in _TUPLE_LAYERS,
+                     f"{path!r} ({layer_kinds.get(path)}) returns a tuple: it needs a block, not a {kinds.get(parent)}")
         for pair in self.ties:
             for param in pair:
                 _require(_in_a_layer(param, paths), f"tie names {param!r}, which is not in a layer")
@@ -193,20 +244,77 @@ class Architecture:
         raise KeyError(path)
 
     @property
+    def programs(self) -> tuple[tuple[str, tuple[Op, ...]], ...]:
+        """``(owner path, program)`` for the model (``""``) and every container."""
+        return (("", self.program),) + tuple((c.path, c.program) for c in self.containers)
+
+    def container(self, path: str) -> Container:
+        for c in self.containers:
+            if c.path == path:
+                return c
+        raise KeyError(path)
+
+    @property
     def call_sites(self) -> tuple[tuple[str, int], ...]:
-        """Every call site as ``(module path, use index)``, in program order."""
+        """Every module call in one forward as ``(module path, use index)``, in the order the calls
+        start (a container before its children)."""
+        programs = dict(self.programs)
         uses: dict[str, int] = {}
-        sites = []
-        for op in self.program:
-            if op.kind == "call":
-                sites.append((op.target, uses.get(op.target, 0)))
-                uses[op.target] = uses.get(op.target, 0) + 1
+        sites: list[tuple[str, int]] = []
+
+        def enter(path: str) -> None:
+            sites.append((path, uses.get(path, 0)))
+            uses[path] = uses.get(path, 0) + 1
+            run(path)
+
+        def run(owner: str) -> None:
+            for op in programs.get(owner, ()):
+                if op.kind == "call":
+                    enter(op.target)
+                elif op.kind == "loop":
+                    for child in programs[op.target]:
+                        enter(child.target)
+        run("")
         return tuple(sites)
 
     def __repr__(self) -> str:
         body = " > ".join(repr(op) for op in self.program)
+        inner = f" containers={list(self.containers)}" if self.containers else ""
         tied = f" ties={list(self.ties)}" if self.ties else ""
-        return f"[{self.input_kind}{tuple(self.input_shape)}: {body}] layers={list(self.layers)}{tied}"
+        return f"[{self.input_kind}{tuple(self.input_shape)}: {body}]{inner} layers={list(self.layers)}{tied}"
+
+
+def chain(input_shape: tuple[int, ...], layers, calls, **kwargs: Any) -> Architecture:
+    """An architecture that calls ``calls`` (leaf paths) in order. Nested paths such as ``enc.lin``
+    become calls of their containers (``block`` kind): a run of calls inside one container is one
+    call of it, and every run of a container must make the same calls."""
+    programs: dict[str, tuple[Op, ...]] = {}
+
+    def child_of(owner: str, path: str) -> str:
+        rest = path[len(owner) + 1:] if owner else path
+        return (owner + "." if owner else "") + rest.split(".")[0]
+
+    def group(owner: str, paths: list[str]) -> tuple[Op, ...]:
+        ops: list[Op] = []
+        i = 0
+        while i < len(paths):
+            child = child_of(owner, paths[i])
+            if child == paths[i]:  # a leaf: one call each
+                ops.append(Op("call", child))
+                i += 1
+                continue
+            j = i
+            while j < len(paths) and child_of(owner, paths[j]) == child:
+                j += 1
+            body = group(child, paths[i:j])
+            _require(programs.setdefault(child, body) == body, f"{child!r} makes different calls on each run")
+            ops.append(Op("call", child))
+            i = j
+        return tuple(ops)
+
+    root = group("", list(calls))
+    return Architecture(tuple(input_shape), tuple(layers), root,
+                        containers=tuple(Container(p, "block", ops) for p, ops in programs.items()), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -310,9 +418,15 @@ class Data:
 
 @dataclass(frozen=True)
 class Scenario:
-    """Everything one check needs, as plain data."""
+    """Everything one check needs, as plain data.
 
-    architecture: Architecture
+    The model is either a generated ``architecture`` or, with ``model`` (``"pkg.mod:factory"``),
+    the user's own: a zero-argument factory that returns ``(module, example_inputs[, loss])``
+    (see :mod:`isolation_suite.models`); then ``architecture`` is None and the intent is checked
+    against the module tree when the model is built.
+    """
+
+    architecture: Architecture | None
     intent: Intent = field(default_factory=Intent)
     optimizer: OptimizerRecipe = field(default_factory=OptimizerRecipe)
     data: Data = field(default_factory=Data)
@@ -320,15 +434,24 @@ class Scenario:
     micro_batches: int = 1
     dtype: str = "float32"
     init_seed: int = 0
+    model: str = ""
 
     def __post_init__(self) -> None:
         _int_in("steps", self.steps, 1, MAX_STEPS)
         _int_in("micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
         _one_of("dtype", self.dtype, DTYPES)
         _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
+        _require(isinstance(self.model, str), f"model={self.model!r} must be a 'pkg.module:factory' string")
+        if self.model:
+            _require(self.architecture is None, "a scenario has either an architecture or a model factory, not both")
+            module, colon, name = self.model.partition(":")
+            _require(bool(module) and colon == ":" and bool(name),
+                     f"model={self.model!r} must name a factory as 'pkg.module:factory'")
+            return
+        _require(isinstance(self.architecture, Architecture), "a scenario needs an architecture or a model factory")
         arch, intent = self.architecture, self.intent
         layers = {layer.path for layer in arch.layers}
-        modules = layers | {".".join(p.split(".")[:i]) for p in layers for i in range(1, p.count(".") + 1)}
+        modules = layers | {c.path for c in arch.containers}
         for path in intent.frozen_modules + intent.reparameterized:
             _require(path in modules, f"the intent names module {path!r}, which the architecture does not have")
         uses: dict[str, int] = {}
@@ -344,7 +467,8 @@ class Scenario:
                          f"frozen element index {index!r} of {param!r} must be non-negative integers")
 
     def __repr__(self) -> str:
-        return (f"Scenario(\n  architecture={self.architecture!r},\n  intent={self.intent!r},\n"
+        what = f"model={self.model!r}" if self.model else f"architecture={self.architecture!r}"
+        return (f"Scenario(\n  {what},\n  intent={self.intent!r},\n"
                 f"  optimizer={self.optimizer!r},\n  data={self.data!r},\n"
                 f"  steps={self.steps}, micro_batches={self.micro_batches}, dtype={self.dtype}, "
                 f"init_seed={self.init_seed})")
@@ -364,17 +488,7 @@ class Scenario:
         """The scenario ``to_dict`` wrote; unknown or missing fields and bad values raise ScenarioError."""
         try:
             d = _fields(d, "scenario", Scenario)
-            a = _fields(d["architecture"], "architecture", Architecture)
-            arch = Architecture(
-                input_shape=tuple(a["input_shape"]),
-                layers=tuple(Layer(x["path"], x["kind"], _pairs(x["args"]))
-                             for x in (_fields(x, "layer", Layer) for x in a["layers"])),
-                program=tuple(Op(o["kind"], o["target"], tuple(o["shape"]))
-                              for o in (_fields(o, "op", Op) for o in a["program"])),
-                input_kind=a["input_kind"],
-                vocab=a["vocab"],
-                ties=tuple((t[0], t[1]) for t in a["ties"]),
-            )
+            arch = None if d["architecture"] is None else _architecture(d["architecture"])
             i = _fields(d["intent"], "intent", Intent)
             intent = Intent(
                 frozen_modules=tuple(i["frozen_modules"]),
@@ -386,7 +500,8 @@ class Scenario:
             opt = OptimizerRecipe(o["name"], _pairs(o["args"]), o["scheduler"], o["clip"],
                                   o["clip_value"], o["set_to_none"])
             data = Data(**_fields(d["data"], "data", Data))
-            return cls(arch, intent, opt, data, d["steps"], d["micro_batches"], d["dtype"], d["init_seed"])
+            return cls(arch, intent, opt, data, d["steps"], d["micro_batches"], d["dtype"], d["init_seed"],
+                       d["model"])
         except ScenarioError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
@@ -399,6 +514,25 @@ class Scenario:
         except ValueError as exc:
             raise ScenarioError(f"not JSON: {exc}") from None
         return cls.from_dict(data)
+
+
+def _program(ops: Any) -> tuple[Op, ...]:
+    return tuple(Op(o["kind"], o["target"], tuple(o["shape"])) for o in (_fields(o, "op", Op) for o in ops))
+
+
+def _architecture(a: Any) -> Architecture:
+    a = _fields(a, "architecture", Architecture)
+    return Architecture(
+        input_shape=tuple(a["input_shape"]),
+        layers=tuple(Layer(x["path"], x["kind"], _pairs(x["args"]))
+                     for x in (_fields(x, "layer", Layer) for x in a["layers"])),
+        program=_program(a["program"]),
+        input_kind=a["input_kind"],
+        vocab=a["vocab"],
+        ties=tuple((t[0], t[1]) for t in a["ties"]),
+        containers=tuple(Container(c["path"], c["kind"], _program(c["program"]))
+                         for c in (_fields(c, "container", Container) for c in a["containers"])),
+    )
 
 
 def _in_a_layer(param: str, layers) -> bool:

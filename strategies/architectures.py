@@ -2,8 +2,10 @@
 
 An architecture is drawn as a chain of *blocks* (a layer, a residual block, a
 container of layers, or one of the reuse patterns in :mod:`strategies.reuse`).
-A small mutable :class:`Draft` tracks the current value's layout and shape
-while blocks are drawn; what comes out is a frozen
+Containers are real modules (``block``, ``nn.Sequential``, a residual block, an
+``nn.ModuleList`` looped over by its parent) and can nest. A small mutable
+:class:`Draft` tracks the current value's layout and shape and the program each
+container is writing while blocks are drawn; what comes out is a frozen
 :class:`isolation_suite.Architecture`.
 
 >>> from strategies import architectures
@@ -17,7 +19,7 @@ from typing import Callable
 
 from hypothesis import strategies as st
 
-from isolation_suite.scenario import LAYER_KINDS, Architecture, Layer, Op
+from isolation_suite.scenario import LAYER_KINDS, Architecture, Container, Layer, Op
 
 from ._validate import check_choice, check_int
 
@@ -65,9 +67,15 @@ class Draft:
     shape: tuple[int, ...]
     kinds: tuple[str, ...]
     layers: list[Layer] = field(default_factory=list)
-    program: list[Op] = field(default_factory=list)
+    programs: dict[str, list[Op]] = field(default_factory=lambda: {"": []})  # owner path -> its program
+    containers: dict[str, str] = field(default_factory=dict)  # path -> container kind
+    owner: str = ""  # whose program is being written
     ties: list[tuple[str, str]] = field(default_factory=list)
     used_names: set[str] = field(default_factory=set)
+
+    @property
+    def program(self) -> list[Op]:
+        return self.programs[self.owner]
 
     def numel(self) -> int:
         n = 1
@@ -78,9 +86,49 @@ class Draft:
     def emit(self, op: Op) -> None:
         self.program.append(op)
 
+    def open(self, path: str) -> str:
+        """Start writing the program of a new container at ``path``; returns the previous owner."""
+        self.programs[path] = []
+        previous, self.owner = self.owner, path
+        return previous
+
+    def close(self, draw, path: str, previous: str, kind: str | None = None) -> None:
+        """Finish the container at ``path``: choose its kind (one its program allows) and call it."""
+        self.owner = previous
+        kind = kind or draw(st.sampled_from(self.allowed_kinds(path)))
+        if kind == "modulelist":
+            for i, op in enumerate(list(self.programs[path])):
+                rename(self, op.target, f"{path}.{i}")
+        self.containers[path] = kind
+        self.emit(Op("loop" if kind == "modulelist" else "call", path))
+
+    def allowed_kinds(self, path: str) -> tuple[str, ...]:
+        ops = self.programs[path]
+        targets = [op.target for op in ops]
+        kinds = {layer.path: layer.kind for layer in self.layers}
+        if all(op.kind == "call" for op in ops) and len(set(targets)) == len(targets) \
+                and not any(kinds.get(t) in TUPLE_KINDS or self.containers.get(t) == "modulelist" for t in targets):
+            return ("block", "sequential", "modulelist")
+        return ("block",)
+
     def add_layer(self, path: str, kind: str, **kwargs) -> str:
         self.layers.append(Layer(path, kind, tuple(sorted(kwargs.items()))))
         return path
+
+
+TUPLE_KINDS = ("lstm", "gru", "rnn", "mha")
+
+
+def rename(d: Draft, old: str, new: str) -> None:
+    """Move the module at ``old`` (and everything below it) to ``new``, everywhere the draft names it."""
+    def move(path: str) -> str:
+        return new + path[len(old):] if path == old or path.startswith(old + ".") else path
+    d.layers = [Layer(move(l.path), l.kind, l.args) for l in d.layers]
+    d.programs = {move(k): [Op(op.kind, move(op.target) if op.kind in ("call", "loop") else op.target, op.shape)
+                            for op in v] for k, v in d.programs.items()}
+    d.containers = {move(k): v for k, v in d.containers.items()}
+    d.ties = [(move(a), move(b)) for a, b in d.ties]
+    d.used_names = {move(n) for n in d.used_names}
 
 
 def fresh_name(draw, pool: tuple[str, ...], taken: set[str], prefix: str = "") -> str:
@@ -223,19 +271,29 @@ def block_layer(draw, d: Draft, prefix: str = "") -> None:
 
 
 def block_residual(draw, d: Draft, prefix: str = "") -> None:
+    """``x + f(x)``: a ``Residual`` container (or, around a layer that returns a tuple, a block
+    that saves and adds) holding one shape-preserving layer."""
     kind = _kind(draw, d, preserve=True)
     _prepare_for(draw, d, kind)
-    d.emit(Op("save"))
-    leaf(draw, d, fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix),
-         kind, preserve=True)
-    d.emit(Op("add"))
+    name = fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix)
+    previous = d.open(name)
+    tuple_out = kind in TUPLE_KINDS
+    if tuple_out:
+        d.emit(Op("save"))
+    leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=True)
+    if tuple_out:
+        d.emit(Op("add"))
+    d.close(draw, name, previous, "block" if tuple_out else "residual")
     # every block ends with an optional activation: equal draw counts keep shrinking fair
     maybe_activation(draw, d)
 
 
 def block_container(draw, d: Draft, depth: int = 0, prefix: str = "", preserve: bool = False) -> str:
-    """A named sub-module holding 1-3 children (layers or, once, another container)."""
+    """A named sub-module holding 1-3 children (layers or, once, another container); its kind is
+    drawn among those its program allows (a block runs activations and reshapes between children
+    and may call one child twice; a Sequential or a looped ModuleList only chains them)."""
     name = fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix)
+    previous = d.open(name)
     for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
         if depth == 0 and not preserve and draw(st.integers(0, 4)) == 4:
             block_container(draw, d, depth + 1, prefix=name + ".")
@@ -243,10 +301,26 @@ def block_container(draw, d: Draft, depth: int = 0, prefix: str = "", preserve: 
         kind = _kind(draw, d, preserve=preserve)
         if preserve:
             _prepare_for(draw, d, kind)
-        leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=preserve)
+        child = leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=preserve)
         if not preserve:
             maybe_activation(draw, d)
+        if draw(st.integers(0, 5)) == 5 and kind not in ("embedding", "dropout") and _same_shape(d, child):
+            d.emit(Op("call", child))  # a child called twice by its container
+    d.close(draw, name, previous)
     return name
+
+
+def _same_shape(d: Draft, path: str) -> bool:
+    """The layer at ``path`` maps the current value onto its own shape (it can be called again)."""
+    layer = next(l for l in d.layers if l.path == path)
+    args = layer.kwargs
+    if layer.kind in ("linear",):
+        return args["in_features"] == args["out_features"]
+    if layer.kind in ("lstm", "gru", "rnn"):
+        return args["input_size"] == args["hidden_size"]
+    if layer.kind in ("conv1d", "conv2d"):
+        return False  # lengths shrink with stride and padding
+    return layer.kind in ("layernorm", "batchnorm1d", "batchnorm2d", "groupnorm", "mha")
 
 
 def _prepare_for(draw, d: Draft, kind: str) -> None:
@@ -318,8 +392,9 @@ def architectures(draw, *, max_blocks: int = 3, kinds: tuple[str, ...] = LAYER_K
         # two untied parameterised layers: one to isolate, one that keeps training
         while sum(l.kind != "dropout" and not _tied(d, l.path) for l in d.layers) < 2:
             leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names), "linear")
-    return Architecture(input_shape=input_shape, layers=tuple(d.layers), program=tuple(d.program),
-                        input_kind=input_kind, vocab=vocab, ties=tuple(d.ties))
+    return Architecture(input_shape=input_shape, layers=tuple(d.layers), program=tuple(d.programs[""]),
+                        input_kind=input_kind, vocab=vocab, ties=tuple(d.ties),
+                        containers=tuple(Container(p, kind, tuple(d.programs[p])) for p, kind in d.containers.items()))
 
 
 REPARAM_KINDS = ("linear", "conv1d", "conv2d", "lstm", "gru", "rnn")

@@ -34,22 +34,24 @@ def block_reused_layer(draw, d: Draft, prefix: str = "") -> None:
         d.emit(Op("call", path))
 
 
-def _in_place_container(draw, d: Draft, pool: tuple[str, ...]) -> list[Op]:
-    """A container of 1-2 shape-preserving children; returns the ops it emitted."""
-    start = len(d.program)
+def _in_place_container(draw, d: Draft, pool: tuple[str, ...]) -> str:
+    """A container of 1-2 shape-preserving children; returns its path."""
     name = fresh_name(draw, pool, d.used_names)
+    previous = d.open(name)
     for _ in range(draw(st.integers(1, 2))):
         kind = draw(st.sampled_from(_in_place_kinds(d)))
         leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=True)
         maybe_activation(draw, d)
-    return d.program[start:]
+    d.close(draw, name, previous)
+    return name
 
 
 def block_sandwich(draw, d: Draft, prefix: str = "") -> None:
-    """``enc`` -> ``gen`` -> ``enc`` again, all shape-preserving (seed 003)."""
-    encoder_ops = _in_place_container(draw, d, ("enc", "encoder") + TOP_NAMES)
+    """``enc`` -> ``gen`` -> ``enc`` again: one encoder module called before and after a generator,
+    all shape-preserving (seed 003)."""
+    encoder = _in_place_container(draw, d, ("enc", "encoder") + TOP_NAMES)
     _in_place_container(draw, d, ("gen", "generator") + TOP_NAMES)
-    d.program.extend(encoder_ops)
+    d.emit(d.program[-2] if d.program[-2].target == encoder else Op("call", encoder))
 
 
 def block_tied(draw, d: Draft, prefix: str = "") -> None:

@@ -6,12 +6,14 @@ from typing import Iterable
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from isolation_suite.build import param_shapes
+from isolation_suite.layers import LAYERS
+from isolation_suite.models import factory_tree
 from isolation_suite.scenario import DTYPES, LAYER_KINDS, LOSSES, Architecture, Data, Intent, Scenario
 from isolation_suite.technique import Capability
+from isolation_suite.tree import ModelTree, architecture_tree
 
 from ._validate import check_choice, check_int
-from .architectures import REPARAM_KINDS, architectures
+from .architectures import architectures
 from .elements import element_indices
 from .optimizers import optimizer_recipes
 
@@ -36,90 +38,102 @@ def as_capabilities(capabilities: Iterable | None) -> frozenset[Capability]:
     return frozenset(out)
 
 
-def _containers(arch: Architecture) -> list[str]:
-    found: list[str] = []
-    for layer in arch.layers:
-        parts = layer.path.split(".")
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            if prefix not in found:
-                found.append(prefix)
-    return found
-
-
-def _param_layers(arch: Architecture) -> list[str]:
-    return [l.path for l in arch.layers if param_shapes(l.kind, l.args)]
-
-
 def _inside(path: str, module: str) -> bool:
     return path == module or path.startswith(module + ".")
 
 
-def _tie_paths(arch: Architecture) -> set[str]:
-    """Module paths that own one end of a tie."""
-    return {p.rpartition(".")[0] for tie in arch.ties for p in tie}
+#: kinds whose weight a reparameterization wraps (``layers.LayerInfo.reparam_weight``)
+REPARAM_TARGETS = tuple(row.kind for row in LAYERS if row.reparam_weight)
 
 
 @st.composite
-def intents(draw, arch: Architecture, capabilities: frozenset[Capability]) -> Intent:
-    """Draw an :class:`Intent` for ``arch`` using each of ``capabilities`` at least once where possible.
+def intents(draw, tree: ModelTree | Architecture, capabilities: frozenset[Capability]) -> Intent:
+    """Draw an :class:`Intent` over a model's tree (a generated architecture's or a user model's),
+    using each of ``capabilities`` at least once where the tree allows.
 
-    Isolated sets never overlap, tied parameters are never split between a
-    frozen and a trainable module, and at least one parameterised layer trains.
+    Modules at any level can be frozen (a leaf or a container) or passed through (any module called
+    more than once); isolated sets never overlap, tied parameters are never split between a frozen
+    and a trainable module, and at least one module with parameters keeps training.
     """
-    params = _param_layers(arch)
-    tied = _tie_paths(arch)
+    if isinstance(tree, Architecture):
+        tree = architecture_tree(tree)
+    # modules with parameters of their own, in tree order (a tied parameter counts for its owners)
+    owners = [n.path for n in tree.nodes if n.path and n.params]
+    tied = {p.rpartition(".")[0] for tie in tree.ties for p in tie}
     claimed: set[str] = set()
     kw: dict = {}
 
+    def has_params(path: str) -> bool:
+        return any(_inside(o, path) for o in owners)
+
     if Capability.PASS_THROUGH in capabilities:
-        uses: dict[str, int] = {}
-        for path, _ in arch.call_sites:
-            uses[path] = uses.get(path, 0) + 1
-        reused = [p for p in params if uses.get(p, 0) >= 2]
+        reused = [n.path for n in tree.nodes if n.path and n.calls >= 2 and has_params(n.path)
+                  and not any(_inside(t, n.path) for t in tied)]
         if reused:
             path = draw(st.sampled_from(reused))
-            chosen = draw(st.lists(st.integers(0, uses[path] - 1), min_size=1, max_size=uses[path], unique=True))
+            calls = tree.node(path).calls
+            chosen = draw(st.lists(st.integers(0, calls - 1), min_size=1, max_size=calls, unique=True))
             kw["pass_through"] = tuple((path, u) for u in sorted(chosen))
             claimed.add(path)
 
     if Capability.REPARAMETERIZE in capabilities:
-        targets = [l.path for l in arch.layers
-                   if l.kind in REPARAM_KINDS and l.path not in tied and l.path not in claimed]
+        targets = [n.path for n in tree.nodes if n.kind in REPARAM_TARGETS and n.calls and n.path not in tied
+                   and not any(_inside(n.path, c) or _inside(c, n.path) for c in claimed)]
         if targets:
             chosen = draw(st.lists(st.sampled_from(targets), min_size=1, max_size=2, unique=True))
             kw["reparameterized"] = tuple(chosen)
             claimed.update(chosen)
 
     if Capability.FREEZE_ELEMENTS in capabilities:
-        targets = [p for p in params if p not in tied and p not in claimed]
+        targets = [o for o in owners if o not in tied and tree.node(o).calls
+                   and not any(_inside(o, c) or _inside(c, o) for c in claimed)]
         if targets:
             path = draw(st.sampled_from(targets))
-            layer = arch.layer(path)
-            name, shape = draw(st.sampled_from(param_shapes(layer.kind, layer.args)))
+            name, shape = draw(st.sampled_from(tree.node(path).params))
             kw["frozen_elements"] = ((f"{path}.{name}", draw(element_indices(shape))),)
             claimed.add(path)
 
     if Capability.FREEZE_MODULE in capabilities:
         def can_freeze(candidate: str) -> bool:
-            if not any(not _inside(p, candidate) and p not in claimed for p in params):
+            if not has_params(candidate) or not tree.routed(candidate):
+                return False  # nothing to freeze, or never run
+            if not any(not _inside(o, candidate) and not any(_inside(o, c) for c in claimed) for o in owners):
                 return False  # something must stay trainable
             if any(_inside(c, candidate) or _inside(candidate, c) for c in claimed):
                 return False  # isolated sets never overlap
             # a tie lies wholly inside or wholly outside the frozen module
             return all(_inside(a.rpartition(".")[0], candidate) == _inside(b.rpartition(".")[0], candidate)
-                       for a, b in arch.ties)
-        candidates = [c for c in _containers(arch) + [l.path for l in arch.layers] if can_freeze(c)]
+                       for a, b in tree.ties)
+        candidates = [n.path for n in tree.nodes if n.path and can_freeze(n.path)]
         if candidates:
             first = draw(st.sampled_from(candidates))
             frozen = [first]
             rest = [c for c in candidates if not _inside(c, first) and not _inside(first, c)]
             if rest and draw(st.integers(0, 3)) == 3:
                 second = draw(st.sampled_from(rest))
-                if any(not _inside(p, first) and not _inside(p, second) and p not in claimed for p in params):
+                if any(not _inside(o, first) and not _inside(o, second) and not any(_inside(o, c) for c in claimed)
+                       for o in owners):
                     frozen.append(second)
             kw["frozen_modules"] = tuple(frozen)
     return Intent(**kw)
+
+
+@st.composite
+def _model_scenarios(draw, model: str, chosen: frozenset[Capability], dtypes, devices, max_steps: int) -> Scenario:
+    tree = factory_tree(model)
+    return Scenario(
+        architecture=None,
+        intent=draw(intents(tree, chosen)),
+        optimizer=draw(optimizer_recipes(devices=devices)),
+        data=Data(batch=1, seed=draw(st.integers(0, 2**16)),
+                  input_requires_grad=tree.float_inputs and draw(st.sampled_from((True, False))),
+                  loss=draw(st.sampled_from(LOSSES))),
+        steps=draw(st.integers(1, max_steps)),
+        micro_batches=draw(st.integers(1, 2)),
+        dtype=draw(st.sampled_from(dtypes)),
+        init_seed=draw(st.integers(0, 2**16)),
+        model=model,
+    )
 
 
 def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
@@ -136,11 +150,13 @@ def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
 @st.composite
 def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] = DTYPES,
               devices: Iterable[str] = ("cpu",), *, max_blocks: int = 3, max_steps: int = 4,
-              kinds: Iterable[str] = LAYER_KINDS) -> Scenario:
+              kinds: Iterable[str] = LAYER_KINDS, model: str | None = None) -> Scenario:
     """Draw a :class:`isolation_suite.Scenario` whose intent uses only ``capabilities``.
 
     ``devices`` restricts optimizer variants to those every listed device runs.
-    Shrinks toward one small layer, one step, SGD, float32.
+    Shrinks toward one small layer, one step, SGD, float32. With ``model`` (a factory,
+    ``"pkg.mod:factory"``, see :mod:`isolation_suite.models`) the model is the user's and only the
+    intent over its tree, the optimizer recipe, the loop and the seeds are drawn.
 
     >>> from strategies import scenarios
     >>> scenarios(capabilities=["FREEZE_MODULE"])  # doctest: +ELLIPSIS
@@ -156,6 +172,8 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         chosen = frozenset(draw(st.lists(st.sampled_from(ordered), min_size=1, unique=True)))
     else:
         chosen = frozenset(ordered)
+    if model is not None:
+        return draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
     arch = draw(architectures(max_blocks=max_blocks, kinds=tuple(kinds), require=_requirements(chosen)))
     intent = draw(intents(arch, chosen))
     has_batchnorm = any(l.kind.startswith("batchnorm") for l in arch.layers)

@@ -15,7 +15,7 @@ import torch
 from isolation_suite.invariants import CHECKS, INVARIANTS, MATCH_TOLERANCE, Context, evaluate
 from isolation_suite.reference import Reference
 from isolation_suite.runner import Crash, Trace, run
-from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, chain
 
 
 def linear(path: str) -> Layer:
@@ -24,7 +24,7 @@ def linear(path: str) -> Layer:
 
 def _scenario(layers, program, intent, optimizer=OptimizerRecipe(name="SGD", args=(("lr", 0.1),)),
               dtype="float64", steps=2) -> Scenario:
-    arch = Architecture(input_shape=(2,), layers=tuple(layers), program=tuple(Op("call", p) for p in program))
+    arch = chain((2,), layers, program)
     return Scenario(arch, intent, optimizer, Data(batch=3, seed=1, input_requires_grad=True, loss="mse"),
                     steps, 1, dtype)
 

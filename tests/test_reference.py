@@ -12,7 +12,7 @@ import torch
 from isolation_suite.build import loss_fn, make_inputs
 from isolation_suite.reference import Reference
 from isolation_suite.runner import run, site_seed
-from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, chain
 
 LOSS_SITE = 999_983  # the runner's site index for the loss target
 
@@ -24,7 +24,7 @@ def linear(path: str, n_in: int = 2, n_out: int = 2) -> Layer:
 def scenario(layers, program, intent=Intent(), optimizer=OptimizerRecipe(name="SGD", args=(("lr", 0.1),)),
              steps=1, micro_batches=1, data=Data(batch=3, seed=1, input_requires_grad=True, loss="mse"),
              dtype="float64") -> Scenario:
-    arch = Architecture(input_shape=(2,), layers=tuple(layers), program=tuple(Op("call", p) for p in program))
+    arch = chain((2,), layers, program)
     return Scenario(arch, intent, optimizer, data, steps, micro_batches, dtype)
 
 

@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import math
 
-from ..build import call_sites, param_shapes
+from ..models import tree_of
 from ..scenario import Scenario
-from ..technique import Role
+from ..tree import upstream_of_isolation
 
-TRAIN_MODE_KINDS = ("batchnorm1d", "batchnorm2d", "dropout")
+TRAIN_MODE_KINDS = ("batchnorm1d", "batchnorm2d", "batchnorm", "dropout")
+
+
+def _frozen_nodes(s: Scenario):
+    tree = tree_of(s)
+    return [n for n in tree.nodes if n.path and s.intent.is_frozen_module(n.path)]
 
 
 def frozen_has_train_mode_layer(s: Scenario) -> bool:
-    """A BatchNorm or Dropout inside a frozen module."""
-    return any(s.intent.is_frozen_module(l.path) and l.kind in TRAIN_MODE_KINDS for l in s.architecture.layers)
+    """A BatchNorm or Dropout (that drops) inside a frozen module."""
+    return any(n.train_mode for n in _frozen_nodes(s))
 
 
 def frozen_has_batchnorm(s: Scenario) -> bool:
-    return any(s.intent.is_frozen_module(l.path) and l.kind.startswith("batchnorm") for l in s.architecture.layers)
+    return any(n.kind.startswith("batchnorm") and n.train_mode for n in _frozen_nodes(s))
 
 
 def lr_is_rewritten(s: Scenario) -> bool:
@@ -35,20 +40,18 @@ def counts_frozen_gradients(s: Scenario) -> bool:
 
 def names_collide(s: Scenario) -> bool:
     """A frozen module's name is a substring of a trainable parameter's name (``fc1`` in ``fc10.weight``)."""
-    params = [f"{l.path}.x" for l in s.architecture.layers]
+    params = tree_of(s).parameters
     return any(f in p and not s.intent.is_frozen_param(p) for f in s.intent.frozen_modules for p in params)
 
 
 def upstream_needs_gradient(s: Scenario) -> bool:
-    """Something before an isolated call site needs gradient: the input or a trainable layer."""
-    sites = call_sites(s.architecture, s.intent)
-    isolated = [x.index for x in sites if x.role is not Role.NORMAL]
-    return s.data.input_requires_grad or any(
-        x.role is Role.NORMAL and x.kind != "dropout" for x in sites if isolated and x.index < max(isolated))
+    """Something before an isolated call needs gradient: the input or a trainable layer."""
+    tree = tree_of(s)
+    return (s.data.input_requires_grad and tree.float_inputs) or bool(upstream_of_isolation(tree, s.intent))
 
 
 def input_needs_no_gradient(s: Scenario) -> bool:
-    return not s.data.input_requires_grad
+    return not (s.data.input_requires_grad and tree_of(s).float_inputs)
 
 
 def weight_decay_or_stale_gradients(s: Scenario) -> bool:
@@ -60,13 +63,13 @@ def weight_decay(s: Scenario) -> bool:
 
 
 def elements_module_reused(s: Scenario) -> bool:
-    owners = {p.rpartition(".")[0] for p, _ in s.intent.frozen_elements}
-    return sum(path in owners for path, _ in s.architecture.call_sites) >= 2
+    tree = tree_of(s)
+    return any(tree.node(tree.owner(p)).calls >= 2 for p, _ in s.intent.frozen_elements)
 
 
 def has_multi_element_parameter(s: Scenario) -> bool:
     """``p not in params`` compares tensors with ``==``: more than one element makes that crash."""
-    return any(math.prod(shape) > 1 for l in s.architecture.layers for _, shape in param_shapes(l.kind, l.args))
+    return any(math.prod(shape) > 1 for shape in tree_of(s).parameters.values())
 
 
 def reparameterized(s: Scenario) -> bool:

@@ -7,7 +7,7 @@ Pure data: each is a :class:`Scenario` with two to four tiny layers, float64, tw
 """
 from __future__ import annotations
 
-from ..scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from ..scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
 
 SGD = OptimizerRecipe("SGD", (("lr", 0.1),))
 
@@ -32,7 +32,7 @@ def scenario(layers, program, intent: Intent = Intent(), optimizer: OptimizerRec
              input_shape: tuple[int, ...] = (2,), dtype: str = "float64", input_requires_grad: bool = True,
              micro_batches: int = 1) -> Scenario:
     """A chain of call sites (``program`` lists module paths) over a batch of 3."""
-    arch = Architecture(input_shape=input_shape, layers=tuple(layers), program=tuple(Op("call", p) for p in program))
+    arch = chain(input_shape, layers, program)
     data = Data(batch=3, seed=1, input_requires_grad=input_requires_grad, loss="mse")
     return Scenario(arch, intent, optimizer, data, steps, micro_batches, dtype)
 

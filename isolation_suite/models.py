@@ -1,0 +1,193 @@
+"""The model under test: a generated architecture, or the user's own model from a factory.
+
+A *factory* is a zero-argument callable that returns ``(model, example_inputs)`` or
+``(model, example_inputs, loss)``: an ``nn.Module``, a tuple of tensors for one batch (called as
+``model(*example_inputs)``), and optionally ``loss(output, target) -> scalar`` (default: the
+scenario's MSE or smooth-L1 against fixed random targets shaped like each floating-point tensor in
+the output; tuple, list and dict outputs are walked). Scenarios name it as ``"pkg.module:factory"``;
+a callable handed to the Python API that cannot be imported by name is registered under a
+``local:`` name for this process.
+
+The harness seeds torch's generator from the scenario's ``init_seed`` before every call, so the
+technique's model, the reference's and the float64 twin start bit-identical; the factory must
+build a new model each time. Every step and micro-batch trains on the example batch.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .scenario import Scenario, ScenarioError
+from .tree import ModelTree, architecture_tree, module_tree
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ModelFactoryError(ScenarioError):
+    """A model factory that cannot be imported, fails, or returns something else."""
+
+
+_LOCAL: dict[str, Callable] = {}
+
+
+def factory_name(factory: str | Callable) -> str:
+    """The scenario's name for ``factory``: ``"pkg.mod:name"`` where that imports back to it, else a
+    ``local:`` name registered for this process (and forked children)."""
+    if isinstance(factory, str):
+        return factory
+    if not callable(factory):
+        raise ModelFactoryError(f"model factory {factory!r} is not callable")
+    module, qualname = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+    if module and qualname and "<" not in qualname:
+        try:
+            if resolve(f"{module}:{qualname}") is factory:
+                return f"{module}:{qualname}"
+        except ModelFactoryError:
+            pass
+    name = f"local:{qualname or 'factory'}#{id(factory):x}"
+    _LOCAL[name] = factory
+    return name
+
+
+def resolve(spec: str) -> Callable:
+    """The factory ``spec`` names; one clear ModelFactoryError when it cannot be found."""
+    if spec in _LOCAL:
+        return _LOCAL[spec]
+    module_name, colon, attr = spec.partition(":")
+    if spec.startswith("local:"):
+        raise ModelFactoryError(f"model factory {spec!r} was registered in another process")
+    if not module_name or colon != ":" or not attr:
+        raise ModelFactoryError(f"model {spec!r} must be 'pkg.module:factory'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure of user code is one line
+        raise ModelFactoryError(f"cannot import {module_name!r} for model {spec!r}: "
+                                f"{type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelFactoryError(f"module {module_name!r} has no {attr!r} (model {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelFactoryError(f"model {spec!r} is {type(obj).__name__}, not a callable factory")
+    return obj
+
+
+@dataclass(frozen=True)
+class Made:
+    """What a factory call gave: validated."""
+
+    model: nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    loss: Callable | None
+
+
+_RETURNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def make(spec: str, init_seed: int) -> Made:
+    """Call the factory with torch's generator seeded from ``init_seed``; check what it returns."""
+    factory = resolve(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        try:
+            out = factory()
+        except Exception as exc:  # noqa: BLE001 - the user's factory failing is one line, not a traceback
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ModelFactoryError(f"model factory {spec!r} raised {type(exc).__name__}: {first}") from None
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+        raise ModelFactoryError(f"model factory {spec!r} returned {type(out).__name__}; "
+                                "expected (model, example_inputs) or (model, example_inputs, loss)")
+    model, inputs, loss = out[0], out[1], (out[2] if len(out) == 3 else None)
+    if not isinstance(model, nn.Module):
+        raise ModelFactoryError(f"model factory {spec!r} returned {type(model).__name__} as the model; "
+                                "expected an nn.Module")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise ModelFactoryError(f"model factory {spec!r}: example_inputs must be a tensor or a tuple of tensors")
+    if loss is not None and not callable(loss):
+        raise ModelFactoryError(f"model factory {spec!r}: the loss must be callable, got {type(loss).__name__}")
+    if model in _RETURNED:
+        raise ModelFactoryError(f"model factory {spec!r} returned a model it had returned before; "
+                                "it must build a new one on every call (training changes the weights)")
+    _RETURNED.add(model)
+    return Made(model, tuple(x.detach() for x in inputs), loss)
+
+
+@functools.lru_cache(maxsize=64)
+def factory_tree(spec: str) -> ModelTree:
+    """The user's model's tree, from one probe forward of a throwaway build."""
+    made = make(spec, 0)
+    try:
+        return module_tree(made.model, made.inputs)
+    except Exception as exc:  # noqa: BLE001 - the model not running on its own inputs is the user's error
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelFactoryError(f"model {spec!r} does not run on its example inputs: "
+                                f"{type(exc).__name__}: {first}") from None
+
+
+def tree_of(scenario: Scenario) -> ModelTree:
+    return factory_tree(scenario.model) if scenario.model else architecture_tree(scenario.architecture)
+
+
+# --- what a run needs -------------------------------------------------------------------------
+
+def target_like(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """The fixed random target for one output tensor, drawn on the CPU so it is device-independent."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(dict(out) if isinstance(out, dict) else out)
+            if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def scenario_loss(kind: str, out: Any, seed: int, user: Callable | None = None) -> torch.Tensor:
+    """The loss of one micro-batch: the factory's ``loss(output, target)``, else ``kind`` summed over
+    every floating-point tensor of the output, each against its own fixed target."""
+    if user is not None:
+        if isinstance(out, torch.Tensor):
+            target: Any = target_like(out, seed)
+        else:
+            target = [target_like(x, seed + i) for i, x in enumerate(_leaves(out))]
+        return user(out, target)
+    leaves = _leaves(out)
+    if not leaves:
+        raise ValueError(f"the model's output has no floating-point tensor to train on ({type(out).__name__})")
+    fn = {"mse": torch.nn.functional.mse_loss, "smooth_l1": torch.nn.functional.smooth_l1_loss}[kind]
+    return sum((fn(x, target_like(x, seed + i)) for i, x in enumerate(leaves)), torch.zeros((), device=leaves[0].device,
+                                                                                           dtype=leaves[0].dtype))
+
+
+@dataclass
+class Built:
+    """A fresh model for one run, its CPU inputs per step and micro-batch, the loss, and its tree."""
+
+    model: nn.Module
+    inputs: list[list[tuple[torch.Tensor, ...]]]
+    loss: Callable[[Any, int], torch.Tensor]  # (output, target seed) -> loss
+    tree: ModelTree
+
+
+def build(scenario: Scenario, device: str = "cpu") -> Built:
+    """Everything a run of ``scenario`` needs, built fresh."""
+    from .build import build_model, loss_fn, make_inputs
+    dtype = DTYPES[scenario.dtype]
+    if not scenario.model:
+        return Built(build_model(scenario, device), [[(x,) for x in step] for step in make_inputs(scenario)],
+                     lambda out, seed: loss_fn(scenario.data.loss, out, seed), architecture_tree(scenario.architecture))
+    tree = factory_tree(scenario.model)
+    made = make(scenario.model, scenario.init_seed)
+    model = made.model.to(device=device, dtype=dtype) if dtype != torch.float32 or device != "cpu" \
+        else made.model.to(device=device)
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in made.inputs)
+    batches = [[inputs] * scenario.micro_batches for _ in range(scenario.steps)]
+    return Built(model, batches, lambda out, seed: scenario_loss(scenario.data.loss, out, seed, made.loss), tree)

@@ -1,0 +1,301 @@
+"""What a model under test looks like, and how the harness reaches into it.
+
+:class:`ModelTree` describes any model as plain data: its modules (kind, own parameters, how
+often one forward calls each), the order of those calls, tied parameters. A generated
+architecture's tree is computed from the spec; a user's model's tree is recorded by one probe
+forward. The strategies draw intents over it, the catalog's conditions read it.
+
+:func:`route` is the one mechanism by which the harness takes part in a forward: the modules an
+intent names get their *calls* intercepted (``parent.enc(x)`` becomes ``driver.call(site, enc,
+(x,))``), for the technique and for the reference alike. Nothing else changes: the module tree,
+its paths, ``state_dict`` keys and every hook stay as they are, so hooks, wrappers and
+replacements at any level behave as in user code.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .layers import kind_of, train_mode_effect
+from .scenario import Architecture, Intent
+from .technique import Role
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str  # "" is the model itself
+    kind: str  # a layer kind ("linear", "batchnorm1d"), a container kind, or the class name
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()  # its parameters that no listed child owns
+    calls: int = 0  # how many times one forward calls it
+    train_mode: str = ""  # what training mode changes in it ("" when nothing)
+
+
+@dataclass(frozen=True)
+class ModelTree:
+    nodes: tuple[Node, ...]
+    order: tuple[tuple[str, int], ...]  # every module call of one forward as (path, use), in start order
+    ties: tuple[tuple[str, str], ...] = ()  # (param path, the earlier path of the same tensor)
+    float_inputs: bool = True  # some input is floating point, so it can need gradient
+
+    @functools.cached_property
+    def by_path(self) -> dict[str, Node]:
+        return {n.path: n for n in self.nodes}
+
+    def node(self, path: str) -> Node:
+        return self.by_path[path]
+
+    @functools.cached_property
+    def parameters(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's full path and shape (a tied one under its first path only)."""
+        tied = {a for a, _ in self.ties}
+        return {_join(n.path, name): shape for n in self.nodes for name, shape in n.params
+                if _join(n.path, name) not in tied}
+
+    def owner(self, param: str) -> str:
+        """The path of the node that lists ``param``."""
+        for n in self.nodes:
+            if any(_join(n.path, name) == param for name, _ in n.params):
+                return n.path
+        raise KeyError(param)
+
+    def inside(self, path: str) -> list[Node]:
+        """``path``'s node and every node below it."""
+        return [n for n in self.nodes if _within(n.path, path)]
+
+    def routed(self, path: str) -> list[str]:
+        """Where calls of ``path`` are intercepted: ``path`` itself when the forward calls it, else the
+        outermost called modules inside it (the children of an ``nn.ModuleList``)."""
+        if path == "" or self.node(path).calls:
+            return [path]
+        below = [n.path for n in self.nodes if n.path.startswith(path + ".") and n.calls]
+        return [p for p in below if not any(p.startswith(q + ".") for q in below)]
+
+    def counts(self) -> dict[str, int]:
+        return {n.path: n.calls for n in self.nodes}
+
+
+def _join(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
+
+
+def _within(path: str, module: str) -> bool:
+    return module == "" or path == module or path.startswith(module + ".")
+
+
+# --- trees ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def architecture_tree(arch: Architecture) -> ModelTree:
+    """The tree of a generated model, from its spec alone (nothing is built)."""
+    from .build import param_shapes
+    counts: dict[str, int] = {}
+    for path, _ in arch.call_sites:
+        counts[path] = counts.get(path, 0) + 1
+    nodes = [Node("", "model", (), 1)]
+    nodes += [Node(c.path, c.kind, (), counts.get(c.path, 0)) for c in arch.containers]
+    from .layers import BY_KIND
+    nodes += [Node(l.path, l.kind, param_shapes(l.kind, l.args), counts.get(l.path, 0),
+                   BY_KIND[l.kind].train_mode if l.kind != "dropout" or dict(l.args).get("p") else "")
+              for l in arch.layers]
+    nodes.sort(key=lambda n: (n.path.split("."), n.path))
+    return ModelTree(tuple(nodes), arch.call_sites, tuple(arch.ties), arch.input_kind == "float")
+
+
+def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
+    """The tree of any model, with call counts from one forward on ``inputs`` (in training mode,
+    without gradient; the model is a throwaway: its running statistics may move)."""
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    order: list[tuple[str, int]] = []
+    uses: dict[str, int] = {}
+
+    def count(module: nn.Module, args: Any) -> None:
+        path = paths.get(id(module))
+        if path:  # the model's own call ("") is not one of its calls
+            order.append((path, uses.get(path, 0)))
+            uses[path] = uses.get(path, 0) + 1
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        model.train()
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        handle.remove()
+    seen: dict[int, str] = {}
+    ties = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            ties.append((name, seen[id(p)]))
+        else:
+            seen[id(p)] = name
+    nodes = []
+    for path, module in model.named_modules():
+        own = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
+        kind = "model" if path == "" else kind_of(module)
+        nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module)))
+    floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
+    return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats)
+
+
+def check_intent(tree: ModelTree, intent: Intent) -> None:
+    """Raise ScenarioError where ``intent`` names what ``tree`` does not have."""
+    from .scenario import ScenarioError
+    for path in intent.frozen_modules + intent.reparameterized:
+        if path not in tree.by_path or path == "":
+            raise ScenarioError(f"the intent names module {path!r}, which the model does not have")
+    for path, use in intent.pass_through:
+        calls = tree.by_path[path].calls if path in tree.by_path else 0
+        if not 0 <= use < calls:
+            raise ScenarioError(f"pass_through ({path!r}, {use!r}): {path!r} is called {calls} time(s)")
+    params = {_join(n.path, name): shape for n in tree.nodes for name, shape in n.params}
+    for param, indices in intent.frozen_elements:
+        if param not in params:
+            raise ScenarioError(f"frozen elements of {param!r}, which is not a parameter of the model")
+        shape = params[param]
+        for index in indices:
+            if len(index) != len(shape) or any(not 0 <= i < s for i, s in zip(index, shape)):
+                raise ScenarioError(f"frozen element {list(index)} is outside {param!r} of shape {list(shape)}")
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CallSite:
+    """One intercepted call: the ``index``-th of this forward, the ``use``-th call of ``path``."""
+
+    index: int
+    path: str
+    use: int
+    role: Role
+    kind: str  # the module's kind (see ``layers.kind_of``)
+
+    def __repr__(self) -> str:
+        return f"{self.path}#{self.use}({self.role.value})"
+
+
+def roles(tree: ModelTree, intent: Intent) -> dict[str, Callable[[int], Role]]:
+    """Which calls to intercept, and the role of each use: frozen modules (or, where one is never
+    called, its outermost called modules) are FROZEN; the named uses of a pass-through module are
+    PASS_THROUGH and its other uses NORMAL; owners of frozen elements and reparameterized
+    modules are intercepted as NORMAL (a technique may want to act around their calls)."""
+    out: dict[str, Callable[[int], Role]] = {}
+    for path in intent.reparameterized:
+        out[path] = lambda use: Role.NORMAL
+    for param, _ in intent.frozen_elements:
+        out[tree.owner(param)] = lambda use: Role.NORMAL
+    passes: dict[str, set[int]] = {}
+    for path, use in intent.pass_through:
+        passes.setdefault(path, set()).add(use)
+    for path, uses in passes.items():
+        out[path] = lambda use, uses=frozenset(uses): Role.PASS_THROUGH if use in uses else Role.NORMAL
+    for path in intent.frozen_modules:
+        for target in tree.routed(path):
+            out[target] = lambda use: Role.FROZEN
+    return out
+
+
+def isolated_calls(tree: ModelTree, intent: Intent) -> list[int]:
+    """Positions in ``tree.order`` of the calls that must be frozen or pass-through."""
+    table = roles(tree, intent)
+    return [i for i, (path, use) in enumerate(tree.order) if path in table and table[path](use) is not Role.NORMAL]
+
+
+def upstream_of_isolation(tree: ModelTree, intent: Intent) -> set[str]:
+    """Modules with parameters called before the last frozen or pass-through call, outside any frozen
+    module: their gradient has to cross an isolated call to reach them."""
+    isolated = isolated_calls(tree, intent)
+    if not isolated:
+        return set()
+    return {path for path, _ in tree.order[:max(isolated)]
+            if tree.node(path).params and not intent.is_frozen_module(path)}
+
+
+class _Route:
+    __slots__ = ("router", "path", "role", "kind", "uses", "busy", "pending")
+
+    def __init__(self, router: "Router", path: str, role: Callable[[int], Role], module: nn.Module):
+        self.router, self.path, self.role, self.kind = router, path, role, kind_of(module)
+        self.uses, self.busy, self.pending = 0, False, None
+
+
+#: id(module) -> its route, for every module a router intercepts right now
+_ROUTES: dict[int, _Route] = {}
+_ROUTED_CLASSES: dict[type, type] = {}
+
+
+def _routed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    route = _ROUTES.get(id(self))
+    if route is None or not route.router.active or route.busy:
+        if route is not None and route.busy and route.pending is not None and not kwargs:
+            # the driver's own call of the module: the keyword arguments of the intercepted call
+            # go with the module's first call inside it
+            kwargs, route.pending = route.pending, None
+        return _plain_call(self, *args, **kwargs)
+    router = route.router
+    site = CallSite(router.index, route.path, route.uses, route.role(route.uses), route.kind)
+    router.index += 1
+    route.uses += 1
+    route.busy, route.pending = True, (kwargs or None)
+    try:
+        return router.call(site, self, args)
+    finally:
+        route.busy, route.pending = False, None
+
+
+def _plain_call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The call the module's own class makes (below every routed class in its MRO: a technique's
+    parametrization may have subclassed the routed class again)."""
+    for klass in type(module).__mro__:
+        if klass.__dict__.get("_isolation_routed"):
+            return super(klass, module).__call__(*args, **kwargs)
+    return type(module).__call__(module, *args, **kwargs)
+
+
+def _routed_class(cls: type) -> type:
+    """A subclass of ``cls`` that differs only in ``__call__`` (Python looks ``__call__`` up on the
+    class, so an instance attribute cannot intercept a call); same name, so reprs do not change."""
+    routed = _ROUTED_CLASSES.get(cls)
+    if routed is None:
+        routed = type(cls.__name__, (cls,), {"__call__": _routed_call, "__module__": cls.__module__,
+                                              "__qualname__": cls.__qualname__, "_isolation_routed": True})
+        _ROUTED_CLASSES[cls] = routed
+    return routed
+
+
+class Router:
+    """Intercepts the calls of the modules ``roles`` names while ``active`` (the forward phase:
+    a call during backward, as a reentrant checkpoint makes, runs plainly)."""
+
+    def __init__(self, model: nn.Module, roles: dict[str, Callable[[int], Role]],
+                 call: Callable[[CallSite, nn.Module, tuple], Any]):
+        self.call, self.active, self.index = call, False, 0
+        self.routes: list[tuple[nn.Module, _Route]] = []
+        for path, role in roles.items():
+            module = model.get_submodule(path) if path else model
+            route = _Route(self, path, role, module)
+            if not getattr(type(module), "_isolation_routed", False):
+                module.__class__ = _routed_class(type(module))
+            _ROUTES[id(module)] = route
+            self.routes.append((module, route))
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """One forward pass: uses count from zero."""
+        self.index = 0
+        for _, route in self.routes:
+            route.uses = 0
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def close(self) -> None:
+        for module, route in self.routes:
+            if _ROUTES.get(id(module)) is route:
+                del _ROUTES[id(module)]
+        self.routes = []

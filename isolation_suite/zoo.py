@@ -1,0 +1,178 @@
+"""Hand-written model zoo: small, realistic architectures next to the generated ones.
+
+Each entry is a zero-argument factory returning ``(model, example_inputs)`` or
+``(model, example_inputs, loss)``. ``model`` is a float32 ``nn.Module`` on the CPU whose
+weights are drawn from the global torch RNG at call time, so the caller's seed decides
+them; ``example_inputs`` is a tuple of tensors for one small batch, used as
+``model(*example_inputs)``, and is drawn from a private fixed-seed generator so it is the
+same on every call. ``loss(output, target)``, when given, maps the output and a float
+target of the output's shape to a scalar; without it a mean squared error is meant. The
+output is a float tensor, or a tuple whose first element is one. Sizes are tiny so one
+forward and backward costs milliseconds, and dropout is active in at most one place per
+model. The Hugging Face models import ``transformers`` inside their factories, so this
+module imports without it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _generator(seed: int) -> torch.Generator:
+    # private, so drawing inputs neither reads nor advances the global RNG that draws the weights
+    return torch.Generator().manual_seed(seed)
+
+
+# --- transformer encoder classifier -------------------------------------------------------
+
+
+class TransformerClassifier(nn.Module):
+    """Token embedding, a two-layer ``nn.TransformerEncoder``, mean pooling and a linear head."""
+
+    def __init__(self, vocab: int = 16, d_model: int = 8, n_classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model=d_model, nhead=2, dim_feedforward=16, dropout=0.0,
+                                           batch_first=True)
+        # nested tensors would take a fused path that skips the per-module calls
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def transformer_classifier():
+    model = TransformerClassifier()
+    tokens = torch.randint(0, 16, (2, 5), generator=_generator(101))
+    return model, (tokens,)
+
+
+# --- ResNet-style CNN ---------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus a shortcut, as in torchvision's ResNet-18 block."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        # no conv bias: the BatchNorm that follows subtracts it again, so its gradient would be ~0
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        # one parameter-free ReLU used twice per block, as torchvision does (not in place, so hooks stay legal)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNetCNN(nn.Module):
+    def __init__(self, n_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def resnet_cnn():
+    model = ResNetCNN()
+    # batch 4: BatchNorm in training mode needs more than one value per channel
+    images = torch.randn(4, 3, 8, 8, generator=_generator(202))
+    return model, (images,)
+
+
+# --- LSTM language model with tied embedding/decoder weights ------------------------------
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> LSTM -> dropout -> decoder, with the decoder sharing the embedding's weight."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, dim, batch_first=True)
+        self.drop = nn.Dropout(0.25)
+        self.decoder = nn.Linear(dim, vocab)
+        # weight tying: one Parameter reachable under two names
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.rnn(self.embed(tokens))
+        return self.decoder(self.drop(hidden))
+
+
+def token_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, L, V) logits; the argmax turns a random float target into class labels."""
+    return F.cross_entropy(output.flatten(0, 1), target.flatten(0, 1).argmax(-1))
+
+
+def lstm_language_model():
+    model = LSTMLanguageModel()
+    tokens = torch.randint(0, 20, (2, 6), generator=_generator(303))
+    # a module-level function rather than a lambda, so the factory's result pickles
+    return model, (tokens,), token_cross_entropy
+
+
+# --- Hugging Face models, built from a config (random weights, no download) ---------------
+
+
+class HFLogits(nn.Module):
+    """Calls a Hugging Face model on ``input_ids`` and returns only its logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    # eager attention: plain matmul/softmax, no dispatch to a fused kernel that may differ by backend
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=2, attn_implementation="eager")
+    model = HFLogits(BertForSequenceClassification(config))
+    # token 0 is the padding index (its embedding row never gets a gradient), so inputs avoid it
+    input_ids = torch.randint(1, 32, (2, 5), generator=_generator(404))
+    return model, (input_ids,)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # bos/eos ids must lie inside the tiny vocabulary; no cache, as there is no generation
+    config = GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
+                        attn_implementation="eager")
+    model = HFLogits(GPT2LMHeadModel(config))  # lm_head.weight is tied to transformer.wte.weight
+    input_ids = torch.randint(0, 32, (2, 5), generator=_generator(505))
+    return model, (input_ids,)
+
+
+ZOO: dict[str, Callable] = {
+    "transformer_classifier": transformer_classifier,
+    "resnet_cnn": resnet_cnn,
+    "lstm_language_model": lstm_language_model,
+    "tiny_bert": tiny_bert,
+    "tiny_gpt2": tiny_gpt2,
+}
