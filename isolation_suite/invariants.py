@@ -17,7 +17,7 @@ from .models import tree_of
 from .tree import upstream_of_isolation
 from .runner import Trace
 from .scenario import OptimizerRecipe, Scenario
-from .technique import Role, element_mask
+from .technique import element_mask
 
 FROZEN_UNCHANGED = "frozen-unchanged"
 GRADIENT_FLOWS = "gradient-flows"

@@ -315,7 +315,7 @@ def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: fl
 
 
 def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Phase) -> None:
-    recipe, data = scenario.optimizer, scenario.data
+    _recipe, data = scenario.optimizer, scenario.data
     built = build(scenario, device)
     model, tree = built.model, built.tree
     if scenario.model:

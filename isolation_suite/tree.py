@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .layers import kind_of, train_mode_effect
+from .layers import LAYERS, kind_of, train_mode_effect
 from .scenario import Architecture, Intent
 from .technique import Role
 
@@ -139,6 +139,63 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
         nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module)))
     floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
     return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats)
+
+
+# --- where an intent can point -------------------------------------------------------------
+# One definition for the strategies (which draw among these) and the trigger examples for a
+# user's model (which pick the first that has a trigger's conditions).
+
+#: kinds whose weight a reparameterization wraps
+REPARAM_KINDS = tuple(row.kind for row in LAYERS if row.reparam_weight)
+
+
+def owners(tree: ModelTree) -> list[str]:
+    """Modules with parameters of their own, in tree order."""
+    return [n.path for n in tree.nodes if n.path and n.params]
+
+
+def tied_modules(tree: ModelTree) -> set[str]:
+    return {p.rpartition(".")[0] for tie in tree.ties for p in tie}
+
+
+def _overlaps(path: str, claimed) -> bool:
+    return any(_within(path, c) or _within(c, path) for c in claimed)
+
+
+def pass_through_targets(tree: ModelTree) -> list[str]:
+    """Modules called more than once with parameters below them (none tied)."""
+    own, tied = owners(tree), tied_modules(tree)
+    return [n.path for n in tree.nodes if n.path and n.calls >= 2 and any(_within(o, n.path) for o in own)
+            and not any(_within(t, n.path) for t in tied)]
+
+
+def reparam_targets(tree: ModelTree, claimed=()) -> list[str]:
+    tied = tied_modules(tree)
+    return [n.path for n in tree.nodes if n.kind in REPARAM_KINDS and n.calls and n.path not in tied
+            and not _overlaps(n.path, claimed)]
+
+
+def element_owners(tree: ModelTree, claimed=()) -> list[str]:
+    """Called modules whose own (untied) parameters can have frozen entries."""
+    tied = tied_modules(tree)
+    return [o for o in owners(tree) if o not in tied and tree.node(o).calls and not _overlaps(o, claimed)]
+
+
+def freeze_targets(tree: ModelTree, claimed=()) -> list[str]:
+    """Modules (leaves or containers) that can be frozen: they hold parameters, run, leave some
+    module with parameters training, overlap nothing ``claimed`` and split no tie."""
+    own = owners(tree)
+
+    def ok(candidate: str) -> bool:
+        if not any(_within(o, candidate) for o in own) or not tree.routed(candidate):
+            return False
+        if not any(not _within(o, candidate) and not any(_within(o, c) for c in claimed) for o in own):
+            return False
+        if _overlaps(candidate, claimed):
+            return False
+        return all(_within(a.rpartition(".")[0], candidate) == _within(b.rpartition(".")[0], candidate)
+                   for a, b in tree.ties)
+    return [n.path for n in tree.nodes if n.path and ok(n.path)]
 
 
 def check_intent(tree: ModelTree, intent: Intent) -> None:

@@ -96,9 +96,12 @@ class Draft:
         """Finish the container at ``path``: choose its kind (one its program allows) and call it."""
         self.owner = previous
         kind = kind or draw(st.sampled_from(self.allowed_kinds(path)))
-        if kind == "modulelist":
-            for i, op in enumerate(list(self.programs[path])):
-                rename(self, op.target, f"{path}.{i}")
+        if kind == "modulelist":  # an nn.ModuleList names its children 0, 1, ...: via temporary names,
+            children = [op.target for op in self.programs[path]]  # so "1" can become "0" while "0" exists
+            for i, child in enumerate(children):
+                rename(self, child, f"{path}.tmp{i}")
+            for i in range(len(children)):
+                rename(self, f"{path}.tmp{i}", f"{path}.{i}")
         self.containers[path] = kind
         self.emit(Op("loop" if kind == "modulelist" else "call", path))
 
@@ -289,25 +292,41 @@ def block_residual(draw, d: Draft, prefix: str = "") -> None:
 
 
 def block_container(draw, d: Draft, depth: int = 0, prefix: str = "", preserve: bool = False) -> str:
-    """A named sub-module holding 1-3 children (layers or, once, another container); its kind is
-    drawn among those its program allows (a block runs activations and reshapes between children
-    and may call one child twice; a Sequential or a looped ModuleList only chains them)."""
+    """A named sub-module holding 1-3 children (layers or, once, another container). Its kind is
+    drawn first: a ``block`` runs activations and reshapes between its children and may call one
+    child twice; an ``nn.Sequential`` or a looped ``nn.ModuleList`` only chains children that work
+    on the current layout and return one tensor."""
     name = fresh_name(draw, TOP_NAMES if not prefix else CHILD_NAMES, d.used_names, prefix)
+    kind = draw(st.sampled_from(("block", "sequential", "modulelist")))
+    chained = kind != "block"
     previous = d.open(name)
     for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
         if depth == 0 and not preserve and draw(st.integers(0, 4)) == 4:
             block_container(draw, d, depth + 1, prefix=name + ".")
             continue
-        kind = _kind(draw, d, preserve=preserve)
-        if preserve:
-            _prepare_for(draw, d, kind)
-        child = leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), kind, preserve=preserve)
-        if not preserve:
+        if chained:
+            pool = [k for k in _IN_PLACE_KINDS[d.layout] if k in d.kinds and (not preserve or k in SHAPE_PRESERVING)]
+            child_kind = draw(st.sampled_from(pool or ["linear"]))
+        else:
+            child_kind = _kind(draw, d, preserve=preserve)
+            if preserve:
+                _prepare_for(draw, d, child_kind)
+        child = leaf(draw, d, fresh_name(draw, CHILD_NAMES, d.used_names, name + "."), child_kind, preserve=preserve)
+        if not chained:
             maybe_activation(draw, d)
-        if draw(st.integers(0, 5)) == 5 and kind not in ("embedding", "dropout") and _same_shape(d, child):
-            d.emit(Op("call", child))  # a child called twice by its container
-    d.close(draw, name, previous)
+            if draw(st.integers(0, 5)) == 5 and child_kind not in ("embedding", "dropout") and _same_shape(d, child):
+                d.emit(Op("call", child))  # a child called twice by its container
+    d.close(draw, name, previous, kind if kind in d.allowed_kinds(name) else "block")
     return name
+
+
+#: kinds that work on a layout as it is (no reshape first) and return one tensor
+_IN_PLACE_KINDS = {
+    "vec": ("linear", "layernorm", "batchnorm1d", "groupnorm", "dropout"),
+    "seq": ("linear", "layernorm", "dropout"),
+    "chan1": ("linear", "layernorm", "conv1d", "batchnorm1d", "groupnorm", "dropout"),
+    "chan2": ("linear", "layernorm", "conv2d", "batchnorm2d", "groupnorm", "dropout"),
+}
 
 
 def _same_shape(d: Draft, path: str) -> bool:

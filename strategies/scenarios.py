@@ -6,11 +6,11 @@ from typing import Iterable
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from isolation_suite.layers import LAYERS
 from isolation_suite.models import factory_tree
 from isolation_suite.scenario import DTYPES, LAYER_KINDS, LOSSES, Architecture, Data, Intent, Scenario
 from isolation_suite.technique import Capability
-from isolation_suite.tree import ModelTree, architecture_tree
+from isolation_suite.tree import (ModelTree, architecture_tree, element_owners, freeze_targets,
+                                  pass_through_targets, reparam_targets)
 
 from ._validate import check_choice, check_int
 from .architectures import architectures
@@ -38,14 +38,6 @@ def as_capabilities(capabilities: Iterable | None) -> frozenset[Capability]:
     return frozenset(out)
 
 
-def _inside(path: str, module: str) -> bool:
-    return path == module or path.startswith(module + ".")
-
-
-#: kinds whose weight a reparameterization wraps (``layers.LayerInfo.reparam_weight``)
-REPARAM_TARGETS = tuple(row.kind for row in LAYERS if row.reparam_weight)
-
-
 @st.composite
 def intents(draw, tree: ModelTree | Architecture, capabilities: frozenset[Capability]) -> Intent:
     """Draw an :class:`Intent` over a model's tree (a generated architecture's or a user model's),
@@ -53,67 +45,46 @@ def intents(draw, tree: ModelTree | Architecture, capabilities: frozenset[Capabi
 
     Modules at any level can be frozen (a leaf or a container) or passed through (any module called
     more than once); isolated sets never overlap, tied parameters are never split between a frozen
-    and a trainable module, and at least one module with parameters keeps training.
+    and a trainable module, and at least one module with parameters keeps training
+    (``isolation_suite.tree`` says where each kind of intent can point).
     """
     if isinstance(tree, Architecture):
         tree = architecture_tree(tree)
-    # modules with parameters of their own, in tree order (a tied parameter counts for its owners)
-    owners = [n.path for n in tree.nodes if n.path and n.params]
-    tied = {p.rpartition(".")[0] for tie in tree.ties for p in tie}
-    claimed: set[str] = set()
+    claimed: list[str] = []
     kw: dict = {}
 
-    def has_params(path: str) -> bool:
-        return any(_inside(o, path) for o in owners)
-
     if Capability.PASS_THROUGH in capabilities:
-        reused = [n.path for n in tree.nodes if n.path and n.calls >= 2 and has_params(n.path)
-                  and not any(_inside(t, n.path) for t in tied)]
+        reused = pass_through_targets(tree)
         if reused:
             path = draw(st.sampled_from(reused))
             calls = tree.node(path).calls
             chosen = draw(st.lists(st.integers(0, calls - 1), min_size=1, max_size=calls, unique=True))
             kw["pass_through"] = tuple((path, u) for u in sorted(chosen))
-            claimed.add(path)
+            claimed.append(path)
 
     if Capability.REPARAMETERIZE in capabilities:
-        targets = [n.path for n in tree.nodes if n.kind in REPARAM_TARGETS and n.calls and n.path not in tied
-                   and not any(_inside(n.path, c) or _inside(c, n.path) for c in claimed)]
+        targets = reparam_targets(tree, claimed)
         if targets:
             chosen = draw(st.lists(st.sampled_from(targets), min_size=1, max_size=2, unique=True))
             kw["reparameterized"] = tuple(chosen)
-            claimed.update(chosen)
+            claimed.extend(chosen)
 
     if Capability.FREEZE_ELEMENTS in capabilities:
-        targets = [o for o in owners if o not in tied and tree.node(o).calls
-                   and not any(_inside(o, c) or _inside(c, o) for c in claimed)]
+        targets = element_owners(tree, claimed)
         if targets:
             path = draw(st.sampled_from(targets))
             name, shape = draw(st.sampled_from(tree.node(path).params))
             kw["frozen_elements"] = ((f"{path}.{name}", draw(element_indices(shape))),)
-            claimed.add(path)
+            claimed.append(path)
 
     if Capability.FREEZE_MODULE in capabilities:
-        def can_freeze(candidate: str) -> bool:
-            if not has_params(candidate) or not tree.routed(candidate):
-                return False  # nothing to freeze, or never run
-            if not any(not _inside(o, candidate) and not any(_inside(o, c) for c in claimed) for o in owners):
-                return False  # something must stay trainable
-            if any(_inside(c, candidate) or _inside(candidate, c) for c in claimed):
-                return False  # isolated sets never overlap
-            # a tie lies wholly inside or wholly outside the frozen module
-            return all(_inside(a.rpartition(".")[0], candidate) == _inside(b.rpartition(".")[0], candidate)
-                       for a, b in tree.ties)
-        candidates = [n.path for n in tree.nodes if n.path and can_freeze(n.path)]
+        candidates = freeze_targets(tree, claimed)
         if candidates:
             first = draw(st.sampled_from(candidates))
             frozen = [first]
-            rest = [c for c in candidates if not _inside(c, first) and not _inside(first, c)]
+            rest = freeze_targets(tree, claimed + [first])
             if rest and draw(st.integers(0, 3)) == 3:
-                second = draw(st.sampled_from(rest))
-                if any(not _inside(o, first) and not _inside(o, second) and not any(_inside(o, c) for c in claimed)
-                       for o in owners):
-                    frozen.append(second)
+                frozen.append(draw(st.sampled_from(rest)))
             kw["frozen_modules"] = tuple(frozen)
     return Intent(**kw)
 

@@ -12,7 +12,7 @@ import torch
 from isolation_suite.build import loss_fn, make_inputs
 from isolation_suite.reference import Reference
 from isolation_suite.runner import run, site_seed
-from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, chain
+from isolation_suite.scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
 
 LOSS_SITE = 999_983  # the runner's site index for the loss target
 
