@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
@@ -16,6 +16,8 @@ from hypothesis import seed as hypothesis_seed
 from . import devices as devices_mod
 from .invariants import TIMEOUT
 from .judge import Verdict, as_technique, judge, reference_trace
+from .models import factory_name, factory_tree
+from .tree import targets_for
 from .profiles import example_timeout
 from .sandbox import Sandbox, watch_user_interrupts
 from .sandbox import mode as sandbox_mode
@@ -75,6 +77,8 @@ class SearchResult:
     seconds_to_first_failure: float | None = None
     statistics: str = ""  # Hypothesis's own description of the search
     sandbox: str = ""  # where the technique's code ran (``sandbox.mode()``)
+    model: str = ""  # the user's model factory the scenarios trained ("" for generated models)
+    not_applicable: str = ""  # why nothing was judged: the model has nowhere to point this intent
 
     @property
     def ok(self) -> bool:
@@ -102,7 +106,7 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
            device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
            seed: int | None = None, shrink: bool = True, explicit: bool = True,
-           timeout: float | None = None) -> SearchResult:
+           timeout: float | None = None, model: str | Callable | None = None) -> SearchResult:
     """Look for a scenario that breaks ``technique``; the failure returned is the smallest seen.
 
     First the catalog's trigger scenarios for these capabilities (``explicit``), then a Hypothesis
@@ -113,6 +117,10 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     plus one example; the smallest failure seen is returned. The technique runs in one sandbox
     (a child process) for the whole search; each of its runs stops after ``timeout`` seconds (the
     profile's by default, see ``profiles.example_timeout``).
+
+    With ``model`` (a factory or its ``"pkg.mod:factory"`` name, see :mod:`isolation_suite.models`)
+    every scenario trains the user's model: the trigger examples are moved onto its tree and the
+    search draws intents over it.
     """
     technique = as_technique(technique)
     caps = frozenset(capabilities) if capabilities is not None else technique.capabilities
@@ -124,21 +132,38 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         run_settings = settings(run_settings, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
     if seed is None and not run_settings.derandomize:
         seed = random.SystemRandom().getrandbits(32)  # drawn here, so every run can be replayed
+    spec = None if model is None else factory_name(model)
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
-                          seed=seed)
+                          seed=seed, model=spec or "")
+    if spec is not None:
+        tree = factory_tree(spec)  # a factory that fails says so once, here, before any search
+        missing = [c.value for c in sorted(caps, key=lambda c: c.value) if not targets_for(tree, c)]
+        if missing:
+            result.not_applicable = (f"the model offers no place for {', '.join(missing)} "
+                                     f"({_NO_TARGET_WHY[missing[0]]})")
+            return result
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
     with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
-        _search(technique, caps, device, run_settings, result, budget, explicit, sandbox)
+        _search(technique, caps, device, run_settings, result, budget, explicit, sandbox, spec)
     result.sandbox = "in-process (CUDA runs)" if device.startswith("cuda") else sandbox_mode()
     return result
 
 
+_NO_TARGET_WHY = {
+    "FREEZE_MODULE": "no module with parameters can be frozen while another keeps training",
+    "PASS_THROUGH": "no module with parameters is called more than once per forward",
+    "FREEZE_ELEMENTS": "no called module has an untied parameter",
+    "REPARAMETERIZE": "no Linear, convolution or recurrent layer to wrap",
+}
+
+
 def _search(technique: Technique, caps: frozenset[Capability], device: str, run_settings: settings,
-            result: SearchResult, budget: float | None, explicit: bool, sandbox: Sandbox) -> None:
+            result: SearchResult, budget: float | None, explicit: bool, sandbox: Sandbox,
+            model: str | None = None) -> None:
     import strategies  # the top-level strategies package
     from hypothesis.statistics import collector, describe_statistics
 
-    from .techniques import explicit_examples
+    from .techniques import explicit_examples, model_examples
 
     started = time.monotonic()
     deadline = None if budget is None else started + budget
@@ -159,7 +184,8 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         return verdict
 
     try:
-        for scenario in explicit_examples(caps) if explicit else ():
+        examples = (model_examples(model, caps) if model else explicit_examples(caps)) if explicit else ()
+        for scenario in examples:
             spent()
             result.explicit += 1
             verdict = judged(scenario, "explicit")
@@ -173,7 +199,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
     smallest: list[Verdict] = []
 
     @run_settings
-    @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],)))
+    @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model))
     def probe(scenario: Scenario) -> None:
         spent()
         if smallest:
@@ -198,7 +224,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         probe = hypothesis_seed(result.seed)(probe)
     # separate database entries per technique, capability set and device
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
-        f"{technique.name}|{sorted(c.value for c in caps)}|{device}".encode())
+        f"{technique.name}|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")).encode()
 
     def note(stats) -> None:
         result.statistics = describe_statistics(stats)
@@ -238,6 +264,8 @@ def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = (),
 
 def search_line(result: SearchResult) -> str:
     """``12 trigger examples, 60 generated (max 60), 41 shrinking; seed 123``: what one search ran."""
+    if result.not_applicable:
+        return f"not applicable: {result.not_applicable}"
     parts = [f"{result.explicit} trigger example{'s' * (result.explicit != 1)}",
              f"{result.examples} generated (max {result.max_examples})"]
     if result.shrink_examples:
@@ -262,16 +290,18 @@ def seed_text(seed: int | None) -> str:
 
 def check_technique(technique: Technique | type[Technique], devices: str | Iterable[str] | None = None,
                     max_examples: int | None = None, *, seed: int | None = None,
-                    timeout: float | None = None) -> list[SearchResult]:
+                    timeout: float | None = None, model: str | Callable | None = None) -> list[SearchResult]:
     """Search every declared capability on every device; raise ``AssertionError`` on the first violation.
 
-    The message names the invariant, shows the minimal scenario and says how to replay it.
+    The message names the invariant, shows the minimal scenario and says how to replay it. With
+    ``model`` (a zero-argument factory returning ``(model, example_inputs[, loss])``, or its
+    ``"pkg.mod:factory"`` name) the technique is judged on that model.
     """
     technique = as_technique(technique)
     results = []
     for device in devices_mod.resolve(devices):
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
-            result = search(technique, {capability}, device, max_examples, seed=seed, timeout=timeout)
+            result = search(technique, {capability}, device, max_examples, seed=seed, timeout=timeout, model=model)
             results.append(result)
             if result.failure is not None:
                 raise AssertionError(failure_message(result.failure, {capability}, result))

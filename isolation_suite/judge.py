@@ -114,6 +114,8 @@ def _reference(scenario: Scenario, device: str) -> Trace:
     is not one to judge a technique on."""
     try:
         return reference_trace(scenario, device)
+    except ScenarioError:
+        raise
     except (RuntimeError, ValueError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ScenarioError(f"the scenario's model does not run: {type(exc).__name__}: {first}") from None

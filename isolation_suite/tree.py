@@ -23,7 +23,7 @@ from torch import nn
 
 from .layers import LAYERS, kind_of, train_mode_effect
 from .scenario import Architecture, Intent
-from .technique import Role
+from .technique import Capability, Role
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,12 @@ def freeze_targets(tree: ModelTree, claimed=()) -> list[str]:
         return all(_within(a.rpartition(".")[0], candidate) == _within(b.rpartition(".")[0], candidate)
                    for a, b in tree.ties)
     return [n.path for n in tree.nodes if n.path and ok(n.path)]
+
+
+def targets_for(tree: ModelTree, capability: Capability) -> list[str]:
+    """Where an intent of ``capability`` can point in ``tree`` (empty: the model offers none)."""
+    return {Capability.FREEZE_MODULE: freeze_targets, Capability.PASS_THROUGH: pass_through_targets,
+            Capability.FREEZE_ELEMENTS: element_owners, Capability.REPARAMETERIZE: reparam_targets}[capability](tree)
 
 
 def check_intent(tree: ModelTree, intent: Intent) -> None:

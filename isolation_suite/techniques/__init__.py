@@ -6,10 +6,11 @@ scenario) under which each expected violation shows up.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..scenario import Scenario
+from ..scenario import Data, Intent, Scenario
 from ..technique import Capability, Technique
 from . import conditions as c
 from . import triggers as t
@@ -77,7 +78,15 @@ CATALOG: tuple[CatalogEntry, ...] = (
     )),
     CatalogEntry(NoGradRegion, (
         Condition("gradient-flows", "something upstream of the frozen module needs gradient",
-                  c.upstream_needs_gradient, (t.FROZEN_LINEAR,)),) + TRAIN_MODE[1:]),
+                  c.upstream_needs_gradient, (t.FROZEN_LINEAR,)),
+        TRAIN_MODE[1],
+        # where the upstream parameter also reaches the loss another way (tied to a later layer, as
+        # an LSTM language model ties its embedding to its decoder), no_grad leaves it a partial,
+        # wrong gradient instead of none
+        Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode, "
+                  "or something upstream needs gradient that no_grad cuts",
+                  lambda s: c.frozen_has_train_mode_layer(s) or c.upstream_needs_gradient(s), (t.FROZEN_DROPOUT,)),
+    )),
     CatalogEntry(NameSubstring, (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
                   c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE),
@@ -124,6 +133,69 @@ def explicit_examples(capabilities: Iterable[Capability]) -> tuple[Scenario, ...
             for condition in row.conditions:
                 seen.update(dict.fromkeys(condition.examples))
     return tuple(seen)
+
+
+def model_examples(model: str, capabilities: Iterable[Capability]) -> tuple[Scenario, ...]:
+    """The trigger examples moved onto the user's model ``model`` (a factory name): for each
+    trigger, the same recipe, loop and data settings with the first intent over the model's tree
+    (in tree order) under which the trigger's condition holds. A trigger the model has no analog
+    for (no module called twice, no BatchNorm to freeze) is left out."""
+    from ..models import factory_tree
+    tree = factory_tree(model)
+    caps = frozenset(capabilities)
+    seen: dict[Scenario, None] = {}
+    for row in CATALOG:
+        if not row.technique.capabilities <= caps:
+            continue
+        for condition in row.conditions:
+            for trigger in condition.examples:
+                data = trigger.data
+                for intent in _analogs(tree, trigger):
+                    scenario = Scenario(None, intent, trigger.optimizer,
+                                        Data(1, data.seed, data.input_requires_grad and tree.float_inputs, data.loss),
+                                        trigger.steps, trigger.micro_batches, trigger.dtype, 0, model)
+                    if condition.holds(scenario):
+                        seen[scenario] = None
+                        break
+    return tuple(seen)
+
+
+def _analogs(tree, trigger: Scenario) -> list[Intent]:
+    """Intents over ``tree`` of the trigger's kind, in tree order."""
+    from ..tree import element_owners, freeze_targets, pass_through_targets, reparam_targets
+    intent = trigger.intent
+    if intent.frozen_modules:
+        return [Intent(frozen_modules=(m,)) for m in freeze_targets(tree)]
+    if intent.pass_through:
+        return [Intent(pass_through=((m, tree.node(m).calls - 1),)) for m in pass_through_targets(tree)]
+    if intent.frozen_elements:
+        # the same share of the parameter's entries (clip-norm needs the frozen ones to weigh)
+        param, indices = intent.frozen_elements[0]
+        share = len(indices) / math.prod(trigger_shape(trigger, param))
+        out = []
+        for owner in element_owners(tree):
+            name, shape = tree.node(owner).params[0]
+            count = max(1, round(share * math.prod(shape)))
+            out.append(Intent(frozen_elements=((f"{owner}.{name}", first_indices(shape, count)),)))
+        return out
+    return [Intent(reparameterized=(r,)) for r in reparam_targets(tree)]
+
+
+def trigger_shape(trigger: Scenario, param: str) -> tuple[int, ...]:
+    from ..models import tree_of
+    return tree_of(trigger).parameters[param]
+
+
+def first_indices(shape: tuple[int, ...], count: int) -> tuple[tuple[int, ...], ...]:
+    """The first ``count`` entries of a tensor of ``shape``, in row-major order."""
+    out = []
+    for flat in range(count):
+        index = []
+        for size in reversed(shape):
+            index.append(flat % size)
+            flat //= size
+        out.append(tuple(reversed(index)))
+    return tuple(out)
 
 
 def entry(name: str) -> CatalogEntry:
