@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the catalog: capabilities and expected verdicts")
     c = sub.add_parser("check", help="search one technique; exit 1 on a violation")
     c.add_argument("spec", help="'pkg.module:attr' or a catalog name")
+    c.add_argument("--model", default=None, metavar="PKG.MOD:FACTORY",
+                   help="judge on your own model: a zero-argument factory returning (model, example_inputs[, loss])")
     c.add_argument("--devices", default="cpu", help="cpu, cuda, cuda:N, auto, or a comma list (default cpu)")
     c.add_argument("--max-examples", type=_positive(int), default=None)
     c.add_argument("--budget", type=_positive(float), default=None, help="seconds per capability x device")
@@ -127,21 +130,29 @@ def cmd_check(args) -> int:
 
     technique = load_technique(args.spec)
     devices = devices_mod.resolve(args.devices)
+    if args.model:
+        from .models import factory_tree
+        tree = factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any search
     run_dir = _writable(args.report_dir) if args.report_dir else None  # before the search, not after it
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
-    replay = _replay(["check", args.spec, "--devices", ",".join(devices)], seed, args.max_examples, args.timeout)
+    replay = _replay(["check", args.spec, "--devices", ",".join(devices)] + (["--model", args.model] if args.model
+                                                                             else []),
+                     seed, args.max_examples, args.timeout)
     _line(f"isolation-suite check {technique.name}: profile {describe(active_profile(), args.timeout)}; "
           f"{seed_text(seed)}")
+    if args.model:
+        _line(f"model {args.model}: {sum(1 for n in tree.nodes if n.path)} modules, "
+              f"{sum(math.prod(s) for s in tree.parameters.values())} parameters")
     failures = []
     for device in devices:
         for capability in sorted(technique.capabilities, key=lambda c: c.value):
             started = time.monotonic()
             result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed,
-                            timeout=args.timeout)
+                            timeout=args.timeout, model=args.model)
             record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
             fired = set(result.failure.invariants) if result.failure else set()
             _line(f"{technique.name} [{capability.value} on {device}]: {search_line(result)}")
-            for inv in INVARIANTS:
+            for inv in INVARIANTS if not result.not_applicable else ():
                 if inv == DEVICE_PARITY and not device.startswith("cuda"):
                     state = "n/a (needs cuda)"
                 else:
@@ -153,7 +164,8 @@ def cmd_check(args) -> int:
         _line("")
         _line(failure_message(result.failure, {capability}, result))
     if run_dir is not None:
-        write_summary(run_dir, environment({"devices": devices, "technique": args.spec, "profile": active_profile(),
+        write_summary(run_dir, environment({"devices": devices, "technique": args.spec, "model": args.model,
+                                            "profile": active_profile(),
                                             "seed": seed, "seed_text": seed_text(seed), "budget": args.budget,
                                             "max_examples": search_settings(args.max_examples).max_examples}),
                       complete=True)
@@ -324,14 +336,14 @@ COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd
 def main(argv: Sequence[str] | None = None) -> int:
     from .devices import DeviceError
     from .loading import TechniqueLoadError
-
+    from .models import ModelFactoryError
     from .profiles import register_profiles
 
     register_profiles()  # ISOLATION_DATABASE as it is now, not as it was at import
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, TechniqueLoadError, DeviceError) as exc:
+    except (UsageError, TechniqueLoadError, DeviceError, ModelFactoryError) as exc:
         print(f"isolation-suite: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -27,24 +27,7 @@ def load_technique(spec: str) -> Technique:
             return built_in[spec]
         raise TechniqueLoadError(f"unknown technique {spec!r}: not in the catalog (see 'isolation-suite list'), "
                                  "and a plug-in needs the form 'pkg.module:attr'")
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise TechniqueLoadError(f"technique spec {spec!r} must look like 'pkg.module:attr'")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # a user's module in the working directory, as pytest and python -m do
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise TechniqueLoadError(f"cannot import module {module_name!r} for technique {spec!r}") from None
-        raise TechniqueLoadError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a broken plug-in is the user's error, reported in one line
-        raise TechniqueLoadError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise TechniqueLoadError(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = import_object(spec, "technique", TechniqueLoadError)
     if isinstance(obj, Technique):
         technique = obj
     elif isinstance(obj, type) and issubclass(obj, Technique):
@@ -62,6 +45,30 @@ def load_technique(spec: str) -> Technique:
         raise TechniqueLoadError(f"{spec} declares capabilities {bad!r}: use isolation_suite.Capability members, "
                                  f"e.g. Capability.FREEZE_MODULE")
     return technique
+
+
+def import_object(spec: str, what: str, error: type[Exception]) -> object:
+    """The object ``'pkg.module:attr'`` names (the working directory importable, as under pytest and
+    ``python -m``); ``error`` with one line saying why when it cannot be imported."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise error(f"{what} spec {spec!r} must look like 'pkg.module:attr'")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # a user's module in the working directory, as pytest and python -m do
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise error(f"cannot import module {module_name!r} for {what} {spec!r}") from None
+        raise error(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a broken plug-in is the user's error, reported in one line
+        raise error(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise error(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
 
 
 def _call(factory, spec: str) -> Technique:

@@ -15,7 +15,6 @@ build a new model each time. Every step and micro-batch trains on the example ba
 from __future__ import annotations
 
 import functools
-import importlib
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .loading import import_object
 from .scenario import Scenario, ScenarioError
 from .tree import ModelTree, architecture_tree, module_tree
 
@@ -60,20 +60,9 @@ def resolve(spec: str) -> Callable:
     """The factory ``spec`` names; one clear ModelFactoryError when it cannot be found."""
     if spec in _LOCAL:
         return _LOCAL[spec]
-    module_name, colon, attr = spec.partition(":")
     if spec.startswith("local:"):
         raise ModelFactoryError(f"model factory {spec!r} was registered in another process")
-    if not module_name or colon != ":" or not attr:
-        raise ModelFactoryError(f"model {spec!r} must be 'pkg.module:factory'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure of user code is one line
-        raise ModelFactoryError(f"cannot import {module_name!r} for model {spec!r}: "
-                                f"{type(exc).__name__}: {exc}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelFactoryError(f"module {module_name!r} has no {attr!r} (model {spec!r})")
-        obj = getattr(obj, part)
+    obj = import_object(spec, "model", ModelFactoryError)
     if not callable(obj):
         raise ModelFactoryError(f"model {spec!r} is {type(obj).__name__}, not a callable factory")
     return obj

@@ -34,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("isolation", "gradient isolation gate (isolation-suite)")
     group.addoption("--isolation-technique", action="append", default=[], metavar="SPEC",
                     help="technique to gate: 'pkg.module:attr' or a catalog name (repeatable)")
+    group.addoption("--isolation-model", default=None, metavar="PKG.MOD:FACTORY",
+                    help="judge the techniques on your own model: a zero-argument factory returning "
+                         "(model, example_inputs[, loss])")
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
                     help="comma list of cpu, cuda, cuda:N, or auto (cpu plus cuda when present; default)")
     group.addoption("--isolation-report", default=None, metavar="DIR",
@@ -83,10 +86,13 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.load_profile(profile)  # so Hypothesis's own header and statistics name the real profile
     config.stash[_PROFILE] = profile
     from .loading import TechniqueLoadError, load_technique
+    from .models import ModelFactoryError, factory_tree
     try:
         config.stash[_TECHNIQUES] = [(spec, load_technique(spec)) for spec in specs]
         config.stash[_DEVICES] = devices_mod.resolve(config.getoption("isolation_devices"))
-    except (TechniqueLoadError, devices_mod.DeviceError) as exc:
+        if config.getoption("isolation_model"):
+            factory_tree(config.getoption("isolation_model"))
+    except (TechniqueLoadError, devices_mod.DeviceError, ModelFactoryError) as exc:
         raise pytest.UsageError(str(exc)) from None
     budget = config.getoption("isolation_budget")
     if budget is not None and budget <= 0:
@@ -126,7 +132,7 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
     meta = environment({"devices": config.stash[_DEVICES], "profile": config.stash[_PROFILE], "seed": seed,
                         "seed_text": seed_text(seed), "budget": budget,
                         "max_examples": search_settings(max_examples).max_examples,
-                        "techniques": specs, "workers": config.getoption("numprocesses", None)})
+                        "techniques": specs, "model": config.getoption("isolation_model"), "workers": config.getoption("numprocesses", None)})
     items = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash[_TECHNIQUES]
              for d in config.stash[_DEVICES] for c in t.capabilities}
     config.pluginmanager.register(SummaryWriter(run_dir, meta, items), "isolation-summary-writer")
@@ -183,13 +189,16 @@ class IsolationItem(pytest.Item):
             budget = left if budget is None else min(budget, left)
         started = time.monotonic()
         result = search(self.technique, {self.capability}, self.device, cfg.getoption("isolation_max_examples"),
-                        budget, seed=cfg.stash.get(_SEED, None), timeout=cfg.getoption("isolation_timeout"))
+                        budget, seed=cfg.stash.get(_SEED, None), timeout=cfg.getoption("isolation_timeout"),
+                        model=cfg.getoption("isolation_model"))
         record(result, self.technique, time.monotonic() - started, report_dir, spec=self.spec)
         # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
         self.hypothesis_statistics = (f"{self.nodeid}:\n  - isolation-suite: {search_line(result)}\n"
                                       + (result.statistics or "  - no example was generated (a trigger example "
                                          "decided the item)"))
         status, passed = outcome(result, self.technique.expected_violations)
+        if status == "n/a":
+            pytest.skip(reason(status, result, self.technique.expected_violations))
         self.user_properties += [("examples", result.examples), ("explicit_examples", result.explicit),
                                  ("shrink_examples", result.shrink_examples), ("seed", result.seed)]
         if passed:

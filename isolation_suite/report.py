@@ -65,8 +65,11 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def outcome(result: SearchResult, expected: Iterable[str]) -> tuple[str, bool]:
-    """(``held`` | ``caught`` | ``violated`` | ``missed``, passed) against the technique's expectation."""
+    """(``held`` | ``caught`` | ``violated`` | ``missed`` | ``n/a``, passed) against the technique's
+    expectation; ``n/a``: the user's model offers no place for the capability, nothing was judged."""
     expected = frozenset(expected)
+    if result.not_applicable:
+        return "n/a", True
     if result.failure is None:
         return ("held", True) if not expected else ("missed", False)
     if not expected:
@@ -80,6 +83,8 @@ def _slug(text: str) -> str:
 
 def reason(status: str, result: SearchResult, expected: Iterable[str]) -> str:
     """Why an item passed or failed, in one line a reader can act on."""
+    if status == "n/a":
+        return f"not applicable: {result.not_applicable}"
     if status == "missed":
         return (f"expected violation ({', '.join(sorted(expected))}) not found in {result.explicit} trigger and "
                 f"{result.examples} generated examples ({seed_text(result.seed)})")
@@ -106,7 +111,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
         "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
-        "sandbox": result.sandbox,
+        "sandbox": result.sandbox, "model": result.model,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
     }
