@@ -132,7 +132,8 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
     meta = environment({"devices": config.stash[_DEVICES], "profile": config.stash[_PROFILE], "seed": seed,
                         "seed_text": seed_text(seed), "budget": budget,
                         "max_examples": search_settings(max_examples).max_examples,
-                        "techniques": specs, "model": config.getoption("isolation_model"), "workers": config.getoption("numprocesses", None)})
+                        "techniques": specs, "model": config.getoption("isolation_model"),
+                        "workers": config.getoption("numprocesses", None)})
     items = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash[_TECHNIQUES]
              for d in config.stash[_DEVICES] for c in t.capabilities}
     config.pluginmanager.register(SummaryWriter(run_dir, meta, items), "isolation-summary-writer")

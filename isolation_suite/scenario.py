@@ -133,9 +133,9 @@ class Op:
 
     ``call`` runs the module at ``target`` (a direct child of the program's owner) on the current
     value; ``loop`` runs every child of the ``nn.ModuleList`` at ``target`` in turn; ``act``
-    applies the activation ``target``; ``reshape`` views the current value as ``(batch, *shape)``; ``transpose`` swaps the two trailing axes of a
-    3-d value; ``save`` pushes the current value and ``add`` pops it and adds it
-    back (a residual connection).
+    applies the activation ``target``; ``reshape`` views the current value as ``(batch, *shape)``;
+    ``transpose`` swaps the two trailing axes of a 3-d value; ``save`` pushes the current value
+    and ``add`` pops it and adds it back (a residual connection).
     """
 
     kind: str
