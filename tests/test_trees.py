@@ -250,7 +250,8 @@ def test_pass_through_of_a_container_call():
 def test_freezing_a_module_list_reaches_each_of_its_children():
     arch = Architecture((2,), (linear("pre"), linear("layers.0"), batchnorm("layers.1"), linear("head")),
                         (Op("call", "pre"), Op("loop", "layers"), Op("call", "head")),
-                        containers=(Container("layers", "modulelist", (Op("call", "layers.0"), Op("call", "layers.1"))),))
+                        containers=(Container("layers", "modulelist",
+                                              (Op("call", "layers.0"), Op("call", "layers.1"))),))
     s = scenario(arch, Intent(frozen_modules=("layers",)))
     assert iso.check(iso.catalog()["freeze_and_eval"], s).ok
     assert iso.check(iso.catalog()["no_grad_region"], s).first.invariant == "gradient-flows"
