@@ -160,7 +160,7 @@ _NO_TARGET_WHY = {
 def _search(technique: Technique, caps: frozenset[Capability], device: str, run_settings: settings,
             result: SearchResult, budget: float | None, explicit: bool, sandbox: Sandbox,
             model: str | None = None) -> None:
-    import strategies  # the top-level strategies package
+    from . import strategies
     from hypothesis.statistics import collector, describe_statistics
 
     from .techniques import explicit_examples, model_examples

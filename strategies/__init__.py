@@ -1,13 +1,21 @@
-"""Hypothesis strategies for isolation scenarios.
+"""Hypothesis strategies for isolation scenarios: the public name of ``isolation_suite.strategies``.
+
+The strategies live inside the package so the search can use them without the package and the
+strategies importing each other in a circle; ``import strategies`` (and ``strategies.reuse``,
+``strategies.architectures``, ...) keep working for users' own ``@given`` tests.
 
 >>> import strategies
 >>> strategies.scenarios(capabilities=["PASS_THROUGH"], dtypes=["float64"])  # doctest: +ELLIPSIS
 scenarios(...)
 """
-from .architectures import CHILD_NAMES, TOP_NAMES, architectures
-from .elements import PATTERNS, element_indices
-from .optimizers import optimizer_recipes
-from .scenarios import as_capabilities, intents, scenarios
+import importlib
+import sys
 
-__all__ = ["architectures", "element_indices", "optimizer_recipes", "intents", "scenarios",
-           "as_capabilities", "TOP_NAMES", "CHILD_NAMES", "PATTERNS"]
+from isolation_suite import strategies as _impl
+from isolation_suite.strategies import *  # noqa: F401,F403 - the public names
+from isolation_suite.strategies import __all__  # noqa: F401
+
+for _name in ("architectures", "elements", "optimizers", "reuse", "scenarios"):
+    _module = sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{_impl.__name__}.{_name}")
+    if _name not in __all__:  # ``architectures`` and ``scenarios`` are the strategies of those names
+        globals()[_name] = _module

@@ -19,7 +19,7 @@ from typing import Callable
 
 from hypothesis import strategies as st
 
-from isolation_suite.scenario import LAYER_KINDS, Architecture, Container, Layer, Op
+from ..scenario import LAYER_KINDS, Architecture, Container, Layer, Op
 
 from ._validate import check_choice, check_int
 

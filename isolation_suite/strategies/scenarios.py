@@ -6,10 +6,10 @@ from typing import Iterable
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from isolation_suite.models import factory_tree
-from isolation_suite.scenario import DTYPES, LAYER_KINDS, LOSSES, Architecture, Data, Intent, Scenario
-from isolation_suite.technique import Capability
-from isolation_suite.tree import (ModelTree, architecture_tree, element_owners, freeze_targets,
+from ..models import factory_tree
+from ..scenario import DTYPES, LAYER_KINDS, LOSSES, Architecture, Data, Intent, Scenario
+from ..technique import Capability
+from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets,
                                   pass_through_targets, reparam_targets)
 
 from ._validate import check_choice, check_int

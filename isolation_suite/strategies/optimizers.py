@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from isolation_suite.scenario import CLIPPING, OPTIMIZERS, SCHEDULERS, OptimizerRecipe
+from ..scenario import CLIPPING, OPTIMIZERS, SCHEDULERS, OptimizerRecipe
 
 from ._validate import check_choice
 from .architectures import Knobs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from isolation_suite.scenario import Op
+from ..scenario import Op
 
 from .architectures import (CHILD_NAMES, TOP_NAMES, Draft, _prepare_for, fresh_name, leaf,
                             maybe_activation)
