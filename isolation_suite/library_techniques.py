@@ -14,9 +14,11 @@ What ``freeze`` does (lightning 2.6, ``lightning/pytorch/callbacks/finetuning.py
 * everything else goes to ``freeze_module``: ``requires_grad = False`` on its own parameters and,
   for a ``_BatchNorm``, ``track_running_stats = False``.
 
-Nothing there calls ``eval()``: the frozen module runs in whatever mode the model is in, and
-Lightning's ``Trainer``, like the harness, trains with ``model.train()``. So a frozen Dropout keeps
-dropping, in both variants (``matches-reference``).
+Nothing there calls ``eval()``: the frozen module stays in training mode. (Lightning's ``Trainer``
+keeps each submodule's mode since 2.2 and warns "Found N module(s) in eval mode at the start of
+training"; the harness calls ``model.train()`` before every step, as a training loop may.) So a
+frozen BatchNorm normalises with batch statistics and a frozen Dropout keeps dropping, in both
+variants.
 
 ``lightning`` is imported when a technique is *constructed* (and again, a no-op then, in ``setup``),
 never when this module is: the module imports without it. Constructing, not ``setup``, because
@@ -43,26 +45,30 @@ class LightningFreeze(Technique):
     """``BaseFinetuning.freeze(frozen, train_bn=True)`` (Lightning's default), optimizer over
     ``filter(lambda p: p.requires_grad, model.parameters())``.
 
-    Sound where the frozen module holds no BatchNorm and no Dropout. With ``train_bn=True`` a
-    BatchNorm inside the frozen module is handed to ``make_trainable``: its weight and bias keep
-    ``requires_grad=True``, so they are in the optimizer and move (``frozen-unchanged``: the first
-    violation reported on ``FROZEN_BATCHNORM`` is ``enc.bn.weight`` moving), and with
-    ``track_running_stats=True`` in training mode it normalises with batch statistics and updates its
-    running stats (``frozen-unchanged`` on the buffers, ``matches-reference`` on the loss). That is
-    Lightning's documented intent ("leave the BatchNorm layers in training mode"), but it is not a
-    frozen module: the oracle's frozen module is the constant eval-mode function.
+    Sound where the frozen module holds no BatchNorm and no Dropout (``FROZEN_LINEAR``, Rprop,
+    OneCycleLR, clip-norm, colliding names: the frozen parameters are switched off and are not in the
+    optimizer, so nothing can move them). With ``train_bn=True`` a BatchNorm inside the frozen module
+    goes to ``make_trainable``: its weight and bias keep ``requires_grad=True``, are in the optimizer
+    and move, and with ``track_running_stats=True`` in training mode it updates its running stats
+    (``frozen-unchanged``; on ``FROZEN_BATCHNORM`` the first one reported is ``enc.bn.weight``). In
+    training mode it also normalises with the batch's statistics, which differ from the eval-mode
+    function the oracle freezes (``matches-reference``) and cancel a per-channel shift upstream: a bias
+    before it gets a zero gradient (``gradient-flows``; with one feature and a batch of two the
+    normalised output is +-1 whatever its input). That is Lightning's documented intent ("leave the
+    BatchNorm layers in training mode"), but it is not a frozen module. Keeping the frozen module in
+    eval mode does not fix this variant: the BatchNorm's affine parameters still train.
     """
 
     name = "lightning_freeze"
     capabilities = FREEZE
-    expected_violations = frozenset({"frozen-unchanged", "matches-reference"})
+    expected_violations = frozenset({"gradient-flows", "frozen-unchanged", "matches-reference"})
     summary = "Lightning's BaseFinetuning.freeze(modules, train_bn=True); optimizer over requires_grad params"
     train_bn = True
 
     def __init__(self) -> None:
         try:  # before any run: importing Lightning patches torch.compile (see the module docstring)
             _base_finetuning()
-        except ImportError:  # setup says so, as a no-crash, when a run needs it
+        except ImportError:  # setup then raises it, reported as no-crash, when a run needs Lightning
             pass
 
     def setup(self, model, intent):
@@ -78,17 +84,23 @@ class LightningFreezeNoBN(LightningFreeze):
     """``BaseFinetuning.freeze(frozen, train_bn=False)``, optimizer over the ``requires_grad`` parameters.
 
     Nothing frozen moves: ``freeze_module`` switches ``requires_grad`` off on every parameter of the
-    frozen module, BatchNorm's included, and sets ``track_running_stats = False`` on a BatchNorm, so
-    its running stats are no longer updated either. But ``track_running_stats=False`` also changes
-    what the BatchNorm computes: ``_BatchNorm.forward`` normalises with the *batch's* statistics
-    whenever the running stats are not tracked, in training mode and in eval mode alike. The frozen
-    module is then not the constant eval-mode function the oracle defines (running statistics), and
-    the output and every later loss differ (``matches-reference``); a Dropout inside it keeps
-    dropping too. ``frozen-unchanged`` holds.
+    frozen module, a BatchNorm's included, and sets ``track_running_stats = False`` on a BatchNorm.
+    In training mode ``_BatchNorm.forward`` then passes no running stats to ``F.batch_norm``, so the
+    buffers are not updated either (``frozen-unchanged`` holds). But nothing puts the frozen module in
+    eval mode, and in training mode a BatchNorm normalises with the batch's statistics, whatever
+    ``track_running_stats`` says (``bn_training = True if self.training``). (In eval mode it would use
+    its running stats: ``track_running_stats=False`` set after construction leaves the buffers in
+    place, and only ``running_mean is None`` switches eval mode to batch statistics.) So the frozen
+    module is not the constant eval-mode function the oracle defines: losses and trained parameters
+    differ (``matches-reference``; a frozen Dropout keeps dropping too), and the batch statistics
+    cancel a per-channel shift upstream, so a bias before the BatchNorm gets a zero gradient
+    (``gradient-flows``) or one so small, rounding noise, that it never moves (``trainable-trains``:
+    with ``train_bn=True`` the moving BatchNorm weight is reported first). Run the frozen module in
+    eval mode (the ``call`` hook) and this variant holds.
     """
 
     name = "lightning_freeze_no_bn"
-    expected_violations = frozenset({"matches-reference"})
+    expected_violations = frozenset({"gradient-flows", "trainable-trains", "matches-reference"})
     summary = "Lightning's BaseFinetuning.freeze(modules, train_bn=False); optimizer over requires_grad params"
     train_bn = False
 

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS
+
 
 #: layer kinds that ``build`` knows, grouped by what they need
 PARAM_LAYER_KINDS = (
@@ -24,8 +26,8 @@ PARAM_LAYER_KINDS = (
 STATELESS_LAYER_KINDS = ("dropout",)
 LAYER_KINDS = PARAM_LAYER_KINDS + STATELESS_LAYER_KINDS
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
-OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta", "Rprop")
-SCHEDULERS = ("none", "StepLR", "OneCycleLR", "LambdaLR")
+OPTIMIZERS = tuple(info.name for info in OPTIMIZER_INFOS)
+SCHEDULERS = tuple(info.name for info in SCHEDULER_INFOS)
 CLIPPING = ("none", "norm", "value")
 DTYPES = ("float32", "float64")
 LOSSES = ("mse", "smooth_l1")
@@ -379,9 +381,7 @@ class OptimizerRecipe:
     @property
     def weight_decay(self) -> float:
         wd = self.kwargs.get("weight_decay")
-        if wd is None and self.name == "AdamW":
-            return 0.01  # torch's AdamW default
-        return float(wd or 0.0)
+        return OPTIMIZER_BY_NAME[self.name].default_weight_decay if wd is None else float(wd)
 
     def describe(self) -> str:
         """Short human form, e.g. ``AdamW(lr=0.01, weight_decay=0.01)``."""

@@ -3,45 +3,30 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from ..optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS
 from ..scenario import CLIPPING, OPTIMIZERS, SCHEDULERS, OptimizerRecipe
 
 from ._validate import check_choice
 from .architectures import Knobs
 
-LRS = (0.1, 0.01, 0.3)
-WEIGHT_DECAYS = (0.0, 0.01, 0.1)
-#: optimizers with a fused implementation in torch, per device (torch's fused Adagrad is CPU-only)
-FUSED = {"cpu": ("SGD", "Adam", "AdamW", "Adagrad"), "cuda": ("SGD", "Adam", "AdamW")}
+#: optimizers with a fused implementation in torch, per device
+FUSED = {device: tuple(info.name for info in OPTIMIZER_INFOS if device in info.fused_on) for device in ("cpu", "cuda")}
 
 
 def _hyper_parameters(k: Knobs, name: str, fused: tuple[str, ...] = FUSED["cpu"]) -> dict:
-    """Hyper-parameters from a fixed number of knobs, so every optimizer costs the shrinker the same."""
-    kw: dict = {"lr": k.pick(LRS)}
-    if name == "SGD":
-        momentum = k.pick((0.0, 0.9))
-        kw.update(momentum=momentum, weight_decay=k.pick(WEIGHT_DECAYS), maximize=k.pick((False, True)))
-        if momentum:
-            nesterov = k.pick((False, True))
-            kw.update(nesterov=nesterov, dampening=0.0 if nesterov else k.pick((0.0, 0.5)))
-    elif name in ("Adam", "AdamW"):
-        if name == "AdamW":
-            # omitted weight_decay keeps torch's default of 0.01
-            choice = k.pick((None,) + WEIGHT_DECAYS)
-            if choice is not None:
-                kw["weight_decay"] = choice
-        else:
-            kw["weight_decay"] = k.pick(WEIGHT_DECAYS)
-        kw["amsgrad"] = k.pick((False, True))
-    elif name == "RMSprop":
-        kw.update(momentum=k.pick((0.0, 0.9)), centered=k.pick((False, True)), weight_decay=k.pick(WEIGHT_DECAYS))
-    elif name == "Adagrad":
-        kw.update(lr_decay=k.pick((0.0, 0.01)), weight_decay=k.pick(WEIGHT_DECAYS))
-    elif name in ("Adamax", "NAdam", "RAdam"):
-        kw["weight_decay"] = k.pick(WEIGHT_DECAYS)
-    elif name == "Adadelta":
-        kw.update(lr=k.pick((1.0, 0.5)), weight_decay=k.pick(WEIGHT_DECAYS))
-    elif name == "Rprop":
-        kw["lr"] = k.pick((0.01, 0.001))
+    """Hyper-parameters from the optimizer's ``OptimizerInfo`` row, drawn from a fixed number of knobs
+    so every optimizer costs the shrinker the same."""
+    info = OPTIMIZER_BY_NAME[name]
+    kw: dict = {"lr": k.pick(info.lrs)}
+    for param, values in info.choices:
+        value = k.pick(values)
+        if value is not None:
+            kw[param] = value
+    if name == "SGD":  # torch's constraints: nesterov needs momentum and no dampening
+        if not kw["momentum"]:
+            kw.pop("nesterov"), kw.pop("dampening")
+        elif kw["nesterov"]:
+            kw["dampening"] = 0.0
     implementation = k.pick(("default", "foreach", "for-loop", "fused"))
     if implementation == "foreach":
         kw["foreach"] = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from ..models import tree_of
+from ..optim_info import OPTIMIZER_BY_NAME, SCHEDULER_BY_NAME
 from ..scenario import Scenario
 from ..tree import upstream_of_isolation
 
@@ -29,8 +30,10 @@ def frozen_has_batchnorm(s: Scenario) -> bool:
 
 
 def lr_is_rewritten(s: Scenario) -> bool:
-    """OneCycleLR sets every group's lr; Rprop clamps its step size to at least 1e-6."""
-    return s.optimizer.scheduler == "OneCycleLR" or s.optimizer.name == "Rprop"
+    """The optimizer or its scheduler moves a group at lr=0 (``optim_info``: OneCycleLR sets every
+    group's lr; Rprop clamps its step size to at least 1e-6)."""
+    recipe = s.optimizer
+    return bool(OPTIMIZER_BY_NAME[recipe.name].lr_zero_moves or SCHEDULER_BY_NAME[recipe.scheduler].lr_zero_moves)
 
 
 def counts_frozen_gradients(s: Scenario) -> bool:
