@@ -79,6 +79,7 @@ class SearchResult:
     sandbox: str = ""  # where the technique's code ran (``sandbox.mode()``)
     model: str = ""  # the user's model factory the scenarios trained ("" for generated models)
     not_applicable: str = ""  # why nothing was judged: the model has nowhere to point this intent
+    parity_not_judged: str = ""  # why device-parity was not judged on this device ("" when it was)
 
     @property
     def ok(self) -> bool:
@@ -142,6 +143,8 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
             result.not_applicable = (f"the model offers no place for {', '.join(missing)} "
                                      f"({_NO_TARGET_WHY[missing[0]]})")
             return result
+        if device.startswith("cuda") and tree.device_random:
+            result.parity_not_judged = DEVICE_RANDOM
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
     with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
         _search(technique, caps, device, run_settings, result, budget, explicit, sandbox, spec)
@@ -149,6 +152,9 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     return result
 
 
+#: a user's dropout draws its mask from the device's own generator: CPU and CUDA draw different ones
+DEVICE_RANDOM = ("device-parity not judged: the model draws dropout masks from the device's generator, "
+                 "and CPU and CUDA draw different ones")
 _NO_TARGET_WHY = {
     "FREEZE_MODULE": "no module with parameters can be frozen while another keeps training",
     "PASS_THROUGH": "no module with parameters is called more than once per forward",
@@ -273,7 +279,8 @@ def search_line(result: SearchResult) -> str:
     if result.budget_reached:
         parts.append(f"budget of {result.budget:g}s reached")
     where = f"; technique code ran {result.sandbox}" if result.sandbox.startswith("in-process") else ""
-    return ", ".join(parts) + "; " + seed_text(result.seed) + where
+    parity = f"; {result.parity_not_judged}" if result.parity_not_judged else ""
+    return ", ".join(parts) + "; " + seed_text(result.seed) + where + parity
 
 
 def run_seed(max_examples: int | None = None) -> int | None:

@@ -17,6 +17,7 @@ import torch
 from . import devices as devices_mod
 from .invariants import DEVICE_PARITY, MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, PARITY_TOLERANCE, \
     PARITY_WHAT, Context, Violation, all_close, divergence, evaluate, first_mismatch, mismatch
+from .models import tree_of
 from .reference import Reference
 from .runner import Trace, run
 from .sandbox import DEFAULT_TIMEOUT, Sandbox
@@ -88,7 +89,8 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
 
     The technique's runs happen in ``sandbox`` (a child process that a search keeps for all its
     examples; by default one just for this call), each stopped after ``timeout`` seconds. On a
-    CUDA device the technique also runs on the CPU, for ``device-parity``. A float32
+    CUDA device the technique also runs on the CPU, for ``device-parity`` (not for a user's model
+    with active dropout: the two devices' generators draw different masks). A float32
     ``matches-reference`` mismatch counts only where the float64 twin confirms it.
     """
     technique = as_technique(technique)
@@ -102,7 +104,8 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
         raise ValueError("the sandbox runs another technique than the one being judged")
     reference = _reference(scenario, device)
     trace = sandbox.run(scenario, device)
-    other = sandbox.run(scenario, "cpu") if device.startswith("cuda") and trace.crash is None else None
+    other = sandbox.run(scenario, "cpu") if device.startswith("cuda") and trace.crash is None \
+        and not tree_of(scenario).device_random else None
     ctx = Context(scenario, trace, reference, other)
     violations = [_confirmed(v, ctx, sandbox, device) for v in evaluate(ctx)]
     return Verdict(technique.name, scenario, device, tuple(v for v in violations if v is not None),

@@ -111,7 +111,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
         "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
-        "sandbox": result.sandbox, "model": result.model,
+        "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
     }
@@ -187,7 +187,8 @@ def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
         row = out.setdefault(rec["technique"], {inv: {"verdict": "n/a" if inv == DEVICE_PARITY else "held",
                                                        "count": 0, "first_message": None, "scenario": None}
                                                  for inv in INVARIANTS})
-        if rec["device"].startswith("cuda") and row[DEVICE_PARITY]["verdict"] == "n/a":
+        if rec["device"].startswith("cuda") and row[DEVICE_PARITY]["verdict"] == "n/a" \
+                and not rec.get("parity_not_judged"):
             row[DEVICE_PARITY]["verdict"] = "held"
         for inv, n in rec["invariant_counts"].items():
             row[inv]["count"] += n

@@ -367,7 +367,9 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
         optimizer.zero_grad(set_to_none=recipe.set_to_none)
         at.leave()
         for micro, batch in enumerate(built.inputs[step - 1]):
-            inputs = tuple(x.to(device) for x in batch)
+            # a copy for every micro-batch: a factory's one example batch serves every step, and an
+            # input that needs gradient must not carry the last step's .grad into this one
+            inputs = tuple(x.to(device, copy=True) for x in batch)
             floats = [x for x in inputs if x.is_floating_point()]
             if data.input_requires_grad:
                 for x in floats:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .layers import LAYERS, kind_of, train_mode_effect
+from .layers import LAYERS, SeededDropout, kind_of, train_mode_effect
 from .scenario import Architecture, Intent
 from .technique import Capability, Role
 
@@ -41,6 +41,9 @@ class ModelTree:
     order: tuple[tuple[str, int], ...]  # every module call of one forward as (path, use), in start order
     ties: tuple[tuple[str, str], ...] = ()  # (param path, the earlier path of the same tensor)
     float_inputs: bool = True  # some input is floating point, so it can need gradient
+    #: a module draws random numbers on the model's device (a user's active dropout): runs on two
+    #: devices differ by design (generated models draw dropout masks on the CPU, see SeededDropout)
+    device_random: bool = False
 
     @functools.cached_property
     def by_path(self) -> dict[str, Node]:
@@ -138,7 +141,9 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
         kind = "model" if path == "" else kind_of(module)
         nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module)))
     floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
-    return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats)
+    device_random = any(n.kind == "dropout" and n.train_mode and n.calls for n in nodes) and not any(
+        isinstance(m, SeededDropout) for m in model.modules())
+    return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats, device_random)
 
 
 # --- where an intent can point -------------------------------------------------------------

@@ -297,3 +297,22 @@ def test_keyword_arguments_reach_the_module_through_the_technique():
     assert iso.check(iso.catalog()["no_grad_region"], s).first.invariant == "gradient-flows"
     trace = run(s, Reference())
     assert trace.crash is None and len(trace.steps) == 2
+
+
+def _sum_loss(out, target):
+    return out.sum()  # its input gradient is the weight, whatever the target
+
+
+def tiny_linear_factory():
+    return nn.Linear(3, 1, bias=False), (torch.ones(2, 3),), _sum_loss
+
+
+def test_each_step_gets_a_fresh_input_gradient_from_the_one_example_batch():
+    """A factory gives one batch for every step: its gradient must not pile up across steps."""
+    s = Scenario(None, Intent(frozen_elements=(("weight", ((0, 0),)),)), OptimizerRecipe("SGD", (("lr", 1e-9),)),
+                 Data(1, 0, True, "mse"), 3, 2, "float64", 0, factory_name(tiny_linear_factory))
+    trace = run(s, Reference())
+    grads = [g for step in trace.steps for g in step.input_grads]
+    assert len(grads) == 6 and grads[0].abs().max() > 0
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-6, atol=0)
