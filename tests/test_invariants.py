@@ -438,6 +438,22 @@ def test_device_parity_fires_on_a_perturbed_loss():
     assert "loss at step 1, micro-batch 0" in v.message and "|diff| 0.001" in v.message
 
 
+def test_device_parity_sets_aside_an_entry_whose_gradient_was_zero_on_both_devices():
+    """Rprop or Adam turn rounding noise on a gradient that is zero in exact arithmetic (an
+    attention key bias) into lr-sized moves in any direction; a real gradient is still compared."""
+    s, technique, reference = good("module")
+    other = copy.deepcopy(technique)
+    for trace, noise in ((technique, 3e-11), (other, -2e-11)):
+        for record in trace.steps:
+            record.grads["pre.bias"] = record.grads["pre.bias"].clone()
+            record.grads["pre.bias"][0] = noise
+    other.steps[1].params["pre.bias"][0] += 0.02  # the other device's noise pointed the other way
+    silent("device-parity", s, technique, reference, other)
+    other.steps[1].grads["pre.bias"][0] = 0.5  # ... but with a gradient it is a difference
+    v = fire("device-parity", s, technique, reference, other)
+    assert "pre.bias[0]" in v.message and "after step 2" in v.message
+
+
 def test_nan_stuck_at_nan_has_not_moved():
     from isolation_suite.invariants import _first_difference
     a = torch.tensor([float("nan"), 1.0])
