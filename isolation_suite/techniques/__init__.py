@@ -162,10 +162,15 @@ def model_examples(model: str, capabilities: Iterable[Capability]) -> tuple[Scen
 
 def _analogs(tree, trigger: Scenario) -> list[Intent]:
     """Intents over ``tree`` of the trigger's kind, in tree order."""
-    from ..tree import element_owners, freeze_targets, pass_through_targets, reparam_targets
+    from ..tree import element_owners, freeze_targets, pass_through_targets, reparam_targets, upstream_of_isolation
     intent = trigger.intent
     if intent.frozen_modules:
-        return [Intent(frozen_modules=(m,)) for m in freeze_targets(tree)]
+        # the module with the most trainable modules called before it first: "upstream" is read from
+        # the call order, and a module late in the forward (an encoder after its embeddings) is the
+        # likeliest to have them feed it (a position embedding is called after the word embedding too)
+        candidates = freeze_targets(tree)
+        reach = {m: len(upstream_of_isolation(tree, Intent(frozen_modules=(m,)))) for m in candidates}
+        return [Intent(frozen_modules=(m,)) for m in sorted(candidates, key=lambda m: -reach[m])]
     if intent.pass_through:
         return [Intent(pass_through=((m, tree.node(m).calls - 1),)) for m in pass_through_targets(tree)]
     if intent.frozen_elements:
