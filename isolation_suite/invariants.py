@@ -195,6 +195,9 @@ def state_restored(ctx: Context) -> Violation | None:
     if not ctx.technique.state_leaks:
         return None
     step, what = ctx.technique.state_leaks[0]
+    if step < 0:  # found when the run was over: somewhere in setup or in one of the steps
+        return Violation(STATE_RESTORED, f"{what} by the end of the run (global state is compared around the "
+                         "whole run)", len(ctx.technique.steps))
     when = "during setup" if step == 0 else f"during step {step}"
     return Violation(STATE_RESTORED, f"{what} {when}", step)
 

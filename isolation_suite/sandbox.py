@@ -79,6 +79,11 @@ _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.T
 _CLOSED = ("torch.Tensor",)
 
 
+#: the step of a leak found only once the run is over (global flags and namespaces are compared
+#: around the whole run, not step by step)
+RUN_END = -1
+
+
 def settle_lazy_imports() -> None:
     """Import what torch imports lazily and that rewrites torch's own namespace when it loads
     (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
@@ -382,8 +387,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
                 _send(replies, ("error", f"{type(exc).__name__}: {exc}", True))
                 break
             leaks = changes(before, snapshot())
-            last = len(trace.steps)
-            trace.state_leaks.extend((last, leak) for leak in leaks)
+            trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
             _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks)))
             if leaks:
                 break  # isolated: the next run gets a fresh copy of the parent
@@ -415,7 +419,7 @@ def run_in_process(technique: Technique, scenario, device: str, timeout: float |
         after = snapshot()
         leaks = changes(before, after)
         restore(before, after)
-    trace.state_leaks.extend((len(trace.steps), leak) for leak in leaks)
+    trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
     return trace
 
 

@@ -411,6 +411,14 @@ def test_state_restored_fires_on_a_leak():
     technique.state_leaks.append((2, "grad mode was left off (it was on)"))
     v = fire("state-restored", s, technique, reference)
     assert v.message == "fc.weight.requires_grad changed True -> False during step 2"
+
+
+def test_a_leak_found_after_the_run_does_not_name_a_step():
+    s, technique, reference = good("module")
+    technique.state_leaks.append((-1, "torch.compile was replaced"))
+    v = fire("state-restored", s, technique, reference)
+    assert v.message.startswith("torch.compile was replaced by the end of the run") and "during" not in v.message
+    assert v.step == len(technique.steps)
     assert v.step == 2
 
 
