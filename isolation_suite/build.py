@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .kinds import BY_KIND as KIND
 from .layers import SeededDropout, build_layer  # noqa: F401 - SeededDropout: part of build's public names
 from .scenario import Op, Scenario
 from .technique import module_param_name
@@ -70,7 +71,6 @@ _ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "gelu": torch.nn.functional.gelu,
 }
-_TUPLE_OUT = ("lstm", "gru", "rnn", "mha")
 
 
 def build_model(scenario: Scenario, device: str | torch.device = "cpu") -> nn.Module:
@@ -78,8 +78,8 @@ def build_model(scenario: Scenario, device: str | torch.device = "cpu") -> nn.Mo
     bitwise-identical weights every time."""
     arch = scenario.architecture
     kinds = {layer.path: layer.kind for layer in arch.layers}
-    attention = frozenset(p for p, k in kinds.items() if k == "mha")
-    tuple_out = frozenset(p for p, k in kinds.items() if k in _TUPLE_OUT)
+    attention = frozenset(p for p, k in kinds.items() if KIND[k].called_with == "x,x,x")
+    tuple_out = frozenset(p for p, k in kinds.items() if KIND[k].returns_tuple)
     built: dict[str, nn.Module] = {}
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(scenario.init_seed)

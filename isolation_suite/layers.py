@@ -1,9 +1,5 @@
-"""Layer kinds, declared once (the way PyTorch's ``common_modules.py`` declares ``ModuleInfo``).
-
-Each :class:`LayerInfo` row says how a generated layer is built, which class a module of a user's
-model must be to count as that kind, how it behaves in training mode, the layout it works in,
-and which weight a reparameterization wraps. ``build``, ``tree``, the catalog's conditions and
-the strategies read this table instead of knowing kinds themselves.
+"""The torch side of the layer kinds (``kinds`` declares the rest): how a generated layer is
+built, and which class a module of a user's model must be to count as that kind.
 """
 from __future__ import annotations
 
@@ -12,6 +8,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from .kinds import BY_KIND as KIND
+from .kinds import KindInfo
 
 
 class SeededDropout(nn.Dropout):
@@ -35,34 +34,34 @@ def _batch_first(cls: type[nn.Module]) -> Callable[..., nn.Module]:
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """The torch side of a kind (``kinds.KindInfo`` holds the rest)."""
+
     kind: str
     cls: type[nn.Module]  # a user's module of this class (or a subclass) is this kind
     make: Callable[..., nn.Module]  # builds the generated layer from its scenario arguments
-    layout: str  # the value it works on: "any" (last axis), "vec", "seq", "chan1", "chan2", "tokens"
-    train_mode: str = ""  # what training mode changes, "" when nothing
-    reparam_weight: str = ""  # the weight a reparameterization wraps; "" when none is wrapped
-    shape_preserving: bool = True  # can map a value onto its own shape (reuse, residuals)
-    called_with: str = "x"  # "x" or "x,x,x" (attention: query, key, value)
+
+    @property
+    def info(self) -> KindInfo:
+        return KIND[self.kind]
 
 
 LAYERS: tuple[LayerInfo, ...] = (
-    LayerInfo("linear", nn.Linear, nn.Linear, "any", reparam_weight="weight"),
-    LayerInfo("conv1d", nn.Conv1d, nn.Conv1d, "chan1", reparam_weight="weight"),
-    LayerInfo("conv2d", nn.Conv2d, nn.Conv2d, "chan2", reparam_weight="weight"),
-    LayerInfo("embedding", nn.Embedding, nn.Embedding, "tokens", shape_preserving=False),
-    LayerInfo("lstm", nn.LSTM, _batch_first(nn.LSTM), "seq", reparam_weight="weight_hh_l0"),
-    LayerInfo("gru", nn.GRU, _batch_first(nn.GRU), "seq", reparam_weight="weight_hh_l0"),
-    LayerInfo("rnn", nn.RNN, _batch_first(nn.RNN), "seq", reparam_weight="weight_hh_l0"),
-    LayerInfo("layernorm", nn.LayerNorm, nn.LayerNorm, "any"),
-    LayerInfo("batchnorm1d", nn.BatchNorm1d, nn.BatchNorm1d, "chan1",
-              train_mode="normalises with batch statistics and updates its running stats"),
-    LayerInfo("batchnorm2d", nn.BatchNorm2d, nn.BatchNorm2d, "chan2",
-              train_mode="normalises with batch statistics and updates its running stats"),
-    LayerInfo("groupnorm", nn.GroupNorm, nn.GroupNorm, "any"),
-    LayerInfo("mha", nn.MultiheadAttention, _batch_first(nn.MultiheadAttention), "seq", called_with="x,x,x"),
-    LayerInfo("dropout", nn.Dropout, SeededDropout, "any", train_mode="drops units"),
+    LayerInfo("linear", nn.Linear, nn.Linear),
+    LayerInfo("conv1d", nn.Conv1d, nn.Conv1d),
+    LayerInfo("conv2d", nn.Conv2d, nn.Conv2d),
+    LayerInfo("embedding", nn.Embedding, nn.Embedding),
+    LayerInfo("lstm", nn.LSTM, _batch_first(nn.LSTM)),
+    LayerInfo("gru", nn.GRU, _batch_first(nn.GRU)),
+    LayerInfo("rnn", nn.RNN, _batch_first(nn.RNN)),
+    LayerInfo("layernorm", nn.LayerNorm, nn.LayerNorm),
+    LayerInfo("batchnorm1d", nn.BatchNorm1d, nn.BatchNorm1d),
+    LayerInfo("batchnorm2d", nn.BatchNorm2d, nn.BatchNorm2d),
+    LayerInfo("groupnorm", nn.GroupNorm, nn.GroupNorm),
+    LayerInfo("mha", nn.MultiheadAttention, _batch_first(nn.MultiheadAttention)),
+    LayerInfo("dropout", nn.Dropout, SeededDropout),
 )
 BY_KIND: dict[str, LayerInfo] = {row.kind: row for row in LAYERS}
+assert tuple(BY_KIND) == tuple(KIND), "every kind has its torch class, in the table's order"
 #: classes that count as a kind in a user's model beyond the rows' own (a BatchNorm3d is a BatchNorm)
 _FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.batchnorm._BatchNorm, "batchnorm"),
@@ -85,9 +84,9 @@ def kind_of(module: nn.Module) -> str:
 def train_mode_effect(module: nn.Module) -> str:
     """What training mode changes in ``module`` itself ("" when nothing that we know of)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return BY_KIND["batchnorm1d"].train_mode if module.track_running_stats or module.training else ""
+        return KIND["batchnorm1d"].train_mode if module.track_running_stats or module.training else ""
     if isinstance(module, nn.modules.dropout._DropoutNd):
-        return BY_KIND["dropout"].train_mode if module.p > 0 else ""
+        return KIND["dropout"].train_mode if module.p > 0 else ""
     return ""
 
 

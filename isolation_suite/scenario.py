@@ -15,16 +15,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import kinds as _kinds
 from .optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS
 
 
-#: layer kinds that ``build`` knows, grouped by what they need
-PARAM_LAYER_KINDS = (
-    "linear", "conv1d", "conv2d", "embedding", "lstm", "gru", "rnn",
-    "layernorm", "batchnorm1d", "batchnorm2d", "groupnorm", "mha",
-)
-STATELESS_LAYER_KINDS = ("dropout",)
-LAYER_KINDS = PARAM_LAYER_KINDS + STATELESS_LAYER_KINDS
+#: layer kinds (``kinds.KINDS`` declares each)
+LAYER_KINDS = _kinds.LAYER_KINDS
+PARAM_LAYER_KINDS = tuple(k.kind for k in _kinds.KINDS if k.parameters)
+STATELESS_LAYER_KINDS = tuple(k.kind for k in _kinds.KINDS if not k.parameters)
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = tuple(info.name for info in OPTIMIZER_INFOS)
 SCHEDULERS = tuple(info.name for info in SCHEDULER_INFOS)
@@ -46,22 +44,10 @@ MAX_BATCH = 64
 MAX_STEPS = 64
 MAX_MICRO_BATCHES = 8
 
-_SIZE, _SMALL, _FLAG, _RATE = "size", "small", "flag", "rate"
-_TUPLE_LAYERS = ("lstm", "gru", "rnn", "mha")
+_SIZE, _SMALL, _FLAG, _RATE = _kinds.SIZE, _kinds.SMALL, _kinds.FLAG, _kinds.RATE
+_TUPLE_LAYERS = _kinds.TUPLE_KINDS
 #: layer kind -> argument -> (kind of value, required)
-LAYER_ARGS: dict[str, dict[str, tuple[str, bool]]] = {
-    "linear": {"in_features": (_SIZE, True), "out_features": (_SIZE, True), "bias": (_FLAG, False)},
-    **{k: {"in_channels": (_SIZE, True), "out_channels": (_SIZE, True), "kernel_size": (_SMALL, True),
-           "stride": (_SMALL, False), "padding": (_SMALL, False), "dilation": (_SMALL, False),
-           "groups": (_SIZE, False), "bias": (_FLAG, False)} for k in ("conv1d", "conv2d")},
-    "embedding": {"num_embeddings": (_SIZE, True), "embedding_dim": (_SIZE, True)},
-    "layernorm": {"normalized_shape": (_SIZE, True), "elementwise_affine": (_FLAG, False)},
-    **{k: {"num_features": (_SIZE, True)} for k in ("batchnorm1d", "batchnorm2d")},
-    "groupnorm": {"num_groups": (_SIZE, True), "num_channels": (_SIZE, True)},
-    "mha": {"embed_dim": (_SIZE, True), "num_heads": (_SIZE, True)},
-    **{k: {"input_size": (_SIZE, True), "hidden_size": (_SIZE, True)} for k in ("lstm", "gru", "rnn")},
-    "dropout": {"p": (_RATE, True)},
-}
+LAYER_ARGS: dict[str, dict[str, tuple[str, bool]]] = {k.kind: k.args for k in _kinds.KINDS}
 
 
 class ScenarioError(ValueError):

@@ -82,7 +82,10 @@ def module_param_name(param_path: str) -> tuple[str, str]:
 
 def reparam_param_name(module: nn.Module) -> str:
     """The weight a reparameterization wraps: ``weight_hh_l0`` for RNNs (as in WeightDropout), else ``weight``."""
-    return "weight_hh_l0" if isinstance(module, nn.RNNBase) else "weight"
+    from .layers import kind_of
+    from .kinds import BY_KIND
+    info = BY_KIND.get(kind_of(module))
+    return info.reparam_weight if info is not None and info.reparam_weight else "weight"
 
 
 def element_mask(param: torch.Tensor, indices: Iterable[tuple[int, ...]]) -> torch.Tensor:

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .layers import LAYERS, SeededDropout, kind_of, train_mode_effect
+from . import kinds
+from .layers import SeededDropout, kind_of, train_mode_effect
 from .scenario import Architecture, Intent
 from .technique import Capability, Role
 
@@ -101,9 +102,8 @@ def architecture_tree(arch: Architecture) -> ModelTree:
         counts[path] = counts.get(path, 0) + 1
     nodes = [Node("", "model", (), 1)]
     nodes += [Node(c.path, c.kind, (), counts.get(c.path, 0)) for c in arch.containers]
-    from .layers import BY_KIND
     nodes += [Node(l.path, l.kind, param_shapes(l.kind, l.args), counts.get(l.path, 0),
-                   BY_KIND[l.kind].train_mode if l.kind != "dropout" or dict(l.args).get("p") else "")
+                   kinds.BY_KIND[l.kind].train_mode if l.kind != "dropout" or dict(l.args).get("p") else "")
               for l in arch.layers]
     nodes.sort(key=lambda n: (n.path.split("."), n.path))
     return ModelTree(tuple(nodes), arch.call_sites, tuple(arch.ties), arch.input_kind == "float")
@@ -151,7 +151,7 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
 # user's model (which pick the first that has a trigger's conditions).
 
 #: kinds whose weight a reparameterization wraps
-REPARAM_KINDS = tuple(row.kind for row in LAYERS if row.reparam_weight)
+REPARAM_KINDS = kinds.REPARAM_KINDS
 
 
 def owners(tree: ModelTree) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Callable
 
 from hypothesis import strategies as st
 
+from .. import kinds
 from ..scenario import LAYER_KINDS, Architecture, Container, Layer, Op
 
 from ._validate import check_choice, check_int
@@ -29,8 +30,7 @@ TOP_NAMES = ("fc1", "fc10", "enc", "encoder", "gen", "layer1", "layer10", "head"
 CHILD_NAMES = ("0", "1", "fc1", "fc10", "2", "block")
 
 SIZES = st.integers(1, 4)
-SHAPE_PRESERVING = ("linear", "layernorm", "dropout", "conv1d", "conv2d", "batchnorm1d",
-                    "batchnorm2d", "groupnorm", "lstm", "gru", "rnn", "mha")
+SHAPE_PRESERVING = kinds.SHAPE_PRESERVING
 
 
 KNOB_COUNT = 8
@@ -119,7 +119,7 @@ class Draft:
         return path
 
 
-TUPLE_KINDS = ("lstm", "gru", "rnn", "mha")
+TUPLE_KINDS = kinds.TUPLE_KINDS
 
 
 def rename(d: Draft, old: str, new: str) -> None:
@@ -197,6 +197,70 @@ def _conv_len(n: int, a: dict) -> int:
     return (n + 2 * a["padding"] - a["dilation"] * (a["kernel_size"] - 1) - 1) // a["stride"] + 1
 
 
+def _linear(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    f = d.shape[-1]
+    out = f if preserve else k.pick(range(1, 5))
+    d.add_layer(path, "linear", in_features=f, out_features=out, bias=k.pick((True, False)))
+    d.shape = d.shape[:-1] + (out,)
+
+
+def _layernorm(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    d.add_layer(path, "layernorm", normalized_shape=d.shape[-1])
+
+
+def _dropout(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    d.add_layer(path, "dropout", p=k.pick((0.5, 0.25)))
+
+
+def _conv1d(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    args, c, length = _conv_args(k, d.shape[0], d.shape[1], preserve)
+    d.add_layer(path, "conv1d", **args)
+    d.shape = (c, length)
+
+
+def _conv2d(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    # padding is drawn against the shorter side, so both spatial axes stay valid
+    args, c, _ = _conv_args(k, d.shape[0], min(d.shape[1], d.shape[2]), preserve)
+    d.add_layer(path, "conv2d", **args)
+    d.shape = (c,) + tuple(_conv_len(n, args) for n in d.shape[1:])
+
+
+def _batchnorm(kind: str) -> Callable:
+    def draw_args(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+        d.add_layer(path, kind, num_features=d.shape[0])
+    return draw_args
+
+
+def _groupnorm(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    c, spatial = d.shape[0], d.numel() // d.shape[0]
+    # training-mode GroupNorm needs more than one value per group (callers checked one exists)
+    groups = [g for g in divisors(c) if (c // g) * spatial > 1]
+    d.add_layer(path, "groupnorm", num_groups=k.pick(groups), num_channels=c)
+
+
+def _recurrent(kind: str) -> Callable:
+    def draw_args(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+        f = d.shape[1]
+        hidden = f if preserve else k.pick(range(1, 5))
+        d.add_layer(path, kind, input_size=f, hidden_size=hidden)
+        d.shape = (d.shape[0], hidden)
+    return draw_args
+
+
+def _mha(k: Knobs, d: Draft, path: str, preserve: bool) -> None:
+    e = d.shape[1]
+    d.add_layer(path, "mha", embed_dim=e, num_heads=k.pick(divisors(e)))
+
+
+#: kind -> how its arguments are drawn and what it does to the current shape (the layout it needs
+#: comes from ``kinds.KindInfo``); the embedding is drawn with the token input in ``architectures``
+DRAW_ARGS: dict[str, Callable[[Knobs, Draft, str, bool], None]] = {
+    "linear": _linear, "layernorm": _layernorm, "dropout": _dropout, "conv1d": _conv1d, "conv2d": _conv2d,
+    "batchnorm1d": _batchnorm("batchnorm1d"), "batchnorm2d": _batchnorm("batchnorm2d"), "groupnorm": _groupnorm,
+    "lstm": _recurrent("lstm"), "gru": _recurrent("gru"), "rnn": _recurrent("rnn"), "mha": _mha,
+}
+
+
 def leaf(draw, d: Draft, path: str, kind: str, preserve: bool = False, knobs: Knobs | None = None) -> str:
     """Add a layer of ``kind`` at ``path``, emit its call, and update the draft's shape.
 
@@ -204,52 +268,15 @@ def leaf(draw, d: Draft, path: str, kind: str, preserve: bool = False, knobs: Kn
     it is called more than once or sits in a residual block).
     """
     k = knobs or Knobs(draw)
-    if kind == "linear":
-        f = d.shape[-1]
-        out = f if preserve else k.pick(range(1, 5))
-        d.add_layer(path, kind, in_features=f, out_features=out, bias=k.pick((True, False)))
-        d.shape = d.shape[:-1] + (out,)
-    elif kind == "layernorm":
-        d.add_layer(path, kind, normalized_shape=d.shape[-1])
-    elif kind == "dropout":
-        d.add_layer(path, kind, p=k.pick((0.5, 0.25)))
-    elif kind == "conv1d":
-        to_layout(k, d, "chan1")
-        args, c, length = _conv_args(k, d.shape[0], d.shape[1], preserve)
-        d.add_layer(path, kind, **args)
-        d.shape = (c, length)
-    elif kind == "conv2d":
-        to_layout(k, d, "chan2")
-        # padding is drawn against the shorter side, so both spatial axes stay valid
-        args, c, _ = _conv_args(k, d.shape[0], min(d.shape[1], d.shape[2]), preserve)
-        d.add_layer(path, kind, **args)
-        d.shape = (c,) + tuple(_conv_len(n, args) for n in d.shape[1:])
-    elif kind == "batchnorm1d":
-        if d.layout not in ("vec", "chan1"):
-            to_layout(k, d, "chan1")
-        d.add_layer(path, kind, num_features=d.shape[0])
-    elif kind == "batchnorm2d":
-        to_layout(k, d, "chan2")
-        d.add_layer(path, kind, num_features=d.shape[0])
-    elif kind == "groupnorm":
-        c, spatial = d.shape[0], d.numel() // d.shape[0]
-        # training-mode GroupNorm needs more than one value per group
-        groups = [g for g in divisors(c) if (c // g) * spatial > 1]
-        if not groups:
-            return leaf(draw, d, path, "layernorm", preserve, k)
-        d.add_layer(path, kind, num_groups=k.pick(groups), num_channels=c)
-    elif kind in ("lstm", "gru", "rnn"):
-        to_layout(k, d, "seq")
-        f = d.shape[1]
-        hidden = f if preserve else k.pick(range(1, 5))
-        d.add_layer(path, kind, input_size=f, hidden_size=hidden)
-        d.shape = (d.shape[0], hidden)
-    elif kind == "mha":
-        to_layout(k, d, "seq")
-        e = d.shape[1]
-        d.add_layer(path, kind, embed_dim=e, num_heads=k.pick(divisors(e)))
-    else:
+    if kind not in DRAW_ARGS:
         raise ValueError(f"unknown layer kind {kind!r}")
+    info = kinds.BY_KIND[kind]
+    if d.layout not in info.in_place and info.needs:
+        to_layout(k, d, info.needs)
+    c, spatial = d.shape[0], d.numel() // d.shape[0]
+    if kind == "groupnorm" and not [g for g in divisors(c) if (c // g) * spatial > 1]:
+        return leaf(draw, d, path, "layernorm", preserve, k)  # no grouping has two values per group
+    DRAW_ARGS[kind](k, d, path, preserve)
     d.emit(Op("call", path))
     return path
 
@@ -321,12 +348,7 @@ def block_container(draw, d: Draft, depth: int = 0, prefix: str = "", preserve: 
 
 
 #: kinds that work on a layout as it is (no reshape first) and return one tensor
-_IN_PLACE_KINDS = {
-    "vec": ("linear", "layernorm", "batchnorm1d", "groupnorm", "dropout"),
-    "seq": ("linear", "layernorm", "dropout"),
-    "chan1": ("linear", "layernorm", "conv1d", "batchnorm1d", "groupnorm", "dropout"),
-    "chan2": ("linear", "layernorm", "conv2d", "batchnorm2d", "groupnorm", "dropout"),
-}
+_IN_PLACE_KINDS = {layout: kinds.in_place(layout, chained=True) for layout in kinds.LAYOUTS}
 
 
 def _same_shape(d: Draft, path: str) -> bool:
@@ -344,10 +366,9 @@ def _same_shape(d: Draft, path: str) -> bool:
 
 def _prepare_for(draw, d: Draft, kind: str) -> None:
     """Move into the layout ``kind`` needs *before* a residual/reuse starts, so the layer is shape-preserving."""
-    need = {"conv1d": "chan1", "batchnorm1d": "chan1", "conv2d": "chan2", "batchnorm2d": "chan2",
-            "lstm": "seq", "gru": "seq", "rnn": "seq", "mha": "seq"}.get(kind)
-    if need and not (kind == "batchnorm1d" and d.layout == "vec"):
-        to_layout(Knobs(draw), d, need)
+    info = kinds.BY_KIND[kind]
+    if info.needs and d.layout not in info.in_place:
+        to_layout(Knobs(draw), d, info.needs)
 
 
 BlockFn = Callable[..., None]
@@ -416,7 +437,7 @@ def architectures(draw, *, max_blocks: int = 3, kinds: tuple[str, ...] = LAYER_K
                         containers=tuple(Container(p, kind, tuple(d.programs[p])) for p, kind in d.containers.items()))
 
 
-REPARAM_KINDS = ("linear", "conv1d", "conv2d", "lstm", "gru", "rnn")
+REPARAM_KINDS = kinds.REPARAM_KINDS
 
 
 def _tied(d: Draft, path: str) -> bool:

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from .. import kinds
 from ..scenario import Op
 
 from .architectures import (CHILD_NAMES, TOP_NAMES, Draft, _prepare_for, fresh_name, leaf,
                             maybe_activation)
 
-#: kinds that map a value onto itself without first changing its layout
-_IN_PLACE = {
-    "vec": ("linear", "layernorm", "batchnorm1d", "groupnorm", "dropout"),
-    "seq": ("linear", "layernorm", "lstm", "gru", "rnn", "mha", "dropout"),
-    "chan1": ("linear", "layernorm", "conv1d", "batchnorm1d", "groupnorm", "dropout"),
-    "chan2": ("linear", "layernorm", "conv2d", "batchnorm2d", "groupnorm", "dropout"),
-}
+#: kinds that map a value onto itself without first changing its layout (``kinds.KindInfo.in_place``)
+_IN_PLACE = {layout: kinds.in_place(layout) for layout in kinds.LAYOUTS}
 
 
 def _in_place_kinds(d: Draft, with_params: bool = False) -> list[str]:
