@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report-dir", default="reports", help="runs go to DIR/<run-id>/ (default reports)")
     f.add_argument("--techniques", default=None, help="comma list of catalog names or specs (default: all)")
     f.add_argument("--profile", default=None, help="Hypothesis profile (default isolation-dev)")
+    f.add_argument("--model", default=None, metavar="PKG.MOD:FACTORY",
+                   help="fuzz on your own model: a zero-argument factory returning (model, example_inputs[, loss])")
     f.add_argument("--seed", type=_seed, default=None,
                    help="fix every search (default: drawn and printed; derandomized under isolation-ci)")
     f.add_argument("--timeout", type=_positive(float), default=None,
@@ -267,6 +269,9 @@ def cmd_fuzz(args) -> int:
     if profile not in PROFILES:
         raise UsageError(f"{PROFILE_ENV}={profile!r} is not one of {', '.join(PROFILES)}")
     os.environ[PROFILE_ENV] = profile
+    if args.model:
+        from .models import factory_tree
+        factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any worker starts
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     items = sum(len(t.capabilities) for t in techniques.values()) * len(devices)
     per_item = item_budget(args.budget, workers, items)
@@ -276,8 +281,8 @@ def cmd_fuzz(args) -> int:
     point_latest(reports, run_dir)
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
     replay = _replay(["fuzz", "--budget", f"{args.budget:g}", "--devices", ",".join(devices)]
-                     + (["--techniques", args.techniques] if args.techniques else []), seed, args.max_examples,
-                     args.timeout)
+                     + (["--techniques", args.techniques] if args.techniques else [])
+                     + (["--model", args.model] if args.model else []), seed, args.max_examples, args.timeout)
     _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items on {','.join(devices)}, "
           f"{workers} worker(s), budget {args.budget:g}s (up to {per_item:.1f}s per item); report: {run_dir}")
     _line(f"profile {describe(profile, args.timeout)}; {seed_text(seed)}; replay: {replay}")
@@ -293,6 +298,8 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-technique", spec]
     if args.max_examples:
         argv += ["--isolation-max-examples", str(args.max_examples)]
+    if args.model:
+        argv += ["--isolation-model", args.model]
     if seed is not None:
         argv += ["--hypothesis-seed", str(seed)]
     if args.timeout is not None:

@@ -183,10 +183,15 @@ def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
     ``device-parity`` is ``n/a`` until a record of the technique ran on a second device (CUDA)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
+    judged = {rec["technique"] for rec in records if rec.get("outcome") != "n/a"}
     for rec in records:
         row = out.setdefault(rec["technique"], {inv: {"verdict": "n/a" if inv == DEVICE_PARITY else "held",
                                                        "count": 0, "first_message": None, "scenario": None}
                                                  for inv in INVARIANTS})
+        if rec["technique"] not in judged:  # the user's model offers the technique no place: nothing held
+            for cell in row.values():
+                cell["verdict"] = "n/a"
+            continue
         if rec["device"].startswith("cuda") and row[DEVICE_PARITY]["verdict"] == "n/a" \
                 and not rec.get("parity_not_judged"):
             row[DEVICE_PARITY]["verdict"] = "held"
@@ -257,7 +262,8 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
 _MARK = {"held": "ok", "expected": "caught", "secondary": "also", "violated": "VIOLATED", "n/a": "n/a"}
 _LEGEND = ("ok = held; caught = a known-bad technique violated an expected invariant; also = a knock-on "
            "violation after an expected one; VIOLATED = an unexpected violation; n/a = not judged here "
-           "(device-parity needs a second device). A count in brackets is the number of judged examples "
+           "(device-parity needs a second device; a user's model may offer a capability no place). "
+           "A count in brackets is the number of judged examples "
            "in which the invariant fired.")
 
 

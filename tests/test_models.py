@@ -7,6 +7,7 @@ whose condition holds on the minimal scenario; a known-bad row whose trigger the
 catalog's trigger examples moved onto it satisfies the row's condition) must be caught; a row the model
 offers no place for is not applicable and judges nothing.
 """
+import json
 import re
 import subprocess
 import sys
@@ -188,6 +189,26 @@ def test_cli_check_with_a_model_in_an_empty_folder(tmp_path, technique, model, c
         assert {"mymodel:missing": "has no attribute 'missing'",
                 "mymodel:broken": "raised RuntimeError: cannot build the model"}[model] in lines[0]
         assert run.stdout == ""  # rejected before any search starts
+
+
+def test_fuzz_on_the_users_model_reports_what_it_cannot_judge_as_n_a(tmp_path):
+    (tmp_path / "mymodel.py").write_text(MYMODEL)
+    techniques = "freeze_and_eval,functional_detach,requires_grad_false"
+    run = subprocess.run(_cli("fuzz", "--model", "mymodel:factory", "--budget", "60", "--workers", "1",
+                              "--devices", "cpu", "--techniques", techniques, "--max-examples", "5",
+                              "--report-dir", "reports"),
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "--model mymodel:factory" in run.stdout  # the replay line keeps the model
+    run_dir = tmp_path / "reports" / (tmp_path / "reports" / "LATEST").read_text().strip()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ok"] and summary["complete"]
+    outcomes = {r["technique"]: r["outcome"] for r in summary["results"]}
+    assert outcomes == {"freeze_and_eval": "held", "functional_detach": "n/a", "requires_grad_false": "caught"}
+    assert all(r["model"] == "mymodel:factory" for r in summary["results"])
+    # nothing was judged for the pass-through technique: no invariant "held" for it
+    assert {cell["verdict"] for cell in summary["matrix"]["functional_detach"].values()} == {"n/a"}
+    assert summary["matrix"]["freeze_and_eval"]["frozen-unchanged"]["verdict"] == "held"
 
 
 @pytest.fixture
