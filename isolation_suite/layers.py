@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .kinds import BY_KIND as KIND
-from .kinds import KindInfo
 
 
 class SeededDropout(nn.Dropout):
@@ -39,10 +38,6 @@ class LayerInfo:
     kind: str
     cls: type[nn.Module]  # a user's module of this class (or a subclass) is this kind
     make: Callable[..., nn.Module]  # builds the generated layer from its scenario arguments
-
-    @property
-    def info(self) -> KindInfo:
-        return KIND[self.kind]
 
 
 LAYERS: tuple[LayerInfo, ...] = (
