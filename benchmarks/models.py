@@ -8,9 +8,11 @@ holds everything a check allocates). Reported per model: checks/s (median and th
 the bare-torch floor (the two training loops alone), and memory: the resident set after every
 check, its growth from the 10th check to the last (a leak shows there), and the live ``nn.Module``
 objects after each check, from the first quarter on (they must stay at one count: nothing a check
-built survives it). What one check may hold at its peak is the technique's model, the reference's
-and the float64 twin's: the table prints that bound (parameters, gradients and Adam's two
-moments, in bytes) beside it.
+built survives it). The "bound" column is the parameter state of the three models a check holds
+(the technique's, the reference's and the float64 twin's: weights, gradients and Adam's two
+moments); activations and kernel workspaces come on top. With ``--device cuda`` each check's peak
+CUDA memory is measured too (``torch.cuda.max_memory_allocated``), with what stays allocated after
+it (the first check's one-off allocations, such as cuBLAS's workspace, show there).
 """
 from __future__ import annotations
 
