@@ -88,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report-dir", default="reports", help="runs go to DIR/<run-id>/ (default reports)")
     f.add_argument("--techniques", default=None, help="comma list of catalog names or specs (default: all)")
     f.add_argument("--profile", default=None, help="Hypothesis profile (default isolation-dev)")
+    f.add_argument("--shard", default=None, metavar="I/N",
+                   help="run shard I of N of the items (deterministic, balanced); combine with 'merge'")
     f.add_argument("--model", default=None, metavar="PKG.MOD:FACTORY",
                    help="fuzz on your own model: a zero-argument factory returning (model, example_inputs[, loss])")
     f.add_argument("--seed", type=_seed, default=None,
                    help="fix every search (default: drawn and printed; derandomized under isolation-ci)")
     f.add_argument("--timeout", type=_positive(float), default=None,
                    help="seconds one training run may take before it is stopped (default: the profile's)")
+    m = sub.add_parser("merge", help="combine shard reports into one report")
+    m.add_argument("folders", nargs="+", metavar="DIR", help="shard run folders (or reports folders with LATEST)")
+    m.add_argument("--report-dir", default="reports", help="the merged run goes to DIR/<run-id>/ (default reports)")
     r = sub.add_parser("repro", help="re-run a stored scenario")
     r.add_argument("file", help="a scenario JSON, or a result record from a report's results/ folder")
     r.add_argument("--technique", default=None, help="spec; required when FILE is a bare scenario")
@@ -257,7 +262,9 @@ def cmd_fuzz(args) -> int:
     from . import devices as devices_mod
     from .check import run_seed, seed_text
     from .profiles import PROFILE_ENV, PROFILES, describe
+    from .pytest_plugin import item_name
     from .report import point_latest, run_id
+    from .shards import Shard
 
     started = time.time()
     techniques = _fuzz_techniques(args.techniques)
@@ -272,8 +279,10 @@ def cmd_fuzz(args) -> int:
     if args.model:
         from .models import factory_tree
         factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any worker starts
+    shard = Shard.parse(args.shard) if args.shard else None
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
-    items = sum(len(t.capabilities) for t in techniques.values()) * len(devices)
+    every = [item_name(t, c, d) for t in techniques.values() for d in devices for c in t.capabilities]
+    items = len(shard.select(every) if shard else every)
     per_item = item_budget(args.budget, workers, items)
     reports = _writable(args.report_dir)
     rid = run_id()
@@ -282,8 +291,10 @@ def cmd_fuzz(args) -> int:
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
     replay = _replay(["fuzz", "--budget", f"{args.budget:g}", "--devices", ",".join(devices)]
                      + (["--techniques", args.techniques] if args.techniques else [])
-                     + (["--model", args.model] if args.model else []), seed, args.max_examples, args.timeout)
-    _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items on {','.join(devices)}, "
+                     + (["--model", args.model] if args.model else [])
+                     + (["--shard", str(shard)] if shard else []), seed, args.max_examples, args.timeout)
+    _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items"
+          + (f" (shard {shard} of {len(every)} items)" if shard else "") + f" on {','.join(devices)}, "
           f"{workers} worker(s), budget {args.budget:g}s (up to {per_item:.1f}s per item); report: {run_dir}")
     _line(f"profile {describe(profile, args.timeout)}; {seed_text(seed)}; replay: {replay}")
     # the plug-in arrives through its pytest11 entry point unless autoloading is off
@@ -300,6 +311,8 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-max-examples", str(args.max_examples)]
     if args.model:
         argv += ["--isolation-model", args.model]
+    if shard:
+        argv += ["--isolation-shard", str(shard)]
     if seed is not None:
         argv += ["--hypothesis-seed", str(seed)]
     if args.timeout is not None:
@@ -337,7 +350,27 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd_repro}
+def cmd_merge(args) -> int:
+    from .report import point_latest, run_id, write_summary
+    from .shards import merge
+
+    reports = _writable(args.report_dir)
+    run_dir = _writable(str(reports / run_id()))
+    meta, problems = merge([Path(f) for f in args.folders], run_dir)
+    summary = write_summary(run_dir, meta, complete=not problems)
+    point_latest(reports, run_dir)
+    failed = [r for r in summary["results"] if not r["passed"]]
+    status = "PASS" if summary["ok"] else "FAIL"
+    _line(f"merged {len(args.folders)} report(s), shards {', '.join(meta['shards']) or 'none'}: "
+          f"{len(summary['results'])} items, {len(failed)} failed -> {run_dir}/report.html ({status})")
+    for problem in problems:
+        _line(f"  INCOMPLETE: {problem}")
+    for r in failed:
+        _line(f"  FAIL {r['item']}: {r.get('reason') or r.get('error') or r['outcome']}")
+    return EXIT_OK if summary["ok"] else EXIT_VIOLATION
+
+
+COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd_repro, "merge": cmd_merge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -345,12 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loading import TechniqueLoadError
     from .models import ModelFactoryError
     from .profiles import register_profiles
+    from .shards import ShardError
 
     register_profiles()  # ISOLATION_DATABASE as it is now, not as it was at import
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, TechniqueLoadError, DeviceError, ModelFactoryError) as exc:
+    except (UsageError, TechniqueLoadError, DeviceError, ModelFactoryError, ShardError) as exc:
         print(f"isolation-suite: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from .profiles import PROFILE_ENV, PROFILES
 _TECHNIQUES = pytest.StashKey[list]()
 _DEVICES = pytest.StashKey[list]()
 _REPORT = pytest.StashKey[object]()
+_SHARD = pytest.StashKey[object]()
 _SEED = pytest.StashKey[object]()
 _PROFILE = pytest.StashKey[str]()
 #: keys of xdist's ``workerinput``: what the controller decided, so every worker agrees
@@ -37,6 +38,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isolation-model", default=None, metavar="PKG.MOD:FACTORY",
                     help="judge the techniques on your own model: a zero-argument factory returning "
                          "(model, example_inputs[, loss])")
+    group.addoption("--isolation-shard", default=None, metavar="I/N",
+                    help="run only shard I of N of the items (deterministic, balanced; see isolation-suite merge)")
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
                     help="comma list of cpu, cuda, cuda:N, or auto (cpu plus cuda when present; default)")
     group.addoption("--isolation-report", default=None, metavar="DIR",
@@ -87,12 +90,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_PROFILE] = profile
     from .loading import TechniqueLoadError, load_technique
     from .models import ModelFactoryError, factory_tree
+    from .shards import Shard, ShardError
     try:
         config.stash[_TECHNIQUES] = [(spec, load_technique(spec)) for spec in specs]
         config.stash[_DEVICES] = devices_mod.resolve(config.getoption("isolation_devices"))
         if config.getoption("isolation_model"):
             factory_tree(config.getoption("isolation_model"))
-    except (TechniqueLoadError, devices_mod.DeviceError, ModelFactoryError) as exc:
+        shard = config.getoption("isolation_shard")
+        config.stash[_SHARD] = Shard.parse(shard) if shard else None
+    except (TechniqueLoadError, devices_mod.DeviceError, ModelFactoryError, ShardError) as exc:
         raise pytest.UsageError(str(exc)) from None
     budget = config.getoption("isolation_budget")
     if budget is not None and budget <= 0:
@@ -133,9 +139,9 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
                         "seed_text": seed_text(seed), "budget": budget,
                         "max_examples": search_settings(max_examples).max_examples,
                         "techniques": specs, "model": config.getoption("isolation_model"),
+                        "shard": str(config.stash[_SHARD]) if config.stash.get(_SHARD, None) else None,
                         "workers": config.getoption("numprocesses", None)})
-    items = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash[_TECHNIQUES]
-             for d in config.stash[_DEVICES] for c in t.capabilities}
+    items = _items(config)
     config.pluginmanager.register(SummaryWriter(run_dir, meta, items), "isolation-summary-writer")
 
 
@@ -228,13 +234,18 @@ def item_name(technique, capability, device: str) -> str:
     return f"{technique.name}[{capability.value}-{device}]"
 
 
+def _items(config: pytest.Config) -> dict[str, tuple]:
+    """The gate items of this run (of this shard, with ``--isolation-shard``), by name."""
+    every = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash.get(_TECHNIQUES, [])
+             for d in config.stash[_DEVICES] for c in sorted(t.capabilities, key=lambda c: c.value)}
+    shard = config.stash.get(_SHARD, None)
+    return every if shard is None else {name: every[name] for name in shard.select(every)}
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    for spec, technique in config.stash.get(_TECHNIQUES, []):
-        for device in config.stash[_DEVICES]:
-            for capability in sorted(technique.capabilities, key=lambda c: c.value):
-                items.append(IsolationItem.from_parent(
-                    session, name=item_name(technique, capability, device), spec=spec,
-                    technique=technique, capability=capability, device=device))
+    for name, (spec, technique, capability, device) in _items(config).items():
+        items.append(IsolationItem.from_parent(session, name=name, spec=spec, technique=technique,
+                                               capability=capability, device=device))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
