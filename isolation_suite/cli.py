@@ -313,6 +313,7 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-model", args.model]
     if shard:
         argv += ["--isolation-shard", str(shard)]
+    argv.append("--isolation-progress")
     if seed is not None:
         argv += ["--hypothesis-seed", str(seed)]
     if args.timeout is not None:

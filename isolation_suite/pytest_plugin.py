@@ -40,6 +40,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(model, example_inputs[, loss])")
     group.addoption("--isolation-shard", default=None, metavar="I/N",
                     help="run only shard I of N of the items (deterministic, balanced; see isolation-suite merge)")
+    group.addoption("--isolation-progress", action="store_true", default=False,
+                    help="show the run's progress after every item (a bar on a terminal, plain lines otherwise)")
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
                     help="comma list of cpu, cuda, cuda:N, or auto (cpu plus cuda when present; default)")
     group.addoption("--isolation-report", default=None, metavar="DIR",
@@ -142,7 +144,19 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
                         "shard": str(config.stash[_SHARD]) if config.stash.get(_SHARD, None) else None,
                         "workers": config.getoption("numprocesses", None)})
     items = _items(config)
-    config.pluginmanager.register(SummaryWriter(run_dir, meta, items), "isolation-summary-writer")
+    live = None
+    if config.getoption("isolation_progress"):
+        from .live import LiveView
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+        def write_line(text: str) -> None:
+            if reporter is None:
+                print(text)
+                return
+            reporter.ensure_newline()  # after the item's progress dot
+            reporter.write_line(text)
+        live = LiveView(len(items), config.getoption("isolation_deadline"), write_line)
+    config.pluginmanager.register(SummaryWriter(run_dir, meta, items, live), "isolation-summary-writer")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -267,8 +281,8 @@ class SummaryWriter:
     or the harness raised) gets an error record, so the report can never pass without it.
     """
 
-    def __init__(self, report_dir: Path, meta: dict, items: dict):
-        self.report_dir, self.meta, self.items = report_dir, meta, items
+    def __init__(self, report_dir: Path, meta: dict, items: dict, live=None):
+        self.report_dir, self.meta, self.items, self.live = report_dir, meta, items, live
         self.started: set[str] = set()
         self.finished: set[str] = set()
 
@@ -295,6 +309,8 @@ class SummaryWriter:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         # interrupted (Ctrl-C/SIGTERM) runs still leave a valid summary, marked incomplete
         self._write(complete=exitstatus in (0, 1), interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+        if self.live is not None:
+            self.live.close()
 
     def _write(self, complete: bool, interrupted: bool = False) -> None:
         from .report import write_summary
@@ -302,4 +318,7 @@ class SummaryWriter:
         progress = {"finished": [n for n in every if n in self.finished],
                     "running": [n for n in every if n in self.started and n not in self.finished],
                     "not_started": [n for n in every if n not in self.started and n not in self.finished]}
-        write_summary(self.report_dir, self.meta, complete=complete, progress=progress, interrupted=interrupted)
+        summary = write_summary(self.report_dir, self.meta, complete=complete, progress=progress,
+                                interrupted=interrupted)
+        if self.live is not None:
+            self.live.update(summary["results"])

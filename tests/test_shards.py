@@ -53,6 +53,9 @@ def test_two_shards_and_merge_give_what_one_run_gives(tmp_path):
     _fuzz(tmp_path, "whole")
     shard_runs = [_fuzz(tmp_path, f"shard{i}", "--shard", f"{i}/2") for i in (1, 2)]
     assert "(shard 1/2 of 5 items)" in shard_runs[0].stdout and "--shard 1/2" in shard_runs[0].stdout
+    # the live view, as plain lines off a terminal: one per finished item, the last one complete
+    assert "progress: 1/3 items, " in shard_runs[0].stdout and "progress: 3/3 items, " in shard_runs[0].stdout
+    assert "progress: 2/2 items, " in shard_runs[1].stdout
     merged = subprocess.run(_cli("merge", "shard1", "shard2", "--report-dir", "merged"), capture_output=True,
                             text=True, timeout=300, cwd=tmp_path)
     assert merged.returncode == 0, merged.stdout + merged.stderr
@@ -85,3 +88,34 @@ def test_plugin_runs_only_its_shard_and_rejects_a_bad_one(pytester):
     bad = pytester.runpytest_subprocess(*args, "--isolation-shard", "5/2")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR and "INTERNALERROR" not in bad.stdout.str() + bad.stderr.str()
     bad.stderr.fnmatch_lines(["*--shard*I must be between 1 and N*"])
+
+
+# --- the live view -----------------------------------------------------------------------------
+
+def test_progress_text_counts_items_examples_rate_violations_and_time_left():
+    from isolation_suite.live import progress_text
+    records = [{"explicit_examples": 2, "examples": 60, "shrink_examples": 0, "violations": []},
+               {"explicit_examples": 1, "examples": 0, "shrink_examples": 7, "violations": [{"invariant": "x"}]},
+               {"explicit_examples": 0, "examples": 0, "shrink_examples": 0, "violations": [], "outcome": "error"}]
+    assert progress_text(records, 18, started=100.0, deadline=170.0, now=110.0) == (
+        "3/18 items, 70 examples (7.0/s), 2 with violations, 60s left")
+    empty = progress_text([], 4, started=0.0, deadline=None, now=1.0)
+    assert empty == "0/4 items, 0 examples (0.0/s), 0 with violations"
+
+
+def test_live_view_draws_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
+    import io
+
+    from isolation_suite.live import LiveView
+    lines = []
+    plain = LiveView(2, None, lines.append, interactive=False)
+    plain.update([{"examples": 5}])
+    plain.update([{"examples": 5}])  # nothing new: nothing printed
+    plain.update([{"examples": 5}, {"examples": 3}])
+    assert [line.split(" examples")[0] for line in lines] == ["progress: 1/2 items, 5", "progress: 2/2 items, 8"]
+    screen = io.StringIO()
+    monkeypatch.setattr("sys.stderr", screen)
+    bar = LiveView(2, None, lines.append, interactive=True)
+    bar.update([{"examples": 5}, {"examples": 3}])
+    bar.close()
+    assert "2/2" in screen.getvalue() and "8 examples" in screen.getvalue() and len(lines) == 2
