@@ -330,12 +330,10 @@ def cmd_fuzz(args) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
     summary = json.loads((run_dir / "summary.json").read_text())
-    failed = [r for r in summary["results"] if not r["passed"]]
-    status = "PASS" if summary["ok"] else "FAIL"
-    _line(f"report: {run_dir}/report.html ({status}{'' if summary['complete'] else ', incomplete'}); "
+    failed = _failed(summary)
+    _line(f"report: {run_dir}/report.html ({_status(summary)}{'' if summary['complete'] else ', incomplete'}); "
           f"{len(summary['results'])} of {items} items judged, {len(failed)} failed; {seed_text(seed)}")
-    for r in failed:
-        _line(f"  FAIL {r['item']}: {r.get('reason') or r.get('error') or r['outcome']}")
+    _fail_lines(failed)
     for key, label in (("running", "running when it stopped"), ("not_started", "never started")):
         names = (summary.get("items") or {}).get(key)
         if names and not summary["complete"]:
@@ -360,15 +358,27 @@ def cmd_merge(args) -> int:
     meta, problems = merge([Path(f) for f in args.folders], run_dir)
     summary = write_summary(run_dir, meta, complete=not problems)
     point_latest(reports, run_dir)
-    failed = [r for r in summary["results"] if not r["passed"]]
-    status = "PASS" if summary["ok"] else "FAIL"
+    failed = _failed(summary)
     _line(f"merged {len(args.folders)} report(s), shards {', '.join(meta['shards']) or 'none'}: "
-          f"{len(summary['results'])} items, {len(failed)} failed -> {run_dir}/report.html ({status})")
+          f"{len(summary['results'])} items, {len(failed)} failed -> {run_dir}/report.html ({_status(summary)})")
     for problem in problems:
         _line(f"  INCOMPLETE: {problem}")
+    _fail_lines(failed)
+    return EXIT_OK if summary["ok"] else EXIT_VIOLATION
+
+
+def _failed(summary: dict) -> list[dict]:
+    return [r for r in summary["results"] if not r["passed"]]
+
+
+def _status(summary: dict) -> str:
+    return "PASS" if summary["ok"] else "FAIL"
+
+
+def _fail_lines(failed: list[dict]) -> None:
+    """One line per failed item, saying why (fuzz and merge print the same)."""
     for r in failed:
         _line(f"  FAIL {r['item']}: {r.get('reason') or r.get('error') or r['outcome']}")
-    return EXIT_OK if summary["ok"] else EXIT_VIOLATION
 
 
 COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd_repro, "merge": cmd_merge}

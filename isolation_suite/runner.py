@@ -315,7 +315,6 @@ def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: fl
 
 
 def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Phase) -> None:
-    _recipe, data = scenario.optimizer, scenario.data
     built = build(scenario, device)
     model, tree = built.model, built.tree
     if scenario.model:
@@ -331,7 +330,7 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     # before setup: the calls the intent names are intercepted on the modules the user built, whatever
     # the technique wraps, replaces or hooks afterwards
     router = Router(model, roles(tree, scenario.intent), driver.call)
-    seeding = seed_every_call(model, data.seed)
+    seeding = seed_every_call(model, scenario.data.seed)
     try:
         _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding)
     finally:

@@ -14,8 +14,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from torch import nn
 
 import isolation_suite as iso
 from isolation_suite.check import failure_message, search
@@ -75,20 +73,34 @@ def test_catalog_row_on_a_shipped_model(name, row, moved_triggers):
 
 # --- a user's factory through the Python API -------------------------------------------------
 
-class Net(nn.Module):
-    """A backbone with a BatchNorm, and a head."""
+#: a user's model module: a backbone with a BatchNorm, and a head; written to an empty folder for
+#: the CLI and plug-in tests, and run here for the Python API's
+MYMODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
-        self.head = nn.Linear(6, 2)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+            self.head = nn.Linear(6, 2)
 
-    def forward(self, x):
-        return self.head(self.backbone(x))
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    def factory():
+        return Net(), (torch.randn(5, 4, generator=torch.Generator().manual_seed(0)),)
+
+    def broken():
+        raise RuntimeError("cannot build the model")
+''')
+_USER_MODULE: dict = {}
+exec(MYMODEL, _USER_MODULE)
+Net = _USER_MODULE["Net"]
 
 
 def _inputs():
-    return (torch.randn(5, 4, generator=torch.Generator().manual_seed(0)),)
+    return _USER_MODULE["factory"]()[1]
 
 
 def test_check_technique_judges_a_local_factory():
@@ -138,25 +150,7 @@ def test_a_wrong_factory_is_one_clear_error(factory, needle):
 
 # --- the command line and the plug-in, in an empty folder -------------------------------------
 
-MYMODEL = textwrap.dedent('''
-    import torch
-    from torch import nn
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
-            self.head = nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.head(self.backbone(x))
-
-    def factory():
-        return Net(), (torch.randn(5, 4, generator=torch.Generator().manual_seed(0)),)
-
-    def broken():
-        raise RuntimeError("cannot build the model")
-''')
 
 
 def _cli(*args):
