@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
 
 from . import devices as devices_mod
+from . import modes as modes_mod
 from .invariants import TIMEOUT
 from .judge import Verdict, as_technique, judge, reference_trace
 from .models import factory_name, factory_tree
@@ -80,6 +82,7 @@ class SearchResult:
     model: str = ""  # the user's model factory the scenarios trained ("" for generated models)
     not_applicable: str = ""  # why nothing was judged: the model has nowhere to point this intent
     parity_not_judged: str = ""  # why device-parity was not judged on this device ("" when it was)
+    mode: str = "eager"  # the execution mode every scenario ran in (``isolation_suite.modes``)
 
     @property
     def ok(self) -> bool:
@@ -107,7 +110,7 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
            device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
            seed: int | None = None, shrink: bool = True, explicit: bool = True,
-           timeout: float | None = None, model: str | Callable | None = None) -> SearchResult:
+           timeout: float | None = None, model: str | Callable | None = None, mode: str = "eager") -> SearchResult:
     """Look for a scenario that breaks ``technique``; the failure returned is the smallest seen.
 
     First the catalog's trigger scenarios for these capabilities (``explicit``), then a Hypothesis
@@ -122,20 +125,31 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     With ``model`` (a factory or its ``"pkg.mod:factory"`` name, see :mod:`isolation_suite.models`)
     every scenario trains the user's model: the trigger examples are moved onto its tree and the
     search draws intents over it.
+
+    ``mode`` is the execution mode every scenario runs in (``eager``, ``checkpoint``, ``compile``,
+    ``autocast``; see :mod:`isolation_suite.modes`): the trigger examples move into it, the search
+    draws where it applies, and a mode whose runs cost more judges a share of the examples
+    (``ModeInfo.example_share``).
     """
     technique = as_technique(technique)
+    mode_info = modes_mod.MODE_BY_KIND.get(mode)
+    if mode_info is None:
+        raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(modes_mod.MODE_BY_KIND)}")
     caps = frozenset(capabilities) if capabilities is not None else technique.capabilities
     if not caps:
         raise ValueError(f"technique {technique.name!r} declares no capabilities: nothing to check")
     device = devices_mod.normalize(device)
     run_settings = search_settings(max_examples, device)
+    if mode_info.example_share < 1 and max_examples is None:
+        run_settings = settings(run_settings, max_examples=max(
+            1, math.ceil(run_settings.max_examples * mode_info.example_share)))
     if not shrink:  # detection only: stop at the first violation
         run_settings = settings(run_settings, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
     if seed is None and not run_settings.derandomize:
         seed = random.SystemRandom().getrandbits(32)  # drawn here, so every run can be replayed
     spec = None if model is None else factory_name(model)
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
-                          seed=seed, model=spec or "")
+                          seed=seed, model=spec or "", mode=mode)
     if spec is not None:
         tree = factory_tree(spec)  # a factory that fails says so once, here, before any search
         missing = [c.value for c in sorted(caps, key=lambda c: c.value) if not targets_for(tree, c)]
@@ -147,7 +161,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
             result.parity_not_judged = DEVICE_RANDOM
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
     with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
-        _search(technique, caps, device, run_settings, result, budget, explicit, sandbox, spec)
+        _search(technique, caps, device, run_settings, result, budget, explicit, sandbox, spec, mode)
     result.sandbox = "in-process (CUDA runs)" if device.startswith("cuda") else sandbox_mode()
     return result
 
@@ -165,7 +179,7 @@ _NO_TARGET_WHY = {
 
 def _search(technique: Technique, caps: frozenset[Capability], device: str, run_settings: settings,
             result: SearchResult, budget: float | None, explicit: bool, sandbox: Sandbox,
-            model: str | None = None) -> None:
+            model: str | None = None, mode: str = "eager") -> None:
     from . import strategies
     from hypothesis.statistics import collector, describe_statistics
 
@@ -190,7 +204,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         return verdict
 
     try:
-        examples = (model_examples(model, caps) if model else explicit_examples(caps)) if explicit else ()
+        examples = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
         for scenario in examples:
             spent()
             result.explicit += 1
@@ -205,7 +219,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
     smallest: list[Verdict] = []
 
     @run_settings
-    @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model))
+    @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model, modes=(mode,)))
     def probe(scenario: Scenario) -> None:
         spent()
         if smallest:
@@ -228,9 +242,10 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
 
     if result.seed is not None:
         probe = hypothesis_seed(result.seed)(probe)
-    # separate database entries per technique, capability set and device
+    # separate database entries per technique, capability set, device, model and mode
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
-        f"{technique.name}|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")).encode()
+        f"{technique.name}|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")
+        + ("" if mode == "eager" else f"|{mode}")).encode()
 
     def note(stats) -> None:
         result.statistics = describe_statistics(stats)
@@ -253,7 +268,9 @@ def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = (),
     """The invariant, every violation, the minimal scenario and how to replay it (and, given the
     search ``result``, what was run and with which seed)."""
     caps = ", ".join(sorted(c.value for c in capabilities))
+    mode = verdict.scenario.mode
     lines = [f"{verdict.technique} violates {verdict.first.invariant} on {verdict.device}"
+             + ("" if mode.eager else f" in {mode.kind} mode ({mode!r})")
              + (f" (capabilities: {caps})" if caps else ""),
              *(f"  {v}" for v in verdict.violations),
              "minimal scenario:",
@@ -297,22 +314,37 @@ def seed_text(seed: int | None) -> str:
 
 def check_technique(technique: Technique | type[Technique], devices: str | Iterable[str] | None = None,
                     max_examples: int | None = None, *, seed: int | None = None,
-                    timeout: float | None = None, model: str | Callable | None = None) -> list[SearchResult]:
-    """Search every declared capability on every device; raise ``AssertionError`` on the first violation.
+                    timeout: float | None = None, model: str | Callable | None = None,
+                    modes: str | Iterable[str] = ("eager",)) -> list[SearchResult]:
+    """Search every declared capability on every device in every execution mode of ``modes`` (a
+    list or ``"eager,checkpoint"``; ``"all"``: every mode the devices run); raise ``AssertionError``
+    on the first violation.
 
     The message names the invariant, shows the minimal scenario and says how to replay it. With
     ``model`` (a zero-argument factory returning ``(model, example_inputs[, loss])``, or its
     ``"pkg.mod:factory"`` name) the technique is judged on that model.
     """
     technique = as_technique(technique)
+    device_list = devices_mod.resolve(devices)
+    mode_list = modes_for(modes, device_list)
     results = []
-    for device in devices_mod.resolve(devices):
-        for capability in sorted(technique.capabilities, key=lambda c: c.value):
-            result = search(technique, {capability}, device, max_examples, seed=seed, timeout=timeout, model=model)
-            results.append(result)
-            if result.failure is not None:
-                raise AssertionError(failure_message(result.failure, {capability}, result))
+    for device in device_list:
+        for mode in mode_list:
+            for capability in sorted(technique.capabilities, key=lambda c: c.value):
+                result = search(technique, {capability}, device, max_examples, seed=seed, timeout=timeout,
+                                model=model, mode=mode)
+                results.append(result)
+                if result.failure is not None:
+                    raise AssertionError(failure_message(result.failure, {capability}, result))
     return results
+
+
+def modes_for(modes: str | Iterable[str] | None, devices: Iterable[str]) -> tuple[str, ...]:
+    """The execution modes to judge: ``modes`` (names or ``"a,b"``; None or ``"all"``: every mode
+    all of ``devices`` run). ValueError names an unknown one."""
+    types = tuple(dict.fromkeys(str(d).split(":")[0] for d in devices)) or ("cpu",)
+    text = modes if modes is None or isinstance(modes, str) else ",".join(modes)
+    return modes_mod.parse_modes(text, types)
 
 
 __all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "IsolationFailure", "reference_trace",

@@ -64,6 +64,18 @@ def _workers(text: str) -> str:
     raise argparse.ArgumentTypeError(f"--workers takes a positive integer or 'auto', got {text!r}")
 
 
+MODES_HELP = ("execution modes, a comma list of eager, checkpoint, compile, autocast, or all (default: every "
+              "mode the devices run)")
+
+
+def _modes(text: str, devices) -> tuple[str, ...]:
+    from .check import modes_for
+    try:
+        return modes_for(text, devices)
+    except ValueError as exc:
+        raise UsageError(f"--modes: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="isolation-suite", description="Property-based testing of gradient isolation in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, metavar="PKG.MOD:FACTORY",
                    help="judge on your own model: a zero-argument factory returning (model, example_inputs[, loss])")
     c.add_argument("--devices", default="cpu", help="cpu, cuda, cuda:N, auto, or a comma list (default cpu)")
+    c.add_argument("--modes", default="all", help=MODES_HELP)
     c.add_argument("--max-examples", type=_positive(int), default=None)
     c.add_argument("--budget", type=_positive(float), default=None, help="seconds per capability x device")
     c.add_argument("--report-dir", default=None, help="also write a report (and repro scripts) here")
@@ -84,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--budget", type=_positive(float), default=120.0, help="total seconds (default 120)")
     f.add_argument("--max-examples", type=_positive(int), default=None, help="cap per technique x device")
     f.add_argument("--devices", default="auto")
+    f.add_argument("--modes", default="all", help=MODES_HELP)
     f.add_argument("--workers", type=_workers, default="auto", help="xdist workers: N or auto (default)")
     f.add_argument("--report-dir", default="reports", help="runs go to DIR/<run-id>/ (default reports)")
     f.add_argument("--techniques", default=None, help="comma list of catalog names or specs (default: all)")
@@ -116,12 +130,14 @@ def _line(text: str) -> None:
 
 def cmd_list(args) -> int:
     from .techniques import CATALOG
-    _line(f"{'technique':28s} {'seed':8s} {'capability':16s} expected verdict")
+    _line(f"{'technique':28s} {'seed':18s} {'capability':16s} expected verdict")
     for entry in CATALOG:
         t = entry.technique
         caps = ",".join(sorted(c.value for c in t.capabilities))
         verdict = ", ".join(sorted(t.expected_violations)) or "sound"
-        _line(f"{t.name:28s} {t.seed or '-':8s} {caps:16s} {verdict}")
+        for mode, extra in sorted(t.mode_violations.items()):
+            verdict += f"; under {mode}: " + ", ".join(sorted(extra))
+        _line(f"{t.name:28s} {t.seed or '-':18s} {caps:16s} {verdict}")
     return EXIT_OK
 
 
@@ -137,14 +153,14 @@ def cmd_check(args) -> int:
 
     technique = load_technique(args.spec)
     devices = devices_mod.resolve(args.devices)
+    modes = _modes(args.modes, devices)
     if args.model:
         from .models import factory_tree
         tree = factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any search
     run_dir = _writable(args.report_dir) if args.report_dir else None  # before the search, not after it
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
-    replay = _replay(["check", args.spec, "--devices", ",".join(devices)] + (["--model", args.model] if args.model
-                                                                             else []),
-                     seed, args.max_examples, args.timeout)
+    replay = _replay(["check", args.spec, "--devices", ",".join(devices), "--modes", ",".join(modes)]
+                     + (["--model", args.model] if args.model else []), seed, args.max_examples, args.timeout)
     _line(f"isolation-suite check {technique.name}: profile {describe(active_profile(), args.timeout)}; "
           f"{seed_text(seed)}")
     if args.model:
@@ -152,33 +168,39 @@ def cmd_check(args) -> int:
               f"{sum(math.prod(s) for s in tree.parameters.values())} parameters")
     failures = []
     for device in devices:
-        for capability in sorted(technique.capabilities, key=lambda c: c.value):
-            started = time.monotonic()
-            result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed,
-                            timeout=args.timeout, model=args.model)
-            record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
-            fired = set(result.failure.invariants) if result.failure else set()
-            _line(f"{technique.name} [{capability.value} on {device}]: {search_line(result)}")
-            for inv in INVARIANTS if not result.not_applicable else ():
-                if inv == DEVICE_PARITY and not device.startswith("cuda"):
-                    state = "n/a (needs cuda)"
-                else:
-                    state = "VIOLATED" if inv in fired else "held"
-                _line(f"  {inv:18s} {state}")
-            if result.failure:
-                failures.append((result, capability))
+        for mode in modes:
+            for capability in sorted(technique.capabilities, key=lambda c: c.value):
+                started = time.monotonic()
+                result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed,
+                                timeout=args.timeout, model=args.model, mode=mode)
+                record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
+                fired = set(result.failure.invariants) if result.failure else set()
+                _line(f"{technique.name} [{capability.value} on {device}, {mode}]: {search_line(result)}")
+                for inv in INVARIANTS if not result.not_applicable else ():
+                    if inv == DEVICE_PARITY and not device.startswith("cuda"):
+                        state = "n/a (needs cuda)"
+                    else:
+                        state = "VIOLATED" if inv in fired else "held"
+                    _line(f"  {inv:18s} {state}")
+                if result.failure:
+                    failures.append((result, capability))
     for result, capability in failures:
         _line("")
         _line(failure_message(result.failure, {capability}, result))
     if run_dir is not None:
-        write_summary(run_dir, environment({"devices": devices, "technique": args.spec, "model": args.model,
+        write_summary(run_dir, environment({"devices": devices, "modes": list(modes), "technique": args.spec,
+                                            "model": args.model,
                                             "profile": active_profile(),
                                             "seed": seed, "seed_text": seed_text(seed), "budget": args.budget,
                                             "max_examples": search_settings(args.max_examples).max_examples}),
                       complete=True)
         _line(f"report: {run_dir}")
-    if failures and technique.expected_violations:
-        _line(f"note: {technique.name} is known-bad (expected: {', '.join(sorted(technique.expected_violations))})")
+    for result, _ in failures:
+        expected = technique.expected_in(result.mode)
+        if expected:
+            _line(f"note: {technique.name} is known-bad in {result.mode} mode "
+                  f"(expected: {', '.join(sorted(expected))})")
+            break
     _line(f"replay: {replay}")
     return EXIT_VIOLATION if failures else EXIT_OK
 
@@ -270,6 +292,7 @@ def cmd_fuzz(args) -> int:
     techniques = _fuzz_techniques(args.techniques)
     specs = list(techniques)
     devices = devices_mod.resolve(args.devices)
+    modes = _modes(args.modes, devices)
     if args.profile and args.profile not in PROFILES:
         raise UsageError(f"--profile {args.profile!r} is not one of {', '.join(PROFILES)}")
     profile = args.profile or os.environ.get(PROFILE_ENV) or "isolation-dev"
@@ -281,7 +304,7 @@ def cmd_fuzz(args) -> int:
         factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any worker starts
     shard = Shard.parse(args.shard) if args.shard else None
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
-    every = [item_name(t, c, d) for t in techniques.values() for d in devices for c in t.capabilities]
+    every = [item_name(t, c, d, m) for t in techniques.values() for d in devices for m in modes for c in t.capabilities]
     items = len(shard.select(every) if shard else every)
     per_item = item_budget(args.budget, workers, items)
     reports = _writable(args.report_dir)
@@ -289,12 +312,14 @@ def cmd_fuzz(args) -> int:
     run_dir = _writable(str(reports / rid))
     point_latest(reports, run_dir)
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
-    replay = _replay(["fuzz", "--budget", f"{args.budget:g}", "--devices", ",".join(devices)]
+    replay = _replay(["fuzz", "--budget", f"{args.budget:g}", "--devices", ",".join(devices),
+                      "--modes", ",".join(modes)]
                      + (["--techniques", args.techniques] if args.techniques else [])
                      + (["--model", args.model] if args.model else [])
                      + (["--shard", str(shard)] if shard else []), seed, args.max_examples, args.timeout)
     _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items"
-          + (f" (shard {shard} of {len(every)} items)" if shard else "") + f" on {','.join(devices)}, "
+          + (f" (shard {shard} of {len(every)} items)" if shard else "")
+          + f" on {','.join(devices)} in modes {','.join(modes)}, "
           f"{workers} worker(s), budget {args.budget:g}s (up to {per_item:.1f}s per item); report: {run_dir}")
     _line(f"profile {describe(profile, args.timeout)}; {seed_text(seed)}; replay: {replay}")
     # the plug-in arrives through its pytest11 entry point unless autoloading is off
@@ -302,7 +327,8 @@ def cmd_fuzz(args) -> int:
     argv = plugin + ["-p", "no:cacheprovider", "-p", "no:benchmark", "-q", "--no-header",
             "-W", "ignore::pytest.PytestAssertRewriteWarning", "-W", "ignore:Full backward hook is firing",
             "-o", "addopts=", "-o", "testpaths=", "--rootdir", str(run_dir),
-            "--isolation-devices", ",".join(devices), "--isolation-report", str(reports.resolve()),
+            "--isolation-devices", ",".join(devices), "--isolation-modes", ",".join(modes),
+            "--isolation-report", str(reports.resolve()),
             "--isolation-run-id", rid, "--isolation-budget", f"{per_item:.3f}",
             "--isolation-deadline", f"{started + args.budget - REPORT_RESERVE_S:.3f}"]
     for spec in specs:

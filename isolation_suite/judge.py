@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import devices as devices_mod
+from . import modes
 from .invariants import DEVICE_PARITY, MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, PARITY_TOLERANCE, \
     PARITY_WHAT, Context, Violation, all_close, divergence, evaluate, first_mismatch, mismatch
 from .models import tree_of
@@ -58,7 +59,9 @@ _REFERENCE_CACHE_SIZE = 64
 
 
 def reference_trace(scenario: Scenario, device: str = "cpu") -> Trace:
-    """The reference's trace, cached: several techniques are often judged on one scenario."""
+    """The reference's trace, cached: several techniques are often judged on one scenario (and one
+    eager reference serves every mode that the reference does not share)."""
+    scenario = dataclasses.replace(scenario, mode=modes.for_reference(scenario.mode))
     key = (scenario, device)
     if key in _REFERENCE_CACHE:
         _REFERENCE_CACHE.move_to_end(key)

@@ -32,6 +32,7 @@ from, and the verdict is about Lightning's freezing.
 from __future__ import annotations
 
 from .technique import Capability, Technique
+from .techniques.freeze_module import STARVES_REENTRANT_CHECKPOINT
 
 FREEZE = frozenset({Capability.FREEZE_MODULE})
 
@@ -62,6 +63,8 @@ class LightningFreeze(Technique):
     name = "lightning_freeze"
     capabilities = FREEZE
     expected_violations = frozenset({"gradient-flows", "frozen-unchanged", "matches-reference"})
+    #: ``requires_grad = False``: a reentrant checkpoint fed only by frozen modules gets no gradient
+    mode_violations = STARVES_REENTRANT_CHECKPOINT
     summary = "Lightning's BaseFinetuning.freeze(modules, train_bn=True); optimizer over requires_grad params"
     train_bn = True
 
@@ -101,6 +104,7 @@ class LightningFreezeNoBN(LightningFreeze):
 
     name = "lightning_freeze_no_bn"
     expected_violations = frozenset({"gradient-flows", "trainable-trains", "matches-reference"})
+    mode_violations = STARVES_REENTRANT_CHECKPOINT
     summary = "Lightning's BaseFinetuning.freeze(modules, train_bn=False); optimizer over requires_grad params"
     train_bn = False
 

@@ -23,6 +23,7 @@ from .profiles import PROFILE_ENV, PROFILES
 
 _TECHNIQUES = pytest.StashKey[list]()
 _DEVICES = pytest.StashKey[list]()
+_MODES = pytest.StashKey[tuple]()
 _REPORT = pytest.StashKey[object]()
 _SHARD = pytest.StashKey[object]()
 _SEED = pytest.StashKey[object]()
@@ -44,6 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="show the run's progress after every item (a bar on a terminal, plain lines otherwise)")
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
                     help="comma list of cpu, cuda, cuda:N, or auto (cpu plus cuda when present; default)")
+    group.addoption("--isolation-modes", default="all", metavar="LIST",
+                    help="comma list of execution modes: eager, checkpoint, compile, autocast, or all "
+                         "(every mode the devices run; default)")
     group.addoption("--isolation-report", default=None, metavar="DIR",
                     help="write a report into DIR/<run-id>/ (DIR/latest points at it)")
     group.addoption("--isolation-run-id", default=None, metavar="ID",
@@ -60,6 +64,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default: the profile's)")
     group.addoption("--isolation-profile", default=None, choices=PROFILES,
                     help=f"Hypothesis profile to load (also: ${PROFILE_ENV})")
+
+
+def _modes(config: pytest.Config) -> tuple[str, ...]:
+    from .check import modes_for
+    try:
+        return modes_for(config.getoption("isolation_modes"), config.stash[_DEVICES])
+    except ValueError as exc:
+        raise pytest.UsageError(f"--isolation-modes: {exc}") from None
 
 
 def _gate_seed(config: pytest.Config) -> int | None:
@@ -96,6 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         config.stash[_TECHNIQUES] = [(spec, load_technique(spec)) for spec in specs]
         config.stash[_DEVICES] = devices_mod.resolve(config.getoption("isolation_devices"))
+        config.stash[_MODES] = _modes(config)
         if config.getoption("isolation_model"):
             factory_tree(config.getoption("isolation_model"))
         shard = config.getoption("isolation_shard")
@@ -188,9 +201,10 @@ class IsolationGateError(Exception):
 
 
 class IsolationItem(pytest.Item):
-    def __init__(self, *, spec, technique, capability, device, **kwargs):
+    def __init__(self, *, spec, technique, capability, device, mode="eager", **kwargs):
         super().__init__(**kwargs)
         self.spec, self.technique, self.capability, self.device = spec, technique, capability, device
+        self.mode = mode
         self.add_marker("isolation")
 
     def runtest(self) -> None:
@@ -205,34 +219,33 @@ class IsolationItem(pytest.Item):
                 message = f"not run: the run's time budget was spent before {self.name} started"
                 if report_dir is not None:
                     error_record(report_dir, self.technique, [self.capability.value], self.device, message,
-                                 self.spec, outcome="not-run")
+                                 self.spec, outcome="not-run", mode=self.mode)
                 raise IsolationGateError(message)
             budget = left if budget is None else min(budget, left)
         started = time.monotonic()
         result = search(self.technique, {self.capability}, self.device, cfg.getoption("isolation_max_examples"),
                         budget, seed=cfg.stash.get(_SEED, None), timeout=cfg.getoption("isolation_timeout"),
-                        model=cfg.getoption("isolation_model"))
+                        model=cfg.getoption("isolation_model"), mode=self.mode)
         record(result, self.technique, time.monotonic() - started, report_dir, spec=self.spec)
         # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
         self.hypothesis_statistics = (f"{self.nodeid}:\n  - isolation-suite: {search_line(result)}\n"
                                       + (result.statistics or "  - no example was generated (a trigger example "
                                          "decided the item)"))
-        status, passed = outcome(result, self.technique.expected_violations)
+        expected = self.technique.expected_in(self.mode)
+        status, passed = outcome(result, expected)
         if status == "n/a":
-            pytest.skip(reason(status, result, self.technique.expected_violations))
+            pytest.skip(reason(status, result, expected))
         self.user_properties += [("examples", result.examples), ("explicit_examples", result.explicit),
                                  ("shrink_examples", result.shrink_examples), ("seed", result.seed)]
         if passed:
             return
+        where = f" on {self.device}" + ("" if self.mode == "eager" else f" in {self.mode} mode")
         if status == "missed":
-            raise IsolationGateError(f"{self.technique.name} declares expected violations "
-                                     f"{sorted(self.technique.expected_violations)} but "
-                                     + reason(status, result, self.technique.expected_violations)
-                                     + f" on {self.device}")
+            raise IsolationGateError(f"{self.technique.name} declares expected violations {sorted(expected)} but "
+                                     + reason(status, result, expected) + where)
         message = failure_message(result.failure, {self.capability}, result)
-        if self.technique.expected_violations:
-            message = (f"unexpected invariant (declared: {sorted(self.technique.expected_violations)})\n"
-                       + message)
+        if expected:
+            message = f"unexpected invariant (declared{where}: {sorted(expected)})\n" + message
         raise IsolationGateError(message)
 
     def repr_failure(self, excinfo, style=None):
@@ -244,22 +257,23 @@ class IsolationItem(pytest.Item):
         return self.path, None, f"isolation gate: {self.name}"
 
 
-def item_name(technique, capability, device: str) -> str:
-    return f"{technique.name}[{capability.value}-{device}]"
+def item_name(technique, capability, device: str, mode: str = "eager") -> str:
+    return f"{technique.name}[{capability.value}-{device}" + ("" if mode == "eager" else f"-{mode}") + "]"
 
 
 def _items(config: pytest.Config) -> dict[str, tuple]:
     """The gate items of this run (of this shard, with ``--isolation-shard``), by name."""
-    every = {item_name(t, c, d): (spec, t, c, d) for spec, t in config.stash.get(_TECHNIQUES, [])
-             for d in config.stash[_DEVICES] for c in sorted(t.capabilities, key=lambda c: c.value)}
+    every = {item_name(t, c, d, m): (spec, t, c, d, m) for spec, t in config.stash.get(_TECHNIQUES, [])
+             for d in config.stash[_DEVICES] for m in config.stash[_MODES]
+             for c in sorted(t.capabilities, key=lambda c: c.value)}
     shard = config.stash.get(_SHARD, None)
     return every if shard is None else {name: every[name] for name in shard.select(every)}
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    for name, (spec, technique, capability, device) in _items(config).items():
+    for name, (spec, technique, capability, device, mode) in _items(config).items():
         items.append(IsolationItem.from_parent(session, name=name, spec=spec, technique=technique,
-                                               capability=capability, device=device))
+                                               capability=capability, device=device, mode=mode))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -301,9 +315,10 @@ class SummaryWriter:
         gate_item = self.items.get(name)
         if report.failed and gate_item is not None:
             from .report import error_record, has_record
-            spec, technique, capability, device = gate_item
-            if not has_record(self.report_dir, technique, [capability.value], device):
-                error_record(self.report_dir, technique, [capability.value], device, _error_line(report), spec)
+            spec, technique, capability, device, mode = gate_item
+            if not has_record(self.report_dir, technique, [capability.value], device, mode):
+                error_record(self.report_dir, technique, [capability.value], device, _error_line(report), spec,
+                             mode=mode)
         self._write(complete=False)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

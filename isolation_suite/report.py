@@ -104,10 +104,12 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
     ``spec`` is how the technique is imported (``pkg.module:attr`` or a catalog name), so
     ``isolation-suite repro RECORD`` can load it again without ``--technique``.
     """
-    status, passed = outcome(result, technique.expected_violations)
+    expected = technique.expected_in(result.mode)
+    status, passed = outcome(result, expected)
     data: dict[str, Any] = {
-        **_identity(technique, [c.value for c in result.capabilities], result.device), "spec": spec or technique.name,
-        "outcome": status, "passed": passed, "reason": reason(status, result, technique.expected_violations),
+        **_identity(technique, [c.value for c in result.capabilities], result.device, result.mode),
+        "spec": spec or technique.name, "outcome": status, "passed": passed,
+        "reason": reason(status, result, expected),
         "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
         "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
@@ -132,11 +134,12 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
     return data
 
 
-def _identity(technique: Technique, capabilities: Iterable[str], device: str) -> dict[str, Any]:
+def _identity(technique: Technique, capabilities: Iterable[str], device: str, mode: str = "eager") -> dict[str, Any]:
     """The fields that name a record's item; every record starts with them."""
     caps = sorted(capabilities)
-    return {"item": f"{technique.name}-{'+'.join(caps)}-{device}", "technique": technique.name,
-            "capabilities": caps, "device": device, "expected": sorted(technique.expected_violations)}
+    return {"item": f"{technique.name}-{'+'.join(caps)}-{device}" + ("" if mode == "eager" else f"-{mode}"),
+            "technique": technique.name, "capabilities": caps, "device": device, "mode": mode,
+            "expected": sorted(technique.expected_in(mode))}
 
 
 def _record_path(run_dir: Path, item: str) -> Path:
@@ -150,12 +153,12 @@ def _write_record(run_dir: Path, data: dict[str, Any]) -> None:
 
 
 def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
-                 error: str, spec: str | None = None, outcome: str = "error") -> dict[str, Any]:
+                 error: str, spec: str | None = None, outcome: str = "error", mode: str = "eager") -> dict[str, Any]:
     """The record of an item that ended without a verdict: its worker died (a segfault in a
     kernel, out of memory), the harness itself failed, or (``not-run``) the run's time was spent
     before it started. It fails the run; it is never a pass."""
     data: dict[str, Any] = {
-        **_identity(technique, capabilities, device), "spec": spec or technique.name, "outcome": outcome,
+        **_identity(technique, capabilities, device, mode), "spec": spec or technique.name, "outcome": outcome,
         "passed": False, "error": error, "reason": error, "explicit_examples": 0, "examples": 0,
         "shrink_examples": 0, "seed": None, "seconds": None, "first_failure_at": None, "budget_reached": False,
         "invariant_counts": {}, "violations": [], "scenario": None, "repro": None,
@@ -164,8 +167,9 @@ def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str
     return data
 
 
-def has_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str) -> bool:
-    return _record_path(run_dir, _identity(technique, capabilities, device)["item"]).exists()
+def has_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
+               mode: str = "eager") -> bool:
+    return _record_path(run_dir, _identity(technique, capabilities, device, mode)["item"]).exists()
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import modes
 from .models import build
 from .scenario import Intent, OptimizerRecipe, Scenario
 from .technique import Technique, module_param_name
@@ -86,7 +87,7 @@ class Trace:
 
 
 #: the parts of the loop where the technique's code runs, in order
-PHASES = ("setup", "make_optimizer", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
+PHASES = ("setup", "make_optimizer", "compile", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
           "after_step", "record")
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 #: what a run mirrors into a shared buffer: step, phase index (-1: the harness's own code)
@@ -251,6 +252,9 @@ class seed_every_call:
     def start(self, step: int, micro: int) -> None:
         self.step, self.micro, self.uses = step, micro, {}
 
+    # the harness's bookkeeping, not the user's model: compiled code calls it as it is (one graph
+    # break per module call) instead of guarding on its counters and recompiling
+    @torch.compiler.disable
     def _seed(self, module: nn.Module, args: Any) -> None:
         key = self.paths.get(id(module))
         if key is not None:
@@ -331,6 +335,7 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     # the technique wraps, replaces or hooks afterwards
     router = Router(model, roles(tree, scenario.intent), driver.call)
     seeding = seed_every_call(model, scenario.data.seed)
+    modes.before_setup(model, scenario.mode, modes.ForwardState(lambda: router, seeding))
     try:
         _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding)
     finally:
@@ -348,6 +353,10 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
     optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
     scheduler = make_scheduler(recipe, optimizer, scenario.steps)
     at.leave()
+    at.enter(0, "compile")
+    modes.before_training(model, scenario.mode)
+    at.leave()
+    precision = modes.Precision(scenario.mode, device)
     handles = resolve(model, originals, optimizer)
     trace.unreachable = [p for p, h in handles.items() if h.raw is None]
     trace.aliases = {p: h.alias for p, h in handles.items() if h.alias != p}
@@ -375,26 +384,28 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
                     x.requires_grad_(True)
             seeding.start(step, micro)
             at.enter(step, "forward")
-            with router.forward():
-                out = model(*inputs)
-            loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))
+            with precision.forward():
+                with router.forward():
+                    out = model(*inputs)
+                loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))
             loss = loss / scenario.micro_batches
             at.leave()
             record.losses.append(loss.detach().clone())
             if loss.requires_grad:
                 at.enter(step, "backward")
-                loss.backward()
+                precision.backward(loss)
                 at.leave()
             else:
                 record.loss_without_grad = True
             record.input_grads.append(_input_grad(floats))
         at.enter(step, "clip")
+        precision.unscale(optimizer)
         clip_gradients(recipe, list(model.parameters()))
         at.leave()
         record.grads = {p: (None if h.raw is None or h.raw.grad is None else h.raw.grad.detach().clone())
                         for p, h in handles.items()}
         at.enter(step, "optimizer.step")
-        optimizer.step()
+        precision.step(optimizer)
         if scheduler is not None:
             scheduler.step()
         at.enter(step, "after_step")

@@ -34,6 +34,9 @@ OP_KINDS = ("call", "loop", "act", "reshape", "transpose", "save", "add")
 #: children; sequential, residual and modulelist call each child once, in order
 CONTAINER_KINDS = ("block", "sequential", "residual", "modulelist")
 INPUT_KINDS = ("float", "tokens")
+#: how the training loop runs the model (``modes.MODE_INFOS`` declares each)
+MODE_KINDS = ("eager", "checkpoint", "compile", "autocast")
+COMPILE_BACKENDS = ("aot_eager", "eager", "inductor")
 
 #: bounds (inclusive) every scenario is held to
 MAX_WIDTH = 1024  # features, channels, hidden size, vocabulary, any one dimension
@@ -403,6 +406,44 @@ class Data:
 
 
 @dataclass(frozen=True)
+class Mode:
+    """How the user's training loop runs the model; the reference always runs plain eager.
+
+    * ``checkpoint``: the module at ``target`` (a container; ``""``: the whole model) runs under
+      ``torch.utils.checkpoint`` with ``use_reentrant=reentrant``, set up before the technique's
+      ``setup``, as a library enables gradient checkpointing when it builds the model;
+    * ``compile``: ``target.compile(backend=backend, dynamic=False)`` after the technique's setup;
+    * ``autocast``: forward and loss under ``torch.autocast`` (CPU bfloat16; CUDA float16 with a
+      ``GradScaler``).
+    """
+
+    kind: str = "eager"
+    target: str = ""
+    reentrant: bool = False
+    backend: str = "aot_eager"
+
+    def __post_init__(self) -> None:
+        _one_of("mode", self.kind, MODE_KINDS)
+        _require(isinstance(self.target, str), f"mode target={self.target!r} must be a module path")
+        _require(isinstance(self.reentrant, bool), "mode reentrant must be true or false")
+        _one_of("compile backend", self.backend, COMPILE_BACKENDS)
+        _require(self.kind in ("checkpoint", "compile") or self.target == "",
+                 f"a {self.kind} mode has no target (got {self.target!r})")
+
+    @property
+    def eager(self) -> bool:
+        return self.kind == "eager"
+
+    def __repr__(self) -> str:
+        where = f" {self.target or '<model>'}"
+        if self.kind == "checkpoint":
+            return f"checkpoint({where.strip()}, use_reentrant={self.reentrant})"
+        if self.kind == "compile":
+            return f"compile({where.strip()}, backend={self.backend})"
+        return self.kind
+
+
+@dataclass(frozen=True)
 class Scenario:
     """Everything one check needs, as plain data.
 
@@ -421,9 +462,11 @@ class Scenario:
     dtype: str = "float32"
     init_seed: int = 0
     model: str = ""
+    mode: Mode = field(default_factory=Mode)
 
     def __post_init__(self) -> None:
         _int_in("steps", self.steps, 1, MAX_STEPS)
+        _require(isinstance(self.mode, Mode), f"mode={self.mode!r} must be a Mode")
         _int_in("micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
         _one_of("dtype", self.dtype, DTYPES)
         _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
@@ -440,6 +483,9 @@ class Scenario:
         modules = layers | {c.path for c in arch.containers}
         for path in intent.frozen_modules + intent.reparameterized:
             _require(path in modules, f"the intent names module {path!r}, which the architecture does not have")
+        containers = {c.path for c in arch.containers}
+        _require(self.mode.target == "" or self.mode.target in containers,
+                 f"the {self.mode.kind} mode names {self.mode.target!r}, which is not a container of the architecture")
         uses: dict[str, int] = {}
         for path, _ in arch.call_sites:
             uses[path] = uses.get(path, 0) + 1
@@ -457,7 +503,7 @@ class Scenario:
         return (f"Scenario(\n  {what},\n  intent={self.intent!r},\n"
                 f"  optimizer={self.optimizer!r},\n  data={self.data!r},\n"
                 f"  steps={self.steps}, micro_batches={self.micro_batches}, dtype={self.dtype}, "
-                f"init_seed={self.init_seed})")
+                f"init_seed={self.init_seed}" + ("" if self.mode.eager else f", mode={self.mode!r}") + ")")
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         # Hypothesis's pretty-printer uses this, so failures show the short form
@@ -486,8 +532,9 @@ class Scenario:
             opt = OptimizerRecipe(o["name"], _pairs(o["args"]), o["scheduler"], o["clip"],
                                   o["clip_value"], o["set_to_none"])
             data = Data(**_fields(d["data"], "data", Data))
+            mode = Mode(**_fields(d["mode"], "mode", Mode))
             return cls(arch, intent, opt, data, d["steps"], d["micro_batches"], d["dtype"], d["init_seed"],
-                       d["model"])
+                       d["model"], mode)
         except ScenarioError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ class Technique:
     capabilities: frozenset[Capability] = frozenset()
     #: invariant ids this technique is known to violate (empty when sound)
     expected_violations: frozenset[str] = frozenset()
+    #: further invariant ids it is known to violate under one execution mode only
+    #: (``{"checkpoint": frozenset({"trainable-trains"})}``; see ``isolation_suite.modes``)
+    mode_violations: Mapping[str, frozenset[str]] = {}
     #: where the technique comes from (a seed document id or "")
     seed: str = ""
     #: one line on how it works
@@ -68,7 +71,12 @@ class Technique:
 
     @property
     def sound(self) -> bool:
+        """Sound in plain eager training (``expected_in`` says it per mode)."""
         return not self.expected_violations
+
+    def expected_in(self, mode: str = "eager") -> frozenset[str]:
+        """The invariants it is known to violate when the loop runs in ``mode``."""
+        return frozenset(self.expected_violations) | frozenset(self.mode_violations.get(mode, ()))
 
     def __repr__(self) -> str:
         return f"<technique {self.name}>"

@@ -282,6 +282,36 @@ def upstream_of_isolation(tree: ModelTree, intent: Intent) -> set[str]:
             if tree.node(path).params and not intent.is_frozen_module(path)}
 
 
+def feeds_region(tree: ModelTree, target: str) -> list[str]:
+    """Modules with parameters called before ``target``'s first call, outside it and its ancestors:
+    what can make the input of a region (a checkpointed container) need gradient."""
+    if target == "":
+        return []
+    first = next((i for i, (path, _) in enumerate(tree.order) if path == target), len(tree.order))
+    return [path for path, _ in tree.order[:first]
+            if tree.node(path).params and not _within(path, target) and not _within(target, path)]
+
+
+def mode_targets(tree: ModelTree) -> list[str]:
+    """Where a checkpoint or compile can be put: the whole model (first), then every called module
+    that has modules below it (a container, a block, a user's layer stack)."""
+    parents = {n.path.rpartition(".")[0] for n in tree.nodes if n.path}
+    return [""] + [n.path for n in tree.nodes if n.path and n.calls and n.path in parents]
+
+
+def region_needs_gradient(tree: ModelTree, target: str, intent: Intent, input_requires_grad: bool) -> bool:
+    """Whether the input of region ``target`` needs gradient when every module the intent freezes
+    has ``requires_grad=False``: the model's input needs it, or a trainable module feeds the region."""
+    if input_requires_grad and tree.float_inputs:
+        return True
+    return any(not intent.is_frozen_module(path) for path in feeds_region(tree, target))
+
+
+def region_trains(tree: ModelTree, target: str, intent: Intent) -> bool:
+    """Region ``target`` holds a parameter the intent leaves trainable."""
+    return any(n.params and not intent.is_frozen_module(n.path) for n in tree.inside(target))
+
+
 class _Route:
     __slots__ = ("router", "path", "role", "kind", "uses", "busy", "pending")
 
@@ -361,6 +391,25 @@ class Router:
             yield
         finally:
             self.active = False
+
+    def snapshot(self) -> tuple[int, tuple[int, ...]]:
+        """Where the forward is: the next call's index and each route's uses so far."""
+        return self.index, tuple(route.uses for _, route in self.routes)
+
+    @contextlib.contextmanager
+    def replaying(self, snapshot: tuple[int, tuple[int, ...]]) -> Iterator[None]:
+        """A recomputation during backward (a checkpointed region run again) is routed as the
+        forward was from ``snapshot`` on: same call indices, same uses, same roles."""
+        saved = self.active, self.index, [route.uses for _, route in self.routes]
+        self.active, self.index = True, snapshot[0]
+        for (_, route), uses in zip(self.routes, snapshot[1]):
+            route.uses = uses
+        try:
+            yield
+        finally:
+            self.active, self.index = saved[0], saved[1]
+            for (_, route), uses in zip(self.routes, saved[2]):
+                route.uses = uses
 
     def close(self) -> None:
         for module, route in self.routes:

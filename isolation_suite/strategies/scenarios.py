@@ -7,10 +7,12 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from ..models import factory_tree
-from ..scenario import DTYPES, LAYER_KINDS, LOSSES, Architecture, Data, Intent, Scenario
+import dataclasses
+
+from ..scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Data, Intent, Mode, Scenario
 from ..technique import Capability
-from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets,
-                                  pass_through_targets, reparam_targets)
+from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets, mode_targets,
+                   pass_through_targets, reparam_targets, region_needs_gradient)
 
 from ._validate import check_choice, check_int
 from .architectures import architectures
@@ -107,6 +109,27 @@ def _model_scenarios(draw, model: str, chosen: frozenset[Capability], dtypes, de
     )
 
 
+@st.composite
+def execution_modes(draw, tree: ModelTree | Architecture, kinds: Iterable[str] = MODE_KINDS, *,
+                    input_requires_grad: bool = True) -> Mode:
+    """Draw a :class:`isolation_suite.scenario.Mode` of one of ``kinds`` for a model with this tree.
+
+    Shrinks toward the first kind, the whole model and ``use_reentrant=False``. A reentrant
+    checkpoint is drawn only where its region's input needs gradient when nothing is frozen:
+    otherwise the region trains in no training loop at all, isolated or not.
+    """
+    kinds = check_choice("modes", kinds, MODE_KINDS)
+    tree = architecture_tree(tree) if isinstance(tree, Architecture) else tree
+    kind = draw(st.sampled_from(kinds))
+    if kind not in ("checkpoint", "compile"):
+        return Mode(kind)
+    target = draw(st.sampled_from(mode_targets(tree)))
+    if kind == "compile":
+        return Mode(kind, target)
+    reentrant = draw(st.booleans()) and region_needs_gradient(tree, target, Intent(), input_requires_grad)
+    return Mode(kind, target, reentrant)
+
+
 def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
     need = set()
     if Capability.PASS_THROUGH in capabilities:
@@ -121,7 +144,8 @@ def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
 @st.composite
 def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] = DTYPES,
               devices: Iterable[str] = ("cpu",), *, max_blocks: int = 3, max_steps: int = 4,
-              kinds: Iterable[str] = LAYER_KINDS, model: str | None = None) -> Scenario:
+              kinds: Iterable[str] = LAYER_KINDS, model: str | None = None,
+              modes: Iterable[str] = ("eager",)) -> Scenario:
     """Draw a :class:`isolation_suite.Scenario` whose intent uses only ``capabilities``.
 
     ``devices`` restricts optimizer variants to those every listed device runs.
@@ -143,8 +167,21 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         chosen = frozenset(draw(st.lists(st.sampled_from(ordered), min_size=1, unique=True)))
     else:
         chosen = frozenset(ordered)
+    modes = check_choice("modes", modes, MODE_KINDS)
     if model is not None:
-        return draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
+        scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
+        tree = factory_tree(model)
+    else:
+        scenario = draw(_generated(chosen, dtypes, devices, max_blocks, max_steps, kinds))
+        tree = architecture_tree(scenario.architecture)
+    if modes == ("eager",):
+        return scenario
+    mode = draw(execution_modes(tree, modes, input_requires_grad=scenario.data.input_requires_grad))
+    return dataclasses.replace(scenario, mode=mode)
+
+
+@st.composite
+def _generated(draw, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
     arch = draw(architectures(max_blocks=max_blocks, kinds=tuple(kinds), require=_requirements(chosen)))
     intent = draw(intents(arch, chosen))
     has_batchnorm = any(l.kind.startswith("batchnorm") for l in arch.layers)

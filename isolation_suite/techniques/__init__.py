@@ -10,14 +10,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..scenario import Data, Intent, Scenario
+import dataclasses
+
+from ..models import tree_of
+from ..scenario import Data, Intent, Mode, Scenario
 from ..technique import Capability, Technique
 from . import conditions as c
 from . import triggers as t
 from .freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, ParametrizeWhere, RestoreAfterStep,
                               TensorHookMask)
-from .freeze_module import (FreezeAndEval, LrZeroGroup, LrZeroGroupSeed, NameSubstring, NoGradRegion,
-                            OptimizerFilter, RequiresGradFalse)
+from .freeze_module import (FreezeAndEval, FreezeEnableInputGrads, LrZeroGroup, LrZeroGroupSeed, NameSubstring,
+                            NoGradRegion, OptimizerFilter, RequiresGradFalse)
 from .pass_through import FunctionalDetach, NoGradCall, ToggleRequiresGrad
 from .reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, WeightDropoutTechnique
 
@@ -31,6 +34,11 @@ class Condition:
     description: str
     holds: Callable[[Scenario], bool]
     examples: tuple[Scenario, ...] = ()
+    #: the execution modes it can hold in (empty: every mode); its examples run in that mode
+    modes: tuple[str, ...] = ()
+
+    def in_mode(self, mode: str) -> bool:
+        return not self.modes or mode in self.modes
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,25 @@ TRAIN_MODE = (
               c.frozen_has_train_mode_layer, (t.FROZEN_DROPOUT,)),
 )
 
+#: rows that switch ``requires_grad`` off: a reentrant checkpoint fed only by frozen modules starves
+STARVED = (
+    Condition("trainable-trains", "a reentrant checkpoint gets no input that needs gradient once the modules "
+              "feeding it are frozen with requires_grad=False: its parameters get none",
+              c.reentrant_checkpoint_starved, (t.CHECKPOINT_STARVED,), ("checkpoint",)),
+    Condition("no-crash", "as above, and nothing else reaches the loss: backward raises 'element 0 of tensors "
+              "does not require grad'", c.reentrant_checkpoint_starved, (), ("checkpoint",)),
+)
+
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(FunctionalDetach),
     CatalogEntry(ToggleRequiresGrad),
     CatalogEntry(NoGradCall, (
         Condition("gradient-flows", "something upstream of the pass-through call needs gradient",
                   c.upstream_needs_gradient, (t.PASS_UPSTREAM,)),)),
-    CatalogEntry(RequiresGradFalse, TRAIN_MODE),
-    CatalogEntry(OptimizerFilter, TRAIN_MODE),
-    CatalogEntry(FreezeAndEval),
+    CatalogEntry(RequiresGradFalse, TRAIN_MODE + STARVED),
+    CatalogEntry(OptimizerFilter, TRAIN_MODE + STARVED),
+    CatalogEntry(FreezeAndEval, STARVED),
+    CatalogEntry(FreezeEnableInputGrads),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
                   c.has_multi_element_parameter, (t.FROZEN_LINEAR,)),) + TRAIN_MODE),
@@ -86,10 +104,12 @@ CATALOG: tuple[CatalogEntry, ...] = (
         Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode, "
                   "or something upstream needs gradient that no_grad cuts",
                   lambda s: c.frozen_has_train_mode_layer(s) or c.upstream_needs_gradient(s), (t.FROZEN_DROPOUT,)),
-    )),
+    ) + STARVED),
     CatalogEntry(NameSubstring, (
-        Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
-                  c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE),
+        Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name, or a "
+                  "reentrant checkpoint fed only by frozen modules starves",
+                  lambda s: c.names_collide(s) or c.reentrant_checkpoint_starved(s), (t.NAMES_COLLIDE,)),)
+        + TRAIN_MODE + STARVED[1:]),
     CatalogEntry(BackwardHookZeroGrad, (
         Condition("no-crash", "the hook fires before weight.grad exists: the module's input needs no gradient, "
                   "or the module is called more than once (its weight's gradient is summed after the last "
@@ -123,23 +143,47 @@ def catalog() -> dict[str, Technique]:
     return {entry.name: entry.technique() for entry in CATALOG}
 
 
-def explicit_examples(capabilities: Iterable[Capability]) -> tuple[Scenario, ...]:
+def explicit_examples(capabilities: Iterable[Capability], mode: str = "eager") -> tuple[Scenario, ...]:
     """The trigger scenarios of every catalog row whose capabilities lie within ``capabilities``,
-    in catalog order, without repeats: what the search judges before it draws anything."""
+    in catalog order, without repeats, run in execution mode ``mode`` (a trigger of another mode's
+    condition is left out): what the search judges before it draws anything."""
     caps = frozenset(capabilities)
     seen: dict[Scenario, None] = {}
     for row in CATALOG:
         if row.technique.capabilities <= caps:
             for condition in row.conditions:
-                seen.update(dict.fromkeys(condition.examples))
+                if condition.in_mode(mode):
+                    seen.update(dict.fromkeys(in_mode(example, mode) for example in condition.examples))
     return tuple(seen)
 
 
-def model_examples(model: str, capabilities: Iterable[Capability]) -> tuple[Scenario, ...]:
+def in_mode(scenario: Scenario, kind: str) -> Scenario:
+    """``scenario`` run in execution mode ``kind``: unchanged when it is in that mode already, else
+    with the mode over the whole model (a reentrant checkpoint where the input needs gradient)."""
+    if scenario.mode.kind == kind:
+        return scenario
+    return dataclasses.replace(scenario, mode=_modes_over(tree_of(scenario), kind, scenario.data)[0])
+
+
+def _modes_over(tree, kind: str, data: Data) -> list[Mode]:
+    """The modes of ``kind`` a trigger can take on ``tree``, the whole model first."""
+    from ..tree import mode_targets, region_needs_gradient
+    if kind != "checkpoint":
+        return [Mode(kind)]
+    out = []
+    for target in mode_targets(tree):
+        if region_needs_gradient(tree, target, Intent(), data.input_requires_grad):
+            out.append(Mode(kind, target, reentrant=True))
+        out.append(Mode(kind, target, reentrant=False))
+    return out
+
+
+def model_examples(model: str, capabilities: Iterable[Capability], mode: str = "eager") -> tuple[Scenario, ...]:
     """The trigger examples moved onto the user's model ``model`` (a factory name): for each
     trigger, the same recipe, loop and data settings with the first intent over the model's tree
-    (in tree order) under which the trigger's condition holds. A trigger the model has no analog
-    for (no module called twice, no BatchNorm to freeze) is left out."""
+    (in tree order), and in ``mode`` the first placement of the mode, under which the trigger's
+    condition holds. A trigger the model has no analog for (no module called twice, no BatchNorm to
+    freeze) is left out."""
     from ..models import factory_tree
     tree = factory_tree(model)
     caps = frozenset(capabilities)
@@ -148,16 +192,25 @@ def model_examples(model: str, capabilities: Iterable[Capability]) -> tuple[Scen
         if not row.technique.capabilities <= caps:
             continue
         for condition in row.conditions:
+            if not condition.in_mode(mode):
+                continue
             for trigger in condition.examples:
-                data = trigger.data
-                for intent in _analogs(tree, trigger):
-                    scenario = Scenario(None, intent, trigger.optimizer,
-                                        Data(1, data.seed, data.input_requires_grad and tree.float_inputs, data.loss),
-                                        trigger.steps, trigger.micro_batches, trigger.dtype, 0, model)
-                    if condition.holds(scenario):
-                        seen[scenario] = None
-                        break
+                found = _first_analog(tree, trigger, condition, model, mode)
+                if found is not None:
+                    seen[found] = None
     return tuple(seen)
+
+
+def _first_analog(tree, trigger: Scenario, condition: Condition, model: str, mode: str) -> Scenario | None:
+    data = trigger.data
+    data = Data(1, data.seed, data.input_requires_grad and tree.float_inputs, data.loss)
+    for intent in _analogs(tree, trigger):
+        for placed in _modes_over(tree, mode, data):
+            scenario = Scenario(None, intent, trigger.optimizer, data, trigger.steps, trigger.micro_batches,
+                                trigger.dtype, 0, model, placed)
+            if condition.holds(scenario):
+                return scenario
+    return None
 
 
 def _analogs(tree, trigger: Scenario) -> list[Intent]:

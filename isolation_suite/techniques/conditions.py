@@ -10,7 +10,8 @@ import math
 from ..models import tree_of
 from ..optim_info import OPTIMIZER_BY_NAME, SCHEDULER_BY_NAME
 from ..scenario import Scenario
-from ..tree import upstream_of_isolation
+from ..scenario import Intent
+from ..tree import region_needs_gradient, region_trains, upstream_of_isolation
 
 TRAIN_MODE_KINDS = ("batchnorm1d", "batchnorm2d", "batchnorm", "dropout")
 
@@ -77,3 +78,18 @@ def has_multi_element_parameter(s: Scenario) -> bool:
 
 def reparameterized(s: Scenario) -> bool:
     return bool(s.intent.reparameterized)
+
+
+def reentrant_checkpoint_starved(s: Scenario) -> bool:
+    """A reentrant checkpoint whose region holds trainable parameters gets no input that needs
+    gradient once the frozen modules have ``requires_grad=False`` (it would get one with nothing
+    frozen): ``torch.utils.checkpoint(use_reentrant=True)`` then gives the region no gradient at all
+    (and, where nothing else reaches the loss, backward raises)."""
+    mode = s.mode
+    if mode.kind != "checkpoint" or not mode.reentrant:
+        return False
+    tree = tree_of(s)
+    needs = s.data.input_requires_grad
+    return (region_trains(tree, mode.target, s.intent)
+            and region_needs_gradient(tree, mode.target, Intent(), needs)
+            and not region_needs_gradient(tree, mode.target, s.intent, needs))

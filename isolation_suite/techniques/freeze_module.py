@@ -13,6 +13,10 @@ FREEZE = frozenset({Capability.FREEZE_MODULE})
 #: (frozen-unchanged), normalises with batch statistics, which zeroes the gradient of a
 #: per-channel shift upstream (gradient-flows), and Dropout drops (matches-reference)
 TRAIN_MODE_BREAKS = frozenset({"frozen-unchanged", "gradient-flows", "matches-reference"})
+#: what ``requires_grad = False`` breaks under a reentrant checkpoint fed only by frozen modules: the
+#: region gets no gradient (trainable-trains), or backward raises when nothing else reaches the loss
+#: (pytorch#7617, transformers#21381, open_clip#573)
+STARVES_REENTRANT_CHECKPOINT = {"checkpoint": frozenset({"trainable-trains", "no-crash"})}
 
 
 class RequiresGradFalse(Technique):
@@ -22,6 +26,7 @@ class RequiresGradFalse(Technique):
     # model.train() still switches the frozen module to training mode:
     # BatchNorm updates its running stats, Dropout drops
     expected_violations = TRAIN_MODE_BREAKS
+    mode_violations = STARVES_REENTRANT_CHECKPOINT
     summary = "param.requires_grad = False for the frozen module"
 
     def setup(self, model, intent):
@@ -54,6 +59,30 @@ class FreezeAndEval(OptimizerFilter):
             frozen = model.get_submodule(path)
             frozen.eval()
             frozen.train = types.MethodType(_stay_in_eval, frozen)
+
+
+def _output_requires_grad(module, args, output):
+    """A frozen module's output that needs no gradient (a leaf: nothing upstream trains) is made to
+    need it, so a reentrant checkpoint downstream still records its region."""
+    outputs = output if isinstance(output, tuple) else (output,)
+    for out in outputs:
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad \
+                and out.grad_fn is None and torch.is_grad_enabled():
+            out.requires_grad_(True)
+    return output
+
+
+class FreezeEnableInputGrads(FreezeAndEval):
+    name = "freeze_enable_input_grads"
+    seed = "transformers#21381"
+    mode_violations = {}
+    summary = ("freeze_and_eval plus a forward hook that makes each frozen module's output need gradient "
+               "(transformers' enable_input_require_grads), so a reentrant checkpoint downstream still trains")
+
+    def setup(self, model, intent):
+        super().setup(model, intent)
+        for path in intent.frozen_modules:
+            model.get_submodule(path).register_forward_hook(_output_requires_grad)
 
 
 class LrZeroGroupSeed(Technique):
@@ -99,6 +128,7 @@ class NoGradRegion(Technique):
     capabilities = FREEZE
     # no_grad cuts the graph (nothing upstream trains), and BatchNorm still updates under it
     expected_violations = TRAIN_MODE_BREAKS
+    mode_violations = STARVES_REENTRANT_CHECKPOINT
     summary = "the frozen module's forward under torch.no_grad()"
 
     def call(self, module, args, role):
@@ -117,6 +147,7 @@ class NameSubstring(Technique):
     capabilities = FREEZE
     # 'fc1' in 'fc10.weight' is True: the substring test freezes neighbours by accident
     expected_violations = frozenset({"trainable-trains"}) | TRAIN_MODE_BREAKS
+    mode_violations = STARVES_REENTRANT_CHECKPOINT
     summary = "requires_grad = False where the frozen name is a substring of the parameter name"
 
     def setup(self, model, intent):

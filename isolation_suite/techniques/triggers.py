@@ -7,7 +7,9 @@ Pure data: each is a :class:`Scenario` with two to four tiny layers, float64, tw
 """
 from __future__ import annotations
 
-from ..scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
+import dataclasses
+
+from ..scenario import Data, Intent, Layer, Mode, OptimizerRecipe, Scenario, chain
 
 SGD = OptimizerRecipe("SGD", (("lr", 0.1),))
 
@@ -38,6 +40,11 @@ def scenario(layers, program, intent: Intent = Intent(), optimizer: OptimizerRec
 
 
 # --- FREEZE_MODULE -------------------------------------------------------------------------
+#: a frozen first layer feeds a reentrant checkpoint; the input needs no gradient (token-like data)
+CHECKPOINT_STARVED = dataclasses.replace(
+    scenario([linear("emb"), linear("blk.lin"), linear("fc")], ["emb", "blk.lin", "fc"],
+             Intent(frozen_modules=("emb",)), input_requires_grad=False),
+    mode=Mode("checkpoint", "blk", reentrant=True))
 #: a trainable layer upstream of a plain frozen one
 FROZEN_LINEAR = scenario([linear("pre"), linear("enc"), linear("fc")], ["pre", "enc", "fc"],
                          Intent(frozen_modules=("enc",)))

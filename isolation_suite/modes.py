@@ -1,0 +1,176 @@
+"""Execution modes: how the user's training loop runs the model.
+
+Declared as one table (``MODE_INFOS``), like ``kinds`` and ``optim_info``. A mode is part of the
+scenario (:class:`~isolation_suite.scenario.Mode`); the runner applies it around the technique's
+hooks, and the reference ignores it (plain eager, one process), except for autocast, whose number
+format both share (see ``ModeInfo.reference``).
+
+What "the same trace" means per mode, and the tolerance each is judged with:
+
+* ``checkpoint``: recomputation runs the same kernels on the same values, so the trace is compared
+  at eager's tolerance. The recomputation sees what the forward saw: the same calls of the
+  isolated modules (the technique's ``call`` runs again, with the same ``use``) and the same dropout
+  seeds, as in user code, where a technique's hooks and wrappers are live during recomputation.
+* ``compile``: ``aot_eager`` runs the same ATen operations, after decompositions that may reorder a
+  reduction; ``inductor`` fuses kernels. Both round differently from eager, so a float32 mismatch
+  counts only where the float64 twin shows it too, as for every float32 mismatch.
+* ``autocast``: a lower-precision forward is not a technique's doing; technique and reference both
+  run under the same autocast, and a mismatch must show on the float64 twin, where autocast casts
+  nothing. (A finding that exists only in the low precision is therefore not judged by
+  ``matches-reference``; ``frozen-unchanged`` and ``gradient-flows`` are exact and still are.)
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .scenario import MODE_KINDS, Mode, ScenarioError
+
+
+@dataclass(frozen=True)
+class ModeInfo:
+    """One execution mode: what it does, where it runs, whether the reference shares it."""
+
+    kind: str
+    summary: str
+    #: device types it runs on
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    #: True: the reference runs under the same mode (a number format, not a way of running the model)
+    reference: bool = False
+    #: the mode puts a module of the model under it (``Mode.target``)
+    targeted: bool = False
+    #: the share of a search's examples judged in this mode (compiling costs a second or more per run)
+    example_share: float = 1.0
+
+
+MODE_INFOS: tuple[ModeInfo, ...] = (
+    ModeInfo("eager", "plain eager, one process"),
+    ModeInfo("checkpoint", "a container (or the whole model) under torch.utils.checkpoint, use_reentrant drawn",
+             targeted=True),
+    ModeInfo("compile", "torch.compile of the model or a container (backend aot_eager), dynamic=False",
+             targeted=True, example_share=0.1),
+    ModeInfo("autocast", "forward and loss under torch.autocast: CPU bfloat16, CUDA float16 with a GradScaler",
+             reference=True),
+)
+MODE_BY_KIND = {info.kind: info for info in MODE_INFOS}
+assert tuple(MODE_BY_KIND) == MODE_KINDS, "scenario.MODE_KINDS and MODE_INFOS must list the same modes"
+
+
+def parse_modes(text: str | None, device_types: tuple[str, ...] = ("cpu",)) -> tuple[str, ...]:
+    """``"eager,checkpoint"`` -> ``("eager", "checkpoint")``; None or ``"all"``: every mode that runs
+    on all of ``device_types``. Raises ValueError naming an unknown mode."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return tuple(m.kind for m in MODE_INFOS if all(d in m.devices for d in device_types))
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in MODE_BY_KIND]
+    if unknown or not names:
+        raise ValueError(f"unknown mode(s) {unknown or [text]}: choose from {', '.join(MODE_KINDS)}")
+    return names
+
+
+def for_reference(mode: Mode) -> Mode:
+    """The mode the reference runs under: eager, or the same number format."""
+    return mode if MODE_BY_KIND[mode.kind].reference else Mode()
+
+
+class ForwardState:
+    """What a recomputation must see again: the router's call counts and the dropout seeds' uses.
+
+    ``snapshot`` is taken when a checkpointed region starts in the forward; ``resume`` puts it back
+    while the region is recomputed during backward (and does nothing in the forward itself)."""
+
+    def __init__(self, router: Callable[[], Any], seeding: Any):
+        self.router, self.seeding = router, seeding
+
+    def snapshot(self) -> tuple:
+        return self.router().snapshot(), dict(self.seeding.uses)
+
+    @contextlib.contextmanager
+    def resume(self, snapshot: tuple) -> Iterator[None]:
+        router = self.router()
+        if router.active:
+            yield  # the forward itself
+            return
+        uses = self.seeding.uses
+        self.seeding.uses = dict(snapshot[1])
+        with router.replaying(snapshot[0]):
+            try:
+                yield
+            finally:
+                self.seeding.uses = uses
+
+
+def target_module(model: nn.Module, mode: Mode) -> nn.Module:
+    try:
+        return model.get_submodule(mode.target) if mode.target else model
+    except AttributeError:
+        raise ScenarioError(f"the {mode.kind} mode names {mode.target!r}, which is not a module of the model") \
+            from None
+
+
+def checkpoint_module(module: nn.Module, reentrant: bool, state: ForwardState) -> None:
+    """Run ``module``'s forward under ``torch.utils.checkpoint`` (an instance ``forward``, as
+    libraries do it: the module's hooks still run once, outside the checkpoint)."""
+    forward = module.forward
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        snapshot = state.snapshot()
+
+        def region(*inner: Any) -> Any:
+            with state.resume(snapshot):
+                return forward(*inner, **kwargs)
+        with warnings.catch_warnings():
+            # the very symptom a starved reentrant checkpoint shows; the verdict names it
+            warnings.filterwarnings("ignore", "None of the inputs have requires_grad", UserWarning)
+            return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=reentrant)
+
+    module.forward = checkpointed
+
+
+def before_setup(model: nn.Module, mode: Mode, state: ForwardState) -> None:
+    """What the user does when building the model, before any isolation: enable checkpointing."""
+    if mode.kind == "checkpoint":
+        checkpoint_module(target_module(model, mode), mode.reentrant, state)
+
+
+def before_training(model: nn.Module, mode: Mode) -> None:
+    """What the user does once the model is prepared: compile it."""
+    if mode.kind == "compile":
+        target = target_module(model, mode)
+        torch._dynamo.reset()  # a fresh cache per run: a run never reuses another model's frames
+        target.compile(backend=mode.backend, dynamic=False)
+
+
+class Precision:
+    """The forward's number format and the loss scaling that goes with it (autocast only)."""
+
+    def __init__(self, mode: Mode, device: str):
+        self.device_type = torch.device(device).type
+        self.enabled = mode.kind == "autocast"
+        dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        self.dtype = dtype
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.enabled and dtype is torch.float16 else None
+
+    def forward(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
