@@ -171,6 +171,7 @@ DEVICE_RANDOM = ("device-parity not judged: the model draws dropout masks from t
                  "and CPU and CUDA draw different ones")
 _NO_TARGET_WHY = {
     "FREEZE_MODULE": "no module with parameters can be frozen while another keeps training",
+    "FREEZE_SCHEDULE": "no module with parameters can be frozen while another keeps training",
     "PASS_THROUGH": "no module with parameters is called more than once per forward",
     "FREEZE_ELEMENTS": "no called module has an untied parameter",
     "REPARAMETERIZE": "no Linear, convolution or recurrent layer to wrap",

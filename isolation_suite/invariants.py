@@ -58,8 +58,14 @@ class Context:
     # derived once per context: every invariant walks every step with them
     @functools.cached_property
     def trainable(self) -> list[str]:
-        intent = self.scenario.intent
-        return [p for p in self.reference.initial_params if not intent.is_frozen_param(p)]
+        """Parameters that train during some step (a freeze schedule may thaw or freeze them)."""
+        intents = self.scenario.intents
+        return [p for p in self.reference.initial_params if not all(i.is_frozen_param(p) for i in intents)]
+
+    def trainable_at(self, step: int) -> list[str]:
+        """Parameters the intent in force during ``step`` leaves trainable."""
+        intent = self.scenario.intent_at(step)
+        return [p for p in self.trainable if not intent.is_frozen_param(p)]
 
     @functools.cached_property
     def element_masks(self) -> dict[str, torch.Tensor]:
@@ -202,15 +208,16 @@ def state_restored(ctx: Context) -> Violation | None:
     return Violation(STATE_RESTORED, f"{what} {when}", step)
 
 
-def _upstream_of_isolation(scenario: Scenario) -> set[str]:
+def _upstream_of_isolation(scenario: Scenario, step: int) -> set[str]:
     """Modules called before the last frozen or pass-through call site: their gradient must cross it."""
-    return upstream_of_isolation(tree_of(scenario), scenario.intent)
+    return upstream_of_isolation(tree_of(scenario), scenario.intent_at(step))
 
 
 def gradient_flows(ctx: Context) -> Violation | None:
-    upstream = _upstream_of_isolation(ctx.scenario)
     for step, (tech, ref) in enumerate(zip(ctx.technique.steps, ctx.reference.steps), start=1):
-        switched_off = any(not tech.requires_grad.get(p, True) for p in ctx.trainable)
+        upstream = _upstream_of_isolation(ctx.scenario, step)
+        trainable = ctx.trainable_at(step)
+        switched_off = any(not tech.requires_grad.get(p, True) for p in trainable)
         # a loss cut off because trainable parameters were switched off is trainable-trains' finding
         if tech.loss_without_grad and not ref.loss_without_grad and not switched_off:
             return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
@@ -220,7 +227,7 @@ def gradient_flows(ctx: Context) -> Violation | None:
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 return Violation(GRADIENT_FLOWS, f"input got {got} at step {step}, micro-batch {micro}; "
                                  f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
-        for path in ctx.trainable:
+        for path in trainable:
             module = path.rpartition(".")[0]
             # nested parameters (mha.out_proj.weight) belong to the call site that owns them
             if not any(module == u or module.startswith(u + ".") for u in upstream) \
@@ -235,26 +242,31 @@ def gradient_flows(ctx: Context) -> Violation | None:
 
 
 def frozen_unchanged(ctx: Context) -> Violation | None:
-    intent, trace = ctx.scenario.intent, ctx.technique
-    context = recipe_context(ctx.scenario.optimizer)
-    frozen_params = [(p, None) for p in trace.initial_params if intent.is_frozen_param(p)]
-    frozen_params += list(ctx.element_masks.items())
-    frozen_buffers = [b for b in trace.initial_buffers if intent.is_frozen_param(b)]
+    """Every entry frozen during a step keeps the value it had before the step (with a freeze schedule,
+    what is frozen changes at step boundaries; without one, before every step is the initial value)."""
+    scenario, trace = ctx.scenario, ctx.technique
+    context = recipe_context(scenario.optimizer)
+    elements = list(ctx.element_masks.items())
+    before, buffers_before = dict(trace.initial_params), dict(trace.initial_buffers)
     for step, record in enumerate(trace.steps, start=1):
+        intent = scenario.intent_at(step)
+        frozen_params = [(p, None) for p in trace.initial_params if intent.is_frozen_param(p)] + elements
         for path, mask in frozen_params:
             if path not in record.params:
                 continue
-            hit = _first_difference(record.params[path], trace.initial_params[path], mask)
+            hit = _first_difference(record.params[path], before[path], mask)
             if hit:
-                idx, after, before = hit
+                idx, after, was = hit
                 return Violation(FROZEN_UNCHANGED, f"{_name(ctx, path)}{_index(idx)} moved "
-                                 f"{_moved(before, after)} at step {step} ({context})", step)
-        for path in frozen_buffers:
-            hit = _first_difference(record.buffers[path], trace.initial_buffers[path])
+                                 f"{_moved(was, after)} at step {step} ({context})", step)
+        for path in (b for b in trace.initial_buffers if intent.is_frozen_param(b)):
+            hit = _first_difference(record.buffers[path], buffers_before[path])
             if hit:
-                idx, after, before = hit
-                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_moved(before, after)} "
+                idx, after, was = hit
+                return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_moved(was, after)} "
                                  f"at step {step} (the frozen module ran in training mode)", step)
+        before.update(record.params)
+        buffers_before.update(record.buffers)
     return None
 
 
@@ -267,7 +279,7 @@ def trainable_trains(ctx: Context) -> Violation | None:
                              "after setup: nothing can train it")
     prev_t, prev_r = dict(tech.initial_params), dict(ref.initial_params)
     for step, (ts, rs) in enumerate(zip(tech.steps, ref.steps), start=1):
-        for path in trainable:
+        for path in ctx.trainable_at(step):
             free = ctx.free_masks.get(path)  # only the entries that train count
             rg, tg = rs.grads.get(path), ts.grads.get(path)
             if not _nonzero(tg, free) and _nonzero(rg, free):

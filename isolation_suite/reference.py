@@ -81,5 +81,22 @@ class Reference:
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pass
 
+    def on_intent_change(self, model: nn.Module, optimizer: torch.optim.Optimizer, old: Intent,
+                         new: Intent) -> None:
+        """A freeze schedule's step boundary. A parameter that becomes trainable joins the optimizer
+        in a new group with the recipe's hyper-parameters and fresh state (no momentum, step 0), as
+        ``add_param_group`` does; one that becomes frozen leaves it, state and all; the others keep
+        theirs. (Routing follows the new intent: a frozen module is a constant function again.)"""
+        self.intent = new
+        named = dict(model.named_parameters())
+        thawed = [p for path, p in named.items() if old.is_frozen_param(path) and not new.is_frozen_param(path)]
+        frozen = {id(p) for path, p in named.items() if new.is_frozen_param(path) and not old.is_frozen_param(path)}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in frozen]
+        for p in [p for p in optimizer.state if id(p) in frozen]:
+            del optimizer.state[p]
+        if thawed:
+            optimizer.add_param_group({"params": thawed})
+
     def effective(self, path: str, value: torch.Tensor) -> torch.Tensor:
         return self._effective(path, value)

@@ -33,6 +33,8 @@ class Driver(Protocol):
     def call(self, site: CallSite, module: nn.Module, args: tuple) -> Any: ...
     def make_optimizer(self, model: nn.Module, intent: Intent, build: Callable) -> torch.optim.Optimizer: ...
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_intent_change(self, model: nn.Module, optimizer: torch.optim.Optimizer, old: Intent,
+                         new: Intent) -> torch.optim.Optimizer | None: ...
     def effective(self, path: str, value: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -87,7 +89,7 @@ class Trace:
 
 
 #: the parts of the loop where the technique's code runs, in order
-PHASES = ("setup", "make_optimizer", "compile", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
+PHASES = ("setup", "make_optimizer", "compile", "on_intent_change", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
           "after_step", "record")
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 #: what a run mirrors into a shared buffer: step, phase index (-1: the harness's own code)
@@ -143,6 +145,9 @@ class TechniqueDriver:
 
     def after_step(self, model, optimizer):
         self.technique.after_step(model, optimizer)
+
+    def on_intent_change(self, model, optimizer, old, new):
+        return self.technique.on_intent_change(model, optimizer, old, new)
 
     def effective(self, path, value):
         return value
@@ -322,7 +327,8 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     built = build(scenario, device)
     model, tree = built.model, built.tree
     if scenario.model:
-        check_intent(tree, scenario.intent)
+        for intent in scenario.intents:
+            check_intent(tree, intent)
     modules = dict(model.named_modules())
     originals = {}
     for path, p in model.named_parameters():
@@ -363,7 +369,17 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
     buffers = _buffers(model, original_buffers)
     for change in _describe_state_change(state, _global_state(), {}, {}, trace.aliases):
         trace.state_leaks.append((0, change))
+    intent = scenario.intent
     for step in range(1, scenario.steps + 1):
+        if scenario.intent_at(step) != intent:  # a freeze schedule's step boundary
+            at.enter(step, "on_intent_change")
+            replacement = driver.on_intent_change(model, optimizer, intent, scenario.intent_at(step))
+            at.leave()
+            intent = scenario.intent_at(step)
+            router.reroute(roles(built.tree, intent))
+            if replacement is not None:
+                optimizer = replacement
+                handles = resolve(model, originals, optimizer)
         record = StepRecord()
         # requires_grad flags set in setup are the technique's baseline; grad mode and dtype are not
         flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}

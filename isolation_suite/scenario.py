@@ -406,6 +406,24 @@ class Data:
 
 
 @dataclass(frozen=True)
+class Change:
+    """A freeze schedule's step boundary: from ``step`` on, the frozen modules are ``frozen_modules``
+    (``()``: unfreeze everything), the way progressive unfreezing or Lightning's
+    ``BackboneFinetuning`` change them."""
+
+    step: int
+    frozen_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _int_in("schedule step", self.step, 2, MAX_STEPS)
+        _require(isinstance(self.frozen_modules, tuple) and all(isinstance(p, str) and p for p in self.frozen_modules),
+                 f"schedule frozen_modules={self.frozen_modules!r} must be a tuple of module paths")
+
+    def __repr__(self) -> str:
+        return f"step {self.step}: frozen={list(self.frozen_modules)}"
+
+
+@dataclass(frozen=True)
 class Mode:
     """How the user's training loop runs the model; the reference always runs plain eager.
 
@@ -463,10 +481,13 @@ class Scenario:
     init_seed: int = 0
     model: str = ""
     mode: Mode = field(default_factory=Mode)
+    #: the intent's frozen modules change at these step boundaries (see :class:`Change`)
+    schedule: tuple[Change, ...] = ()
 
     def __post_init__(self) -> None:
         _int_in("steps", self.steps, 1, MAX_STEPS)
         _require(isinstance(self.mode, Mode), f"mode={self.mode!r} must be a Mode")
+        self._check_schedule()
         _int_in("micro_batches", self.micro_batches, 1, MAX_MICRO_BATCHES)
         _one_of("dtype", self.dtype, DTYPES)
         _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
@@ -498,12 +519,42 @@ class Scenario:
                 _require(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_WIDTH for i in index),
                          f"frozen element index {index!r} of {param!r} must be non-negative integers")
 
+    def _check_schedule(self) -> None:
+        _require(isinstance(self.schedule, tuple) and all(isinstance(c, Change) for c in self.schedule),
+                 "schedule must be a tuple of Change")
+        steps = [c.step for c in self.schedule]
+        _require(steps == sorted(set(steps)) and all(s <= self.steps for s in steps),
+                 f"schedule steps {steps} must increase and lie within the {self.steps} step(s)")
+        # a scheduler built over the first parameter groups does not schedule a group added later
+        _require(not self.schedule or self.optimizer.scheduler == "none",
+                 f"a freeze schedule needs scheduler none, not {self.optimizer.scheduler}")
+        if self.architecture is not None:
+            modules = {layer.path for layer in self.architecture.layers} | {c.path for c in self.architecture.containers}
+            for change in self.schedule:
+                for path in change.frozen_modules:
+                    _require(path in modules, f"the schedule names module {path!r}, which the architecture does "
+                                              "not have")
+
+    def intent_at(self, step: int) -> Intent:
+        """The intent in force during ``step`` (1-based): the last change at or before it."""
+        frozen = None
+        for change in self.schedule:
+            if change.step <= step:
+                frozen = change.frozen_modules
+        return self.intent if frozen is None else dataclasses.replace(self.intent, frozen_modules=frozen)
+
+    @property
+    def intents(self) -> tuple[Intent, ...]:
+        """Every intent the run goes through, the first one first."""
+        return (self.intent,) + tuple(self.intent_at(c.step) for c in self.schedule)
+
     def __repr__(self) -> str:
         what = f"model={self.model!r}" if self.model else f"architecture={self.architecture!r}"
         return (f"Scenario(\n  {what},\n  intent={self.intent!r},\n"
                 f"  optimizer={self.optimizer!r},\n  data={self.data!r},\n"
                 f"  steps={self.steps}, micro_batches={self.micro_batches}, dtype={self.dtype}, "
-                f"init_seed={self.init_seed}" + ("" if self.mode.eager else f", mode={self.mode!r}") + ")")
+                f"init_seed={self.init_seed}" + ("" if self.mode.eager else f", mode={self.mode!r}")
+                + (f",\n  schedule={list(self.schedule)!r}" if self.schedule else "") + ")")
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         # Hypothesis's pretty-printer uses this, so failures show the short form
@@ -533,8 +584,10 @@ class Scenario:
                                   o["clip_value"], o["set_to_none"])
             data = Data(**_fields(d["data"], "data", Data))
             mode = Mode(**_fields(d["mode"], "mode", Mode))
+            schedule = tuple(Change(c["step"], tuple(c["frozen_modules"]))
+                             for c in (_fields(c, "change", Change) for c in d["schedule"]))
             return cls(arch, intent, opt, data, d["steps"], d["micro_batches"], d["dtype"], d["init_seed"],
-                       d["model"], mode)
+                       d["model"], mode, schedule)
         except ScenarioError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:

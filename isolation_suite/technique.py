@@ -18,6 +18,8 @@ class Capability(str, enum.Enum):
     PASS_THROUGH = "PASS_THROUGH"
     FREEZE_ELEMENTS = "FREEZE_ELEMENTS"
     REPARAMETERIZE = "REPARAMETERIZE"
+    #: frozen modules that change at step boundaries (``Scenario.schedule``): ``on_intent_change``
+    FREEZE_SCHEDULE = "FREEZE_SCHEDULE"
 
     def __repr__(self) -> str:
         return f"Capability.{self.value}"
@@ -40,7 +42,8 @@ class Technique:
     Subclasses set ``name`` and ``capabilities`` and override any of the four
     hooks. The harness builds a fresh model per run, then calls ``setup``,
     routes every call site through ``call``, asks ``make_optimizer`` for the
-    optimizer and calls ``after_step`` after each ``optimizer.step()``.
+    optimizer and calls ``after_step`` after each ``optimizer.step()`` (and, where
+    the frozen set changes mid-training, ``on_intent_change`` at that step boundary).
     """
 
     name: str = "unnamed"
@@ -68,6 +71,13 @@ class Technique:
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Runs after every ``optimizer.step()`` (and scheduler step)."""
+
+    def on_intent_change(self, model: nn.Module, optimizer: torch.optim.Optimizer, old: "Intent",
+                         new: "Intent") -> torch.optim.Optimizer | None:
+        """At a step boundary of a freeze schedule (``FREEZE_SCHEDULE``), before the step's
+        ``zero_grad``: make ``new``'s frozen modules frozen and ``old``'s others trainable. Return a
+        replacement optimizer, or None to keep ``optimizer``. The default changes nothing."""
+        return None
 
     @property
     def sound(self) -> bool:

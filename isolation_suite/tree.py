@@ -206,7 +206,8 @@ def freeze_targets(tree: ModelTree, claimed=()) -> list[str]:
 def targets_for(tree: ModelTree, capability: Capability) -> list[str]:
     """Where an intent of ``capability`` can point in ``tree`` (empty: the model offers none)."""
     return {Capability.FREEZE_MODULE: freeze_targets, Capability.PASS_THROUGH: pass_through_targets,
-            Capability.FREEZE_ELEMENTS: element_owners, Capability.REPARAMETERIZE: reparam_targets}[capability](tree)
+            Capability.FREEZE_ELEMENTS: element_owners, Capability.REPARAMETERIZE: reparam_targets,
+            Capability.FREEZE_SCHEDULE: freeze_targets}[capability](tree)
 
 
 def check_intent(tree: ModelTree, intent: Intent) -> None:
@@ -370,15 +371,24 @@ class Router:
 
     def __init__(self, model: nn.Module, roles: dict[str, Callable[[int], Role]],
                  call: Callable[[CallSite, nn.Module, tuple], Any]):
-        self.call, self.active, self.index = call, False, 0
+        self.model, self.call, self.active, self.index = model, call, False, 0
         self.routes: list[tuple[nn.Module, _Route]] = []
+        self._register(roles)
+
+    def _register(self, roles: dict[str, Callable[[int], Role]]) -> None:
         for path, role in roles.items():
-            module = model.get_submodule(path) if path else model
+            module = self.model.get_submodule(path) if path else self.model
             route = _Route(self, path, role, module)
             if not getattr(type(module), "_isolation_routed", False):
                 module.__class__ = _routed_class(type(module))
             _ROUTES[id(module)] = route
             self.routes.append((module, route))
+
+    def reroute(self, roles: dict[str, Callable[[int], Role]]) -> None:
+        """The intent changed at a step boundary (a freeze schedule): intercept what ``roles`` names
+        from now on (a module no longer named runs plainly; its routed class stays, harmlessly)."""
+        self.close()
+        self._register(roles)
 
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:

@@ -9,7 +9,7 @@ from hypothesis.errors import InvalidArgument
 from ..models import factory_tree
 import dataclasses
 
-from ..scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Data, Intent, Mode, Scenario
+from ..scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change, Data, Intent, Mode, Scenario
 from ..technique import Capability
 from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets, mode_targets,
                    pass_through_targets, reparam_targets, region_needs_gradient)
@@ -79,7 +79,7 @@ def intents(draw, tree: ModelTree | Architecture, capabilities: frozenset[Capabi
             kw["frozen_elements"] = ((f"{path}.{name}", draw(element_indices(shape))),)
             claimed.append(path)
 
-    if Capability.FREEZE_MODULE in capabilities:
+    if Capability.FREEZE_MODULE in capabilities or Capability.FREEZE_SCHEDULE in capabilities:
         candidates = freeze_targets(tree, claimed)
         if candidates:
             first = draw(st.sampled_from(candidates))
@@ -136,7 +136,7 @@ def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
         need.add("reuse")
     if Capability.REPARAMETERIZE in capabilities:
         need.add("reparam")
-    if Capability.FREEZE_MODULE in capabilities or Capability.FREEZE_ELEMENTS in capabilities:
+    if capabilities & {Capability.FREEZE_MODULE, Capability.FREEZE_ELEMENTS, Capability.FREEZE_SCHEDULE}:
         need.add("trainable_pair")
     return frozenset(need)
 
@@ -174,10 +174,46 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
     else:
         scenario = draw(_generated(chosen, dtypes, devices, max_blocks, max_steps, kinds))
         tree = architecture_tree(scenario.architecture)
+    if Capability.FREEZE_SCHEDULE in chosen:
+        scenario = draw(with_freeze_schedule(tree, scenario))
     if modes == ("eager",):
         return scenario
     mode = draw(execution_modes(tree, modes, input_requires_grad=scenario.data.input_requires_grad))
     return dataclasses.replace(scenario, mode=mode)
+
+
+@st.composite
+def freeze_schedules(draw, tree: ModelTree | Architecture, steps: int, claimed: Iterable[str] = ()) -> tuple:
+    """Draw a freeze schedule over ``steps`` steps: up to two step boundaries, each with the frozen
+    modules from then on (none: everything thaws; the same rules as an intent's frozen modules:
+    something with parameters always trains). Shrinks toward one boundary that thaws everything;
+    with one step there is no boundary."""
+    tree = architecture_tree(tree) if isinstance(tree, Architecture) else tree
+    claimed = list(claimed)
+    if steps < 2:
+        return ()
+    boundaries = draw(st.lists(st.integers(2, steps), min_size=1, max_size=2, unique=True))
+    changes = []
+    for step in sorted(boundaries):
+        frozen: list[str] = []
+        candidates = freeze_targets(tree, claimed)
+        if candidates and draw(st.booleans()):
+            frozen.append(draw(st.sampled_from(candidates)))
+        changes.append(Change(step, tuple(frozen)))
+    return tuple(changes)
+
+
+@st.composite
+def with_freeze_schedule(draw, tree: ModelTree, scenario: Scenario) -> Scenario:
+    """``scenario`` with a drawn freeze schedule (and no lr scheduler, which a schedule excludes)."""
+    intent = scenario.intent
+    claimed = [p for p, _ in intent.pass_through] + list(intent.reparameterized) \
+        + [p.rpartition(".")[0] for p, _ in intent.frozen_elements]
+    schedule = draw(freeze_schedules(tree, scenario.steps, claimed))
+    if not schedule:
+        return scenario
+    recipe = dataclasses.replace(scenario.optimizer, scheduler="none")
+    return dataclasses.replace(scenario, optimizer=recipe, schedule=schedule)
 
 
 @st.composite

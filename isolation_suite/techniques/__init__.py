@@ -21,6 +21,7 @@ from .freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, Par
                               TensorHookMask)
 from .freeze_module import (FreezeAndEval, FreezeEnableInputGrads, LrZeroGroup, LrZeroGroupSeed, NameSubstring,
                             NoGradRegion, OptimizerFilter, RequiresGradFalse)
+from .freeze_schedule import UnfreezeAddParamGroup, UnfreezeFlagOnly
 from .pass_through import FunctionalDetach, NoGradCall, ToggleRequiresGrad
 from .reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, WeightDropoutTechnique
 
@@ -83,6 +84,15 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(OptimizerFilter, TRAIN_MODE + STARVED),
     CatalogEntry(FreezeAndEval, STARVED),
     CatalogEntry(FreezeEnableInputGrads),
+    CatalogEntry(UnfreezeFlagOnly, (
+        Condition("trainable-trains", "a module thawed mid-training was never handed to the optimizer",
+                  c.thaws_a_module, (t.THAW, t.THAW_BATCHNORM)),
+        Condition("frozen-unchanged", "a module frozen mid-training stays in the optimizer, and zero_grad("
+                  "set_to_none=False) leaves it a zero gradient that momentum or weight decay move, or a frozen "
+                  "BatchNorm updates", lambda s: c.refreezes_into_a_moving_optimizer(s) or c.frozen_has_batchnorm(s),
+                  (t.REFREEZE_MOMENTUM,)),
+    ) + TRAIN_MODE[:1] + TRAIN_MODE[2:] + STARVED),
+    CatalogEntry(UnfreezeAddParamGroup),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
                   c.has_multi_element_parameter, (t.FROZEN_LINEAR,)),) + TRAIN_MODE),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..scenario import Data, Intent, Layer, Mode, OptimizerRecipe, Scenario, chain
+from ..scenario import Change, Data, Intent, Layer, Mode, OptimizerRecipe, Scenario, chain
 
 SGD = OptimizerRecipe("SGD", (("lr", 0.1),))
 
@@ -95,3 +95,17 @@ REPARAM_RNN = scenario([rnn("rnn")], ["rnn"], Intent(reparameterized=("rnn",)), 
 #: a wrapped Linear followed by a trainable one, under an adaptive optimizer
 REPARAM_LINEAR = scenario([linear("fc"), linear("head")], ["fc", "head"], Intent(reparameterized=("fc",)),
                           OptimizerRecipe("RMSprop", (("lr", 0.01),)))
+
+
+# --- FREEZE_SCHEDULE -------------------------------------------------------------------------
+#: the frozen middle layer thaws at step 2
+THAW = dataclasses.replace(
+    scenario([linear("pre"), linear("enc"), linear("fc")], ["pre", "enc", "fc"], Intent(frozen_modules=("enc",)),
+             steps=3), schedule=(Change(2, ()),))
+#: a layer that trained with momentum is frozen at step 2; zero_grad(set_to_none=False)
+REFREEZE_MOMENTUM = dataclasses.replace(
+    scenario([linear("pre"), linear("enc"), linear("fc")], ["pre", "enc", "fc"], Intent(),
+             OptimizerRecipe("SGD", (("lr", 0.1), ("momentum", 0.9)), set_to_none=False), steps=3),
+    schedule=(Change(2, ("enc",)),))
+#: a frozen BatchNorm, thawed at step 2
+THAW_BATCHNORM = dataclasses.replace(FROZEN_BATCHNORM, steps=3, schedule=(Change(2, ()),))
