@@ -14,7 +14,8 @@ from .technique import Capability, Role, Technique
 from .techniques import CATALOG, catalog
 
 __all__ = [
-    "Architecture", "Data", "Intent", "Layer", "Mode", "Op", "OptimizerRecipe", "Scenario", "ScenarioError", "SandboxError",
+    "Architecture", "Data", "Intent", "Layer", "Mode", "Op", "OptimizerRecipe", "Scenario", "ScenarioError",
+    "SandboxError",
     "Capability", "Role", "Technique", "Verdict", "Violation", "INVARIANTS",
     "check", "check_technique", "search", "SearchResult", "IsolationFailure",
     "catalog", "CATALOG", "load_technique", "TechniqueLoadError", "profiles", "modes",

@@ -89,8 +89,8 @@ class Trace:
 
 
 #: the parts of the loop where the technique's code runs, in order
-PHASES = ("setup", "make_optimizer", "compile", "on_intent_change", "train", "zero_grad", "forward", "backward", "clip", "optimizer.step",
-          "after_step", "record")
+PHASES = ("setup", "make_optimizer", "compile", "on_intent_change", "train", "zero_grad", "forward", "backward",
+          "clip", "optimizer.step", "after_step", "record")
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 #: what a run mirrors into a shared buffer: step, phase index (-1: the harness's own code)
 PROGRESS = struct.Struct("ii")

@@ -529,7 +529,8 @@ class Scenario:
         _require(not self.schedule or self.optimizer.scheduler == "none",
                  f"a freeze schedule needs scheduler none, not {self.optimizer.scheduler}")
         if self.architecture is not None:
-            modules = {layer.path for layer in self.architecture.layers} | {c.path for c in self.architecture.containers}
+            arch = self.architecture
+            modules = {layer.path for layer in arch.layers} | {c.path for c in arch.containers}
             for change in self.schedule:
                 for path in change.frozen_modules:
                     _require(path in modules, f"the schedule names module {path!r}, which the architecture does "

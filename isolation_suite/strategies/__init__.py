@@ -9,5 +9,6 @@ from .elements import PATTERNS, element_indices
 from .optimizers import optimizer_recipes
 from .scenarios import as_capabilities, execution_modes, freeze_schedules, intents, scenarios
 
-__all__ = ["architectures", "element_indices", "optimizer_recipes", "intents", "scenarios", "execution_modes", "freeze_schedules",
+__all__ = ["architectures", "element_indices", "optimizer_recipes", "intents", "scenarios",
+           "execution_modes", "freeze_schedules",
            "as_capabilities", "TOP_NAMES", "CHILD_NAMES", "PATTERNS"]
