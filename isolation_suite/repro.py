@@ -19,11 +19,10 @@ from .technique import Technique
 _PACKAGE = Path(__file__).resolve().parent
 #: harness modules the script needs; none of them imports hypothesis
 _EMBEDDED = ("optim_info", "kinds", "scenario", "technique", "loading", "layers", "tree", "models", "build", "modes",
-             "runner",
-             "reference", "invariants", "devices", "sandbox", "judge",
+             "runner", "reference", "invariants", "devices", "sandbox", "judge",
              "techniques/__init__", "techniques/_util", "techniques/conditions", "techniques/triggers",
              "techniques/pass_through", "techniques/freeze_module", "techniques/freeze_elements",
-             "techniques/reparameterize")
+             "techniques/freeze_schedule", "techniques/reparameterize")
 
 _INIT = '''"""A minimal isolation_suite for a repro script (embedded, torch only)."""
 from .scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario

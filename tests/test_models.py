@@ -66,8 +66,7 @@ def test_catalog_row_on_a_shipped_model(name, row, moved_triggers):
     assert not technique.sound, f"sound row {row.name} failed on {name}\n{message}"
     headline = result.failure.first.invariant
     assert headline in technique.expected_violations, message
-    condition = row.condition_for(headline)
-    assert condition is not None and condition.holds(result.failure.scenario), (
+    assert row.explains(headline, result.failure.scenario), (
         f"{row.name} on {name}: the counterexample for {headline} lacks its trigger\n{message}")
 
 

@@ -90,13 +90,20 @@ def test_intents_only_use_the_given_capability(capability):
     @given(strategies.scenarios(capabilities=[capability]))
     def run(s):
         used = {Capability.FREEZE_MODULE: bool(s.intent.frozen_modules),
+                Capability.FREEZE_SCHEDULE: bool(s.schedule),
                 Capability.FREEZE_ELEMENTS: bool(s.intent.frozen_elements),
                 Capability.PASS_THROUGH: bool(s.intent.pass_through),
                 Capability.REPARAMETERIZE: bool(s.intent.reparameterized)}
-        assert used[capability], s
-        assert not any(v for c, v in used.items() if c is not capability)
-        if capability is Capability.FREEZE_MODULE:  # something still trains
-            assert any(not s.intent.is_frozen_module(l.path) and l.kind != "dropout" for l in s.architecture.layers)
+        # a schedule needs frozen modules to start from, and gets one wherever there is a step boundary
+        assert used[capability] or (capability is Capability.FREEZE_SCHEDULE and s.steps == 1), s
+        assert bool(s.schedule) == (capability is Capability.FREEZE_SCHEDULE and s.steps > 1)
+        implied = {capability} | ({Capability.FREEZE_MODULE} if capability is Capability.FREEZE_SCHEDULE else set())
+        assert not any(v for c, v in used.items() if c not in implied)
+        if capability in (Capability.FREEZE_MODULE, Capability.FREEZE_SCHEDULE):  # something always trains
+            for intent in s.intents:
+                assert any(not intent.is_frozen_module(l.path) and l.kind != "dropout" for l in s.architecture.layers)
+        if capability is Capability.FREEZE_SCHEDULE:  # a schedule leaves the scheduler out
+            assert s.optimizer.scheduler == "none" or not s.schedule
     run()
 
 

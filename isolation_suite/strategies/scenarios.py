@@ -172,7 +172,7 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
         tree = factory_tree(model)
     else:
-        scenario = draw(_generated(chosen, dtypes, devices, max_blocks, max_steps, kinds))
+        scenario = _generated(draw, chosen, dtypes, devices, max_blocks, max_steps, kinds)
         tree = architecture_tree(scenario.architecture)
     if Capability.FREEZE_SCHEDULE in chosen:
         scenario = draw(with_freeze_schedule(tree, scenario))
@@ -216,7 +216,6 @@ def with_freeze_schedule(draw, tree: ModelTree, scenario: Scenario) -> Scenario:
     return dataclasses.replace(scenario, optimizer=recipe, schedule=schedule)
 
 
-@st.composite
 def _generated(draw, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
     arch = draw(architectures(max_blocks=max_blocks, kinds=tuple(kinds), require=_requirements(chosen)))
     intent = draw(intents(arch, chosen))

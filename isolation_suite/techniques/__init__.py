@@ -54,6 +54,11 @@ class CatalogEntry:
     def condition_for(self, invariant: str) -> Condition | None:
         return next((x for x in self.conditions if x.invariant == invariant), None)
 
+    def explains(self, invariant: str, scenario: Scenario) -> bool:
+        """Some condition of ``invariant`` for the scenario's mode holds on it: the known trigger is there."""
+        return any(x.invariant == invariant and x.in_mode(scenario.mode.kind) and x.holds(scenario)
+                   for x in self.conditions)
+
 
 TRAIN_MODE = (
     Condition("gradient-flows", "a BatchNorm or Dropout inside the frozen module runs in training mode: "
@@ -92,7 +97,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
                   "BatchNorm updates", lambda s: c.refreezes_into_a_moving_optimizer(s) or c.frozen_has_batchnorm(s),
                   (t.REFREEZE_MOMENTUM,)),
     ) + TRAIN_MODE[:1] + TRAIN_MODE[2:] + STARVED),
-    CatalogEntry(UnfreezeAddParamGroup),
+    CatalogEntry(UnfreezeAddParamGroup, STARVED),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
                   c.has_multi_element_parameter, (t.FROZEN_LINEAR,)),) + TRAIN_MODE),
@@ -116,10 +121,8 @@ CATALOG: tuple[CatalogEntry, ...] = (
                   lambda s: c.frozen_has_train_mode_layer(s) or c.upstream_needs_gradient(s), (t.FROZEN_DROPOUT,)),
     ) + STARVED),
     CatalogEntry(NameSubstring, (
-        Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name, or a "
-                  "reentrant checkpoint fed only by frozen modules starves",
-                  lambda s: c.names_collide(s) or c.reentrant_checkpoint_starved(s), (t.NAMES_COLLIDE,)),)
-        + TRAIN_MODE + STARVED[1:]),
+        Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
+                  c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE + STARVED),
     CatalogEntry(BackwardHookZeroGrad, (
         Condition("no-crash", "the hook fires before weight.grad exists: the module's input needs no gradient, "
                   "or the module is called more than once (its weight's gradient is summed after the last "
