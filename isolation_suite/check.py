@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from hypothesis import HealthCheck, Phase, event, given, settings, target
 from hypothesis import seed as hypothesis_seed
+from hypothesis.internal.reflection import function_digest
 
 from . import devices as devices_mod
 from . import modes as modes_mod
@@ -20,7 +21,8 @@ from .invariants import TIMEOUT
 from .judge import Verdict, as_technique, judge, reference_trace
 from .models import factory_name, factory_tree
 from .tree import targets_for
-from .profiles import example_timeout
+from .database import stats_since
+from .profiles import check_database_spec, example_timeout
 from .sandbox import Sandbox, watch_user_interrupts
 from .sandbox import mode as sandbox_mode
 from .scenario import Scenario
@@ -83,6 +85,10 @@ class SearchResult:
     not_applicable: str = ""  # why nothing was judged: the model has nowhere to point this intent
     parity_not_judged: str = ""  # why device-parity was not judged on this device ("" when it was)
     mode: str = "eager"  # the execution mode every scenario ran in (``isolation_suite.modes``)
+    # the shared example database (a Redis) during this search: calls and seconds per operation,
+    # and why it was lost ("" while it answered); empty without a shared database
+    database_ops: dict[str, dict] = field(default_factory=dict)
+    database_warning: str = ""
 
     @property
     def ok(self) -> bool:
@@ -139,6 +145,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     if not caps:
         raise ValueError(f"technique {technique.name!r} declares no capabilities: nothing to check")
     device = devices_mod.normalize(device)
+    check_database_spec()
     run_settings = search_settings(max_examples, device)
     if mode_info.example_share < 1 and max_examples is None:
         run_settings = settings(run_settings, max_examples=max(
@@ -160,8 +167,13 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         if device.startswith("cuda") and tree.device_random:
             result.parity_not_judged = DEVICE_RANDOM
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
+    shared = getattr(run_settings.database, "shared", None)
+    before = shared.snapshot() if shared is not None else None
     with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
         _search(technique, caps, device, run_settings, result, budget, explicit, sandbox, spec, mode)
+    if shared is not None:
+        result.database_ops = stats_since(before, shared.snapshot())
+        result.database_warning = shared.unavailable or ""
     result.sandbox = "in-process (CUDA runs)" if device.startswith("cuda") else sandbox_mode()
     return result
 
@@ -243,10 +255,16 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
 
     if result.seed is not None:
         probe = hypothesis_seed(result.seed)(probe)
-    # separate database entries per technique, capability set, device, model and mode
+        # Hypothesis's @seed also switches the example database off; a seeded search here still
+        # replays the stored failures first (reuse phase) and stores what it finds
+        probe._hypothesis_internal_use_settings = run_settings
+    # separate database entries per technique, capability set, device, model and mode; the key is set
+    # explicitly so that a run-wide --hypothesis-seed (which clears Hypothesis's own key) keeps it
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"{technique.name}|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")
         + ("" if mode == "eager" else f"|{mode}")).encode()
+    if run_settings.database is not None:
+        probe._hypothesis_internal_database_key = function_digest(probe.hypothesis.inner_test)
 
     def note(stats) -> None:
         result.statistics = describe_statistics(stats)

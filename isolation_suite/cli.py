@@ -76,6 +76,16 @@ def _modes(text: str, devices) -> tuple[str, ...]:
         raise UsageError(f"--modes: {exc}") from None
 
 
+def _database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", default=None, metavar="SPEC",
+                        help="where failing examples are kept and replayed from: a directory, 'none', or "
+                             "redis://HOST:PORT/DB shared by many machines (default: $ISOLATION_DATABASE or "
+                             ".hypothesis/examples; the isolation-ci profile keeps none)")
+    parser.add_argument("--database-readonly", action="store_true", default=None,
+                        help="replay the database's failures but never write to it (with a Redis URL the local "
+                             ".hypothesis/examples stays writable; also ISOLATION_DATABASE_READONLY=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="isolation-suite", description="Property-based testing of gradient isolation in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -93,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix the search (default: drawn and printed; derandomized under isolation-ci)")
     c.add_argument("--timeout", type=_positive(float), default=None,
                    help="seconds one training run may take before it is stopped (default: the profile's)")
+    _database_options(c)
     f = sub.add_parser("fuzz", help="the main job: the whole catalog, in parallel, with a report")
     f.add_argument("--budget", type=_positive(float), default=120.0, help="total seconds (default 120)")
     f.add_argument("--max-examples", type=_positive(int), default=None, help="cap per technique x device")
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix every search (default: drawn and printed; derandomized under isolation-ci)")
     f.add_argument("--timeout", type=_positive(float), default=None,
                    help="seconds one training run may take before it is stopped (default: the profile's)")
+    _database_options(f)
     m = sub.add_parser("merge", help="combine shard reports into one report")
     m.add_argument("folders", nargs="+", metavar="DIR", help="shard run folders (or reports folders with LATEST)")
     m.add_argument("--report-dir", default="reports", help="the merged run goes to DIR/<run-id>/ (default reports)")
@@ -124,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _line(text: str) -> None:
     print(text, flush=True)
+
+
+def _use_database(args) -> None:
+    """``--database`` / ``--database-readonly`` become the environment (so ``fuzz``'s workers see
+    them too) and the profiles' database; a malformed spec is one line and exit 2, before any search."""
+    from .profiles import DATABASE_ENV, READONLY_ENV, register_profiles
+    if args.database is not None:
+        os.environ[DATABASE_ENV] = args.database
+    if args.database_readonly:
+        os.environ[READONLY_ENV] = "1"
+    register_profiles()
+
+
+class _DatabaseWarning:
+    """Says once per run that the shared example database was lost (the searches go on without it)."""
+
+    def __init__(self) -> None:
+        self.said = False
+
+    def __call__(self, result) -> None:
+        if result.database_warning and not self.said:
+            self.said = True
+            print(f"isolation-suite: warning: {result.database_warning}", file=sys.stderr, flush=True)
 
 
 # --- list ---------------------------------------------------------------------------------
@@ -148,9 +183,10 @@ def cmd_check(args) -> int:
     from .check import failure_message, run_seed, search, search_line, search_settings, seed_text
     from .invariants import DEVICE_PARITY, INVARIANTS
     from .loading import load_technique
-    from .profiles import active_profile, describe
+    from .profiles import active_profile, describe, describe_database
     from .report import environment, record, write_summary
 
+    _use_database(args)
     technique = load_technique(args.spec)
     devices = devices_mod.resolve(args.devices)
     modes = _modes(args.modes, devices)
@@ -167,6 +203,7 @@ def cmd_check(args) -> int:
         _line(f"model {args.model}: {sum(1 for n in tree.nodes if n.path)} modules, "
               f"{sum(math.prod(s) for s in tree.parameters.values())} parameters")
     failures = []
+    database_warning = _DatabaseWarning()
     for device in devices:
         for mode in modes:
             for capability in sorted(technique.capabilities, key=lambda c: c.value):
@@ -174,6 +211,7 @@ def cmd_check(args) -> int:
                 result = search(technique, {capability}, device, args.max_examples, args.budget, seed=seed,
                                 timeout=args.timeout, model=args.model, mode=mode)
                 record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
+                database_warning(result)
                 fired = set(result.failure.invariants) if result.failure else set()
                 _line(f"{technique.name} [{capability.value} on {device}, {mode}]: {search_line(result)}")
                 for inv in INVARIANTS if not result.not_applicable else ():
@@ -189,8 +227,8 @@ def cmd_check(args) -> int:
         _line(failure_message(result.failure, {capability}, result))
     if run_dir is not None:
         write_summary(run_dir, environment({"devices": devices, "modes": list(modes), "technique": args.spec,
-                                            "model": args.model,
-                                            "profile": active_profile(),
+                                            "model": args.model, "profile": active_profile(),
+                                            "database": describe_database(),
                                             "seed": seed, "seed_text": seed_text(seed), "budget": args.budget,
                                             "max_examples": search_settings(args.max_examples).max_examples}),
                       complete=True)
@@ -289,6 +327,7 @@ def cmd_fuzz(args) -> int:
     from .shards import Shard
 
     started = time.time()
+    _use_database(args)
     techniques = _fuzz_techniques(args.techniques)
     specs = list(techniques)
     devices = devices_mod.resolve(args.devices)
@@ -411,17 +450,18 @@ COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .database import DatabaseSpecError
     from .devices import DeviceError
     from .loading import TechniqueLoadError
     from .models import ModelFactoryError
     from .profiles import register_profiles
     from .shards import ShardError
 
-    register_profiles()  # ISOLATION_DATABASE as it is now, not as it was at import
     try:
+        register_profiles()  # ISOLATION_DATABASE as it is now, not as it was at import
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, TechniqueLoadError, DeviceError, ModelFactoryError, ShardError) as exc:
+    except (UsageError, TechniqueLoadError, DeviceError, ModelFactoryError, ShardError, DatabaseSpecError) as exc:
         print(f"isolation-suite: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,44 +1,63 @@
 """Hypothesis profiles ``isolation-dev``, ``isolation-ci``, ``isolation-nightly``, and where failures are kept.
 
-| profile             | examples | seed                            | example database                        |
-|---------------------|----------|---------------------------------|-----------------------------------------|
-| ``isolation-dev``   | 60       | drawn per run, printed          | ``$ISOLATION_DATABASE`` (default below) |
-| ``isolation-ci``    | 80       | derandomized: fixed per item    | none: every run judges the same things  |
-| ``isolation-nightly`` | 2000   | drawn per run, printed          | ``$ISOLATION_DATABASE`` (default below) |
+| profile               | examples | seed                         | example database                          |
+|-----------------------|----------|------------------------------|-------------------------------------------|
+| ``isolation-dev``     | 60       | drawn per run, printed       | ``$ISOLATION_DATABASE`` (default below)   |
+| ``isolation-ci``      | 80       | derandomized: fixed per item | none, whatever is set: same answer always |
+| ``isolation-nightly`` | 2000     | drawn per run, printed       | ``$ISOLATION_DATABASE`` (default below)   |
 
-``ISOLATION_DATABASE`` is a directory (default ``.hypothesis/examples``, relative to the working
-directory), or ``none`` to keep no database. Failing examples stored there are replayed first.
+``ISOLATION_DATABASE`` (``--database``, ``--isolation-database``) is a directory (default
+``.hypothesis/examples``, relative to the working directory), ``none`` to keep no database, or
+``redis://HOST:PORT/DB``: a Redis shared by many machines, beside the local ``.hypothesis/examples``
+(see :mod:`isolation_suite.database`). Failing examples stored there are replayed first.
+``ISOLATION_DATABASE_READONLY=1`` (``--database-readonly``) only reads the named database; with a
+Redis URL the local directory stays writable. A Redis that is down costs one warning, not the run.
 """
 from __future__ import annotations
 
 import os
 
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.database import DirectoryBasedExampleDatabase
+
+from .database import DEFAULT_DIRECTORY, DatabaseSpec, DatabaseSpecError, build, parse_spec
 
 PROFILE_ENV = "ISOLATION_PROFILE"
 DATABASE_ENV = "ISOLATION_DATABASE"
+READONLY_ENV = "ISOLATION_DATABASE_READONLY"
 TIMEOUT_ENV = "ISOLATION_TIMEOUT"
 #: seconds one training run of the technique may take before it is stopped (a ``timeout`` violation);
 #: runs take milliseconds to a second, so these only ever stop a hang
 TIMEOUTS = {"isolation-dev": 60.0, "isolation-ci": 60.0, "isolation-nightly": 300.0}
 DEFAULT_PROFILE = "isolation-dev"
-DEFAULT_DATABASE = ".hypothesis/examples"
+DEFAULT_DATABASE = DEFAULT_DIRECTORY
 PROFILES = ("isolation-dev", "isolation-ci", "isolation-nightly")
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
-def database_location() -> str | None:
-    """The example database directory for the dev and nightly profiles, or None (``ISOLATION_DATABASE=none``)."""
-    value = os.environ.get(DATABASE_ENV, DEFAULT_DATABASE).strip()
-    return None if value.lower() in ("", "none", "off") else value
+def database_spec() -> DatabaseSpec:
+    """``ISOLATION_DATABASE`` and ``ISOLATION_DATABASE_READONLY`` as they are now; a malformed
+    value raises :class:`~isolation_suite.database.DatabaseSpecError` (one line)."""
+    flag = os.environ.get(READONLY_ENV, "").strip().lower()
+    if flag not in ("", "0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise DatabaseSpecError(f"{READONLY_ENV}={flag!r}: use 1 (read-only) or 0")
+    return parse_spec(os.environ.get(DATABASE_ENV), readonly=flag in ("1", "true", "yes", "on"))
+
+
+#: a malformed ``ISOLATION_DATABASE`` seen when the module was imported; searches raise it
+_spec_error: DatabaseSpecError | None = None
 
 
 def register_profiles() -> None:
-    """(Re-)register the three profiles; call again after changing ``ISOLATION_DATABASE``."""
-    location = database_location()
-    database = DirectoryBasedExampleDatabase(location) if location else None
+    """(Re-)register the three profiles; call again after changing ``ISOLATION_DATABASE``.
+
+    A malformed database spec raises :class:`~isolation_suite.database.DatabaseSpecError`."""
+    global _spec_error
+    _register(build(database_spec()))
+    _spec_error = None
+
+
+def _register(database) -> None:
     # built on Hypothesis's own defaults, never on whichever profile happens to be loaded now
     base = settings.get_profile("default")
     settings.register_profile("isolation-dev", base, max_examples=60, deadline=None, derandomize=False,
@@ -54,7 +73,24 @@ def register_profiles() -> None:
     )
 
 
-register_profiles()
+def _register_at_import() -> None:
+    """Importing never fails on a bad ``ISOLATION_DATABASE``: the profiles go without a database,
+    and every search raises the error (the command line and the plug-in report it in one line)."""
+    global _spec_error
+    try:
+        register_profiles()
+    except DatabaseSpecError as exc:
+        _register(None)
+        _spec_error = exc
+
+
+def check_database_spec() -> None:
+    """Raise the database spec error seen at import, if any (and none was registered since)."""
+    if _spec_error is not None:
+        raise _spec_error
+
+
+_register_at_import()
 
 
 def active_profile() -> str:
@@ -82,12 +118,21 @@ def example_timeout(profile: str | None = None) -> float:
     return TIMEOUTS[profile or active_profile()]
 
 
+def describe_database(profile: str | None = None) -> str:
+    """``.hypothesis/examples + redis://host:6379/0`` or ``none``: the profile's example database."""
+    database = settings.get_profile(profile or active_profile()).database
+    if database is None:
+        return "none"
+    spec = getattr(database, "spec", None)
+    return spec.describe() if spec is not None else repr(database)
+
+
 def describe(profile: str, timeout: float | None = None) -> str:
     """``isolation-dev: 60 examples, example database .hypothesis/examples, timeout 60s per run``:
     a profile in one line (``timeout``: the one given instead of the profile's)."""
     chosen = settings.get_profile(profile)
-    database = getattr(chosen.database, "path", None) if chosen.database is not None else None
+    database = describe_database(profile)
     return (f"{profile}: {chosen.max_examples} examples, "
             + ("derandomized, " if chosen.derandomize else "")
-            + (f"example database {database}" if database else "no example database")
+            + (f"example database {database}" if database != "none" else "no example database")
             + f", timeout {timeout or example_timeout(profile):g}s per run")

@@ -64,6 +64,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(default: the profile's)")
     group.addoption("--isolation-profile", default=None, choices=PROFILES,
                     help=f"Hypothesis profile to load (also: ${PROFILE_ENV})")
+    group.addoption("--isolation-database", default=None, metavar="SPEC",
+                    help="where failing examples are kept and replayed from: a directory, 'none', or "
+                         "redis://HOST:PORT/DB shared by many machines (also: $ISOLATION_DATABASE)")
+    group.addoption("--isolation-database-readonly", action="store_true", default=False,
+                    help="replay the database's failures but never write to it (with a Redis URL the local "
+                         "directory stays writable; also: ISOLATION_DATABASE_READONLY=1)")
 
 
 def _modes(config: pytest.Config) -> tuple[str, ...]:
@@ -100,6 +106,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     profile = profile or "isolation-dev"
     os.environ[PROFILE_ENV] = profile
+    _use_database(config)
     settings.load_profile(profile)  # so Hypothesis's own header and statistics name the real profile
     config.stash[_PROFILE] = profile
     from .loading import TechniqueLoadError, load_technique
@@ -132,9 +139,45 @@ def pytest_configure(config: pytest.Config) -> None:
             config.stash[_REPORT] = Path(report)
         return
     config.stash[_SEED] = _gate_seed(config)
+    config.pluginmanager.register(DatabaseWarning(config), "isolation-database-warning")
     report_dir = config.getoption("isolation_report")
     if report_dir:
         _start_report(config, Path(report_dir), budget, max_examples, specs)
+
+
+def _use_database(config: pytest.Config) -> None:
+    """``--isolation-database`` / ``--isolation-database-readonly`` (else the environment) become the
+    profiles' database; a malformed spec is a usage error before anything runs."""
+    from .database import DatabaseSpecError
+    from .profiles import DATABASE_ENV, READONLY_ENV, register_profiles
+    if config.getoption("isolation_database") is not None:
+        os.environ[DATABASE_ENV] = config.getoption("isolation_database")
+    if config.getoption("isolation_database_readonly"):
+        os.environ[READONLY_ENV] = "1"
+    try:
+        register_profiles()
+    except DatabaseSpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+class DatabaseWarning:
+    """On the controller: says once per run, in one line, that the shared example database was lost.
+    The searches (in xdist workers or here) go on without it; their reports carry the reason."""
+
+    def __init__(self, config: pytest.Config):
+        self.config, self.said = config, False
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        warning = dict(report.user_properties).get("database_warning")
+        if warning and not self.said:
+            self.said = True
+            line = f"isolation-suite: warning: {warning}"
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is None:
+                print(line)
+                return
+            reporter.ensure_newline()
+            reporter.write_line(line)
 
 
 def _start_report(config: pytest.Config, reports: Path, budget, max_examples, specs) -> None:
@@ -149,8 +192,10 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
         raise pytest.UsageError(str(exc)) from None
     config.stash[_REPORT] = run_dir
     from .check import search_settings
+    from .profiles import describe_database
     seed = config.stash[_SEED]
     meta = environment({"devices": config.stash[_DEVICES], "profile": config.stash[_PROFILE], "seed": seed,
+                        "database": describe_database(config.stash[_PROFILE]),
                         "seed_text": seed_text(seed), "budget": budget,
                         "max_examples": search_settings(max_examples).max_examples,
                         "techniques": specs, "model": config.getoption("isolation_model"),
@@ -237,6 +282,8 @@ class IsolationItem(pytest.Item):
             pytest.skip(reason(status, result, expected))
         self.user_properties += [("examples", result.examples), ("explicit_examples", result.explicit),
                                  ("shrink_examples", result.shrink_examples), ("seed", result.seed)]
+        if result.database_warning:
+            self.user_properties.append(("database_warning", result.database_warning))
         if passed:
             return
         where = f" on {self.device}" + ("" if self.mode == "eager" else f" in {self.mode} mode")

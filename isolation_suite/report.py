@@ -117,6 +117,8 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
     }
+    if result.database_ops:  # a shared example database was in use
+        data["database_ops"], data["database_warning"] = result.database_ops, result.database_warning
     if result.failure is not None:
         data["violations"] = [{"invariant": v.invariant, "message": v.message} for v in result.failure.violations]
         data["scenario"] = result.failure.scenario.to_dict()
