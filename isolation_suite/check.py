@@ -21,7 +21,7 @@ from .tree import targets_for
 from .profiles import example_timeout
 from .sandbox import Sandbox, watch_user_interrupts
 from .sandbox import mode as sandbox_mode
-from .scenario import Scenario
+from .scenario import Scenario, ScenarioError
 from .technique import Capability, Technique
 
 #: ``iso.check(technique, scenario, device)``: judge one scenario (see :func:`isolation_suite.judge.judge`)
@@ -54,6 +54,19 @@ class IsolationFailure(AssertionError):
         self.verdict = verdict
 
 
+#: how many judged examples a search keeps in ``SearchResult.history`` (the first ones; the rest are counted)
+HISTORY_CAP = 500
+
+
+@dataclass(frozen=True)
+class JudgedExample:
+    """One example a search judged, for the reports' timeline."""
+
+    phase: str  # "trigger", "generated" (Hypothesis's generation, database replays included) or "shrinking"
+    outcome: str  # "held", "violated", or "invalid" (the scenario's model does not run: not judged)
+    divergence: float  # the verdict's divergence from the reference (0 when invalid)
+
+
 @dataclass
 class SearchResult:
     """What one search did and found. The three example counts are apart: ``explicit`` trigger
@@ -80,6 +93,14 @@ class SearchResult:
     model: str = ""  # the user's model factory the scenarios trained ("" for generated models)
     not_applicable: str = ""  # why nothing was judged: the model has nowhere to point this intent
     parity_not_judged: str = ""  # why device-parity was not judged on this device ("" when it was)
+    history: list[JudgedExample] = field(default_factory=list)  # the first HISTORY_CAP judged examples, in order
+    history_omitted: int = 0  # judged examples past HISTORY_CAP
+
+    def note_example(self, example: JudgedExample) -> None:
+        if len(self.history) < HISTORY_CAP:
+            self.history.append(example)
+        else:
+            self.history_omitted += 1
 
     @property
     def ok(self) -> bool:
@@ -179,8 +200,13 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         if deadline is not None and time.monotonic() >= deadline:
             raise BudgetSpent()
 
-    def judged(scenario: Scenario, found_by: str) -> Verdict:
-        verdict = judge(technique, scenario, device, sandbox=sandbox)
+    def judged(scenario: Scenario, found_by: str, phase: str) -> Verdict:
+        try:
+            verdict = judge(technique, scenario, device, sandbox=sandbox)
+        except ScenarioError:
+            result.note_example(JudgedExample(phase, "invalid", 0.0))
+            raise
+        result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
         for v in verdict.violations:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
         if not verdict.ok and result.first_failure_at is None:
@@ -194,7 +220,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         for scenario in examples:
             spent()
             result.explicit += 1
-            verdict = judged(scenario, "explicit")
+            verdict = judged(scenario, "explicit", "trigger")
             if not verdict.ok:  # a trigger example is minimal by construction: nothing to shrink
                 result.failure = verdict
                 return
@@ -214,7 +240,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             raise ExamplesSpent()  # what is said is what is run, whatever the database replays
         else:
             result.examples += 1
-        verdict = judged(scenario, "search")
+        verdict = judged(scenario, "search", "shrinking" if smallest else "generated")
         for v in verdict.violations:
             event(v.invariant)
         # steer toward failures: runs that drift further from the reference are more interesting
@@ -315,5 +341,5 @@ def check_technique(technique: Technique | type[Technique], devices: str | Itera
     return results
 
 
-__all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "IsolationFailure", "reference_trace",
-           "search_line", "seed_text", "failure_message"]
+__all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "JudgedExample", "IsolationFailure",
+           "reference_trace", "search_line", "seed_text", "failure_message"]
