@@ -21,7 +21,7 @@ from .tree import targets_for
 from .profiles import example_timeout
 from .sandbox import Sandbox, watch_user_interrupts
 from .sandbox import mode as sandbox_mode
-from .scenario import Scenario, ScenarioError
+from .scenario import Scenario
 from .technique import Capability, Technique
 
 #: ``iso.check(technique, scenario, device)``: judge one scenario (see :func:`isolation_suite.judge.judge`)
@@ -63,8 +63,8 @@ class JudgedExample:
     """One example a search judged, for the reports' timeline."""
 
     phase: str  # "trigger", "generated" (Hypothesis's generation, database replays included) or "shrinking"
-    outcome: str  # "held", "violated", or "invalid" (the scenario's model does not run: not judged)
-    divergence: float  # the verdict's divergence from the reference (0 when invalid)
+    outcome: str  # "held" or "violated"
+    divergence: float  # the verdict's divergence from the reference
 
 
 @dataclass
@@ -95,6 +95,7 @@ class SearchResult:
     parity_not_judged: str = ""  # why device-parity was not judged on this device ("" when it was)
     history: list[JudgedExample] = field(default_factory=list)  # the first HISTORY_CAP judged examples, in order
     history_omitted: int = 0  # judged examples past HISTORY_CAP
+    invalid_draws: int = 0  # draws Hypothesis rejected before they became a scenario (never judged)
 
     def note_example(self, example: JudgedExample) -> None:
         if len(self.history) < HISTORY_CAP:
@@ -201,11 +202,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             raise BudgetSpent()
 
     def judged(scenario: Scenario, found_by: str, phase: str) -> Verdict:
-        try:
-            verdict = judge(technique, scenario, device, sandbox=sandbox)
-        except ScenarioError:
-            result.note_example(JudgedExample(phase, "invalid", 0.0))
-            raise
+        verdict = judge(technique, scenario, device, sandbox=sandbox)
         result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
         for v in verdict.violations:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
@@ -260,6 +257,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
 
     def note(stats) -> None:
         result.statistics = describe_statistics(stats)
+        result.invalid_draws = invalid_draws(stats)
     try:
         with collector.with_value(note):
             probe()
@@ -272,6 +270,16 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         result.failure = hang.verdict
     except ExamplesSpent:
         pass
+
+
+def invalid_draws(stats: dict) -> int:
+    """How many of a search's draws Hypothesis rejected as invalid (overran its data, say) before they
+    became a scenario, from its statistics (0 where their format is not the expected one)."""
+    try:
+        return sum(case.get("status") in ("invalid", "overrun") for key, phase in stats.items()
+                   if key.endswith("-phase") for case in phase.get("test-cases", ()))
+    except (AttributeError, TypeError):
+        return 0
 
 
 def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = (),

@@ -58,19 +58,21 @@ def steps_data(points: Iterable) -> dict[str, list]:
 
 
 _PHASE_CODE = {"trigger": "t", "generated": "g", "shrinking": "s"}
-_OUTCOME_CODE = {"held": ".", "violated": "x", "invalid": "?"}
+_OUTCOME_CODE = {"held": ".", "violated": "x"}
 _PHASE_NAME = {v: k for k, v in _PHASE_CODE.items()}
 _OUTCOME_NAME = {v: k for k, v in _OUTCOME_CODE.items()}
 
 
-def history_data(history: Iterable, omitted: int = 0) -> dict[str, Any]:
+def history_data(history: Iterable, omitted: int = 0, invalid: int = 0) -> dict[str, Any]:
     """A search's judged examples (``check.JudgedExample``) compactly: one character per example for
     its phase (``t`` trigger, ``g`` generated, ``s`` shrinking) and its outcome (``.`` held,
-    ``x`` violated, ``?`` invalid), their divergences, and how many were not kept."""
+    ``x`` violated), their divergences, how many were judged but not kept (``omitted``), and how
+    many draws Hypothesis rejected before judging (``invalid``)."""
     history = list(history)
     return {"phases": "".join(_PHASE_CODE[e.phase] for e in history),
             "outcomes": "".join(_OUTCOME_CODE[e.outcome] for e in history),
-            "divergence": [encode_number(e.divergence, 3) for e in history], "omitted": omitted}
+            "divergence": [encode_number(e.divergence, 3) for e in history], "omitted": omitted,
+            "invalid": invalid}
 
 
 def outline(tree, intent, cap: int = MAX_TREE_ROWS) -> dict[str, Any]:
@@ -352,7 +354,8 @@ _PHASE_FILL = {"t": "#fff4d6", "g": "#ffffff", "s": "#eeeeee"}
 
 def timeline_svg(history: dict[str, Any] | None, title: str = "") -> str:
     """Every judged example of one search in order (x), its divergence on a log scale (y), held
-    (green dot), violated (red cross) or invalid (grey square), over bands for the phases."""
+    (green dot) or violated (red cross), over bands for the phases; the draws Hypothesis rejected
+    before judging (invalid: they have no place in the order) are counted beside the legend."""
     if not isinstance(history, dict):
         return ""
     phases, outcomes = history.get("phases"), history.get("outcomes")
@@ -395,20 +398,16 @@ def timeline_svg(history: dict[str, Any] | None, title: str = "") -> str:
         if what == "violated":
             body.append(f'<path class="violated" d="M{x - 3:.1f},{py - 3:.1f} l6,6 m0,-6 l-6,6" stroke="#d62728" '
                         f'stroke-width="2">{tip}</path>')
-        elif what == "invalid":
-            body.append(f'<rect class="invalid" x="{x - 2.5:.1f}" y="{py - 2.5:.1f}" width="5" height="5" '
-                        f'fill="#999">{tip}</rect>')
         else:
             body.append(f'<circle class="held" cx="{x:.1f}" cy="{py:.1f}" r="2.2" fill="#2ca02c">{tip}</circle>')
     body.append(_text(left + 0.5 * step, top + ph + 14, "1", "middle"))
     if n > 1:  # a single example's own number sits where the axis title would
         body.append(_text(left + (n - 0.5) * step, top + ph + 14, str(n), "middle"))
         body.append(_text(left + pw / 2, top + ph + 14, "example", "middle", ' fill="#666"'))
-    omitted = history.get("omitted") if isinstance(history.get("omitted"), int) else 0
+    omitted, invalid = (history.get(k) if isinstance(history.get(k), int) else None for k in ("omitted", "invalid"))
     ly = top + ph + 32
     legend = [('<circle cx="{x}" cy="{y}" r="3" fill="#2ca02c"/>', "held"),
               ('<path d="M{x0},{y0} l6,6 m0,-6 l-6,6" stroke="#d62728" stroke-width="2"/>', "violated"),
-              ('<rect x="{x0}" y="{y0}" width="6" height="6" fill="#999"/>', "invalid"),
               ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#fff4d6" stroke="#ccc"/>', "trigger examples"),
               ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#ffffff" stroke="#ccc"/>', "generated"),
               ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#eeeeee" stroke="#ccc"/>', "shrinking")]
@@ -417,7 +416,8 @@ def timeline_svg(history: dict[str, Any] | None, title: str = "") -> str:
         body.append(shape.format(x=lx + 3, y=ly - 4, x0=lx, y0=ly - 8))
         body.append(_text(lx + 14, ly, label))
         lx += 14 + 6.2 * len(label) + 14
-    note = "y: divergence (log)" + (f"; {omitted} later examples not drawn" if omitted else "")
-    body.append(_text(lx, ly, note, extra=' fill="#666"'))
+    note = "; ".join(["y: divergence (log)"] + ([f"{omitted} later examples not drawn"] if omitted else [])
+                     + ([f"{invalid} invalid draw{'s' * (invalid != 1)} (not judged)"] if invalid is not None else []))
+    body.append(_text(lx, ly, note, extra=' fill="#666" class="invalid"'))
     width = max(left + pw + 64, lx + 6.2 * len(note) + 8)
     return _svg(width, ly + 8, "examples judged by the search", body, "timeline")

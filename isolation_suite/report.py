@@ -116,7 +116,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
-        "history": plots.history_data(result.history, result.history_omitted),
+        "history": plots.history_data(result.history, result.history_omitted, result.invalid_draws),
     }
     if result.failure is not None:
         data["violations"] = [{"invariant": v.invariant, "message": v.message} for v in result.failure.violations]

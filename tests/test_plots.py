@@ -188,14 +188,12 @@ def test_every_string_is_escaped():
 
 def test_timeline_marks_each_example_by_outcome_over_phase_bands():
     examples = [JudgedExample("trigger", "held", 0.0), JudgedExample("trigger", "held", 0.2),
-                JudgedExample("generated", "held", 0.5), JudgedExample("generated", "invalid", 0.0),
-                JudgedExample("generated", "violated", 50.0), JudgedExample("shrinking", "violated", 1e9),
-                JudgedExample("shrinking", "held", 0.0)]
-    data = plots.history_data(examples, omitted=4)
-    assert data["phases"] == "ttgggss" and data["outcomes"] == "...?xx."
+                JudgedExample("generated", "held", 0.5), JudgedExample("generated", "violated", 50.0),
+                JudgedExample("shrinking", "violated", 1e9), JudgedExample("shrinking", "held", 0.0)]
+    data = plots.history_data(examples, omitted=4, invalid=2)
+    assert data["phases"] == "ttggss" and data["outcomes"] == "...xx."
     root = parse(plots.timeline_svg(json.loads(json.dumps(data, allow_nan=False))))
-    assert len(find(root, "circle", "held")) == 4
-    assert len(find(root, "path", "violated")) == 2 and len(find(root, "rect", "invalid")) == 1
+    assert len(find(root, "circle", "held")) == 4 and len(find(root, "path", "violated")) == 2
     assert [b.attrib["class"] for b in find(root, "rect", "phase")] == ["phase trigger", "phase generated",
                                                                          "phase shrinking"]
     xs = [float(c.attrib["cx"]) for c in find(root, "circle", "held")]
@@ -203,7 +201,7 @@ def test_timeline_marks_each_example_by_outcome_over_phase_bands():
     violated_y = [float(re.match(r"M[-0-9.]+,([-0-9.]+)", p.attrib["d"]).group(1)) for p in
                   find(root, "path", "violated")]
     assert violated_y[1] < violated_y[0]  # 1e9 higher than 50
-    assert "y: divergence (log); 4 later examples not drawn" in texts(root)
+    assert "y: divergence (log); 4 later examples not drawn; 2 invalid draws (not judged)" in texts(root)
 
 
 @pytest.mark.parametrize("data", [None, {}, {"phases": "", "outcomes": ""}, {"phases": 3, "outcomes": "."}])
@@ -214,6 +212,7 @@ def test_no_timeline_without_examples(data):
 def test_a_timeline_of_one_example():
     root = parse(plots.timeline_svg({"phases": "t", "outcomes": "x", "divergence": ["inf"]}))
     assert len(find(root, "path", "violated")) == 1 and "1" in texts(root)
+    assert "y: divergence (log)" in texts(root)  # no invalid count claimed where none was recorded
 
 
 # --- the data behind them: judging and the search ----------------------------------------------
@@ -270,6 +269,15 @@ def test_a_search_keeps_every_judged_example_in_order_up_to_a_cap(monkeypatch):
     capped = search(iso.catalog()["freeze_and_eval"], max_examples=4)
     assert len(capped.history) == 3 and capped.history_omitted == capped.judged - 3
     assert HISTORY_CAP >= 100
+
+
+def test_invalid_draws_are_counted_from_hypothesis_statistics():
+    from isolation_suite.check import invalid_draws
+    stats = {"generate-phase": {"test-cases": [{"status": "valid"}, {"status": "overrun"}, {"status": "invalid"}]},
+             "shrink-phase": {"test-cases": [{"status": "interesting"}, {"status": "invalid"}]}, "nodeid": "x"}
+    assert invalid_draws(stats) == 3
+    assert invalid_draws({"generate-phase": {"test-cases": [{"status": "valid"}]}}) == 0
+    assert invalid_draws({"generate-phase": None}) == 0  # another format: nothing claimed
 
 
 def test_a_record_keeps_the_picture_data_and_an_older_record_still_renders():
