@@ -58,6 +58,19 @@ class IsolationFailure(AssertionError):
         self.verdict = verdict
 
 
+#: how many judged examples a search keeps in ``SearchResult.history`` (the first ones; the rest are counted)
+HISTORY_CAP = 500
+
+
+@dataclass(frozen=True)
+class JudgedExample:
+    """One example a search judged, for the reports' timeline."""
+
+    phase: str  # "trigger", "generated" (Hypothesis's generation, database replays included) or "shrinking"
+    outcome: str  # "held" or "violated"
+    divergence: float  # the verdict's divergence from the reference
+
+
 @dataclass
 class SearchResult:
     """What one search did and found. The three example counts are apart: ``explicit`` trigger
@@ -89,6 +102,15 @@ class SearchResult:
     # and why it was lost ("" while it answered); empty without a shared database
     database_ops: dict[str, dict] = field(default_factory=dict)
     database_warning: str = ""
+    history: list[JudgedExample] = field(default_factory=list)  # the first HISTORY_CAP judged examples, in order
+    history_omitted: int = 0  # judged examples past HISTORY_CAP
+    invalid_draws: int = 0  # draws Hypothesis rejected before they became a scenario (never judged)
+
+    def note_example(self, example: JudgedExample) -> None:
+        if len(self.history) < HISTORY_CAP:
+            self.history.append(example)
+        else:
+            self.history_omitted += 1
 
     @property
     def ok(self) -> bool:
@@ -206,8 +228,9 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         if deadline is not None and time.monotonic() >= deadline:
             raise BudgetSpent()
 
-    def judged(scenario: Scenario, found_by: str) -> Verdict:
+    def judged(scenario: Scenario, found_by: str, phase: str) -> Verdict:
         verdict = judge(technique, scenario, device, sandbox=sandbox)
+        result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
         for v in verdict.violations:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
         if not verdict.ok and result.first_failure_at is None:
@@ -221,7 +244,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         for scenario in examples:
             spent()
             result.explicit += 1
-            verdict = judged(scenario, "explicit")
+            verdict = judged(scenario, "explicit", "trigger")
             if not verdict.ok:  # a trigger example is minimal by construction: nothing to shrink
                 result.failure = verdict
                 return
@@ -241,7 +264,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             raise ExamplesSpent()  # what is said is what is run, whatever the database replays
         else:
             result.examples += 1
-        verdict = judged(scenario, "search")
+        verdict = judged(scenario, "search", "shrinking" if smallest else "generated")
         for v in verdict.violations:
             event(v.invariant)
         # steer toward failures: runs that drift further from the reference are more interesting
@@ -268,6 +291,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
 
     def note(stats) -> None:
         result.statistics = describe_statistics(stats)
+        result.invalid_draws = invalid_draws(stats)
     try:
         with collector.with_value(note):
             probe()
@@ -280,6 +304,16 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         result.failure = hang.verdict
     except ExamplesSpent:
         pass
+
+
+def invalid_draws(stats: dict) -> int:
+    """How many of a search's draws Hypothesis rejected as invalid (overran its data, say) before they
+    became a scenario, from its statistics (0 where their format is not the expected one)."""
+    try:
+        return sum(case.get("status") in ("invalid", "overrun") for key, phase in stats.items()
+                   if key.endswith("-phase") for case in phase.get("test-cases", ()))
+    except (AttributeError, TypeError):
+        return 0
 
 
 def failure_message(verdict: Verdict, capabilities: Iterable[Capability] = (),
@@ -366,5 +400,5 @@ def modes_for(modes: str | Iterable[str] | None, devices: Iterable[str]) -> tupl
     return modes_mod.parse_modes(text, types)
 
 
-__all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "IsolationFailure", "reference_trace",
-           "search_line", "seed_text", "failure_message"]
+__all__ = ["Verdict", "check", "check_technique", "search", "SearchResult", "JudgedExample", "IsolationFailure",
+           "reference_trace", "search_line", "seed_text", "failure_message"]

@@ -413,18 +413,47 @@ def divergence(ctx: Context) -> float:
 
     Not an invariant: the search maximises it with ``hypothesis.target`` so near-misses
     (a clipping factor slightly off, a drift just under tolerance) grow into violations.
+    :func:`divergence_by_step` gives it step by step.
     """
+    gap, _ = _gaps(ctx)
+    return float(gap.max()) if gap is not None and gap.numel() else 0.0
+
+
+def divergence_by_step(ctx: Context) -> list[float]:
+    """:func:`divergence` of each training step alone (its losses, input gradients and trainable
+    parameters after it), one value per step both runs recorded; empty for a crashed run.
+
+    Its running maximum at the last step is the whole run's :func:`divergence`: the reports plot
+    this, the search steers by that.
+    """
+    gap, entries = _gaps(ctx)
+    if gap is None:
+        return []
+    sizes = [0] * min(len(ctx.technique.steps), len(ctx.reference.steps))
+    for step, _, _, a, _ in entries:  # the entries come step by step: each step is one stretch of ``gap``
+        sizes[step - 1] += a.numel()
+    zero = gap.new_zeros(())  # a step with nothing compared in it is no distance at all
+    return torch.stack([part.max() if part.numel() else zero for part in gap.split(sizes)]).tolist()
+
+
+def _gaps(ctx: Context) -> tuple[torch.Tensor | None, list]:
+    """Every compared entry's gap from the reference in tolerance units (a NaN as 1e6), laid end to
+    end, and the entries they come from (``_compared``'s). (None, []) for a crashed run or when
+    nothing lines up."""
     if ctx.technique.crash:
-        return 0.0
-    # another layout somewhere (a dtype or shape the technique changed): the pairs that still line up
-    flat = ctx.flat_against_reference or _flatten(
-        [(a.double(), e.double()) for *_, a, e in ctx.against_reference if a.shape == e.shape])
+        return None, []
+    entries = ctx.against_reference
+    flat = ctx.flat_against_reference
+    if flat is None:  # another layout somewhere (a dtype or shape the technique changed): the pairs that line up
+        entries = [(step, kind, key, a.double(), e.double()) for step, kind, key, a, e in entries
+                   if a.shape == e.shape]
+        flat = _flatten([(a, e) for *_, a, e in entries])
     if flat is None:
-        return 0.0
+        return None, []
     tol = MATCH_TOLERANCE[_dtype(ctx)]
     x, y = flat[0].double(), flat[1].double()
-    gap = (x - y).abs() / (tol["atol"] + tol["rtol"] * y.abs())
-    return float(gap.nan_to_num(1e6).max()) if gap.numel() else 0.0  # a NaN is as far as it gets
+    gap = ((x - y).abs() / (tol["atol"] + tol["rtol"] * y.abs())).nan_to_num(1e6)  # a NaN is as far as it gets
+    return gap, entries
 
 
 NOT_LIKE_REFERENCE = "the technique does not train like the reference"

@@ -17,13 +17,22 @@ import torch
 from . import devices as devices_mod
 from . import modes
 from .invariants import DEVICE_PARITY, MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, PARITY_TOLERANCE, \
-    PARITY_WHAT, Context, Violation, all_close, divergence, evaluate, first_mismatch, mismatch
+    PARITY_WHAT, Context, Violation, all_close, divergence, divergence_by_step, evaluate, first_mismatch, mismatch
 from .models import tree_of
 from .reference import Reference
 from .runner import Trace, run
 from .sandbox import DEFAULT_TIMEOUT, Sandbox
 from .scenario import Scenario, ScenarioError
 from .technique import Technique
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """One training step of a judged scenario, for the reports' plots."""
+
+    loss: float | None  # the technique's loss (summed over micro-batches); None: its run recorded none
+    reference_loss: float | None
+    divergence: float | None  # ``divergence_by_step``: this step's distance in tolerance units; None: not judged
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,9 @@ class Verdict:
     device: str
     violations: tuple[Violation, ...] = ()
     divergence: float = 0.0  # distance from the reference in tolerance units (steers the search)
+    #: per step of a verdict with violations: both losses and the divergence (its maximum is ``divergence``);
+    #: empty for a verdict without (nothing to show)
+    steps: tuple[StepPoint, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -111,8 +123,30 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
         and not tree_of(scenario).device_random else None
     ctx = Context(scenario, trace, reference, other)
     violations = [_confirmed(v, ctx, sandbox, device) for v in evaluate(ctx)]
-    return Verdict(technique.name, scenario, device, tuple(v for v in violations if v is not None),
-                   divergence(ctx))
+    violations = tuple(v for v in violations if v is not None)
+    # the step-by-step view is for reports of counterexamples: an example that holds does not pay for it
+    steps = step_points(trace, reference, divergence_by_step(ctx)) if violations else ()
+    return Verdict(technique.name, scenario, device, violations, divergence(ctx), steps)
+
+
+def step_losses(trace: Trace) -> list[float | None]:
+    """Each recorded step's loss, summed over its micro-batches (each is already divided by their count)."""
+    sums = [torch.stack([x.detach().double().sum() for x in s.losses]).sum() if s.losses else None
+            for s in trace.steps]
+    known = [x for x in sums if x is not None]
+    values = iter(torch.stack(known).cpu().tolist() if known else [])  # one device sync, not one per step
+    return [None if x is None else next(values) for x in sums]
+
+
+def step_points(trace: Trace, reference: Trace, by_step: list[float]) -> tuple[StepPoint, ...]:
+    """Per step of the reference's run: the technique's loss (None past its crash), the reference's,
+    and that step's divergence (``by_step``, None where it was not judged)."""
+    mine, theirs = step_losses(trace), step_losses(reference)
+    steps = max(len(mine), len(theirs))
+
+    def at(values: list, i: int):
+        return values[i] if i < len(values) else None
+    return tuple(StepPoint(at(mine, i), at(theirs, i), at(by_step, i)) for i in range(steps))
 
 
 def _reference(scenario: Scenario, device: str) -> Trace:
@@ -198,4 +232,5 @@ def _gap(a: torch.Tensor, e: torch.Tensor) -> float:
         if a.numel() else 0.0
 
 
-__all__ = ["Verdict", "judge", "reference_trace", "clear_reference_cache", "as_technique", "confirmed_on_twin"]
+__all__ = ["Verdict", "StepPoint", "step_points", "step_losses",
+           "judge", "reference_trace", "clear_reference_cache", "as_technique", "confirmed_on_twin"]

@@ -16,8 +16,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import plots
 from .check import SearchResult, seed_text
 from .invariants import DEVICE_PARITY, INVARIANTS
+from .models import tree_of
 from .repro import write_repro
 from .scenario import Scenario
 from .technique import Technique
@@ -116,12 +118,15 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
         "violations": [], "scenario": None, "repro": None,
+        "history": plots.history_data(result.history, result.history_omitted, result.invalid_draws),
     }
     if result.database_ops:  # a shared example database was in use
         data["database_ops"], data["database_warning"] = result.database_ops, result.database_warning
     if result.failure is not None:
         data["violations"] = [{"invariant": v.invariant, "message": v.message} for v in result.failure.violations]
         data["scenario"] = result.failure.scenario.to_dict()
+        data["steps"] = plots.steps_data(result.failure.steps)
+        data["model_tree"] = _model_outline(result.failure.scenario)
     if run_dir is not None:
         run_dir = Path(run_dir)
         if result.failure is not None:
@@ -134,6 +139,15 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
                 data["repro_error"] = str(exc)
         _write_record(run_dir, data)
     return data
+
+
+def _model_outline(scenario: Scenario) -> dict[str, Any] | None:
+    """The minimal model's module tree for the report's drawing; None when it cannot be had (a user's
+    factory that no longer imports): the report then goes without the drawing."""
+    try:
+        return plots.outline(tree_of(scenario), scenario.intent)
+    except Exception:  # noqa: BLE001 - a drawing is never worth losing the record
+        return None
 
 
 def _identity(technique: Technique, capabilities: Iterable[str], device: str, mode: str = "eager") -> dict[str, Any]:
@@ -354,10 +368,13 @@ _CSS = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:4px 8px}.held{background:#e6f4ea}.expected{background:#fff4d6}
 .secondary{background:#fdf8ec;color:#777}.violated{background:#f8d7da;font-weight:bold}.na{color:#999}
 .why{font-size:90%}.pass{background:#e6f4ea}.fail{background:#f8d7da;font-weight:bold}
-pre{background:#f6f6f6;padding:8px}"""
+pre{background:#f6f6f6;padding:8px;overflow-x:auto}
+.plots{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start;margin:8px 0}
+.plots svg{border:1px solid #eee;background:#fff}.search{margin:4px 0 12px 0}"""
 
 
-def html_report(summary: dict[str, Any]) -> str:
+def _matrix_rows(summary: dict[str, Any]) -> str:
+    """One table row per technique: status, what was judged, the invariant cells, why."""
     esc = html.escape
     rows = []
     for technique, cells in summary["matrix"].items():
@@ -371,19 +388,55 @@ def html_report(summary: dict[str, Any]) -> str:
         judged = "<br>".join(esc(f"{r['device']}: {_examples_text(r)}") for r in recs)
         rows.append(f'<tr><th>{esc(technique)}</th><td class="{status}">{status}</td><td>{judged}</td>{tds}'
                     f'<td class="why">{why}</td></tr>')
-    details = []
-    for r in summary["results"]:
-        if r.get("error"):
-            details.append(f"<details open><summary>{esc(r['item'])}: {esc(r['outcome'])}, no verdict</summary>"
-                           f"<p>{esc(r['error'])}</p></details>")
-        if r["violations"]:
-            msgs = "".join(f"<li><b>{esc(v['invariant'])}</b>: {esc(v['message'])}</li>" for v in r["violations"])
-            repro = f"<p>repro: <code>python {esc(r['repro'])}</code></p>" if r.get("repro") else ""
-            scenario = esc(json.dumps(r["scenario"], indent=1))
-            details.append(f"<details><summary>{esc(r['item'])}: {esc(r['outcome'])}</summary><ul>{msgs}</ul>"
-                           f"{repro}<pre>{esc(_short_scenario(r['scenario']))}</pre>"
-                           f"<details><summary>scenario JSON</summary><pre>{scenario}</pre></details></details>")
+    return "".join(rows)
+
+
+def _counterexample_plots(r: dict[str, Any]) -> str:
+    """The step-by-step curves and the model drawing of one counterexample (nothing for a record
+    without their data: an older version's, or an error)."""
+    pictures = [plots.curves_svg(r.get("steps")), plots.tree_svg(r.get("model_tree"))]
+    pictures = [p for p in pictures if p]
+    return f'<div class="plots">{"".join(pictures)}</div>' if pictures else ""
+
+
+def _counterexample_html(r: dict[str, Any]) -> str:
+    esc = html.escape
+    out = ""
+    if r.get("error"):
+        out += (f"<details open><summary>{esc(r['item'])}: {esc(r['outcome'])}, no verdict</summary>"
+                f"<p>{esc(r['error'])}</p></details>")
+    if r["violations"]:
+        msgs = "".join(f"<li><b>{esc(v['invariant'])}</b>: {esc(v['message'])}</li>" for v in r["violations"])
+        repro = f"<p>repro: <code>python {esc(r['repro'])}</code></p>" if r.get("repro") else ""
+        scenario = esc(json.dumps(r["scenario"], indent=1))
+        out += (f'<details open class="counterexample"><summary>{esc(r["item"])}: {esc(r["outcome"])}</summary>'
+                f"<ul>{msgs}</ul>{_counterexample_plots(r)}"
+                f"{repro}<pre>{esc(_short_scenario(r['scenario']))}</pre>"
+                f"<details><summary>scenario JSON</summary><pre>{scenario}</pre></details></details>")
+    return out
+
+
+def _searches_html(summary: dict[str, Any]) -> str:
+    """Per technique, a timeline of the examples each of its searches judged."""
+    esc = html.escape
+    parts = []
+    for technique in summary["matrix"]:
+        recs = [(r, plots.timeline_svg(r.get("history"), f"{r['item']}: {_examples_text(r)}"))
+                for r in summary["results"] if r["technique"] == technique]
+        drawn = [f'<div class="search">{svg}</div>' for _, svg in recs if svg]
+        if drawn:
+            parts.append(f"<h3>{esc(technique)}</h3>" + "".join(drawn))
+    return "".join(parts)
+
+
+def html_report(summary: dict[str, Any]) -> str:
+    """One self-contained page: the matrix, each counterexample with its pictures (inline SVG) and a
+    timeline of every search; no script, no external file."""
+    esc = html.escape
+    details = "".join(_counterexample_html(r) for r in summary["results"])
+    searches = _searches_html(summary)
     head = "".join(f"<th>{esc(i)}</th>" for i in INVARIANTS)
+    rows = _matrix_rows(summary)
     meta = summary["meta"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>isolation-suite {esc(summary['run_id'])}</title>
 <style>{_CSS}</style></head>
@@ -391,6 +444,7 @@ def html_report(summary: dict[str, Any]) -> str:
 {''.join(f"<p>{esc(line)}</p>" for line in _unfinished_lines(summary))}
 <p>{esc(_run_line(meta))}</p>
 <p>{esc(_LEGEND)}</p>
-<table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{''.join(rows)}</table>
-<h2>Counterexamples</h2>{''.join(details) or '<p>none</p>'}</body></html>
+<table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{rows}</table>
+<h2>Counterexamples</h2>{details or '<p>none</p>'}
+<h2>Searches</h2>{searches or '<p>no search recorded its examples</p>'}</body></html>
 """

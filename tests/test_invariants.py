@@ -347,6 +347,44 @@ def test_divergence_of_a_nan_is_as_far_as_it_gets_and_a_crash_is_zero():
     assert divergence(Context(s, technique, reference)) == 0.0
 
 
+def _whole_trace_divergence(ctx: Context) -> float:
+    """The search's divergence over the whole trace, written out here from its definition: the largest
+    gap over every compared entry, in tolerance units (a NaN counts as 1e6)."""
+    tol = MATCH_TOLERANCE[torch.float64 if ctx.scenario.dtype == "float64" else torch.float32]
+    gaps = [((a.double() - e.double()).abs() / (tol["atol"] + tol["rtol"] * e.double().abs())).nan_to_num(1e6)
+            for *_, a, e in ctx.against_reference if a.shape == e.shape]
+    return max((float(g.max()) for g in gaps if g.numel()), default=0.0)
+
+
+@pytest.mark.parametrize("name", ["module", "module32", "pass", "elements"])
+def test_divergence_by_step_places_a_gap_at_its_step_and_peaks_at_the_whole_trace_value(name):
+    from isolation_suite.invariants import divergence, divergence_by_step
+    s, technique, reference = good(name)
+    ctx = Context(s, technique, reference)
+    assert divergence_by_step(ctx) == [0.0, 0.0] and divergence(ctx) == 0.0
+    path = next(p for p in ctx.trainable if p.endswith("bias"))
+    technique.steps[1].params[path][0] += 1e-2  # only the second step drifts
+    ctx = Context(s, technique, reference)
+    by_step = divergence_by_step(ctx)
+    assert by_step[0] == 0.0 and by_step[1] > 1
+    running = [max(by_step[:i + 1]) for i in range(len(by_step))]
+    assert running[-1] == divergence(ctx) == pytest.approx(_whole_trace_divergence(ctx), rel=1e-12)
+
+
+def test_divergence_by_step_with_a_changed_layout_and_a_nan_loss():
+    from isolation_suite.invariants import divergence, divergence_by_step
+    s, technique, reference = good("module")
+    technique.steps[0].params["fc.weight"] = technique.steps[0].params["fc.weight"].reshape(-1)  # another shape
+    technique.steps[0].losses[0] = torch.tensor(float("nan"), dtype=torch.float64)
+    ctx = Context(s, technique, reference)
+    assert ctx.flat_against_reference is None  # the pairs that still line up are compared
+    by_step = divergence_by_step(ctx)
+    assert by_step[0] >= 1e6 and by_step[1] == 0.0
+    assert max(by_step) == divergence(ctx) == _whole_trace_divergence(ctx)
+    technique.crash = Crash(2, "forward", "RuntimeError: boom", "")
+    assert divergence_by_step(Context(s, technique, reference)) == []
+
+
 # --- no-crash --------------------------------------------------------------------------------
 
 def test_no_crash_fires_on_a_crash():

@@ -62,6 +62,10 @@ def test_two_shards_and_merge_give_what_one_run_gives(tmp_path):
     whole, combined = _summary(tmp_path / "whole"), _summary(tmp_path / "merged")
     assert combined["ok"] and combined["complete"] and combined["meta"]["shards"] == ["1/2", "2/2"]
     assert _verdicts(combined) == _verdicts(whole)
+    # the merged report draws what the shards recorded: a timeline per search, curves per counterexample
+    page = (tmp_path / "merged" / (tmp_path / "merged" / "LATEST").read_text().strip() / "report.html").read_text()
+    assert page.count('class="timeline"') == 5
+    assert page.count('class="curves"') == sum(bool(r["violations"]) for r in combined["results"]) > 0
     shards = [_summary(tmp_path / f"shard{i}") for i in (1, 2)]
     assert sorted(len(s["results"]) for s in shards) == [2, 3]
     # a missing shard: the merged report says which, and does not pass
