@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -392,10 +393,15 @@ def check_technique(technique: Technique | type[Technique], devices: str | Itera
     return results
 
 
+MODES_ENV = "ISOLATION_MODES"
+
+
 def modes_for(modes: str | Iterable[str] | None, devices: Iterable[str]) -> tuple[str, ...]:
-    """The execution modes to judge: ``modes`` (names or ``"a,b"``; None or ``"all"``: every mode
-    all of ``devices`` run). ValueError names an unknown one."""
+    """The execution modes to judge: ``modes`` (names or ``"a,b"``; ``"all"``: every mode all of
+    ``devices`` run; None: ``$ISOLATION_MODES``, else all). ValueError names an unknown one."""
     types = tuple(dict.fromkeys(str(d).split(":")[0] for d in devices)) or ("cpu",)
+    if modes is None:
+        modes = os.environ.get(MODES_ENV) or None
     text = modes if modes is None or isinstance(modes, str) else ",".join(modes)
     return modes_mod.parse_modes(text, types)
 

@@ -64,8 +64,8 @@ def _workers(text: str) -> str:
     raise argparse.ArgumentTypeError(f"--workers takes a positive integer or 'auto', got {text!r}")
 
 
-MODES_HELP = ("execution modes, a comma list of eager, checkpoint, compile, autocast, or all (default: every "
-              "mode the devices run)")
+MODES_HELP = ("execution modes, a comma list of eager, checkpoint, compile, autocast, or all (default: "
+              "$ISOLATION_MODES, else all: every mode the devices run)")
 
 
 def _modes(text: str, devices) -> tuple[str, ...]:
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, metavar="PKG.MOD:FACTORY",
                    help="judge on your own model: a zero-argument factory returning (model, example_inputs[, loss])")
     c.add_argument("--devices", default="cpu", help="cpu, cuda, cuda:N, auto, or a comma list (default cpu)")
-    c.add_argument("--modes", default="all", help=MODES_HELP)
+    c.add_argument("--modes", default=None, help=MODES_HELP)
     c.add_argument("--max-examples", type=_positive(int), default=None)
     c.add_argument("--budget", type=_positive(float), default=None, help="seconds per capability x device")
     c.add_argument("--report-dir", default=None, help="also write a report (and repro scripts) here")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--budget", type=_positive(float), default=120.0, help="total seconds (default 120)")
     f.add_argument("--max-examples", type=_positive(int), default=None, help="cap per technique x device")
     f.add_argument("--devices", default="auto")
-    f.add_argument("--modes", default="all", help=MODES_HELP)
+    f.add_argument("--modes", default=None, help=MODES_HELP)
     f.add_argument("--workers", type=_workers, default="auto", help="xdist workers: N or auto (default)")
     f.add_argument("--report-dir", default="reports", help="runs go to DIR/<run-id>/ (default reports)")
     f.add_argument("--techniques", default=None, help="comma list of catalog names or specs (default: all)")

@@ -247,12 +247,33 @@ def write_summary(run_dir: Path, meta: dict[str, Any], complete: bool = False, p
         "items": progress,
         "ok": complete and all(r["passed"] for r in records),
         "examples_per_technique": _examples(records),
-        "results": records, "matrix": matrix(records),
+        "results": records, "matrix": matrix(records), "modes": mode_matrix(records),
     }
     _atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
     _atomic_write(run_dir / "summary.md", markdown(summary))
     _atomic_write(run_dir / "report.html", html_report(summary))
     return summary
+
+
+#: how one outcome outweighs another when several items of a technique share a mode
+_OUTCOME_RANK = {"violated": 6, "error": 5, "not-run": 5, "missed": 4, "caught": 3, "held": 2, "n/a": 1}
+
+
+def mode_matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """technique -> execution mode -> the outcome of its items in that mode (the worst of them:
+    ``violated`` over ``missed`` over ``caught`` over ``held``), with the first invariant when caught
+    or violated (``caught: trainable-trains``). Records written before modes existed are eager."""
+    out: dict[str, dict[str, str]] = {}
+    for rec in records:
+        mode = rec.get("mode", "eager")
+        outcome = rec["outcome"]
+        text = f"{outcome}: {rec['violations'][0]['invariant']}" if rec.get("violations") \
+            and outcome in ("caught", "violated") else outcome
+        row = out.setdefault(rec["technique"], {})
+        current = row.get(mode)
+        if current is None or _OUTCOME_RANK.get(outcome, 0) > _OUTCOME_RANK.get(current.split(":")[0], 0):
+            row[mode] = text
+    return out
 
 
 def _examples(records):
@@ -341,13 +362,20 @@ def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = [f"# isolation-suite run {summary['run_id']}", "",
              f"status: **{_status_line(summary)}**", *_unfinished_lines(summary), _run_line(meta), "", _LEGEND, "",
-             "| technique | device | expected | outcome | examples judged | " + " | ".join(INVARIANTS) + " | why |",
-             "|" + "---|" * (6 + len(INVARIANTS))]
+             "| technique | device | mode | expected | outcome | examples judged | " + " | ".join(INVARIANTS)
+             + " | why |", "|" + "---|" * (7 + len(INVARIANTS))]
     for r in summary["results"]:
         cells = [_MARK[cell["verdict"]] for cell in _row_cells(r).values()]
-        lines.append(f"| {r['technique']} | {r['device']} | {', '.join(r['expected']) or 'sound'} | "
+        lines.append(f"| {r['technique']} | {r['device']} | {r.get('mode', 'eager')} | "
+                     f"{', '.join(r['expected']) or 'sound'} | "
                      f"{r['outcome']} | {_examples_text(r)} | " + " | ".join(cells)
                      + f" | {r.get('reason', '')} |")
+    modes = _modes_in(summary)
+    if modes != ["eager"]:
+        lines += ["", "## Verdicts per mode", "", "| technique | " + " | ".join(modes) + " |",
+                  "|" + "---|" * (1 + len(modes))]
+        for technique, row in summary.get("modes", {}).items():
+            lines.append(f"| {technique} | " + " | ".join(row.get(m, "-") for m in modes) + " |")
     lines += ["", "## Counterexamples", ""]
     for r in summary["results"]:
         if r.get("error"):
@@ -429,6 +457,29 @@ def _searches_html(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _modes_in(summary: dict[str, Any]) -> list[str]:
+    """The execution modes the run's records cover, in ``modes.MODE_INFOS`` order."""
+    from .modes import MODE_INFOS
+    seen = {m for row in summary.get("modes", {}).values() for m in row}
+    return [m.kind for m in MODE_INFOS if m.kind in seen] + sorted(seen - {m.kind for m in MODE_INFOS})
+
+
+def _modes_html(summary: dict[str, Any]) -> str:
+    """The per-mode table (technique x execution mode -> outcome); empty for an eager-only run."""
+    esc = html.escape
+    modes = _modes_in(summary)
+    if modes == ["eager"] or not modes:
+        return ""
+    css = {"held": "held", "caught": "expected", "n/a": "na"}
+    rows = "".join(
+        f"<tr><td>{esc(technique)}</td>" + "".join(
+            f"<td class='{css.get(row.get(m, '-').split(':')[0], 'violated' if m in row else 'na')}'>"
+            f"{esc(row.get(m, '-'))}</td>" for m in modes) + "</tr>"
+        for technique, row in summary.get("modes", {}).items())
+    head = "".join(f"<th>{esc(m)}</th>" for m in modes)
+    return f"<h2>Verdicts per mode</h2><table><tr><th>technique</th>{head}</tr>{rows}</table>"
+
+
 def html_report(summary: dict[str, Any]) -> str:
     """One self-contained page: the matrix, each counterexample with its pictures (inline SVG) and a
     timeline of every search; no script, no external file."""
@@ -445,6 +496,7 @@ def html_report(summary: dict[str, Any]) -> str:
 <p>{esc(_run_line(meta))}</p>
 <p>{esc(_LEGEND)}</p>
 <table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{rows}</table>
+{_modes_html(summary)}
 <h2>Counterexamples</h2>{details or '<p>none</p>'}
 <h2>Searches</h2>{searches or '<p>no search recorded its examples</p>'}</body></html>
 """

@@ -47,9 +47,12 @@ def test_the_mode_round_trips_through_json_and_an_old_scenario_is_eager():
     assert "mode=" not in repr(triggers.FROZEN_LINEAR)
 
 
-def test_modes_parse_and_unknown_ones_are_named():
+def test_modes_parse_and_unknown_ones_are_named(monkeypatch):
+    monkeypatch.delenv("ISOLATION_MODES", raising=False)
     assert modes_for(None, ["cpu"]) == ("eager", "checkpoint", "compile", "autocast")
     assert modes_for("all", ["cpu", "cuda:0"]) == modes_for(None, ["cpu"])
+    monkeypatch.setenv("ISOLATION_MODES", "autocast,eager")
+    assert modes_for(None, ["cpu"]) == ("autocast", "eager") and modes_for("all", ["cpu"])[2] == "compile"
     assert modes_for("eager, checkpoint,eager", ["cpu"]) == ("eager", "checkpoint")
     with pytest.raises(ValueError, match=r"unknown mode\(s\) \['jit'\]"):
         modes_for("eager,jit", ["cpu"])
@@ -214,3 +217,65 @@ def test_every_row_gets_its_verdict_in_every_mode(row, mode):
     assert first in expected, failure_message(result.failure)
     assert result.failure.scenario.mode.kind == mode
     assert row.explains(first, result.failure.scenario), failure_message(result.failure)
+
+
+# --- surfaces ------------------------------------------------------------------------------
+
+PLUGIN = '''
+import isolation_suite as iso
+from isolation_suite.techniques.freeze_module import FreezeAndEval
+
+
+class MyFreeze(FreezeAndEval):
+    """A plug-in freeze that says nothing about checkpointing."""
+    name = "mine.freeze"
+    mode_violations = {}
+'''
+
+
+def test_a_plugin_technique_is_checked_per_mode_from_the_cli(tmp_path, monkeypatch, capsys):
+    from isolation_suite.cli import main
+    (tmp_path / "minefreeze.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["check", "minefreeze:MyFreeze", "--modes", "eager,checkpoint", "--max-examples", "3",
+                 "--report-dir", "rep"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "[FREEZE_MODULE on cpu, eager]" in out and "[FREEZE_MODULE on cpu, checkpoint]" in out
+    assert "violates trainable-trains on cpu in checkpoint mode (checkpoint(blk, use_reentrant=True))" in out
+    assert "--modes eager,checkpoint" in out  # the replay line keeps the modes
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["modes"] == {"mine.freeze": {"eager": "held", "checkpoint": "violated: trainable-trains"}}
+    assert "## Verdicts per mode" in (tmp_path / "rep" / "summary.md").read_text()
+    assert "<h2>Verdicts per mode</h2>" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_check_runs_every_mode_by_default(monkeypatch, capsys):
+    from isolation_suite.cli import main
+    monkeypatch.delenv("ISOLATION_MODES", raising=False)
+    assert main(["check", "functional_detach", "--max-examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [m for m in ("eager", "checkpoint", "compile", "autocast")
+            if f"[PASS_THROUGH on cpu, {m}]" in out] == ["eager", "checkpoint", "compile", "autocast"]
+
+
+def test_an_unknown_mode_is_one_line_and_exit_2(capsys):
+    from isolation_suite.cli import main
+    assert main(["check", "freeze_and_eval", "--modes", "eager,jit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--modes: unknown mode(s) ['jit']" in err[0]
+
+
+def test_the_mode_matrix_keeps_the_worst_outcome_per_mode():
+    from isolation_suite.report import mode_matrix
+    records = [
+        {"technique": "t", "outcome": "held", "violations": []},  # written before modes existed: eager
+        {"technique": "t", "mode": "checkpoint", "outcome": "caught",
+         "violations": [{"invariant": "trainable-trains"}]},
+        {"technique": "t", "mode": "checkpoint", "outcome": "held", "violations": []},
+        {"technique": "u", "mode": "compile", "outcome": "held", "violations": []},
+        {"technique": "u", "mode": "compile", "outcome": "violated", "violations": [{"invariant": "no-crash"}]},
+    ]
+    assert mode_matrix(records) == {"t": {"eager": "held", "checkpoint": "caught: trainable-trains"},
+                                    "u": {"compile": "violated: no-crash"}}

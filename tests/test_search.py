@@ -96,8 +96,14 @@ def test_a_seed_wins_over_a_derandomized_profile_and_is_drawn_otherwise(monkeypa
 def test_every_capability_has_trigger_examples_that_use_only_it(capability):
     examples = explicit_examples({capability})
     assert examples
+    if capability is iso.Capability.FREEZE_SCHEDULE:  # frozen modules that change: some examples change them
+        assert any(s.schedule for s in examples)
     for scenario in examples:
         intent = scenario.intent
+        if capability is iso.Capability.FREEZE_SCHEDULE:
+            assert any(i.frozen_modules for i in scenario.intents)
+            assert not (intent.pass_through or intent.frozen_elements or intent.reparameterized)
+            continue
         used = {iso.Capability.FREEZE_MODULE: bool(intent.frozen_modules),
                 iso.Capability.PASS_THROUGH: bool(intent.pass_through),
                 iso.Capability.FREEZE_ELEMENTS: bool(intent.frozen_elements),

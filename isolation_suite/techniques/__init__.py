@@ -81,10 +81,20 @@ STARVED = (
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(FunctionalDetach),
-    CatalogEntry(ToggleRequiresGrad),
+    CatalogEntry(ToggleRequiresGrad, (
+        Condition("state-restored", "a non-reentrant checkpoint's recomputation stops early inside the call "
+                  "(checkpoint's early stop): requires_grad is left False", c.pass_through_recomputed_non_reentrant,
+                  (), ("checkpoint",)),
+        Condition("no-crash", "as above; the next recomputation then differs from its forward (CheckpointError)",
+                  c.pass_through_recomputed_non_reentrant, (t.PASS_CHECKPOINTED,), ("checkpoint",)),
+    )),
     CatalogEntry(NoGradCall, (
         Condition("gradient-flows", "something upstream of the pass-through call needs gradient",
-                  c.upstream_needs_gradient, (t.PASS_UPSTREAM,)),)),
+                  c.upstream_needs_gradient, (t.PASS_UPSTREAM,)),
+        Condition("no-crash", "a reentrant checkpoint's region ends in the no_grad call: its recomputation has no "
+                  "output that requires grad, and backward raises", c.pass_through_in_reentrant_checkpoint,
+                  (t.PASS_REENTRANT,), ("checkpoint",)),
+    )),
     CatalogEntry(RequiresGradFalse, TRAIN_MODE + STARVED),
     CatalogEntry(OptimizerFilter, TRAIN_MODE + STARVED),
     CatalogEntry(FreezeAndEval, STARVED),

@@ -114,3 +114,25 @@ def refreezes_into_a_moving_optimizer(s: Scenario) -> bool:
     recipe = s.optimizer
     moves = recipe.name != "SGD" or recipe.kwargs.get("momentum", 0) or recipe.weight_decay
     return refreezes and not recipe.set_to_none and bool(moves)
+
+
+def _pass_through_in_checkpoint(s: Scenario, reentrant: bool) -> bool:
+    mode = s.mode
+    if mode.kind != "checkpoint" or mode.reentrant != reentrant:
+        return False
+    return any(mode.target == "" or path == mode.target or path.startswith(mode.target + ".")
+               for path, _ in s.intent.pass_through)
+
+
+def pass_through_recomputed_non_reentrant(s: Scenario) -> bool:
+    """A non-reentrant checkpoint recomputes a pass-through call; its recomputation stops as soon as
+    every tensor backward needs exists (``torch.utils.checkpoint``'s early stop raises inside the
+    region), possibly in the middle of the technique's own code."""
+    return _pass_through_in_checkpoint(s, reentrant=False)
+
+
+def pass_through_in_reentrant_checkpoint(s: Scenario) -> bool:
+    """A reentrant checkpoint's region holds a pass-through call: where the region's output comes
+    from it, a ``no_grad`` call leaves the recomputation no output that requires grad, and backward
+    raises ``none of output has requires_grad=True``."""
+    return _pass_through_in_checkpoint(s, reentrant=True)

@@ -23,6 +23,10 @@ class ToggleRequiresGrad(Technique):
     name = "toggle_requires_grad"
     seed = "000"
     capabilities = frozenset({Capability.PASS_THROUGH})
+    # not exception-safe: a non-reentrant checkpoint's recomputation that stops early inside the call
+    # leaves the module with requires_grad=False (state-restored; the next step's recomputation then
+    # differs from its forward: no-crash)
+    mode_violations = {"checkpoint": frozenset({"state-restored", "no-crash"})}
     summary = "requires_grad_(False) around the call, requires_grad_(True) after it"
 
     def call(self, module, args, role):
@@ -39,6 +43,8 @@ class NoGradCall(Technique):
     seed = "000"
     capabilities = frozenset({Capability.PASS_THROUGH})
     expected_violations = frozenset({"gradient-flows"})
+    # a reentrant checkpoint whose region ends in the no_grad call: backward raises
+    mode_violations = {"checkpoint": frozenset({"no-crash"})}
     summary = "with torch.no_grad() around the call: cuts the gradient to the input too"
 
     def call(self, module, args, role):

@@ -109,3 +109,10 @@ REFREEZE_MOMENTUM = dataclasses.replace(
     schedule=(Change(2, ("enc",)),))
 #: a frozen BatchNorm, thawed at step 2
 THAW_BATCHNORM = dataclasses.replace(FROZEN_BATCHNORM, steps=3, schedule=(Change(2, ()),))
+
+
+# --- PASS_THROUGH under a checkpoint -------------------------------------------------------------
+#: the second (last) call of a reused layer passed through, the whole model checkpointed
+PASS_LAST_CALL = scenario([linear("pre"), linear("fc")], ["pre", "fc", "fc"], Intent(pass_through=(("fc", 1),)))
+PASS_CHECKPOINTED = dataclasses.replace(PASS_LAST_CALL, mode=Mode("checkpoint", "", reentrant=False))
+PASS_REENTRANT = dataclasses.replace(PASS_LAST_CALL, mode=Mode("checkpoint", "", reentrant=True))

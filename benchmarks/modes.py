@@ -1,0 +1,73 @@
+"""The cost of a check in each execution mode, relative to eager, on one fixed corpus.
+
+    python -m benchmarks.modes [--per-capability N]
+
+For every capability, ``N`` scenarios of the fixed corpus are moved into each mode (the way the
+search moves its trigger examples: ``techniques.in_mode``) and checked with the capability's sound
+catalog rows, each in its own sandbox as a search keeps it. A check runs the technique and the
+reference (the reference's trace is cached across modes that it does not share: eager serves
+checkpoint and compile), so "per check" is what a search pays per example. Reported per mode: the
+median and the worst check, and the ratio of the mode's total to eager's (compile and ddp are
+expected to cost a lot: the figures are reported, not hidden). One torch thread, as one worker.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from isolation_suite import catalog, check
+from isolation_suite.judge import clear_reference_cache
+from isolation_suite.modes import MODE_INFOS
+from isolation_suite.sandbox import Sandbox
+from isolation_suite.techniques import in_mode
+
+from ._common import corpus, table, timed, write
+
+
+def _sound_rows() -> dict:
+    out: dict = {}
+    for name, technique in catalog().items():
+        if technique.sound:
+            for capability in technique.capabilities:
+                out.setdefault(capability, []).append(name)
+    return out
+
+
+def main(per_capability: int = 8) -> dict:
+    torch.set_num_threads(1)
+    modes = [m.kind for m in MODE_INFOS]
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    failures: dict[str, int] = {m: 0 for m in modes}
+    for capability, names in sorted(_sound_rows().items(), key=lambda kv: kv[0].value):
+        scenarios = corpus(capability, per_capability)
+        for name in names:
+            technique = catalog()[name]
+            with Sandbox(technique) as sandbox:
+                for mode in modes:
+                    clear_reference_cache()
+                    for scenario in scenarios:
+                        moved = in_mode(scenario, mode)
+                        verdict, spent = timed(check, technique, moved, sandbox=sandbox)
+                        seconds[mode].append(spent)
+                        failures[mode] += not verdict.ok
+    eager_total = sum(seconds["eager"])
+    rows, data = [], {}
+    for mode in modes:
+        values = seconds[mode]
+        data[mode] = {"checks": len(values), "median_s": statistics.median(values), "worst_s": max(values),
+                      "total_s": sum(values), "relative_to_eager": sum(values) / eager_total,
+                      "verdicts_with_violations": failures[mode]}
+        rows.append([mode, len(values), f"{1000 * statistics.median(values):.0f}", f"{1000 * max(values):.0f}",
+                     f"{sum(values) / eager_total:.2f}x", failures[mode]])
+    print(table(rows, ["mode", "checks", "median ms/check", "worst ms/check", "total vs eager",
+                       "checks with violations"]))
+    print(f"-> {write('modes', data)}")
+    return data
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-capability", type=int, default=8)
+    main(parser.parse_args().per_capability)
