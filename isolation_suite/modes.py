@@ -147,7 +147,13 @@ def before_training(model: nn.Module, mode: Mode) -> None:
 
 
 class Precision:
-    """The forward's number format and the loss scaling that goes with it (autocast only)."""
+    """The forward's number format and the loss scaling that goes with it (autocast only).
+
+    On CUDA, float16 autocast comes with a ``GradScaler``: the loss is scaled before backward, the
+    optimizer's gradients are unscaled before clipping and before they are recorded, and the input
+    gradient (which no optimizer unscales) is recorded divided by the scale. A step whose loss had no
+    gradient (nothing was scaled) steps the optimizer plainly, as a user's loop would skip the
+    scaler there."""
 
     def __init__(self, mode: Mode, device: str):
         self.device_type = torch.device(device).type
@@ -155,6 +161,10 @@ class Precision:
         dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler(self.device_type) if self.enabled and dtype is torch.float16 else None
+        self.scale: float | None = None  # the scale of this step's backward passes (None: none scaled)
+
+    def start_step(self) -> None:
+        self.scale = None
 
     def forward(self) -> contextlib.AbstractContextManager:
         if not self.enabled:
@@ -162,14 +172,22 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss).backward()
+        self.scale = float(self.scaler.get_scale())
+
+    def input_grad(self, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """An input's gradient as the unscaled loss gives it."""
+        return grad if grad is None or self.scale is None else grad / self.scale
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None:
+        if self.scale is not None:
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is None:
+        if self.scale is None:
             optimizer.step()
         else:
             self.scaler.step(optimizer)

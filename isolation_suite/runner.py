@@ -385,6 +385,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
         flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
         state = _global_state()
         record.requires_grad = dict(flags)
+        precision.start_step()
         at.enter(step, "train")
         model.train()
         at.enter(step, "zero_grad")
@@ -413,7 +414,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
                 at.leave()
             else:
                 record.loss_without_grad = True
-            record.input_grads.append(_input_grad(floats))
+            record.input_grads.append(precision.input_grad(_input_grad(floats)))
         at.enter(step, "clip")
         precision.unscale(optimizer)
         clip_gradients(recipe, list(model.parameters()))

@@ -279,3 +279,39 @@ def test_the_mode_matrix_keeps_the_worst_outcome_per_mode():
     ]
     assert mode_matrix(records) == {"t": {"eager": "held", "checkpoint": "caught: trainable-trains"},
                                     "u": {"compile": "violated: no-crash"}}
+
+
+@pytest.fixture
+def cuda_style_scaling(monkeypatch):
+    """CUDA's autocast path (float16 with a GradScaler), here on the CPU: torch's GradScaler runs there too."""
+    original = modes.Precision.__init__
+
+    def init(self, mode, device):
+        original(self, mode, device)
+        if self.enabled:
+            self.dtype, self.scaler = torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    monkeypatch.setattr(modes.Precision, "__init__", init)
+
+
+def test_loss_scaling_is_undone_before_anything_is_recorded(cuda_style_scaling):
+    """A float64 scenario casts nothing under autocast: with the scaler's 65536 undone, the trace is
+    eager's up to rounding: parameters, their gradients and the input gradient."""
+    from isolation_suite.runner import TechniqueDriver, run
+    scenario = dataclasses.replace(triggers.FROZEN_LINEAR, mode=Mode("autocast"))
+    technique = iso.catalog()["freeze_and_eval"]
+    scaled = run(scenario, TechniqueDriver(technique))
+    plain = run(dataclasses.replace(scenario, mode=Mode()), TechniqueDriver(technique))
+    for a, b in zip(scaled.steps, plain.steps):
+        for g, h in zip(a.input_grads, b.input_grads):
+            torch.testing.assert_close(g, h)
+        for name in b.params:
+            torch.testing.assert_close(a.params[name], b.params[name])
+            torch.testing.assert_close(a.grads[name], b.grads[name])
+
+
+def test_a_step_without_a_scaled_backward_steps_plainly(cuda_style_scaling):
+    """no_grad around the model's only path: the loss has no gradient, nothing is scaled; the verdict
+    is the technique's (gradient-flows), not a GradScaler assertion."""
+    scenario = dataclasses.replace(triggers.PASS_LAST_CALL, mode=Mode("autocast"))
+    verdict = iso.check(iso.catalog()["no_grad_call"], scenario)
+    assert verdict.first.invariant == "gradient-flows", str(verdict)
