@@ -213,7 +213,8 @@ def cmd_check(args) -> int:
                 record(result, technique, time.monotonic() - started, run_dir, spec=args.spec)
                 database_warning(result)
                 fired = set(result.failure.invariants) if result.failure else set()
-                _line(f"{technique.name} [{capability.value} on {device}, {mode}]: {search_line(result)}")
+                where = f"{capability.value} on {device}" + ("" if mode == "eager" else f", {mode}")
+                _line(f"{technique.name} [{where}]: {search_line(result)}")
                 for inv in INVARIANTS if not result.not_applicable else ():
                     if inv == DEVICE_PARITY and not device.startswith("cuda"):
                         state = "n/a (needs cuda)"

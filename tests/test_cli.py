@@ -118,7 +118,7 @@ def test_check_says_what_it_runs_and_how_to_replay_it(plugin_dir, capsys, monkey
     out = capsys.readouterr().out
     assert "profile isolation-dev: 60 examples, no example database, timeout 60s per run; seed 77" in out
     assert "1 trigger example, 4 generated (max 4); seed 77" in out
-    assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --seed 77 "
+    assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --modes eager --seed 77 "
             "--max-examples 4") in out
 
 
@@ -162,7 +162,7 @@ def test_fuzz_writes_a_complete_report(tmp_path):
     assert summary["meta"]["torch"] and summary["examples_per_technique"]["functional_detach"] > 0
     html = (run_dir / "report.html").read_text()
     assert "<table>" in html and "gradient-flows" in html and "caught" in html
-    assert "| no_grad_call | cpu | gradient-flows | caught |" in (run_dir / "summary.md").read_text()
+    assert "| no_grad_call | cpu | eager | gradient-flows | caught |" in (run_dir / "summary.md").read_text()
     assert len(list((run_dir / "repro").glob("*.py"))) == 2
 
 
