@@ -162,17 +162,26 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
     return out
 
 
+def judge_shared(judges: Sequence[tuple[Technique, Sandbox]], scenario: Scenario,
+                 device: str = "cpu") -> tuple[list[Verdict], SharedReference]:
+    """Judge each ``(technique, its sandbox)`` on ``scenario`` against one reference, computed once
+    here (its float64 twin too, when a float32 mismatch needs it): the same verdicts as
+    :func:`~isolation_suite.judge.judge` gives each technique alone."""
+    shared = SharedReference(scenario, device)
+    return [judge(technique, scenario, device, sandbox=sandbox, reference=shared)
+            for technique, sandbox in judges], shared
+
+
 def _judge_all(members: Sequence[_Member], scenario: Scenario, device: str, out: SweepResult,
                found_by: str, started: float) -> list[tuple[_Member, Verdict]]:
     """Judge every active member that fits ``scenario`` against one shared reference."""
     fitting = [m for m in members if m.active and m.fits(scenario)]
     if not fitting:
         return []
-    shared = SharedReference(scenario, device)
-    verdicts = []
-    for m in fitting:
-        verdict = judge(m.technique, scenario, device, sandbox=m.sandbox, reference=shared)
-        out.checks += 1
+    verdicts, shared = judge_shared([(m.technique, m.sandbox) for m in fitting], scenario, device)
+    out.references += 1
+    out.checks += len(fitting)
+    for m, verdict in zip(fitting, verdicts):
         result = m.result
         for v in verdict.violations:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
@@ -185,9 +194,7 @@ def _judge_all(members: Sequence[_Member], scenario: Scenario, device: str, out:
             result.seconds_to_first_failure = time.monotonic() - started
             result.found_by = found_by
             result.failure = verdict  # the smallest seen so far; a generated one is shrunk below
-        verdicts.append((m, verdict))
-    out.references += shared._trace is not None
-    return verdicts
+    return list(zip(fitting, verdicts))
 
 
 def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_settings: settings,
@@ -274,4 +281,4 @@ def _shrink_failures(members: list[_Member], caps: frozenset[Capability], device
                 fits=m.fits if caps != m.caps else None)
 
 
-__all__ = ["sweep", "SweepResult", "intent_capabilities"]
+__all__ = ["sweep", "SweepResult", "judge_shared", "intent_capabilities"]
