@@ -9,6 +9,7 @@ from .check import IsolationFailure, SearchResult, Verdict, check, check_techniq
 from .invariants import INVARIANTS, Violation
 from .loading import TechniqueLoadError, load_technique
 from .sandbox import SandboxError
+from .sweep import SweepResult, sweep
 from .scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, ScenarioError
 from .technique import Capability, Role, Technique
 from .techniques import CATALOG, catalog
@@ -16,7 +17,7 @@ from .techniques import CATALOG, catalog
 __all__ = [
     "Architecture", "Data", "Intent", "Layer", "Op", "OptimizerRecipe", "Scenario", "ScenarioError", "SandboxError",
     "Capability", "Role", "Technique", "Verdict", "Violation", "INVARIANTS",
-    "check", "check_technique", "search", "SearchResult", "IsolationFailure",
+    "check", "check_technique", "search", "SearchResult", "IsolationFailure", "sweep", "SweepResult",
     "catalog", "CATALOG", "load_technique", "TechniqueLoadError", "profiles",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import mmap
+import operator
 import os
 import pickle
 import select
@@ -103,6 +104,8 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
            for name, value in before["flags"].items() if after["flags"][name] != value]
     for name, attrs in before["namespaces"].items():
         now = after["namespaces"][name]
+        if _unchanged(attrs, now):
+            continue
         for attr, value in attrs.items():
             if attr not in now:
                 out.append(f"{name}.{attr} was deleted")
@@ -111,6 +114,12 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         if name in _CLOSED:
             out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs)
     return out
+
+
+def _unchanged(attrs: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The same names in the same order, each bound to the same object (the common case, checked at
+    C speed; anything else is compared name by name)."""
+    return len(attrs) == len(now) and all(map(operator.is_, attrs.values(), now.values())) and list(attrs) == list(now)
 
 
 def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -375,18 +384,22 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True))
             return
         _send(replies, ("ready", None, False))
+        before = snapshot()
         while True:
             request = _receive(requests)
             if request is _EOF:
                 break
             scenario, device = request
-            before = snapshot()
             try:
                 trace = run(scenario, _driver(technique), device, progress=progress)
             except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
                 _send(replies, ("error", f"{type(exc).__name__}: {exc}", True))
                 break
-            leaks = changes(before, snapshot())
+            # the state after this run is the state before the next: only reading the next request
+            # (the harness's own code) happens in between, so one snapshot serves both
+            after = snapshot()
+            leaks = changes(before, after)
+            before = after
             trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
             _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks)))
             if leaks:
@@ -418,7 +431,8 @@ def run_in_process(technique: Technique, scenario, device: str, timeout: float |
             signal.signal(signal.SIGALRM, previous)
         after = snapshot()
         leaks = changes(before, after)
-        restore(before, after)
+        if leaks:  # changes() compares everything restore() would put back
+            restore(before, after)
     trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
     return trace
 
