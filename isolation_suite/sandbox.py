@@ -195,10 +195,24 @@ def _to_tensor(a):
 
 
 def _send(fd: int, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    _write(fd, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _write(fd: int, data: bytes) -> None:
     view = memoryview(_HEADER.pack(len(data)) + data)
     while view:
         view = view[os.write(fd, view):]
+
+
+#: the last request pickled, with the scenario it was pickled from (held, so its id stays its own): a
+#: sweep sends one scenario to every technique's child, and pickles it once
+_LAST_REQUEST: list = [None, None, b""]
+
+
+def _request(scenario, device: str) -> bytes:
+    if _LAST_REQUEST[0] is not scenario or _LAST_REQUEST[1] != device:
+        _LAST_REQUEST[:] = [scenario, device, pickle.dumps((scenario, device), protocol=pickle.HIGHEST_PROTOCOL)]
+    return _LAST_REQUEST[2]
 
 
 def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes | None:
@@ -272,7 +286,7 @@ class Sandbox:
         PROGRESS.pack_into(self.progress, 0, 0, -1)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            _send(self.to_child, (scenario, str(device)))
+            _write(self.to_child, _request(scenario, str(device)))
         except BrokenPipeError:  # the child ended between runs (a thread the technique left behind)
             return self._lost(device, timed_out=False)
         try:
