@@ -273,6 +273,9 @@ class Sandbox:
         self.technique, self.timeout = technique, timeout
         self.pid: int | None = None
         self.progress = mmap.mmap(-1, PROGRESS.size)  # shared with the child: where it is now
+        # where a child's runs spend their time (benchmarks read it): runs answered, seconds from
+        # request to trace here, and seconds of those inside the training loop in the child
+        self.runs, self.seconds, self.child_seconds = 0, 0.0, 0.0
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -284,6 +287,7 @@ class Sandbox:
         if str(device).startswith("cuda") or (self.pid is None and not (fork_available() and self._start())):
             return run_in_process(self.technique, scenario, device, self.timeout)
         PROGRESS.pack_into(self.progress, 0, 0, -1)
+        started = time.perf_counter()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
             _write(self.to_child, _request(scenario, str(device)))
@@ -295,13 +299,16 @@ class Sandbox:
             return self._lost(device, timed_out=True)
         if reply is _EOF:
             return self._lost(device, timed_out=False)
-        kind, payload, retire = reply
+        kind, payload, retire, in_child = reply
         if retire:
             self._reap()
+        self.runs, self.child_seconds = self.runs + 1, self.child_seconds + in_child
         if kind == "error":
             self.close()
             raise SandboxError(payload)
-        return _map_arrays(payload, _to_tensor)
+        trace = _map_arrays(payload, _to_tensor)
+        self.seconds += time.perf_counter() - started
+        return trace
 
     def _start(self) -> bool:
         """Fork the child; False (and every later run of this process in-process) when a child
@@ -395,27 +402,29 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             probe = torch.ones(1, requires_grad=True)
             (probe * 2).sum().backward()
         except RuntimeError as exc:
-            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True))
+            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True, 0.0))
             return
-        _send(replies, ("ready", None, False))
+        _send(replies, ("ready", None, False, 0.0))
         before = snapshot()
         while True:
             request = _receive(requests)
             if request is _EOF:
                 break
             scenario, device = request
+            started = time.perf_counter()
             try:
                 trace = run(scenario, _driver(technique), device, progress=progress)
             except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
-                _send(replies, ("error", f"{type(exc).__name__}: {exc}", True))
+                _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0))
                 break
+            seconds = time.perf_counter() - started
             # the state after this run is the state before the next: only reading the next request
             # (the harness's own code) happens in between, so one snapshot serves both
             after = snapshot()
             leaks = changes(before, after)
             before = after
             trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
-            _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks)))
+            _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks), seconds))
             if leaks:
                 break  # isolated: the next run gets a fresh copy of the parent
     except BaseException:  # noqa: BLE001 - the parent reads a lost child as a crash

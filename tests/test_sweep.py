@@ -252,3 +252,25 @@ def test_fuzz_sweep_writes_one_record_per_item_as_fuzz_does(tmp_path):
     assert summary["items"]["finished"] == sorted(item_name(catalog[n], c, "cpu") for n in techniques.split(",")
                                                   for c in catalog[n].capabilities)
     assert len(list((run_dir / "repro").glob("*.py"))) == 2
+
+
+@pytest.fixture
+def example_database(tmp_path, monkeypatch):
+    """The dev profile with its example database in ``tmp_path``."""
+    from isolation_suite.profiles import register_profiles
+    monkeypatch.setenv("ISOLATION_PROFILE", "isolation-dev")
+    monkeypatch.setenv("ISOLATION_DATABASE", str(tmp_path / "examples"))
+    register_profiles()
+    yield tmp_path / "examples"
+    monkeypatch.undo()
+    register_profiles()
+
+
+def test_a_failure_kept_by_a_techniques_search_is_replayed_first_by_a_sweep(example_database):
+    first = search(BrokenOnConvolutions(), {FREEZE}, max_examples=60, explicit=False, shrink=False, seed=3)
+    assert first.found_by == "search" and first.examples > 1 and any(example_database.rglob("*"))
+    # another seed: the search's own database entry is judged before anything is drawn
+    swept = sweep([BrokenOnConvolutions()], {FREEZE}, max_examples=60, explicit=False, shrink=False, seed=4)
+    replayed = swept.results[0]
+    assert replayed.examples == 1 and swept.scenarios == 0
+    assert replayed.failure.scenario == first.failure.scenario
