@@ -145,6 +145,8 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
             elif device.startswith("cuda") and tree.device_random:
                 result.parity_not_judged = DEVICE_RANDOM
         members.append(_Member(technique, mine, result))
+    if tree is not None:  # draw no intent the model has no place for (it would come out empty)
+        caps = frozenset(c for c in caps if targets_for(tree, c))
     out = SweepResult([m.result for m in members], caps, device, seed=seed)
     started = time.monotonic()
     deadline = None if budget is None else started + budget
@@ -153,8 +155,9 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
     with contextlib.ExitStack() as stack:
         for m in members:
             m.sandbox = stack.enter_context(Sandbox(m.technique, per_run))
-        _run(members, caps, device, run_settings, out, deadline, explicit, spec)
-        _shrink_failures(members, caps, device, run_settings, deadline, spec)
+        if caps:
+            _run(members, caps, device, run_settings, out, deadline, explicit, spec)
+            _shrink_failures(members, caps, device, run_settings, deadline, spec)
     where = "in-process (CUDA runs)" if device.startswith("cuda") else sandbox_mode()
     for m in members:
         m.result.sandbox = where

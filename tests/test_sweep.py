@@ -274,3 +274,20 @@ def test_a_failure_kept_by_a_techniques_search_is_replayed_first_by_a_sweep(exam
     replayed = swept.results[0]
     assert replayed.examples == 1 and swept.scenarios == 0
     assert replayed.failure.scenario == first.failure.scenario
+
+
+def test_on_a_users_model_a_capability_it_has_no_place_for_is_not_applicable_and_never_drawn(monkeypatch):
+    drawn = []
+    sweep_mod = sys.modules["isolation_suite.sweep"]  # iso.sweep is the function of that name
+    real = sweep_mod.judge
+
+    def recording(technique, scenario, *args, **kwargs):
+        drawn.append(scenario)
+        return real(technique, scenario, *args, **kwargs)
+    monkeypatch.setattr(sweep_mod, "judge", recording)
+    rows = [iso.catalog()["freeze_and_eval"], iso.catalog()["functional_detach"]]
+    swept = sweep(rows, max_examples=2, model="isolation_suite.zoo:resnet_cnn")
+    frozen, passed = swept.results
+    assert "no place for PASS_THROUGH" in passed.not_applicable and passed.explicit == passed.examples == 0
+    assert swept.capabilities == {FREEZE} and frozen.examples == 2 and frozen.failure is None
+    assert drawn and all(intent_capabilities(s.intent) == {FREEZE} for s in drawn)
