@@ -275,7 +275,7 @@ class SweepItem(pytest.Item):
         self.add_marker("isolation")
 
     def runtest(self) -> None:
-        from .check import failure_message
+        from .check import failure_message, search_line
         from .report import error_record, outcome, reason, record
         from .sweep import sweep
         cfg = self.config
@@ -311,6 +311,10 @@ class SweepItem(pytest.Item):
                 failures.append(f"{name}: " + failure_message(result.failure, {self.capability}, result))
         self.user_properties += [("scenarios", done.scenarios), ("references", done.references),
                                  ("checks", done.checks), ("seed", done.seed)]
+        # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
+        self.hypothesis_statistics = (f"{self.nodeid}:\n  - isolation-suite sweep: {done.scenarios} scenarios, "
+                                      f"{done.references} references, {done.checks} checks\n"
+                                      + "\n".join(f"  - {r.technique}: {search_line(r)}" for r in done.results))
         if failures:
             raise IsolationGateError("\n\n".join(failures))
         if not judged:
