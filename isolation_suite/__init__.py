@@ -10,6 +10,7 @@ from .invariants import INVARIANTS, Violation
 from .loading import TechniqueLoadError, load_technique
 from .sandbox import SandboxError
 from .scenario import Architecture, Data, Intent, Layer, Mode, Op, OptimizerRecipe, Scenario, ScenarioError
+from .sweep import SweepResult, sweep
 from .technique import Capability, Role, Technique
 from .techniques import CATALOG, catalog
 
@@ -17,7 +18,7 @@ __all__ = [
     "Architecture", "Data", "Intent", "Layer", "Mode", "Op", "OptimizerRecipe", "Scenario", "ScenarioError",
     "SandboxError",
     "Capability", "Role", "Technique", "Verdict", "Violation", "INVARIANTS",
-    "check", "check_technique", "search", "SearchResult", "IsolationFailure",
+    "check", "check_technique", "search", "SearchResult", "IsolationFailure", "sweep", "SweepResult",
     "catalog", "CATALOG", "load_technique", "TechniqueLoadError", "profiles", "modes",
 ]
 __version__ = "0.1.0"

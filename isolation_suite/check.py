@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from hypothesis import HealthCheck, Phase, event, given, settings, target
+from hypothesis.database import ExampleDatabase
 from hypothesis import seed as hypothesis_seed
 from hypothesis.internal.reflection import function_digest
 
@@ -136,6 +137,15 @@ def search_settings(max_examples: int | None = None, device: str = "cpu") -> set
     return settings(**kwargs)
 
 
+def mode_settings(run_settings: settings, mode: str, max_examples: int | None) -> settings:
+    """A costlier mode judges its share of the profile's examples (``ModeInfo.example_share``); an
+    explicit ``max_examples`` is taken as given."""
+    info = modes_mod.MODE_BY_KIND[mode]
+    if info.example_share >= 1 or max_examples is not None:
+        return run_settings
+    return settings(run_settings, max_examples=max(1, math.ceil(run_settings.max_examples * info.example_share)))
+
+
 def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
            device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
            seed: int | None = None, shrink: bool = True, explicit: bool = True,
@@ -169,10 +179,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
         raise ValueError(f"technique {technique.name!r} declares no capabilities: nothing to check")
     device = devices_mod.normalize(device)
     check_database_spec()
-    run_settings = search_settings(max_examples, device)
-    if mode_info.example_share < 1 and max_examples is None:
-        run_settings = settings(run_settings, max_examples=max(
-            1, math.ceil(run_settings.max_examples * mode_info.example_share)))
+    run_settings = mode_settings(search_settings(max_examples, device), mode, max_examples)
     if not shrink:  # detection only: stop at the first violation
         run_settings = settings(run_settings, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target])
     if seed is None and not run_settings.derandomize:
@@ -213,9 +220,50 @@ _NO_TARGET_WHY = {
 }
 
 
+@dataclass(frozen=True)
+class Start:
+    """A failure found outside a search (by a sweep), for :func:`_search` to shrink: the verdict and
+    the Hypothesis choices that drew its scenario from the same scenario strategy."""
+
+    verdict: Verdict
+    choices: bytes
+
+
+class _Replay(ExampleDatabase):
+    """The example database of a search that starts from a failure found elsewhere: its choices are
+    offered as the one secondary-corpus entry, which Hypothesis replays and then shrinks (a primary
+    entry would count as already shrunk). Everything else is the profile's database (``inner``, or
+    none), so the shrunk failure is kept there for the next run, as a search keeps its own."""
+
+    def __init__(self, choices: bytes | None, inner: ExampleDatabase | None):
+        super().__init__()
+        self.choices, self.inner = choices, inner
+
+    def fetch(self, key: bytes):
+        if key.endswith(b".secondary") and self.choices is not None:
+            yield self.choices
+        if self.inner is not None:
+            yield from self.inner.fetch(key)
+
+    def save(self, key: bytes, value: bytes) -> None:
+        if self.inner is not None:
+            self.inner.save(key, value)
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        if self.inner is not None:
+            self.inner.delete(key, value)
+
+
 def _search(technique: Technique, caps: frozenset[Capability], device: str, run_settings: settings,
             result: SearchResult, budget: float | None, explicit: bool, sandbox: Sandbox,
-            model: str | None = None, mode: str = "eager") -> None:
+            model: str | None = None, mode: str = "eager", *, start: Start | None = None,
+            generate: bool = True,
+            fits: Callable[[Scenario], bool] | None = None) -> None:
+    """One search into ``result``: trigger examples, then Hypothesis (database replay, generation,
+    shrinking). A sweep uses the Hypothesis part alone: with ``generate=False`` only the example
+    database is replayed (and a failure there shrunk); with ``start`` Hypothesis replays that failure
+    and shrinks it. ``fits`` says which drawn scenarios the technique is judged on (a sweep's
+    strategy may draw intents beyond its capabilities; the others count as passing)."""
     from . import strategies
     from hypothesis.statistics import collector, describe_statistics
 
@@ -223,6 +271,14 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
 
     started = time.monotonic()
     deadline = None if budget is None else started + budget
+    if start is not None or not generate:
+        explicit = False
+        database = _Replay(None if start is None else start.choices, run_settings.database)
+        if start is None and run_settings.database is None:
+            return  # nothing kept to replay
+        # a database needs a random (not derandomized) run: the seed keeps it repeatable
+        run_settings = settings(run_settings, database=database, derandomize=False,
+                                phases=[p for p in (Phase.reuse, Phase.shrink) if p in run_settings.phases])
 
     def spent() -> None:
         """No example starts once the budget is spent: the search ends within it plus one example."""
@@ -253,12 +309,12 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         result.budget_reached = True
         return
 
-    smallest: list[Verdict] = []
+    smallest: list[Verdict] = [] if start is None else [start.verdict]
 
-    @run_settings
-    @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model, modes=(mode,)))
     def probe(scenario: Scenario) -> None:
         spent()
+        if fits is not None and not fits(scenario):
+            return  # not an intent this technique is judged on (a sweep's strategy drew it)
         if smallest:
             result.shrink_examples += 1
         elif result.examples >= result.max_examples:
@@ -277,11 +333,13 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             smallest[:] = [verdict]  # the shrinker only tries smaller examples
             raise IsolationFailure(verdict)
 
-    if result.seed is not None:
-        probe = hypothesis_seed(result.seed)(probe)
-        # Hypothesis's @seed also switches the example database off; a seeded search here still
-        # replays the stored failures first (reuse phase) and stores what it finds
-        probe._hypothesis_internal_use_settings = run_settings
+    probe = given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model,
+                                       modes=(mode,)))(probe)
+    if result.seed is not None or (start is not None or not generate):
+        probe = hypothesis_seed(result.seed or 0)(probe)
+    # the settings after the seed: ``hypothesis.seed`` alone switches the example database off, and a
+    # seeded search here still replays the stored failures first (reuse phase) and stores what it finds
+    probe = run_settings(probe)
     # separate database entries per technique, capability set, device, model and mode; the key is set
     # explicitly so that a run-wide --hypothesis-seed (which clears Hypothesis's own key) keeps it
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
@@ -305,6 +363,8 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         result.failure = hang.verdict
     except ExamplesSpent:
         pass
+    if result.failure is None and start is not None:  # the replay did not fail again: keep what was found
+        result.failure = start.verdict
 
 
 def invalid_draws(stats: dict) -> int:

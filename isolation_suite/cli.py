@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run shard I of N of the items (deterministic, balanced); combine with 'merge'")
     f.add_argument("--model", default=None, metavar="PKG.MOD:FACTORY",
                    help="fuzz on your own model: a zero-argument factory returning (model, example_inputs[, loss])")
+    f.add_argument("--sweep", action="store_true",
+                   help="one sweep per capability and device: every technique judged on shared scenarios, "
+                        "each reference computed once (the report still has one record per item)")
     f.add_argument("--seed", type=_seed, default=None,
                    help="fix every search (default: drawn and printed; derandomized under isolation-ci)")
     f.add_argument("--timeout", type=_positive(float), default=None,
@@ -345,8 +348,11 @@ def cmd_fuzz(args) -> int:
     shard = Shard.parse(args.shard) if args.shard else None
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     every = [item_name(t, c, d, m) for t in techniques.values() for d in devices for m in modes for c in t.capabilities]
-    items = len(shard.select(every) if shard else every)
-    per_item = item_budget(args.budget, workers, items)
+    chosen = shard.select(every) if shard else every
+    items = len(chosen)
+    # with --sweep, one pytest item (a sweep) per capability, device and mode judges its items together
+    groups = len({name.rpartition("[")[2] for name in chosen}) if args.sweep else items
+    per_item = item_budget(args.budget, min(workers, groups), items)
     reports = _writable(args.report_dir)
     rid = run_id()
     run_dir = _writable(str(reports / rid))
@@ -356,10 +362,11 @@ def cmd_fuzz(args) -> int:
                       "--modes", ",".join(modes)]
                      + (["--techniques", args.techniques] if args.techniques else [])
                      + (["--model", args.model] if args.model else [])
-                     + (["--shard", str(shard)] if shard else []), seed, args.max_examples, args.timeout)
+                     + (["--shard", str(shard)] if shard else []) + (["--sweep"] if args.sweep else []),
+                     seed, args.max_examples, args.timeout)
     _line(f"isolation-suite fuzz: {len(specs)} techniques, {items} items"
           + (f" (shard {shard} of {len(every)} items)" if shard else "")
-          + f" on {','.join(devices)} in modes {','.join(modes)}, "
+          + (f" in {groups} sweeps" if args.sweep else "") + f" on {','.join(devices)} in modes {','.join(modes)}, "
           f"{workers} worker(s), budget {args.budget:g}s (up to {per_item:.1f}s per item); report: {run_dir}")
     _line(f"profile {describe(profile, args.timeout)}; {seed_text(seed)}; replay: {replay}")
     # the plug-in arrives through its pytest11 entry point unless autoloading is off
@@ -379,6 +386,8 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-model", args.model]
     if shard:
         argv += ["--isolation-shard", str(shard)]
+    if args.sweep:
+        argv.append("--isolation-sweep")
     argv.append("--isolation-progress")
     if seed is not None:
         argv += ["--hypothesis-seed", str(seed)]
@@ -386,7 +395,7 @@ def cmd_fuzz(args) -> int:
         argv += ["--isolation-timeout", f"{args.timeout:g}"]
     # always in xdist workers, even just one: a worker killed by a crashing kernel (a segfault, out of
     # memory) then costs its item an error record, not the whole run and its report
-    argv += ["-n", str(max(1, min(workers, items)))]
+    argv += ["-n", str(max(1, min(workers, groups)))]
     # collect nothing but the gate items: point pytest at an empty folder
     with tempfile.TemporaryDirectory(prefix="isolation-fuzz-") as empty:
         argv.append(empty)

@@ -98,15 +98,42 @@ def as_technique(technique: Technique | type[Technique]) -> Technique:
     raise TypeError(f"expected an isolation_suite.Technique instance or subclass, got {technique!r}")
 
 
+class SharedReference:
+    """The reference's traces for one scenario on one device, each computed at most once and
+    only in this (the judging) process: a sweep judges every technique of a scenario against
+    the same ones. The float64 twin's trace is computed the first time a technique's float32
+    mismatch needs confirming, and then serves every other technique too. Technique code never
+    receives these traces: it runs on a model of its own, in its sandbox."""
+
+    def __init__(self, scenario: Scenario, device: str = "cpu"):
+        self.scenario, self.device = scenario, devices_mod.normalize(device)
+        self._trace: Trace | None = None
+        self._twin: Trace | None = None
+
+    @property
+    def trace(self) -> Trace:
+        if self._trace is None:
+            self._trace = _reference(self.scenario, self.device)
+        return self._trace
+
+    @property
+    def twin(self) -> Trace:
+        if self._twin is None:
+            self._twin = reference_trace(dataclasses.replace(self.scenario, dtype="float64"), self.device)
+        return self._twin
+
+
 def judge(technique: Technique | type[Technique], scenario: Scenario, device: str = "cpu", *,
-          sandbox: Sandbox | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> Verdict:
+          sandbox: Sandbox | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+          reference: SharedReference | None = None) -> Verdict:
     """Run ``technique`` and the reference on ``scenario`` and judge every invariant.
 
     The technique's runs happen in ``sandbox`` (a child process that a search keeps for all its
     examples; by default one just for this call), each stopped after ``timeout`` seconds. On a
     CUDA device the technique also runs on the CPU, for ``device-parity`` (not for a user's model
     with active dropout: the two devices' generators draw different masks). A float32
-    ``matches-reference`` mismatch counts only where the float64 twin confirms it.
+    ``matches-reference`` mismatch counts only where the float64 twin confirms it. ``reference``
+    (for this scenario and device) shares the reference's traces between several techniques.
     """
     technique = as_technique(technique)
     device = devices_mod.normalize(device)
@@ -114,18 +141,22 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
         devices_mod.deterministic_cuda()
     if sandbox is None:
         with Sandbox(technique, timeout) as own:
-            return judge(technique, scenario, device, sandbox=own)
+            return judge(technique, scenario, device, sandbox=own, reference=reference)
     if sandbox.technique is not technique:
         raise ValueError("the sandbox runs another technique than the one being judged")
-    reference = _reference(scenario, device)
+    if reference is None:
+        reference = SharedReference(scenario, device)
+    elif (reference.scenario is not scenario and reference.scenario != scenario) or reference.device != device:
+        raise ValueError("the shared reference is another scenario's or another device's")
+    expected = reference.trace  # first: a scenario the reference cannot run is no scenario to judge
     trace = sandbox.run(scenario, device)
     other = sandbox.run(scenario, "cpu") if device.startswith("cuda") and trace.crash is None \
         and not tree_of(scenario).device_random else None
-    ctx = Context(scenario, trace, reference, other)
-    violations = [_confirmed(v, ctx, sandbox, device) for v in evaluate(ctx)]
+    ctx = Context(scenario, trace, expected, other)
+    violations = [_confirmed(v, ctx, sandbox, device, reference) for v in evaluate(ctx)]
     violations = tuple(v for v in violations if v is not None)
     # the step-by-step view is for reports of counterexamples: an example that holds does not pay for it
-    steps = step_points(trace, reference, divergence_by_step(ctx)) if violations else ()
+    steps = step_points(trace, expected, divergence_by_step(ctx)) if violations else ()
     return Verdict(technique.name, scenario, device, violations, divergence(ctx), steps)
 
 
@@ -161,7 +192,8 @@ def _reference(scenario: Scenario, device: str) -> Trace:
         raise ScenarioError(f"the scenario's model does not run: {type(exc).__name__}: {first}") from None
 
 
-def _confirmed(violation: Violation, ctx: Context, sandbox: Sandbox, device: str) -> Violation | None:
+def _confirmed(violation: Violation, ctx: Context, sandbox: Sandbox, device: str,
+               reference: SharedReference) -> Violation | None:
     """A float32 ``matches-reference`` or ``device-parity`` mismatch, judged again beside the
     scenario's float64 twin.
 
@@ -177,7 +209,7 @@ def _confirmed(violation: Violation, ctx: Context, sandbox: Sandbox, device: str
     twin = dataclasses.replace(scenario, dtype="float64")
     trace = sandbox.run(twin, device)
     other = sandbox.run(twin, "cpu") if violation.invariant == DEVICE_PARITY else None
-    twin_ctx = Context(twin, trace, reference_trace(twin, device), other)
+    twin_ctx = Context(twin, trace, reference.twin, other)
     if trace.crash is not None or (other is not None and other.crash is not None):
         return violation
     return confirmed_on_twin(ctx, twin_ctx, violation.invariant)
@@ -232,5 +264,5 @@ def _gap(a: torch.Tensor, e: torch.Tensor) -> float:
         if a.numel() else 0.0
 
 
-__all__ = ["Verdict", "StepPoint", "step_points", "step_losses",
-           "judge", "reference_trace", "clear_reference_cache", "as_technique", "confirmed_on_twin"]
+__all__ = ["Verdict", "StepPoint", "step_points", "step_losses", "judge", "SharedReference", "reference_trace",
+           "clear_reference_cache", "as_technique", "confirmed_on_twin"]

@@ -41,6 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(model, example_inputs[, loss])")
     group.addoption("--isolation-shard", default=None, metavar="I/N",
                     help="run only shard I of N of the items (deterministic, balanced; see isolation-suite merge)")
+    group.addoption("--isolation-sweep", action="store_true", default=False,
+                    help="judge the items of each capability and device with one sweep (shared scenarios and "
+                         "references) instead of one search per item; the report still has one record per item")
     group.addoption("--isolation-progress", action="store_true", default=False,
                     help="show the run's progress after every item (a bar on a terminal, plain lines otherwise)")
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
@@ -200,6 +203,7 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
                         "max_examples": search_settings(max_examples).max_examples,
                         "techniques": specs, "model": config.getoption("isolation_model"),
                         "shard": str(config.stash[_SHARD]) if config.stash.get(_SHARD, None) else None,
+                        "sweep": bool(config.getoption("isolation_sweep")),
                         "workers": config.getoption("numprocesses", None)})
     items = _items(config)
     live = None
@@ -214,7 +218,8 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
             reporter.ensure_newline()  # after the item's progress dot
             reporter.write_line(text)
         live = LiveView(len(items), config.getoption("isolation_deadline"), write_line)
-    config.pluginmanager.register(SummaryWriter(run_dir, meta, items, live), "isolation-summary-writer")
+    groups = _sweep_groups(items) if config.getoption("isolation_sweep") else {}
+    config.pluginmanager.register(SummaryWriter(run_dir, meta, items, live, groups), "isolation-summary-writer")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -308,6 +313,85 @@ def item_name(technique, capability, device: str, mode: str = "eager") -> str:
     return f"{technique.name}[{capability.value}-{device}" + ("" if mode == "eager" else f"-{mode}") + "]"
 
 
+def sweep_name(capability, device: str, mode: str = "eager") -> str:
+    return f"sweep[{capability.value}-{device}" + ("" if mode == "eager" else f"-{mode}") + "]"
+
+
+def _sweep_groups(items: dict[str, tuple]) -> dict[str, list[str]]:
+    """Sweep item name -> the gate items it judges (one sweep per capability, device and mode), the
+    largest groups first (xdist hands items out in this order)."""
+    groups: dict[str, list[str]] = {}
+    for name, (spec, technique, capability, device, mode) in sorted(items.items()):
+        groups.setdefault(sweep_name(capability, device, mode), []).append(name)
+    return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+
+class SweepItem(pytest.Item):
+    """The gate items of one capability, device and mode, judged by one sweep; one record per item."""
+
+    def __init__(self, *, members, capability, device, mode="eager", **kwargs):
+        super().__init__(**kwargs)
+        self.members, self.capability, self.device = members, capability, device  # [(name, spec, technique)]
+        self.mode = mode
+        self.add_marker("isolation")
+
+    def runtest(self) -> None:
+        from .check import failure_message, search_line
+        from .report import error_record, outcome, reason, record
+        from .sweep import sweep
+        cfg = self.config
+        report_dir = cfg.stash.get(_REPORT, None)
+        budget, deadline = cfg.getoption("isolation_budget"), cfg.getoption("isolation_deadline")
+        if budget is not None:
+            budget *= len(self.members)  # the budget its items would have had, one after another
+        if deadline is not None:
+            left = deadline - time.time()
+            if left <= 0:
+                message = f"not run: the run's time budget was spent before {self.name} started"
+                if report_dir is not None:
+                    for _, spec, technique in self.members:
+                        error_record(report_dir, technique, [self.capability.value], self.device, message, spec,
+                                     outcome="not-run", mode=self.mode)
+                raise IsolationGateError(message)
+            budget = left if budget is None else min(budget, left)
+        done = sweep([t for _, _, t in self.members], {self.capability}, self.device,
+                     cfg.getoption("isolation_max_examples"), budget, seed=cfg.stash.get(_SEED, None),
+                     timeout=cfg.getoption("isolation_timeout"), model=cfg.getoption("isolation_model"),
+                     mode=self.mode)
+        failures, judged = [], 0
+        for (name, spec, technique), result in zip(self.members, done.results):
+            record(result, technique, done.seconds, report_dir, spec=spec, sweep=self.name)
+            expected = technique.expected_in(self.mode)
+            status, passed = outcome(result, expected)
+            judged += status != "n/a"
+            if passed:
+                continue
+            if status == "missed":
+                failures.append(f"{name}: {technique.name} declares expected violations {sorted(expected)} but "
+                                + reason(status, result, expected) + f" on {self.device}"
+                                + ("" if self.mode == "eager" else f" in {self.mode} mode"))
+            else:
+                failures.append(f"{name}: " + failure_message(result.failure, {self.capability}, result))
+        self.user_properties += [("scenarios", done.scenarios), ("references", done.references),
+                                 ("checks", done.checks), ("seed", done.seed)]
+        # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
+        self.hypothesis_statistics = (f"{self.nodeid}:\n  - isolation-suite sweep: {done.scenarios} scenarios, "
+                                      f"{done.references} references, {done.checks} checks\n"
+                                      + "\n".join(f"  - {r.technique}: {search_line(r)}" for r in done.results))
+        if failures:
+            raise IsolationGateError("\n\n".join(failures))
+        if not judged:
+            pytest.skip("not applicable: " + "; ".join(r.not_applicable for r in done.results))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, IsolationGateError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, None, f"isolation sweep: {self.name}"
+
+
 def _items(config: pytest.Config) -> dict[str, tuple]:
     """The gate items of this run (of this shard, with ``--isolation-shard``), by name."""
     every = {item_name(t, c, d, m): (spec, t, c, d, m) for spec, t in config.stash.get(_TECHNIQUES, [])
@@ -318,13 +402,21 @@ def _items(config: pytest.Config) -> dict[str, tuple]:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    for name, (spec, technique, capability, device, mode) in _items(config).items():
+    gate = _items(config)
+    if config.getoption("isolation_sweep", False):
+        for name, members in _sweep_groups(gate).items():
+            _, _, capability, device, mode = gate[members[0]]
+            items.append(SweepItem.from_parent(session, name=name, capability=capability, device=device, mode=mode,
+                                               members=[(m, gate[m][0], gate[m][1]) for m in members]))
+        return
+    for name, (spec, technique, capability, device, mode) in gate.items():
         items.append(IsolationItem.from_parent(session, name=name, spec=spec, technique=technique,
                                                capability=capability, device=device, mode=mode))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if isinstance(item, IsolationItem) and item.device.startswith("cuda") and not devices_mod.cuda_available():
+    if isinstance(item, (IsolationItem, SweepItem)) and item.device.startswith("cuda") \
+            and not devices_mod.cuda_available():
         pytest.skip("CUDA is not available on this machine")
 
 
@@ -342,30 +434,32 @@ class SummaryWriter:
     or the harness raised) gets an error record, so the report can never pass without it.
     """
 
-    def __init__(self, report_dir: Path, meta: dict, items: dict, live=None):
+    def __init__(self, report_dir: Path, meta: dict, items: dict, live=None, groups: dict | None = None):
         self.report_dir, self.meta, self.items, self.live = report_dir, meta, items, live
+        self.groups = groups or {}  # a sweep item's name -> the gate items it judges
         self.started: set[str] = set()
         self.finished: set[str] = set()
 
-    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+    def _names(self, nodeid: str) -> list[str]:
         name = nodeid.rpartition("::")[2]
-        if name in self.items:
-            self.started.add(name)
+        return [n for n in self.groups.get(name, [name]) if n in self.items]
+
+    def pytest_runtest_logstart(self, nodeid: str, location) -> None:
+        self.started.update(self._names(nodeid))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        name = report.nodeid.rpartition("::")[2]
+        names = self._names(report.nodeid)
         if report.when == "teardown" or report.when == "???" or (report.when == "setup" and report.skipped):
-            if name in self.items:
-                self.finished.add(name)
+            self.finished.update(names)
         if report.when not in ("call", "???"):
             return
-        gate_item = self.items.get(name)
-        if report.failed and gate_item is not None:
+        if report.failed:
             from .report import error_record, has_record
-            spec, technique, capability, device, mode = gate_item
-            if not has_record(self.report_dir, technique, [capability.value], device, mode):
-                error_record(self.report_dir, technique, [capability.value], device, _error_line(report), spec,
-                             mode=mode)
+            for name in names:
+                spec, technique, capability, device, mode = self.items[name]
+                if not has_record(self.report_dir, technique, [capability.value], device, mode):
+                    error_record(self.report_dir, technique, [capability.value], device, _error_line(report), spec,
+                                 mode=mode)
         self._write(complete=False)
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

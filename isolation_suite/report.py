@@ -100,11 +100,12 @@ def reason(status: str, result: SearchResult, expected: Iterable[str]) -> str:
 
 
 def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None,
-           spec: str | None = None) -> dict[str, Any]:
+           spec: str | None = None, sweep: str | None = None) -> dict[str, Any]:
     """One search as JSON; with ``run_dir`` also writes its record file and repro script.
 
     ``spec`` is how the technique is imported (``pkg.module:attr`` or a catalog name), so
-    ``isolation-suite repro RECORD`` can load it again without ``--technique``.
+    ``isolation-suite repro RECORD`` can load it again without ``--technique``. ``sweep`` names the
+    sweep the result came from (``seconds`` is then the whole sweep's).
     """
     expected = technique.expected_in(result.mode)
     status, passed = outcome(result, expected)
@@ -117,7 +118,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
-        "violations": [], "scenario": None, "repro": None,
+        "violations": [], "scenario": None, "repro": None, "sweep": sweep,
         "history": plots.history_data(result.history, result.history_omitted, result.invalid_draws),
     }
     if result.database_ops:  # a shared example database was in use

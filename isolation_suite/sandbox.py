@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import mmap
+import operator
 import os
 import pickle
 import select
@@ -103,6 +104,8 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
            for name, value in before["flags"].items() if after["flags"][name] != value]
     for name, attrs in before["namespaces"].items():
         now = after["namespaces"][name]
+        if _unchanged(attrs, now):
+            continue
         for attr, value in attrs.items():
             if attr not in now:
                 out.append(f"{name}.{attr} was deleted")
@@ -111,6 +114,12 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         if name in _CLOSED:
             out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs)
     return out
+
+
+def _unchanged(attrs: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The same names in the same order, each bound to the same object (the common case, checked at
+    C speed; anything else is compared name by name)."""
+    return len(attrs) == len(now) and all(map(operator.is_, attrs.values(), now.values())) and list(attrs) == list(now)
 
 
 def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -186,10 +195,24 @@ def _to_tensor(a):
 
 
 def _send(fd: int, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    _write(fd, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _write(fd: int, data: bytes) -> None:
     view = memoryview(_HEADER.pack(len(data)) + data)
     while view:
         view = view[os.write(fd, view):]
+
+
+#: the last request pickled, with the scenario it was pickled from (held, so its id stays its own): a
+#: sweep sends one scenario to every technique's child, and pickles it once
+_LAST_REQUEST: list = [None, None, b""]
+
+
+def _request(scenario, device: str) -> bytes:
+    if _LAST_REQUEST[0] is not scenario or _LAST_REQUEST[1] != device:
+        _LAST_REQUEST[:] = [scenario, device, pickle.dumps((scenario, device), protocol=pickle.HIGHEST_PROTOCOL)]
+    return _LAST_REQUEST[2]
 
 
 def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes | None:
@@ -250,6 +273,9 @@ class Sandbox:
         self.technique, self.timeout = technique, timeout
         self.pid: int | None = None
         self.progress = mmap.mmap(-1, PROGRESS.size)  # shared with the child: where it is now
+        # where a child's runs spend their time (benchmarks read it): runs answered, seconds from
+        # request to trace here, and seconds of those inside the training loop in the child
+        self.runs, self.seconds, self.child_seconds = 0, 0.0, 0.0
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -261,9 +287,10 @@ class Sandbox:
         if str(device).startswith("cuda") or (self.pid is None and not (fork_available() and self._start())):
             return run_in_process(self.technique, scenario, device, self.timeout)
         PROGRESS.pack_into(self.progress, 0, 0, -1)
+        started = time.perf_counter()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            _send(self.to_child, (scenario, str(device)))
+            _write(self.to_child, _request(scenario, str(device)))
         except BrokenPipeError:  # the child ended between runs (a thread the technique left behind)
             return self._lost(device, timed_out=False)
         try:
@@ -272,13 +299,16 @@ class Sandbox:
             return self._lost(device, timed_out=True)
         if reply is _EOF:
             return self._lost(device, timed_out=False)
-        kind, payload, retire = reply
+        kind, payload, retire, in_child = reply
         if retire:
             self._reap()
+        self.runs, self.child_seconds = self.runs + 1, self.child_seconds + in_child
         if kind == "error":
             self.close()
             raise SandboxError(payload)
-        return _map_arrays(payload, _to_tensor)
+        trace = _map_arrays(payload, _to_tensor)
+        self.seconds += time.perf_counter() - started
+        return trace
 
     def _start(self) -> bool:
         """Fork the child; False (and every later run of this process in-process) when a child
@@ -372,23 +402,29 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             probe = torch.ones(1, requires_grad=True)
             (probe * 2).sum().backward()
         except RuntimeError as exc:
-            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True))
+            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True, 0.0))
             return
-        _send(replies, ("ready", None, False))
+        _send(replies, ("ready", None, False, 0.0))
+        before = snapshot()
         while True:
             request = _receive(requests)
             if request is _EOF:
                 break
             scenario, device = request
-            before = snapshot()
+            started = time.perf_counter()
             try:
                 trace = run(scenario, _driver(technique), device, progress=progress)
             except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
-                _send(replies, ("error", f"{type(exc).__name__}: {exc}", True))
+                _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0))
                 break
-            leaks = changes(before, snapshot())
+            seconds = time.perf_counter() - started
+            # the state after this run is the state before the next: only reading the next request
+            # (the harness's own code) happens in between, so one snapshot serves both
+            after = snapshot()
+            leaks = changes(before, after)
+            before = after
             trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
-            _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks)))
+            _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks), seconds))
             if leaks:
                 break  # isolated: the next run gets a fresh copy of the parent
     except BaseException:  # noqa: BLE001 - the parent reads a lost child as a crash
@@ -418,7 +454,8 @@ def run_in_process(technique: Technique, scenario, device: str, timeout: float |
             signal.signal(signal.SIGALRM, previous)
         after = snapshot()
         leaks = changes(before, after)
-        restore(before, after)
+        if leaks:  # changes() compares everything restore() would put back
+            restore(before, after)
     trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
     return trace
 

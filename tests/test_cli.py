@@ -118,8 +118,8 @@ def test_check_says_what_it_runs_and_how_to_replay_it(plugin_dir, capsys, monkey
     out = capsys.readouterr().out
     assert "profile isolation-dev: 60 examples, no example database, timeout 60s per run; seed 77" in out
     assert "1 trigger example, 4 generated (max 4); seed 77" in out
-    assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --modes eager --seed 77 "
-            "--max-examples 4") in out
+    assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --modes eager "
+            "--seed 77 --max-examples 4") in out
 
 
 def test_repro_of_a_plugin_record_needs_no_technique_option(plugin_dir, capsys):
