@@ -45,24 +45,27 @@ def main(per_capability: int = 8) -> dict:
         for name in names:
             technique = catalog()[name]
             with Sandbox(technique) as sandbox:
+                for mode in modes:  # untimed: the first check in a process pays for imports and warm-up
+                    check(technique, in_mode(scenarios[0], mode), sandbox=sandbox)
                 for mode in modes:
                     clear_reference_cache()
                     for scenario in scenarios:
                         moved = in_mode(scenario, mode)
                         verdict, spent = timed(check, technique, moved, sandbox=sandbox)
                         seconds[mode].append(spent)
-                        failures[mode] += not verdict.ok
+                        # a violation this row is known for in this mode is its verdict, not a false alarm
+                        failures[mode] += not verdict.ok and verdict.first.invariant not in technique.expected_in(mode)
     eager_total = sum(seconds["eager"])
     rows, data = [], {}
     for mode in modes:
         values = seconds[mode]
         data[mode] = {"checks": len(values), "median_s": statistics.median(values), "worst_s": max(values),
                       "total_s": sum(values), "relative_to_eager": sum(values) / eager_total,
-                      "verdicts_with_violations": failures[mode]}
+                      "unexpected_violations": failures[mode]}
         rows.append([mode, len(values), f"{1000 * statistics.median(values):.0f}", f"{1000 * max(values):.0f}",
                      f"{sum(values) / eager_total:.2f}x", failures[mode]])
     print(table(rows, ["mode", "checks", "median ms/check", "worst ms/check", "total vs eager",
-                       "checks with violations"]))
+                       "unexpected violations"]))
     print(f"-> {write('modes', data)}")
     return data
 
