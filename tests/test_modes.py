@@ -316,3 +316,17 @@ def test_a_step_without_a_scaled_backward_steps_plainly(cuda_style_scaling):
     scenario = dataclasses.replace(triggers.PASS_LAST_CALL, mode=Mode("autocast"))
     verdict = iso.check(iso.catalog()["no_grad_call"], scenario)
     assert verdict.first.invariant == "gradient-flows", str(verdict)
+
+
+def test_a_sweep_in_checkpoint_mode_gives_each_row_its_checkpoint_verdict():
+    """One sweep per mode: the trigger examples move into the mode, and each technique is judged
+    against what it is known for there (sharing the eager reference, which the mode does not change)."""
+    from isolation_suite.sweep import sweep
+    rows = [iso.catalog()[n] for n in ("freeze_and_eval", "freeze_enable_input_grads", "lr_zero_group")]
+    done = sweep(rows, {iso.Capability.FREEZE_MODULE}, "cpu", max_examples=3, mode="checkpoint", shrink=False)
+    by_name = {r.technique: r for r in done.results}
+    assert all(r.mode == "checkpoint" for r in done.results)
+    assert by_name["freeze_and_eval"].failure.first.invariant == "trainable-trains"
+    assert by_name["freeze_and_eval"].failure.scenario.mode == Mode("checkpoint", "blk", reentrant=True)
+    assert by_name["freeze_enable_input_grads"].failure is None
+    assert by_name["lr_zero_group"].failure.first.invariant in rows[2].expected_in("checkpoint")
