@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import dataclasses
 
 from ..models import tree_of
-from ..scenario import Data, Intent, Mode, Scenario
+from ..scenario import Change, Data, Intent, Mode, Scenario
 from ..technique import Capability, Technique
 from . import conditions as c
 from . import triggers as t
@@ -227,13 +227,26 @@ def model_examples(model: str, capabilities: Iterable[Capability], mode: str = "
 def _first_analog(tree, trigger: Scenario, condition: Condition, model: str, mode: str) -> Scenario | None:
     data = trigger.data
     data = Data(1, data.seed, data.input_requires_grad and tree.float_inputs, data.loss)
-    for intent in _analogs(tree, trigger):
+    for intent, schedule in _scheduled_analogs(tree, trigger):
         for placed in _modes_over(tree, mode, data):
             scenario = Scenario(None, intent, trigger.optimizer, data, trigger.steps, trigger.micro_batches,
-                                trigger.dtype, 0, model, placed)
+                                trigger.dtype, 0, model, placed, schedule)
             if condition.holds(scenario):
                 return scenario
     return None
+
+
+def _scheduled_analogs(tree, trigger: Scenario) -> list[tuple[Intent, tuple[Change, ...]]]:
+    """(intent, schedule) pairs over ``tree``: a freeze schedule's trigger (one module frozen at
+    the start or from a boundary on) moves as one module of the tree, frozen at the same steps."""
+    if not trigger.schedule:
+        return [(intent, ()) for intent in _analogs(tree, trigger)]
+    from ..tree import freeze_targets
+    out = []
+    for module in freeze_targets(tree):
+        start = Intent(frozen_modules=(module,)) if trigger.intent.frozen_modules else Intent()
+        out.append((start, tuple(Change(c.step, (module,) if c.frozen_modules else ()) for c in trigger.schedule)))
+    return out
 
 
 def _analogs(tree, trigger: Scenario) -> list[Intent]:
