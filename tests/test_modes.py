@@ -48,8 +48,8 @@ def test_the_mode_round_trips_through_json_and_an_old_scenario_is_eager():
 
 
 def test_modes_parse_and_unknown_ones_are_named():
-    assert modes_for(None, ["cpu"]) == ("eager", "checkpoint", "compile", "autocast")
-    assert modes_for("all", ["cpu", "cuda:0"]) == modes_for(None, ["cpu"])
+    assert modes_for(None, ["cpu"]) == ("eager", "checkpoint", "compile", "autocast", "ddp")
+    assert modes_for("all", ["cpu", "cuda:0"]) == ("eager", "checkpoint", "compile", "autocast")  # ddp: CPU only
     assert modes_for("eager, checkpoint,eager", ["cpu"]) == ("eager", "checkpoint")
     with pytest.raises(ValueError, match=r"unknown mode\(s\) \['jit'\]"):
         modes_for("eager,jit", ["cpu"])
@@ -193,8 +193,9 @@ def test_trigger_examples_move_into_the_mode_and_mode_triggers_stay_in_theirs():
 
 
 MODE_GATE = [m for m in iso.modes.MODE_BY_KIND if m != "eager"]
-#: examples per search in each mode: compiling costs about a second per run, the others as eager does
-MODE_EXAMPLES = {"checkpoint": 20, "autocast": 20, "compile": 2}
+#: examples per search in each mode: compiling costs about a second per run, a ddp run a fork and a
+#: process group (about 0.1 s), the others as eager does
+MODE_EXAMPLES = {"checkpoint": 20, "autocast": 20, "compile": 2, "ddp": 3}
 
 
 @pytest.mark.parametrize("mode", MODE_GATE)
@@ -205,7 +206,7 @@ def test_every_row_gets_its_verdict_in_every_mode(row, mode):
     technique = row.technique()
     expected = technique.expected_in(mode)
     result = search(technique, device="cpu", mode=mode, max_examples=MODE_EXAMPLES[mode] if not expected else None,
-                    shrink=not expected or mode != "compile")
+                    shrink=not expected or mode not in ("compile", "ddp"))
     if not expected:
         assert result.failure is None, failure_message(result.failure)
         return

@@ -93,3 +93,16 @@ def reentrant_checkpoint_starved(s: Scenario) -> bool:
     return (region_trains(tree, mode.target, s.intent)
             and region_needs_gradient(tree, mode.target, Intent(), needs)
             and not region_needs_gradient(tree, mode.target, s.intent, needs))
+
+
+def ddp_reduces_unused(s: Scenario) -> bool:
+    """The ``ddp`` mode with neither ``find_unused_parameters`` nor ``static_graph``: DDP expects a
+    gradient for every parameter that required one when it was wrapped. One that gets none leaves its
+    bucket unreduced (the other gradients in it stay the rank's own: ``matches-reference``)."""
+    return s.mode.kind == "ddp" and not s.mode.find_unused and not s.mode.static_graph
+
+
+def ddp_unused_raises(s: Scenario) -> bool:
+    """As above, with a second forward in the run (a second step or micro-batch): it raises
+    'Expected to have finished reduction in the prior iteration'."""
+    return ddp_reduces_unused(s) and s.steps * s.micro_batches >= 2

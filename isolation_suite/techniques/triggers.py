@@ -95,3 +95,15 @@ REPARAM_RNN = scenario([rnn("rnn")], ["rnn"], Intent(reparameterized=("rnn",)), 
 #: a wrapped Linear followed by a trainable one, under an adaptive optimizer
 REPARAM_LINEAR = scenario([linear("fc"), linear("head")], ["fc", "head"], Intent(reparameterized=("fc",)),
                           OptimizerRecipe("RMSprop", (("lr", 0.01),)))
+
+# --- the ddp mode ------------------------------------------------------------------------
+#: the ``ddp`` mode with DDP's defaults (find_unused_parameters=False, static_graph=False), each rank on a
+#: batch of 3: a parameter that DDP reduces and that gets no gradient leaves its bucket unreduced
+#: (one step: the other gradients are the rank's own) and the next forward raises
+DDP_FROZEN = dataclasses.replace(FROZEN_LINEAR, mode=Mode("ddp"),
+                                 data=dataclasses.replace(FROZEN_LINEAR.data, batch=6))
+DDP_FROZEN_ONE_STEP = dataclasses.replace(DDP_FROZEN, steps=1)
+#: the same with a wrapped Linear whose raw weight is hidden from autograd
+DDP_REPARAM = dataclasses.replace(REPARAM_LINEAR, mode=Mode("ddp"),
+                                  data=dataclasses.replace(REPARAM_LINEAR.data, batch=6))
+DDP_REPARAM_ONE_STEP = dataclasses.replace(DDP_REPARAM, steps=1)
