@@ -134,10 +134,19 @@ def make_inputs(scenario: Scenario) -> list[list[torch.Tensor]]:
     return batches
 
 
-def loss_fn(kind: str, out: torch.Tensor, seed: int) -> torch.Tensor:
-    """The scenario's loss; the target is drawn on the CPU from ``seed`` so it is device-independent."""
+def loss_fn(kind: str, out: torch.Tensor, seed: int, share: tuple[int, int] | None = None) -> torch.Tensor:
+    """The scenario's loss; the target is drawn on the CPU from ``seed`` so it is device-independent.
+
+    With ``share`` (rank, world: a ``ddp`` rank's rows of the batch) the target is the whole batch's,
+    restricted to those rows: the loss of that share, mean-reduced over its rows."""
     generator = torch.Generator().manual_seed(seed)
-    target = torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+    if share is None:
+        target = torch.randn(out.shape, generator=generator)
+    else:
+        rank, world = share
+        n = out.shape[0]
+        target = torch.randn((n * world,) + tuple(out.shape[1:]), generator=generator)[rank * n:(rank + 1) * n]
+    target = target.to(device=out.device, dtype=out.dtype)
     if kind == "mse":
         return torch.nn.functional.mse_loss(out, target)
     if kind == "smooth_l1":

@@ -187,6 +187,10 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     spec = None if model is None else factory_name(model)
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
                           seed=seed, model=spec or "", mode=mode)
+    if spec is not None and mode == "ddp":
+        result.not_applicable = ("the ddp mode splits a generated model's batch between two processes; a model "
+                                 "factory's batch layout and loss are its own")
+        return result
     if spec is not None:
         tree = factory_tree(spec)  # a factory that fails says so once, here, before any search
         missing = [c.value for c in sorted(caps, key=lambda c: c.value) if not targets_for(tree, c)]

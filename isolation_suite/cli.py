@@ -64,7 +64,7 @@ def _workers(text: str) -> str:
     raise argparse.ArgumentTypeError(f"--workers takes a positive integer or 'auto', got {text!r}")
 
 
-MODES_HELP = ("execution modes, a comma list of eager, checkpoint, compile, autocast, or all (default: "
+MODES_HELP = ("execution modes, a comma list of eager, checkpoint, compile, autocast, ddp, or all (default: "
               "$ISOLATION_MODES, else all: every mode the devices run)")
 
 

@@ -68,6 +68,31 @@ class Context:
         return [p for p in self.trainable if not intent.is_frozen_param(p)]
 
     @functools.cached_property
+    def rounding(self) -> float:
+        """How far from zero the reference's gradient or step must be to count as one: exactly zero
+        (0.0) wherever the technique's run computes what the reference computes in the same order; in
+        the ``ddp`` mode, whose gradients are averages of the ranks' (a reordered sum), the rounding
+        that another summation order leaves, as between devices (``PARITY_TOLERANCE``'s ``atol``:
+        1e-5 in float32, 1e-10 in float64): a mathematically zero gradient, an attention key bias's,
+        is 5e-14 in one order and exactly 0 in another."""
+        if self.scenario.mode.kind != "ddp":
+            return 0.0
+        return PARITY_TOLERANCE[torch.float64 if self.scenario.dtype == "float64" else torch.float32]["atol"]
+
+    def reference_nonzero(self, t: torch.Tensor | None, mask: torch.Tensor | None = None) -> bool:
+        """The reference's gradient is not zero (beyond ``rounding``)."""
+        if not self.rounding or t is None:
+            return _nonzero(t, mask)
+        big = t.abs().gt(self.rounding) | t.isnan()
+        return bool((big if mask is None else big & mask).any())
+
+    def reference_moved(self, after: torch.Tensor, before: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """The reference's parameter moved (beyond ``rounding``)."""
+        if not self.rounding:
+            return _differ(after, before, mask) is not None
+        return self.reference_nonzero((after.double() - before.double()).abs(), mask)
+
+    @functools.cached_property
     def element_masks(self) -> dict[str, torch.Tensor]:
         """Path -> boolean mask of its frozen entries, for each element-frozen parameter."""
         return {path: element_mask(self.reference.initial_params[path], indices)
@@ -75,8 +100,17 @@ class Context:
 
     @functools.cached_property
     def against_reference(self) -> list:
-        """What matches-reference compares: ``_compared`` entries, technique against reference."""
-        return list(_compared(self, self.technique, self.reference))
+        """What matches-reference compares: ``_compared`` entries, technique against reference. In the
+        ``ddp`` mode an entry whose gradient has been zero up to ``rounding`` in both runs at every
+        step so far is set aside, as between devices (``against_other_device``): an adaptive
+        optimizer turns each summation order's noise into its own lr-sized move."""
+        if not self.rounding:
+            return list(_compared(self, self.technique, self.reference))
+        out = []
+        for step, kind, key, a, e in _compared(self, self.technique, self.reference):
+            aimless = _aimless(self.technique, self.reference, key, step, self.rounding) if kind == "param" else None
+            out.append((step, kind, key, a if aimless is None else torch.where(aimless.to(a.device), e, a), e))
+        return out
 
     @functools.cached_property
     def flat_against_reference(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -223,7 +257,7 @@ def gradient_flows(ctx: Context) -> Violation | None:
             return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
                              "every path from the input and the trainable parameters to the loss", step)
         for micro, (tg, rg) in enumerate(zip(tech.input_grads, ref.input_grads)):
-            if not _nonzero(tg) and _nonzero(rg):  # the technique's side first: usually it settles it
+            if not _nonzero(tg) and ctx.reference_nonzero(rg):  # the technique's side first: usually it settles it
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 return Violation(GRADIENT_FLOWS, f"input got {got} at step {step}, micro-batch {micro}; "
                                  f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
@@ -234,7 +268,7 @@ def gradient_flows(ctx: Context) -> Violation | None:
                     or not tech.requires_grad.get(path, True):
                 continue  # a parameter the technique switched off is trainable-trains' business
             rg, tg = ref.grads.get(path), tech.grads.get(path)
-            if not _nonzero(tg) and _nonzero(rg):  # the technique's side first: usually it settles it
+            if not _nonzero(tg) and ctx.reference_nonzero(rg):  # the technique's side first: usually it settles it
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 return Violation(GRADIENT_FLOWS, f"{_name(ctx, path)} (upstream of an isolated call site) got "
                                  f"{got} at step {step}; the reference's max |grad| is {_fmt(rg.abs().max())}", step)
@@ -282,7 +316,7 @@ def trainable_trains(ctx: Context) -> Violation | None:
         for path in ctx.trainable_at(step):
             free = ctx.free_masks.get(path)  # only the entries that train count
             rg, tg = rs.grads.get(path), ts.grads.get(path)
-            if not _nonzero(tg, free) and _nonzero(rg, free):
+            if not _nonzero(tg, free) and ctx.reference_nonzero(rg, free):
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 flag = "" if ts.requires_grad.get(path, True) else " (requires_grad=False)"
                 return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} got {got}{flag} at step {step}, but it "
@@ -290,7 +324,7 @@ def trainable_trains(ctx: Context) -> Violation | None:
             if path not in ts.params:
                 continue
             if _differ(ts.params[path], prev_t[path], free) is None \
-                    and _differ(rs.params[path], prev_r[path], free) is not None:
+                    and ctx.reference_moved(rs.params[path], prev_r[path], free):
                 idx, after, before = _first_difference(rs.params[path], prev_r[path], free)
                 return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference "
                                  f"moved {path}{_index(idx)} {_moved(before, after)} "

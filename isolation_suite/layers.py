@@ -3,8 +3,9 @@ built, and which class a module of a user's model must be to count as that kind.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -16,15 +17,43 @@ class SeededDropout(nn.Dropout):
     """Dropout whose mask is drawn on the CPU, so CPU and CUDA runs drop the same entries.
 
     The runner seeds the CPU generator before every module call (from the step, micro-batch,
-    module path and use), which makes the mask a function of those only.
+    module path and use), which makes the mask a function of those only. A rank of a ``ddp`` run,
+    which sees its share of the batch's rows only, draws the whole batch's mask and keeps its rows
+    (``batch_share``), so the two ranks together drop exactly what one process drops.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         # drawn in float32 whatever the dtype, so a float64 re-run drops the same units
-        keep = (torch.rand(x.shape) >= self.p).to(x.device)
+        keep = (_rows(torch.rand(_whole(x.shape))) >= self.p).to(x.device)
         return x * keep / (1.0 - self.p)
+
+
+#: (rank, world) while a ``ddp`` rank trains on its share of every batch
+_SHARE: list[tuple[int, int]] = []
+
+
+@contextlib.contextmanager
+def batch_share(rank: int, world: int) -> Iterator[None]:
+    """Within this block, generated layers see rows ``[rank * n, (rank + 1) * n)`` of each batch."""
+    _SHARE.append((rank, world))
+    try:
+        yield
+    finally:
+        _SHARE.pop()
+
+
+def _whole(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(shape) if not _SHARE else (shape[0] * _SHARE[-1][1],) + tuple(shape[1:])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if not _SHARE:
+        return x
+    rank, world = _SHARE[-1]
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n]
 
 
 def _batch_first(cls: type[nn.Module]) -> Callable[..., nn.Module]:

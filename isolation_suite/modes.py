@@ -18,6 +18,13 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   run under the same autocast, and a mismatch must show on the float64 twin, where autocast casts
   nothing. (A finding that exists only in the low precision is therefore not judged by
   ``matches-reference``; ``frozen-unchanged`` and ``gradient-flows`` are exact and still are.)
+* ``ddp``: two processes train on the two halves of every batch and DDP averages their gradients;
+  with a mean-reduced loss over equal halves that is the whole batch's gradient, so the reference
+  stays one eager process over the whole batch. Rank 0 records the trace: the loss as the average of
+  the ranks' losses, the input gradient as the ranks' input gradients stacked and halved (a rank's
+  is that of its own half's loss, twice the whole loss's). Averaging reorders a sum: float32
+  mismatches are confirmed on the float64 twin. Dropout is exact (each rank keeps its rows of the
+  whole batch's mask); a training BatchNorm is not drawn (see :mod:`isolation_suite.ddp`).
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ MODE_INFOS: tuple[ModeInfo, ...] = (
              targeted=True, example_share=0.1),
     ModeInfo("autocast", "forward and loss under torch.autocast: CPU bfloat16, CUDA float16 with a GradScaler",
              reference=True),
+    ModeInfo("ddp", "DistributedDataParallel over 2 CPU processes (gloo), each on half of every batch; "
+             "find_unused_parameters and static_graph drawn", devices=("cpu",), example_share=0.25),
 )
 MODE_BY_KIND = {info.kind: info for info in MODE_INFOS}
 assert tuple(MODE_BY_KIND) == MODE_KINDS, "scenario.MODE_KINDS and MODE_INFOS must list the same modes"

@@ -49,7 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isolation-devices", default="auto", metavar="LIST",
                     help="comma list of cpu, cuda, cuda:N, or auto (cpu plus cuda when present; default)")
     group.addoption("--isolation-modes", default=None, metavar="LIST",
-                    help="comma list of execution modes: eager, checkpoint, compile, autocast, or all "
+                    help="comma list of execution modes: eager, checkpoint, compile, autocast, ddp, or all "
                          "(every mode the devices run; default: $ISOLATION_MODES, else all)")
     group.addoption("--isolation-report", default=None, metavar="DIR",
                     help="write a report into DIR/<run-id>/ (DIR/latest points at it)")

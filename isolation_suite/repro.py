@@ -19,7 +19,7 @@ from .technique import Technique
 _PACKAGE = Path(__file__).resolve().parent
 #: harness modules the script needs; none of them imports hypothesis
 _EMBEDDED = ("optim_info", "kinds", "scenario", "technique", "loading", "layers", "tree", "models", "build", "modes",
-             "runner", "reference", "invariants", "devices", "sandbox", "judge",
+             "ddp", "runner", "reference", "invariants", "devices", "sandbox", "judge",
              "techniques/__init__", "techniques/_util", "techniques/conditions", "techniques/triggers",
              "techniques/pass_through", "techniques/freeze_module", "techniques/freeze_elements",
              "techniques/freeze_schedule", "techniques/reparameterize")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import modes
-from .models import build
+from .models import Built, build
 from .scenario import Intent, OptimizerRecipe, Scenario
 from .technique import Technique, module_param_name
 from .tree import CallSite, Router, check_intent, roles
@@ -89,8 +89,8 @@ class Trace:
 
 
 #: the parts of the loop where the technique's code runs, in order
-PHASES = ("setup", "make_optimizer", "compile", "on_intent_change", "train", "zero_grad", "forward", "backward",
-          "clip", "optimizer.step", "after_step", "record")
+PHASES = ("setup", "wrap", "make_optimizer", "compile", "on_intent_change", "train", "zero_grad", "forward",
+          "backward", "clip", "optimizer.step", "after_step", "record")
 _PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
 #: what a run mirrors into a shared buffer: step, phase index (-1: the harness's own code)
 PROGRESS = struct.Struct("ii")
@@ -151,6 +151,10 @@ class TechniqueDriver:
 
     def effective(self, path, value):
         return value
+
+    @property
+    def ddp_wrap(self) -> str:
+        return getattr(self.technique, "ddp_wrap", "after_setup")
 
 
 # --- optimizer, scheduler, clipping from the recipe -------------------------------------
@@ -301,6 +305,10 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
     torch.set_num_threads(1)
     with torch.random.fork_rng(devices=devices):
         try:
+            if scenario.mode.kind == "ddp":
+                from . import ddp
+                return ddp.run(lambda shard, at: _run(scenario, driver, str(device), at or Phase(progress), timeout,
+                                                      shard), Phase, timeout, PROGRESS)
             return _run(scenario, driver, str(device), Phase(progress), timeout)
         finally:
             torch.set_grad_enabled(grad_mode)
@@ -309,10 +317,11 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
                 torch.set_num_threads(threads)
 
 
-def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: float | None) -> Trace:
+def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: float | None,
+         shard=None) -> Trace:
     trace = Trace(device)
     try:
-        _train(scenario, driver, device, trace, at)
+        _train(scenario, driver, device, trace, at, shard)
     except BaseException as exc:  # noqa: BLE001 - whatever the technique raises is a verdict, not our error
         if not driver.guarded or at.name is None:
             raise
@@ -323,8 +332,8 @@ def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: fl
     return trace
 
 
-def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Phase) -> None:
-    built = build(scenario, device)
+def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Phase, shard=None) -> None:
+    built = build(scenario, device) if shard is None else _share(build(scenario, device), scenario, shard)
     model, tree = built.model, built.tree
     if scenario.model:
         for intent in scenario.intents:
@@ -343,18 +352,47 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     seeding = seed_every_call(model, scenario.data.seed)
     modes.before_setup(model, scenario.mode, modes.ForwardState(lambda: router, seeding))
     try:
-        _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding)
+        _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding, shard)
     finally:
         router.close()
         seeding.close()
 
 
-def _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding) -> None:
-    recipe, data, model = scenario.optimizer, scenario.data, built.model
-    state = _global_state()  # setup and make_optimizer must leave global state alone too
+def _share(built: Built, scenario: Scenario, shard) -> Built:
+    """A ``ddp`` rank's part of a run: its rows of every batch, and its rows of the loss targets."""
+    from .build import loss_fn
+    inputs = [[tuple(shard.rows(x) for x in batch) for batch in step] for step in built.inputs]
+    share = (shard.rank, shard.world)
+    return Built(built.model, inputs, lambda out, seed: loss_fn(scenario.data.loss, out, seed, share), built.tree)
+
+
+def _setup_and_wrap(scenario, driver, model, at, shard) -> nn.Module:
+    """The technique's setup and, in ``ddp`` mode, the wrapping (in the technique's order); the
+    module the loop calls forward on."""
+    wrapped = model
+    before = shard is not None and getattr(driver, "ddp_wrap", "after_setup") == "before_setup"
+    if before:
+        at.enter(0, "wrap")
+        wrapped = ddp_wrap(model, scenario.mode)
     at.enter(0, "setup")
     driver.setup(model, scenario.intent)
+    if shard is not None and not before:
+        at.enter(0, "wrap")
+        wrapped = ddp_wrap(model, scenario.mode)
     at.leave()
+    return wrapped
+
+
+def ddp_wrap(model: nn.Module, mode) -> nn.Module:
+    from .ddp import wrap
+    return wrap(model, mode)
+
+
+def _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding,
+          shard=None) -> None:
+    recipe, data, model = scenario.optimizer, scenario.data, built.model
+    state = _global_state()  # setup and make_optimizer must leave global state alone too
+    forward_model = _setup_and_wrap(scenario, driver, model, at, shard)
     at.enter(0, "make_optimizer")
     optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
     scheduler = make_scheduler(recipe, optimizer, scenario.steps)
@@ -387,7 +425,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
         record.requires_grad = dict(flags)
         precision.start_step()
         at.enter(step, "train")
-        model.train()
+        forward_model.train()
         at.enter(step, "zero_grad")
         optimizer.zero_grad(set_to_none=recipe.set_to_none)
         at.leave()
@@ -403,18 +441,19 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
             at.enter(step, "forward")
             with precision.forward():
                 with router.forward():
-                    out = model(*inputs)
+                    out = forward_model(*inputs)
                 loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))
             loss = loss / scenario.micro_batches
             at.leave()
-            record.losses.append(loss.detach().clone())
+            record.losses.append(loss.detach().clone() if shard is None else shard.whole_loss(loss))
             if loss.requires_grad:
                 at.enter(step, "backward")
                 precision.backward(loss)
                 at.leave()
             else:
                 record.loss_without_grad = True
-            record.input_grads.append(precision.input_grad(_input_grad(floats)))
+            grads = [x.grad for x in floats] if shard is None else shard.whole_input_grads(floats)
+            record.input_grads.append(precision.input_grad(_input_grad(floats, grads)))
         at.enter(step, "clip")
         precision.unscale(optimizer)
         clip_gradients(recipe, list(model.parameters()))
@@ -439,9 +478,8 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
             trace.state_leaks.append((step, change))
 
 
-def _input_grad(inputs: list[torch.Tensor]) -> torch.Tensor | None:
+def _input_grad(inputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> torch.Tensor | None:
     """The gradient that reached the inputs, flattened into one tensor (None when none did)."""
-    grads = [x.grad for x in inputs]
     if all(g is None for g in grads):
         return None
     if len(inputs) == 1:

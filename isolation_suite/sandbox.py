@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .ddp import GRACE
 from .runner import PHASES, PROGRESS, Crash, Trace, run
 from .technique import Technique
 
@@ -90,6 +91,7 @@ def settle_lazy_imports() -> None:
     (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
     it happens once in the parent, before any snapshot and before any child is forked."""
     import torch._dynamo  # noqa: F401
+    import torch.distributed  # noqa: F401 - the ddp mode's, before any child is forked
 
 
 def snapshot() -> dict[str, Any]:
@@ -288,7 +290,9 @@ class Sandbox:
             return run_in_process(self.technique, scenario, device, self.timeout)
         PROGRESS.pack_into(self.progress, 0, 0, -1)
         started = time.perf_counter()
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        # a ddp run's rank 0 reports a hang of its rank 1 itself, after the timeout: it gets a grace
+        grace = GRACE if scenario.mode.kind == "ddp" else 0.0
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout + grace
         try:
             _write(self.to_child, _request(scenario, str(device)))
         except BrokenPipeError:  # the child ended between runs (a thread the technique left behind)
@@ -327,7 +331,7 @@ class Sandbox:
         if pid == 0:  # the child: never returns
             os.close(to_child_w)
             os.close(from_child_r)
-            _child_main(self.technique, to_child_r, from_child_w, self.progress)
+            _child_main(self.technique, to_child_r, from_child_w, self.progress, self.timeout)
         os.close(to_child_r)
         os.close(from_child_w)
         self.pid, self.to_child, self.from_child = pid, to_child_w, from_child_r
@@ -388,8 +392,12 @@ class Sandbox:
             pass
 
 
-def _child_main(technique: Technique, requests: int, replies: int, progress: mmap.mmap) -> None:
-    """Serve runs until told to stop, a leak retires this copy, or the technique ends the process."""
+def _child_main(technique: Technique, requests: int, replies: int, progress: mmap.mmap,
+                timeout: float | None) -> None:
+    """Serve runs until told to stop, a leak retires this copy, or the technique ends the process.
+
+    A ``ddp`` run retires it too: it keeps that run's process group alive (see ``ddp``), and its
+    next rank 1 is forked from a copy that never ran gloo."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C belongs to the parent
@@ -413,7 +421,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             scenario, device = request
             started = time.perf_counter()
             try:
-                trace = run(scenario, _driver(technique), device, progress=progress)
+                trace = run(scenario, _driver(technique), device, progress=progress, timeout=timeout)
             except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
                 _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0))
                 break
@@ -424,8 +432,9 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             leaks = changes(before, after)
             before = after
             trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
-            _send(replies, ("trace", _map_arrays(trace, _to_numpy), bool(leaks), seconds))
-            if leaks:
+            retire = bool(leaks) or scenario.mode.kind == "ddp"
+            _send(replies, ("trace", _map_arrays(trace, _to_numpy), retire, seconds))
+            if retire:
                 break  # isolated: the next run gets a fresh copy of the parent
     except BaseException:  # noqa: BLE001 - the parent reads a lost child as a crash
         code = 70

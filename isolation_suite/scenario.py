@@ -35,7 +35,7 @@ OP_KINDS = ("call", "loop", "act", "reshape", "transpose", "save", "add")
 CONTAINER_KINDS = ("block", "sequential", "residual", "modulelist")
 INPUT_KINDS = ("float", "tokens")
 #: how the training loop runs the model (``modes.MODE_INFOS`` declares each)
-MODE_KINDS = ("eager", "checkpoint", "compile", "autocast")
+MODE_KINDS = ("eager", "checkpoint", "compile", "autocast", "ddp")
 COMPILE_BACKENDS = ("aot_eager", "eager", "inductor")
 
 #: bounds (inclusive) every scenario is held to
@@ -432,13 +432,18 @@ class Mode:
       ``setup``, as a library enables gradient checkpointing when it builds the model;
     * ``compile``: ``target.compile(backend=backend, dynamic=False)`` after the technique's setup;
     * ``autocast``: forward and loss under ``torch.autocast`` (CPU bfloat16; CUDA float16 with a
-      ``GradScaler``).
+      ``GradScaler``);
+    * ``ddp``: ``DistributedDataParallel(model, find_unused_parameters=find_unused,
+      static_graph=static_graph)`` over two CPU processes (gloo), each training on its half of every
+      batch (see :mod:`isolation_suite.ddp`).
     """
 
     kind: str = "eager"
     target: str = ""
     reentrant: bool = False
     backend: str = "aot_eager"
+    find_unused: bool = False
+    static_graph: bool = False
 
     def __post_init__(self) -> None:
         _one_of("mode", self.kind, MODE_KINDS)
@@ -447,6 +452,10 @@ class Mode:
         _one_of("compile backend", self.backend, COMPILE_BACKENDS)
         _require(self.kind in ("checkpoint", "compile") or self.target == "",
                  f"a {self.kind} mode has no target (got {self.target!r})")
+        for name in ("find_unused", "static_graph"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"mode {name} must be true or false")
+            _require(self.kind == "ddp" or not value, f"a {self.kind} mode has no {name} (only ddp has)")
 
     @property
     def eager(self) -> bool:
@@ -458,6 +467,8 @@ class Mode:
             return f"checkpoint({where.strip()}, use_reentrant={self.reentrant})"
         if self.kind == "compile":
             return f"compile({where.strip()}, backend={self.backend})"
+        if self.kind == "ddp":
+            return f"ddp(find_unused_parameters={self.find_unused}, static_graph={self.static_graph})"
         return self.kind
 
 
@@ -492,6 +503,10 @@ class Scenario:
         _one_of("dtype", self.dtype, DTYPES)
         _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
         _require(isinstance(self.model, str), f"model={self.model!r} must be a 'pkg.module:factory' string")
+        _require(self.mode.kind != "ddp" or not self.model,
+                 "the ddp mode splits a generated model's batch; a model factory's batch layout and loss are its own")
+        _require(self.mode.kind != "ddp" or self.data.batch % 2 == 0,
+                 f"the ddp mode splits the batch between two processes: batch={self.data.batch} must be even")
         if self.model:
             _require(self.architecture is None, "a scenario has either an architecture or a model factory, not both")
             module, colon, name = self.model.partition(":")

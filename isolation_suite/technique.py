@@ -53,6 +53,9 @@ class Technique:
     #: further invariant ids it is known to violate under one execution mode only
     #: (``{"checkpoint": frozenset({"trainable-trains"})}``; see ``isolation_suite.modes``)
     mode_violations: Mapping[str, frozenset[str]] = {}
+    #: in the ``ddp`` mode, when the user's code wraps the model in DistributedDataParallel:
+    #: ``"after_setup"`` (build, set up the isolation, wrap: the usual order) or ``"before_setup"``
+    ddp_wrap: str = "after_setup"
     #: where the technique comes from (a seed document id or "")
     seed: str = ""
     #: one line on how it works

@@ -283,6 +283,19 @@ def upstream_of_isolation(tree: ModelTree, intent: Intent) -> set[str]:
             if tree.node(path).params and not intent.is_frozen_module(path)}
 
 
+def leaves_parameters_unused(tree: ModelTree, intent: Intent) -> bool:
+    """The intent itself leaves a parameter outside frozen modules without gradient: a module
+    passed through at every one of its calls (its parameters, and those below it, are constants
+    wherever it runs). DistributedDataParallel then needs ``find_unused_parameters=True`` or
+    ``static_graph=True`` whatever the technique does. (Over-approximates: a module below it that is
+    also called elsewhere does get gradient.)"""
+    passed: dict[str, int] = {}
+    for path, _ in intent.pass_through:
+        passed[path] = passed.get(path, 0) + 1
+    return any(count >= tree.node(path).calls and any(_within(o, path) for o in owners(tree))
+               for path, count in passed.items())
+
+
 def feeds_region(tree: ModelTree, target: str) -> list[str]:
     """Modules with parameters called before ``target``'s first call, outside it and its ancestors:
     what can make the input of a region (a checkpointed container) need gradient."""

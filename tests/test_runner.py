@@ -105,6 +105,7 @@ SOUND_CASES = [
     ("freeze_and_eval", FROZEN_LINEAR),
     ("freeze_and_eval", FROZEN_BN),
     ("freeze_and_eval", FROZEN_AROUND),
+    ("freeze_after_wrap", FROZEN_BN),  # sound outside the ddp mode
     ("functional_detach", PASS),
     ("toggle_requires_grad", PASS),
     ("parametrize_where", ELEMENTS_ADAMW),

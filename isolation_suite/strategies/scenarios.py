@@ -11,8 +11,8 @@ import dataclasses
 
 from ..scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change, Data, Intent, Mode, Scenario
 from ..technique import Capability
-from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets, mode_targets,
-                   pass_through_targets, reparam_targets, region_needs_gradient)
+from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets, leaves_parameters_unused,
+                   mode_targets, pass_through_targets, reparam_targets, region_needs_gradient)
 
 from ._validate import check_choice, check_int
 from .architectures import architectures
@@ -111,16 +111,23 @@ def _model_scenarios(draw, model: str, chosen: frozenset[Capability], dtypes, de
 
 @st.composite
 def execution_modes(draw, tree: ModelTree | Architecture, kinds: Iterable[str] = MODE_KINDS, *,
-                    input_requires_grad: bool = True) -> Mode:
+                    input_requires_grad: bool = True, intent: Intent = Intent()) -> Mode:
     """Draw a :class:`isolation_suite.scenario.Mode` of one of ``kinds`` for a model with this tree.
 
     Shrinks toward the first kind, the whole model and ``use_reentrant=False``. A reentrant
     checkpoint is drawn only where its region's input needs gradient when nothing is frozen:
-    otherwise the region trains in no training loop at all, isolated or not.
+    otherwise the region trains in no training loop at all, isolated or not. A ``ddp`` mode draws
+    ``find_unused_parameters`` and ``static_graph``; where ``intent`` itself leaves a parameter
+    without gradient (a module passed through at every call) one of them is True, as DDP requires
+    of any user whose model does that.
     """
     kinds = check_choice("modes", kinds, MODE_KINDS)
     tree = architecture_tree(tree) if isinstance(tree, Architecture) else tree
     kind = draw(st.sampled_from(kinds))
+    if kind == "ddp":
+        find_unused = draw(st.booleans())
+        needed = not find_unused and leaves_parameters_unused(tree, intent)
+        return Mode(kind, find_unused=find_unused, static_graph=needed or draw(st.booleans()))
     if kind not in ("checkpoint", "compile"):
         return Mode(kind)
     target = draw(st.sampled_from(mode_targets(tree)))
@@ -168,6 +175,11 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
     else:
         chosen = frozenset(ordered)
     modes = check_choice("modes", modes, MODE_KINDS)
+    if "ddp" in modes and (modes == ("ddp",) or draw(st.sampled_from(modes)) == "ddp"):
+        if model is not None:
+            raise InvalidArgument("the ddp mode splits a generated model's batch: it takes no model factory")
+        return draw(_ddp_scenarios(chosen, dtypes, devices, max_blocks, max_steps, kinds))
+    modes = tuple(m for m in modes if m != "ddp") or modes
     if model is not None:
         scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
         tree = factory_tree(model)
@@ -180,6 +192,22 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         return scenario
     mode = draw(execution_modes(tree, modes, input_requires_grad=scenario.data.input_requires_grad))
     return dataclasses.replace(scenario, mode=mode)
+
+
+#: layers that normalise with the statistics of the batch they see in training mode: a rank sees half
+#: of it, so its output differs from the whole batch's by design (SyncBatchNorm does not run on the CPU)
+BATCH_STATISTICS_KINDS = ("batchnorm1d", "batchnorm2d")
+
+
+@st.composite
+def _ddp_scenarios(draw, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
+    """A scenario in the ``ddp`` mode: no BatchNorm (a BatchNorm inside a frozen module is judged by
+    the trigger examples), and twice the drawn batch, so each rank trains on what one process would."""
+    kinds = tuple(k for k in kinds if k not in BATCH_STATISTICS_KINDS)
+    scenario = draw(_generated(chosen, dtypes, devices, max_blocks, max_steps, kinds))
+    mode = draw(execution_modes(scenario.architecture, ("ddp",), intent=scenario.intent))
+    data = dataclasses.replace(scenario.data, batch=2 * scenario.data.batch)
+    return dataclasses.replace(scenario, data=data, mode=mode)
 
 
 @st.composite

@@ -19,8 +19,8 @@ from . import conditions as c
 from . import triggers as t
 from .freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, ParametrizeWhere, RestoreAfterStep,
                               TensorHookMask)
-from .freeze_module import (FreezeAndEval, FreezeEnableInputGrads, LrZeroGroup, LrZeroGroupSeed, NameSubstring,
-                            NoGradRegion, OptimizerFilter, RequiresGradFalse)
+from .freeze_module import (FreezeAfterWrap, FreezeAndEval, FreezeEnableInputGrads, LrZeroGroup, LrZeroGroupSeed,
+                            NameSubstring, NoGradRegion, OptimizerFilter, RequiresGradFalse)
 from .freeze_schedule import UnfreezeAddParamGroup, UnfreezeFlagOnly
 from .pass_through import FunctionalDetach, NoGradCall, ToggleRequiresGrad
 from .reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, WeightDropoutTechnique
@@ -51,8 +51,10 @@ class CatalogEntry:
     def name(self) -> str:
         return self.technique.name
 
-    def condition_for(self, invariant: str) -> Condition | None:
-        return next((x for x in self.conditions if x.invariant == invariant), None)
+    def condition_for(self, invariant: str, mode: str | None = None) -> Condition | None:
+        """The row's condition for ``invariant``; with ``mode``, one that can hold in that mode first."""
+        found = [x for x in self.conditions if x.invariant == invariant]
+        return next((x for x in found if mode is None or x.in_mode(mode)), found[0] if found else None)
 
     def explains(self, invariant: str, scenario: Scenario) -> bool:
         """Some condition of ``invariant`` for the scenario's mode holds on it: the known trigger is there."""
@@ -78,6 +80,22 @@ STARVED = (
     Condition("no-crash", "as above, and nothing else reaches the loss: backward raises 'element 0 of tensors "
               "does not require grad'", c.reentrant_checkpoint_starved, (), ("checkpoint",)),
 )
+
+def ddp_unreduced(examples: tuple[Scenario, Scenario]) -> tuple[Condition, ...]:
+    """The conditions of a row that leaves a parameter DDP reduces without gradient (frozen after
+    wrapping, cut by no_grad, hidden by ``.data``) under DDP's defaults; ``examples``: a two-step
+    and a one-step trigger of the row's capability."""
+    return (
+        Condition("no-crash", "a parameter DistributedDataParallel reduces gets no gradient and neither "
+                  "find_unused_parameters nor static_graph is set: the next forward raises 'Expected to have "
+                  "finished reduction in the prior iteration'", c.ddp_unused_raises, examples[:1], ("ddp",)),
+        Condition("matches-reference", "as above: the bucket holding that parameter is never reduced, so the "
+                  "other gradients in it are one rank's own, not the average", c.ddp_reduces_unused, examples[1:],
+                  ("ddp",)),
+    )
+
+
+DDP_UNREDUCED = ddp_unreduced((t.DDP_FROZEN, t.DDP_FROZEN_ONE_STEP))
 
 CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(FunctionalDetach),
@@ -108,6 +126,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
                   (t.REFREEZE_MOMENTUM,)),
     ) + TRAIN_MODE[:1] + TRAIN_MODE[2:] + STARVED),
     CatalogEntry(UnfreezeAddParamGroup, STARVED),
+    CatalogEntry(FreezeAfterWrap, STARVED + DDP_UNREDUCED),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",
                   c.has_multi_element_parameter, (t.FROZEN_LINEAR,)),) + TRAIN_MODE),
@@ -129,7 +148,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         Condition("matches-reference", "a BatchNorm or Dropout inside the frozen module runs in training mode, "
                   "or something upstream needs gradient that no_grad cuts",
                   lambda s: c.frozen_has_train_mode_layer(s) or c.upstream_needs_gradient(s), (t.FROZEN_DROPOUT,)),
-    ) + STARVED),
+    ) + STARVED + DDP_UNREDUCED),
     CatalogEntry(NameSubstring, (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
                   c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE + STARVED),
@@ -155,7 +174,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(ParametrizeWhere),
     CatalogEntry(WeightDropoutDataTechnique, (
         Condition("trainable-trains", "the raw weights never get gradient", c.reparameterized,
-                  (t.REPARAM_RNN, t.REPARAM_LINEAR)),)),
+                  (t.REPARAM_RNN, t.REPARAM_LINEAR)),) + ddp_unreduced((t.DDP_REPARAM, t.DDP_REPARAM_ONE_STEP))),
     CatalogEntry(WeightDropoutTechnique),
     CatalogEntry(ParametrizeDropConnect),
 )
@@ -182,10 +201,20 @@ def explicit_examples(capabilities: Iterable[Capability], mode: str = "eager") -
 
 def in_mode(scenario: Scenario, kind: str) -> Scenario:
     """``scenario`` run in execution mode ``kind``: unchanged when it is in that mode already, else
-    with the mode over the whole model (a reentrant checkpoint where the input needs gradient)."""
+    with the mode over the whole model (a reentrant checkpoint where the input needs gradient; in
+    ``ddp``, the default options and twice the batch, so that each rank trains on the trigger's)."""
     if scenario.mode.kind == kind:
         return scenario
+    if kind == "ddp":
+        data = dataclasses.replace(scenario.data, batch=2 * scenario.data.batch)
+        return dataclasses.replace(scenario, mode=_ddp_mode(scenario), data=data)
     return dataclasses.replace(scenario, mode=_modes_over(tree_of(scenario), kind, scenario.data)[0])
+
+
+def _ddp_mode(scenario: Scenario) -> Mode:
+    """DDP's defaults, or ``static_graph=True`` where the intent itself leaves a parameter unused."""
+    from ..tree import leaves_parameters_unused
+    return Mode("ddp", static_graph=leaves_parameters_unused(tree_of(scenario), scenario.intent))
 
 
 def _modes_over(tree, kind: str, data: Data) -> list[Mode]:

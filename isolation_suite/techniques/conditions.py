@@ -136,3 +136,16 @@ def pass_through_in_reentrant_checkpoint(s: Scenario) -> bool:
     from it, a ``no_grad`` call leaves the recomputation no output that requires grad, and backward
     raises ``none of output has requires_grad=True``."""
     return _pass_through_in_checkpoint(s, reentrant=True)
+
+
+def ddp_reduces_unused(s: Scenario) -> bool:
+    """The ``ddp`` mode with neither ``find_unused_parameters`` nor ``static_graph``: DDP expects a
+    gradient for every parameter that required one when it was wrapped. One that gets none leaves its
+    bucket unreduced (the other gradients in it stay the rank's own: ``matches-reference``)."""
+    return s.mode.kind == "ddp" and not s.mode.find_unused and not s.mode.static_graph
+
+
+def ddp_unused_raises(s: Scenario) -> bool:
+    """As above, with a second forward in the run (a second step or micro-batch): it raises
+    'Expected to have finished reduction in the prior iteration'."""
+    return ddp_reduces_unused(s) and s.steps * s.micro_batches >= 2

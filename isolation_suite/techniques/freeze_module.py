@@ -17,6 +17,11 @@ TRAIN_MODE_BREAKS = frozenset({"frozen-unchanged", "gradient-flows", "matches-re
 #: region gets no gradient (trainable-trains), or backward raises when nothing else reaches the loss
 #: (pytorch#7617, transformers#21381, open_clip#573)
 STARVES_REENTRANT_CHECKPOINT = {"checkpoint": frozenset({"trainable-trains", "no-crash"})}
+#: what a parameter that DistributedDataParallel reduces and that gets no gradient breaks under DDP's
+#: defaults (find_unused_parameters=False, static_graph=False): its bucket is never reduced, so the
+#: other gradients in it stay one rank's own (matches-reference), and the next forward raises
+#: 'Expected to have finished reduction in the prior iteration' (no-crash)
+LEAVES_DDP_BUCKET_UNREDUCED = {"ddp": frozenset({"no-crash", "matches-reference"})}
 
 
 class RequiresGradFalse(Technique):
@@ -59,6 +64,16 @@ class FreezeAndEval(OptimizerFilter):
             frozen = model.get_submodule(path)
             frozen.eval()
             frozen.train = types.MethodType(_stay_in_eval, frozen)
+
+
+class FreezeAfterWrap(FreezeAndEval):
+    name = "freeze_after_wrap"
+    seed = "pytorch#22049, ClassyVision#398"
+    # DDP builds its reducer over the parameters that require grad when it wraps the model: one
+    # frozen afterwards is still expected to get a gradient in every backward
+    ddp_wrap = "before_setup"
+    mode_violations = {**STARVES_REENTRANT_CHECKPOINT, **LEAVES_DDP_BUCKET_UNREDUCED}
+    summary = "freeze_and_eval's freezing, done after the model was wrapped in DistributedDataParallel"
 
 
 def _output_requires_grad(module, args, output):
@@ -128,7 +143,8 @@ class NoGradRegion(Technique):
     capabilities = FREEZE
     # no_grad cuts the graph (nothing upstream trains), and BatchNorm still updates under it
     expected_violations = TRAIN_MODE_BREAKS
-    mode_violations = STARVES_REENTRANT_CHECKPOINT
+    # the frozen module's parameters still require grad when DDP wraps the model, and get none
+    mode_violations = {**STARVES_REENTRANT_CHECKPOINT, **LEAVES_DDP_BUCKET_UNREDUCED}
     summary = "the frozen module's forward under torch.no_grad()"
 
     def call(self, module, args, role):

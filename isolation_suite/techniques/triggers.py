@@ -116,3 +116,16 @@ THAW_BATCHNORM = dataclasses.replace(FROZEN_BATCHNORM, steps=3, schedule=(Change
 PASS_LAST_CALL = scenario([linear("pre"), linear("fc")], ["pre", "fc", "fc"], Intent(pass_through=(("fc", 1),)))
 PASS_CHECKPOINTED = dataclasses.replace(PASS_LAST_CALL, mode=Mode("checkpoint", "", reentrant=False))
 PASS_REENTRANT = dataclasses.replace(PASS_LAST_CALL, mode=Mode("checkpoint", "", reentrant=True))
+
+
+# --- the ddp mode ------------------------------------------------------------------------
+#: the ``ddp`` mode with DDP's defaults (find_unused_parameters=False, static_graph=False), each rank on a
+#: batch of 3: a parameter that DDP reduces and that gets no gradient leaves its bucket unreduced
+#: (one step: the other gradients are the rank's own) and the next forward raises
+DDP_FROZEN = dataclasses.replace(FROZEN_LINEAR, mode=Mode("ddp"),
+                                 data=dataclasses.replace(FROZEN_LINEAR.data, batch=6))
+DDP_FROZEN_ONE_STEP = dataclasses.replace(DDP_FROZEN, steps=1)
+#: the same with a wrapped Linear whose raw weight is hidden from autograd
+DDP_REPARAM = dataclasses.replace(REPARAM_LINEAR, mode=Mode("ddp"),
+                                  data=dataclasses.replace(REPARAM_LINEAR.data, batch=6))
+DDP_REPARAM_ONE_STEP = dataclasses.replace(DDP_REPARAM, steps=1)
