@@ -204,7 +204,9 @@ def _ddp_scenarios(draw, chosen, dtypes, devices, max_blocks: int, max_steps: in
     """A scenario in the ``ddp`` mode: no BatchNorm (a BatchNorm inside a frozen module is judged by
     the trigger examples), and twice the drawn batch, so each rank trains on what one process would."""
     kinds = tuple(k for k in kinds if k not in BATCH_STATISTICS_KINDS)
-    scenario = draw(_generated(chosen, dtypes, devices, max_blocks, max_steps, kinds))
+    scenario = _generated(draw, chosen, dtypes, devices, max_blocks, max_steps, kinds)
+    if Capability.FREEZE_SCHEDULE in chosen:
+        scenario = draw(with_freeze_schedule(architecture_tree(scenario.architecture), scenario))
     mode = draw(execution_modes(scenario.architecture, ("ddp",), intent=scenario.intent))
     data = dataclasses.replace(scenario.data, batch=2 * scenario.data.batch)
     return dataclasses.replace(scenario, data=data, mode=mode)

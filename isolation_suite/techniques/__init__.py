@@ -125,7 +125,9 @@ CATALOG: tuple[CatalogEntry, ...] = (
                   "BatchNorm updates", lambda s: c.refreezes_into_a_moving_optimizer(s) or c.frozen_has_batchnorm(s),
                   (t.REFREEZE_MOMENTUM,)),
     ) + TRAIN_MODE[:1] + TRAIN_MODE[2:] + STARVED),
-    CatalogEntry(UnfreezeAddParamGroup, STARVED),
+    CatalogEntry(UnfreezeAddParamGroup, STARVED + (
+        Condition("matches-reference", "a module thawed after DDP wrapped the model: DDP never averages its "
+                  "gradient (each rank steps on its own half)", c.ddp_thaws_after_wrap, (t.DDP_THAW,), ("ddp",)),)),
     CatalogEntry(FreezeAfterWrap, STARVED + DDP_UNREDUCED),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",

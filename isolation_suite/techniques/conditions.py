@@ -149,3 +149,10 @@ def ddp_unused_raises(s: Scenario) -> bool:
     """As above, with a second forward in the run (a second step or micro-batch): it raises
     'Expected to have finished reduction in the prior iteration'."""
     return ddp_reduces_unused(s) and s.steps * s.micro_batches >= 2
+
+
+def ddp_thaws_after_wrap(s: Scenario) -> bool:
+    """A module thawed after DDP wrapped the model: DDP registered only the parameters that needed
+    gradient when it was built, so the thawed module's gradient is never averaged across ranks
+    (each rank steps on its own half of the batch)."""
+    return s.mode.kind == "ddp" and thaws_a_module(s)

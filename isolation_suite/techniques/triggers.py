@@ -129,3 +129,6 @@ DDP_FROZEN_ONE_STEP = dataclasses.replace(DDP_FROZEN, steps=1)
 DDP_REPARAM = dataclasses.replace(REPARAM_LINEAR, mode=Mode("ddp"),
                                   data=dataclasses.replace(REPARAM_LINEAR.data, batch=6))
 DDP_REPARAM_ONE_STEP = dataclasses.replace(DDP_REPARAM, steps=1)
+
+#: a module thawed at step 2, after DDP wrapped the model
+DDP_THAW = dataclasses.replace(THAW, mode=Mode("ddp"), data=dataclasses.replace(THAW.data, batch=6))
