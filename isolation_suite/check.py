@@ -301,7 +301,8 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         return verdict
 
     try:
-        examples = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
+        examples = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode, technique.name)) \
+            if explicit else ()
         for scenario in examples:
             spent()
             result.explicit += 1

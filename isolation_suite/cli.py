@@ -308,11 +308,18 @@ def _fuzz_techniques(text: str | None) -> dict:
     return {spec: load_technique(spec) for spec in specs}
 
 
-def item_budget(budget: float, workers: int, items: int) -> float:
-    """Seconds per item: each worker runs its share of the items one after another, with a
-    fifth of the budget kept for start-up and the report. Items never run past the run's
-    deadline either (``--isolation-deadline``), so the whole run ends within the budget plus
-    one example."""
+def _item_mode(name: str) -> str:
+    """``tech[CAP-cpu-compile]`` -> ``compile``; an item without a mode is eager."""
+    from .modes import MODE_BY_KIND
+    last = name.rstrip("]").rpartition("-")[2]
+    return last if last in MODE_BY_KIND else "eager"
+
+
+def item_budget(budget: float, workers: int, items: float) -> float:
+    """Seconds per item of weight 1 (``items``: the items' summed mode weights): each worker runs
+    its share of the items one after another, with a fifth of the budget kept for start-up and the
+    report. Items never run past the run's deadline either (``--isolation-deadline``), so the whole
+    run ends within the budget plus one example."""
     return budget * min(workers, items) / max(items, 1) * 0.8
 
 
@@ -352,7 +359,10 @@ def cmd_fuzz(args) -> int:
     items = len(chosen)
     # with --sweep, one pytest item (a sweep) per capability, device and mode judges its items together
     groups = len({name.rpartition("[")[2] for name in chosen}) if args.sweep else items
-    per_item = item_budget(args.budget, min(workers, groups), items)
+    # an item's budget is per_item times its mode's weight (a compiled item gets more time)
+    from .modes import MODE_BY_KIND
+    weighted = sum(MODE_BY_KIND[_item_mode(name)].budget_weight for name in chosen)
+    per_item = item_budget(args.budget, min(workers, groups), weighted)
     reports = _writable(args.report_dir)
     rid = run_id()
     run_dir = _writable(str(reports / rid))

@@ -323,6 +323,12 @@ def trainable_trains(ctx: Context) -> Violation | None:
                                  f"trains in the reference (max |grad| {_fmt(rg.abs().max())})", step)
             if path not in ts.params:
                 continue
+            if ctx.rounding:
+                # an entry whose gradient was zero up to rounding in both runs so far has no step of
+                # its own: an adaptive optimizer turns rounding noise into a move (RMSprop: 1e-13 -> 4e-9)
+                aimless = _aimless(tech, ref, path, step, ctx.rounding)
+                if aimless is not None:
+                    free = ~aimless.to(rs.params[path].device) if free is None else free & ~aimless.to(free.device)
             if _differ(ts.params[path], prev_t[path], free) is None \
                     and ctx.reference_moved(rs.params[path], prev_r[path], free):
                 idx, after, before = _first_difference(rs.params[path], prev_r[path], free)

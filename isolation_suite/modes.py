@@ -53,6 +53,9 @@ class ModeInfo:
     targeted: bool = False
     #: the share of a search's examples judged in this mode (compiling costs a second or more per run)
     example_share: float = 1.0
+    #: its share of a run's time budget, against an eager item's 1 (a compiled run costs about 40 eager
+    #: ones, a ddp run about 16: a known-bad row's trigger examples must still run within it)
+    budget_weight: float = 1.0
 
 
 MODE_INFOS: tuple[ModeInfo, ...] = (
@@ -60,11 +63,12 @@ MODE_INFOS: tuple[ModeInfo, ...] = (
     ModeInfo("checkpoint", "a container (or the whole model) under torch.utils.checkpoint, use_reentrant drawn",
              targeted=True),
     ModeInfo("compile", "torch.compile of the model or a container (backend aot_eager), dynamic=False",
-             targeted=True, example_share=0.1),
+             targeted=True, example_share=0.1, budget_weight=4.0),
     ModeInfo("autocast", "forward and loss under torch.autocast: CPU bfloat16, CUDA float16 with a GradScaler",
              reference=True),
     ModeInfo("ddp", "DistributedDataParallel over 2 CPU processes (gloo), each on half of every batch; "
-             "find_unused_parameters and static_graph drawn", devices=("cpu",), example_share=0.25),
+             "find_unused_parameters and static_graph drawn", devices=("cpu",), example_share=0.25,
+             budget_weight=2.0),
 )
 MODE_BY_KIND = {info.kind: info for info in MODE_INFOS}
 assert tuple(MODE_BY_KIND) == MODE_KINDS, "scenario.MODE_KINDS and MODE_INFOS must list the same modes"

@@ -58,7 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isolation-max-examples", type=int, default=None, metavar="N",
                     help="generated examples per item, at most (default: the Hypothesis profile's)")
     group.addoption("--isolation-budget", type=float, default=None, metavar="SECONDS",
-                    help="time budget per item, shrinking included")
+                    help="time budget per item, shrinking included, times its mode's weight (compile 4, ddp 2)")
     group.addoption("--isolation-deadline", type=float, default=None, metavar="EPOCH",
                     help="no item runs past this time (seconds since the epoch); items not started by then "
                          "are recorded as not run")
@@ -262,7 +262,7 @@ class IsolationItem(pytest.Item):
         from .report import error_record, outcome, reason, record
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
-        budget, deadline = cfg.getoption("isolation_budget"), cfg.getoption("isolation_deadline")
+        budget, deadline = _weighted(cfg.getoption("isolation_budget"), self.mode), cfg.getoption("isolation_deadline")
         if deadline is not None:
             left = deadline - time.time()
             if left <= 0:
@@ -309,6 +309,12 @@ class IsolationItem(pytest.Item):
         return self.path, None, f"isolation gate: {self.name}"
 
 
+def _weighted(budget: float | None, mode: str) -> float | None:
+    """An item's budget: ``--isolation-budget`` times its mode's weight (``ModeInfo.budget_weight``)."""
+    from .modes import MODE_BY_KIND
+    return None if budget is None else budget * MODE_BY_KIND[mode].budget_weight
+
+
 def item_name(technique, capability, device: str, mode: str = "eager") -> str:
     return f"{technique.name}[{capability.value}-{device}" + ("" if mode == "eager" else f"-{mode}") + "]"
 
@@ -341,7 +347,7 @@ class SweepItem(pytest.Item):
         from .sweep import sweep
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
-        budget, deadline = cfg.getoption("isolation_budget"), cfg.getoption("isolation_deadline")
+        budget, deadline = _weighted(cfg.getoption("isolation_budget"), self.mode), cfg.getoption("isolation_deadline")
         if budget is not None:
             budget *= len(self.members)  # the budget its items would have had, one after another
         if deadline is not None:

@@ -1,5 +1,6 @@
 """The ddp execution mode: two gloo ranks started by the harness, their trace against the whole batch's."""
 import dataclasses
+import json
 import os
 
 import pytest
@@ -179,3 +180,31 @@ def test_a_model_factory_is_not_applicable_in_ddp():
     from isolation_suite.check import search
     result = search(iso.catalog()["freeze_and_eval"], mode="ddp", model="isolation_suite.zoo:resnet_cnn")
     assert result.not_applicable.startswith("the ddp mode splits") and result.judged == 0
+
+
+def test_a_rounding_gradient_moved_by_an_adaptive_optimizer_is_not_a_missed_step():
+    """Found by the main job: a LayerNorm(1) bias has a zero gradient in exact arithmetic; one process
+    computes 1e-13 and centered RMSprop makes a 4e-9 step of it, the averaged gradient is 0 and nothing
+    moves. Under ddp neither is a step of the entry's own."""
+    scenario = iso.Scenario.from_json(json.dumps({
+        "architecture": {"containers": [{"kind": "modulelist", "path": "gen.0", "program": [
+            {"kind": "call", "shape": [], "target": "gen.0.0"}]}, {"kind": "block", "path": "gen", "program": [
+                {"kind": "call", "shape": [], "target": "gen.fc10"}, {"kind": "loop", "shape": [], "target": "gen.0"}]}],
+            "input_kind": "tokens", "input_shape": [2], "layers": [
+                {"args": [["embedding_dim", 1], ["num_embeddings", 4]], "kind": "embedding", "path": "layer10"},
+                {"args": [["dilation", 1], ["groups", 1], ["in_channels", 2], ["kernel_size", 3], ["out_channels", 2],
+                          ["padding", 1], ["stride", 2]], "kind": "conv2d", "path": "fc1"},
+                {"args": [["normalized_shape", 1]], "kind": "layernorm", "path": "gen.fc10"},
+                {"args": [["num_channels", 2], ["num_groups", 1]], "kind": "groupnorm", "path": "gen.0.0"}],
+            "program": [{"kind": "call", "shape": [], "target": "layer10"},
+                        {"kind": "reshape", "shape": [2, 1, 1], "target": ""},
+                        {"kind": "call", "shape": [], "target": "fc1"}, {"kind": "act", "shape": [], "target": "tanh"},
+                        {"kind": "call", "shape": [], "target": "gen"}], "ties": [], "vocab": 4},
+        "data": {"batch": 8, "input_requires_grad": False, "loss": "mse", "seed": 3875}, "dtype": "float64",
+        "init_seed": 2265, "intent": {"frozen_elements": [["layer10.weight", [[1, 0], [2, 0], [3, 0]]]],
+                                      "frozen_modules": [], "pass_through": [], "reparameterized": []},
+        "micro_batches": 2, "mode": {"kind": "ddp"}, "model": "",
+        "optimizer": {"args": [["centered", True], ["foreach", False], ["lr", 0.01], ["momentum", 0.9],
+                               ["weight_decay", 0.0]], "clip": "value", "clip_value": 1.0, "name": "RMSprop",
+                      "scheduler": "OneCycleLR", "set_to_none": True}, "schedule": [], "steps": 2}))
+    assert iso.check(iso.catalog()["parametrize_where"], scenario).ok

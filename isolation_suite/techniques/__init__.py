@@ -97,16 +97,25 @@ def ddp_unreduced(examples: tuple[Scenario, Scenario]) -> tuple[Condition, ...]:
 
 DDP_UNREDUCED = ddp_unreduced((t.DDP_FROZEN, t.DDP_FROZEN_ONE_STEP))
 
+#: pass-through rows whose detaching is over when backward recomputes a checkpointed module they pass through
+PASS_REGION = (
+    Condition("matches-reference", "the passed-through module's own forward is checkpointed (reentrant): backward "
+              "recomputes it outside the technique's call, with the real parameters, and they get gradient",
+              c.checkpointed_inside_pass_through, (t.PASS_REGION_REENTRANT,), ("checkpoint",)),
+    Condition("no-crash", "as above, non-reentrant: the recomputed tensors differ in metadata from the forward's "
+              "(CheckpointError)", c.checkpointed_inside_pass_through, (t.PASS_REGION,), ("checkpoint",)),
+)
+
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry(FunctionalDetach),
-    CatalogEntry(ToggleRequiresGrad, (
+    CatalogEntry(FunctionalDetach, PASS_REGION),
+    CatalogEntry(ToggleRequiresGrad, PASS_REGION + (
         Condition("state-restored", "a non-reentrant checkpoint's recomputation stops early inside the call "
                   "(checkpoint's early stop): requires_grad is left False", c.pass_through_recomputed_non_reentrant,
                   (), ("checkpoint",)),
         Condition("no-crash", "as above; the next recomputation then differs from its forward (CheckpointError)",
                   c.pass_through_recomputed_non_reentrant, (t.PASS_CHECKPOINTED,), ("checkpoint",)),
     )),
-    CatalogEntry(NoGradCall, (
+    CatalogEntry(NoGradCall, PASS_REGION[:1] + (
         Condition("gradient-flows", "something upstream of the pass-through call needs gradient",
                   c.upstream_needs_gradient, (t.PASS_UPSTREAM,)),
         Condition("no-crash", "a reentrant checkpoint's region ends in the no_grad call: its recomputation has no "
@@ -153,7 +162,9 @@ CATALOG: tuple[CatalogEntry, ...] = (
     ) + STARVED + DDP_UNREDUCED),
     CatalogEntry(NameSubstring, (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
-                  c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE + STARVED),
+                  c.names_collide, (t.NAMES_COLLIDE,)),) + TRAIN_MODE + STARVED + (
+        Condition("no-crash", "under ddp the collision freezes every parameter: DDP refuses a model with nothing "
+                  "that requires a gradient", c.ddp_names_freeze_everything, (t.DDP_NAMES_COLLIDE,), ("ddp",)),)),
     CatalogEntry(BackwardHookZeroGrad, (
         Condition("no-crash", "the hook fires before weight.grad exists: the module's input needs no gradient, "
                   "or the module is called more than once (its weight's gradient is summed after the last "
@@ -187,13 +198,15 @@ def catalog() -> dict[str, Technique]:
     return {entry.name: entry.technique() for entry in CATALOG}
 
 
-def explicit_examples(capabilities: Iterable[Capability], mode: str = "eager") -> tuple[Scenario, ...]:
+def explicit_examples(capabilities: Iterable[Capability], mode: str = "eager",
+                      first: str | None = None) -> tuple[Scenario, ...]:
     """The trigger scenarios of every catalog row whose capabilities lie within ``capabilities``,
-    in catalog order, without repeats, run in execution mode ``mode`` (a trigger of another mode's
-    condition is left out): what the search judges before it draws anything."""
+    in catalog order (the row named ``first`` before the others: a known-bad row meets its own
+    triggers first, however short its budget), without repeats, run in execution mode ``mode`` (a
+    trigger of another mode's condition is left out): what the search judges before it draws anything."""
     caps = frozenset(capabilities)
     seen: dict[Scenario, None] = {}
-    for row in CATALOG:
+    for row in sorted(CATALOG, key=lambda r: r.name != first):
         if row.technique.capabilities <= caps:
             for condition in row.conditions:
                 if condition.in_mode(mode):

@@ -156,3 +156,22 @@ def ddp_thaws_after_wrap(s: Scenario) -> bool:
     gradient when it was built, so the thawed module's gradient is never averaged across ranks
     (each rank steps on its own half of the batch)."""
     return s.mode.kind == "ddp" and thaws_a_module(s)
+
+
+def checkpointed_inside_pass_through(s: Scenario) -> bool:
+    """The checkpointed region is a module passed through at some call, or lies inside one: the
+    technique's parameter swap (``functional_call``, toggled flags) is over when backward recomputes
+    the region, so the recomputation uses the real parameters. Reentrant: their gradient flows
+    (``matches-reference``); non-reentrant: the recomputed tensors' metadata differ (``no-crash``)."""
+    mode = s.mode
+    if mode.kind != "checkpoint" or mode.target == "":
+        return False
+    return any(mode.target == path or mode.target.startswith(path + ".") for path, _ in s.intent.pass_through)
+
+
+def ddp_names_freeze_everything(s: Scenario) -> bool:
+    """The ``ddp`` mode where colliding names freeze every parameter: DDP refuses to wrap a model
+    with nothing that requires a gradient."""
+    if s.mode.kind != "ddp" or not names_collide(s):
+        return False
+    return all(any(f in p for f in s.intent.frozen_modules) for p in tree_of(s).parameters)

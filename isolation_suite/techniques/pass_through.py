@@ -11,6 +11,8 @@ class FunctionalDetach(Technique):
     name = "functional_detach"
     seed = "000"
     capabilities = frozenset({Capability.PASS_THROUGH})
+    # where the module's own forward is checkpointed, the swap is over when backward recomputes it
+    mode_violations = {"checkpoint": frozenset({"matches-reference", "no-crash"})}
     summary = "the seed's F.linear(x, w.detach(), b.detach()), generalised with functional_call"
 
     def call(self, module, args, role):
@@ -25,8 +27,9 @@ class ToggleRequiresGrad(Technique):
     capabilities = frozenset({Capability.PASS_THROUGH})
     # not exception-safe: a non-reentrant checkpoint's recomputation that stops early inside the call
     # leaves the module with requires_grad=False (state-restored; the next step's recomputation then
-    # differs from its forward: no-crash)
-    mode_violations = {"checkpoint": frozenset({"state-restored", "no-crash"})}
+    # differs from its forward: no-crash); and where the module's own forward is checkpointed, the
+    # flags are back on when backward recomputes it
+    mode_violations = {"checkpoint": frozenset({"state-restored", "no-crash", "matches-reference"})}
     summary = "requires_grad_(False) around the call, requires_grad_(True) after it"
 
     def call(self, module, args, role):
@@ -44,7 +47,7 @@ class NoGradCall(Technique):
     capabilities = frozenset({Capability.PASS_THROUGH})
     expected_violations = frozenset({"gradient-flows"})
     # a reentrant checkpoint whose region ends in the no_grad call: backward raises
-    mode_violations = {"checkpoint": frozenset({"no-crash"})}
+    mode_violations = {"checkpoint": frozenset({"no-crash", "matches-reference"})}
     summary = "with torch.no_grad() around the call: cuts the gradient to the input too"
 
     def call(self, module, args, role):

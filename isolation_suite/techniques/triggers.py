@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..scenario import Change, Data, Intent, Layer, Mode, OptimizerRecipe, Scenario, chain
+from ..scenario import Architecture, Change, Container, Data, Intent, Layer, Mode, Op, OptimizerRecipe, Scenario, chain
 
 SGD = OptimizerRecipe("SGD", (("lr", 0.1),))
 
@@ -132,3 +132,16 @@ DDP_REPARAM_ONE_STEP = dataclasses.replace(DDP_REPARAM, steps=1)
 
 #: a module thawed at step 2, after DDP wrapped the model
 DDP_THAW = dataclasses.replace(THAW, mode=Mode("ddp"), data=dataclasses.replace(THAW.data, batch=6))
+
+#: a container called twice, its first call passed through, its own forward checkpointed (as a
+#: library's checkpointed layer does it: the checkpoint inside the module's call)
+PASS_CONTAINER = dataclasses.replace(
+    FROZEN_LINEAR, intent=Intent(pass_through=(("blk", 0),)),
+    architecture=Architecture((2,), (linear("pre"), linear("blk.lin")), (Op("call", "pre"), Op("call", "blk"),
+                                                                         Op("call", "blk")),
+                              containers=(Container("blk", "block", (Op("call", "blk.lin"),)),)))
+PASS_REGION_REENTRANT = dataclasses.replace(PASS_CONTAINER, mode=Mode("checkpoint", "blk", reentrant=True))
+PASS_REGION = dataclasses.replace(PASS_CONTAINER, mode=Mode("checkpoint", "blk", reentrant=False))
+#: colliding names in the ddp mode: the substring freezes every parameter, and DDP refuses to wrap it
+DDP_NAMES_COLLIDE = dataclasses.replace(NAMES_COLLIDE, mode=Mode("ddp"),
+                                        data=dataclasses.replace(NAMES_COLLIDE.data, batch=6))
