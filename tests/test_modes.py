@@ -255,11 +255,11 @@ def test_a_plugin_technique_is_checked_per_mode_from_the_cli(tmp_path, monkeypat
 def test_check_runs_every_mode_by_default(monkeypatch, capsys):
     from isolation_suite.cli import main
     monkeypatch.delenv("ISOLATION_MODES", raising=False)
-    assert main(["check", "functional_detach", "--max-examples", "1"]) == 0
+    assert main(["check", "parametrize_where", "--max-examples", "1"]) == 0
     out = capsys.readouterr().out
-    assert "[PASS_THROUGH on cpu]" in out and [m for m in ("checkpoint", "compile", "autocast")
-                                               if f"[PASS_THROUGH on cpu, {m}]" in out] == ["checkpoint", "compile",
-                                                                                            "autocast"]
+    modes = ("checkpoint", "compile", "autocast", "ddp")
+    assert "[FREEZE_ELEMENTS on cpu]" in out and [m for m in modes if f"[FREEZE_ELEMENTS on cpu, {m}]" in out] \
+        == list(modes)
 
 
 def test_an_unknown_mode_is_one_line_and_exit_2(capsys):
