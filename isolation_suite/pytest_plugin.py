@@ -259,19 +259,10 @@ class IsolationItem(pytest.Item):
 
     def runtest(self) -> None:
         from .check import failure_message, search, search_line
-        from .report import error_record, outcome, reason, record
+        from .report import outcome, reason, record
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
-        budget, deadline = _weighted(cfg.getoption("isolation_budget"), self.mode), cfg.getoption("isolation_deadline")
-        if deadline is not None:
-            left = deadline - time.time()
-            if left <= 0:
-                message = f"not run: the run's time budget was spent before {self.name} started"
-                if report_dir is not None:
-                    error_record(report_dir, self.technique, [self.capability.value], self.device, message,
-                                 self.spec, outcome="not-run", mode=self.mode)
-                raise IsolationGateError(message)
-            budget = left if budget is None else min(budget, left)
+        budget = _budget_or_not_run(self, [(self.spec, self.technique)])
         started = time.monotonic()
         result = search(self.technique, {self.capability}, self.device, cfg.getoption("isolation_max_examples"),
                         budget, seed=cfg.stash.get(_SEED, None), timeout=cfg.getoption("isolation_timeout"),
@@ -309,10 +300,29 @@ class IsolationItem(pytest.Item):
         return self.path, None, f"isolation gate: {self.name}"
 
 
-def _weighted(budget: float | None, mode: str) -> float | None:
-    """An item's budget: ``--isolation-budget`` times its mode's weight (``ModeInfo.budget_weight``)."""
+def _budget_or_not_run(item, members: list[tuple[str, object]]) -> float | None:
+    """Seconds for ``item`` (judging ``members``, ``(spec, technique)`` pairs, one after another):
+    ``--isolation-budget`` per member times the mode's weight (``ModeInfo.budget_weight``), and never
+    past the run's deadline. Once the deadline has passed, each member gets a ``not-run`` record
+    and the item fails: an item that never ran never passes."""
     from .modes import MODE_BY_KIND
-    return None if budget is None else budget * MODE_BY_KIND[mode].budget_weight
+    from .report import error_record
+    cfg = item.config
+    budget, deadline = cfg.getoption("isolation_budget"), cfg.getoption("isolation_deadline")
+    if budget is not None:
+        budget *= MODE_BY_KIND[item.mode].budget_weight * len(members)
+    if deadline is None:
+        return budget
+    left = deadline - time.time()
+    if left <= 0:
+        message = f"not run: the run's time budget was spent before {item.name} started"
+        report_dir = cfg.stash.get(_REPORT, None)
+        if report_dir is not None:
+            for spec, technique in members:
+                error_record(report_dir, technique, [item.capability.value], item.device, message, spec,
+                             outcome="not-run", mode=item.mode)
+        raise IsolationGateError(message)
+    return left if budget is None else min(budget, left)
 
 
 def item_name(technique, capability, device: str, mode: str = "eager") -> str:
@@ -343,23 +353,11 @@ class SweepItem(pytest.Item):
 
     def runtest(self) -> None:
         from .check import failure_message, search_line
-        from .report import error_record, outcome, reason, record
+        from .report import outcome, reason, record
         from .sweep import sweep
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
-        budget, deadline = _weighted(cfg.getoption("isolation_budget"), self.mode), cfg.getoption("isolation_deadline")
-        if budget is not None:
-            budget *= len(self.members)  # the budget its items would have had, one after another
-        if deadline is not None:
-            left = deadline - time.time()
-            if left <= 0:
-                message = f"not run: the run's time budget was spent before {self.name} started"
-                if report_dir is not None:
-                    for _, spec, technique in self.members:
-                        error_record(report_dir, technique, [self.capability.value], self.device, message, spec,
-                                     outcome="not-run", mode=self.mode)
-                raise IsolationGateError(message)
-            budget = left if budget is None else min(budget, left)
+        budget = _budget_or_not_run(self, [(spec, technique) for _, spec, technique in self.members])
         done = sweep([t for _, _, t in self.members], {self.capability}, self.device,
                      cfg.getoption("isolation_max_examples"), budget, seed=cfg.stash.get(_SEED, None),
                      timeout=cfg.getoption("isolation_timeout"), model=cfg.getoption("isolation_model"),

@@ -189,7 +189,8 @@ def test_a_rounding_gradient_moved_by_an_adaptive_optimizer_is_not_a_missed_step
     scenario = iso.Scenario.from_json(json.dumps({
         "architecture": {"containers": [{"kind": "modulelist", "path": "gen.0", "program": [
             {"kind": "call", "shape": [], "target": "gen.0.0"}]}, {"kind": "block", "path": "gen", "program": [
-                {"kind": "call", "shape": [], "target": "gen.fc10"}, {"kind": "loop", "shape": [], "target": "gen.0"}]}],
+                {"kind": "call", "shape": [], "target": "gen.fc10"},
+                {"kind": "loop", "shape": [], "target": "gen.0"}]}],
             "input_kind": "tokens", "input_shape": [2], "layers": [
                 {"args": [["embedding_dim", 1], ["num_embeddings", 4]], "kind": "embedding", "path": "layer10"},
                 {"args": [["dilation", 1], ["groups", 1], ["in_channels", 2], ["kernel_size", 3], ["out_channels", 2],
