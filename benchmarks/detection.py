@@ -3,8 +3,9 @@ and the worst case, for the default search (trigger examples first) and for the 
 
     python -m benchmarks.detection [--seeds 50] [--budget 10.7]
 
-The default budget is what one item gets in the main job (``isolation-suite fuzz`` on 2 workers,
-120 s, the whole catalog); the examples are the ``isolation-dev`` profile's. Detection only: a
+The default budget is what one eager item gets in the main job (``isolation-suite fuzz`` on 2
+workers, 120 s, the whole catalog in every mode, items weighted by their mode's cost); the examples
+are the ``isolation-dev`` profile's. Detection only: a
 search stops at its first violation (no shrinking), so the seconds are time to detection.
 """
 from __future__ import annotations
@@ -19,8 +20,17 @@ from isolation_suite.techniques import CATALOG
 
 from ._common import median, table, write
 
-#: one item's seconds in the main job's default run: 120 s over 18 items on 2 workers
-DEFAULT_ITEM_BUDGET = item_budget(120.0, 2, len(CATALOG))
+def _main_job_eager_budget() -> float:
+    """An eager item's seconds in the main job's default run: 120 s on 2 workers over every row's
+    capabilities in every mode this machine runs, each item weighted by its mode's budget weight."""
+    from isolation_suite.modes import MODE_BY_KIND, parse_modes
+    weights = [MODE_BY_KIND[m].budget_weight for row in CATALOG for _ in row.technique.capabilities
+               for m in parse_modes(None, ("cpu",))]
+    return item_budget(120.0, 2, sum(weights))
+
+
+#: one eager item's seconds in the main job's default run
+DEFAULT_ITEM_BUDGET = _main_job_eager_budget()
 
 
 def detect(technique, seeds: int, budget: float, explicit: bool) -> dict:
