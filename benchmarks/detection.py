@@ -11,9 +11,11 @@ search stops at its first violation (no shrinking), so the seconds are time to d
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
+from isolation_suite import profiles
 from isolation_suite.check import search
 from isolation_suite.cli import item_budget
 from isolation_suite.techniques import CATALOG
@@ -58,6 +60,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget", type=float, default=DEFAULT_ITEM_BUDGET)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    # detection power from scratch: failures an example database kept would be replayed first
+    os.environ["ISOLATION_DATABASE"] = "none"
+    profiles.register_profiles()
     rows, data = [], {}
     for entry in CATALOG:
         technique = entry.technique()
