@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -250,7 +251,37 @@ class IsolationGateError(Exception):
     """An item's outcome did not match the technique's declaration."""
 
 
-class IsolationItem(pytest.Item):
+class _GateItem(pytest.Item):
+    """What the search item and the sweep item share: a capability, a device, a mode, and how a
+    search's result against a technique's declaration becomes the item's failure text."""
+
+    capability: Any
+    device: str
+    mode: str
+
+    def gate_failure(self, technique, result) -> str | None:
+        """None when ``result`` is what ``technique`` declares for this item's mode (``n/a`` too),
+        else why not: an expected violation missed, or an invariant it does not declare."""
+        from .check import failure_message
+        from .report import outcome, reason
+        expected = technique.expected_in(self.mode)
+        status, passed = outcome(result, expected)
+        if passed:
+            return None
+        where = f" on {self.device}" + ("" if self.mode == "eager" else f" in {self.mode} mode")
+        if status == "missed":
+            return (f"{technique.name} declares expected violations {sorted(expected)} but "
+                    + reason(status, result, expected) + where)
+        message = failure_message(result.failure, {self.capability}, result)
+        return f"unexpected invariant (declared{where}: {sorted(expected)})\n" + message if expected else message
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, IsolationGateError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+
+class IsolationItem(_GateItem):
     def __init__(self, *, spec, technique, capability, device, mode="eager", **kwargs):
         super().__init__(**kwargs)
         self.spec, self.technique, self.capability, self.device = spec, technique, capability, device
@@ -258,7 +289,7 @@ class IsolationItem(pytest.Item):
         self.add_marker("isolation")
 
     def runtest(self) -> None:
-        from .check import failure_message, search, search_line
+        from .check import search, search_line
         from .report import outcome, reason, record
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
@@ -280,21 +311,8 @@ class IsolationItem(pytest.Item):
                                  ("shrink_examples", result.shrink_examples), ("seed", result.seed)]
         if result.database_warning:
             self.user_properties.append(("database_warning", result.database_warning))
-        if passed:
-            return
-        where = f" on {self.device}" + ("" if self.mode == "eager" else f" in {self.mode} mode")
-        if status == "missed":
-            raise IsolationGateError(f"{self.technique.name} declares expected violations {sorted(expected)} but "
-                                     + reason(status, result, expected) + where)
-        message = failure_message(result.failure, {self.capability}, result)
-        if expected:
-            message = f"unexpected invariant (declared{where}: {sorted(expected)})\n" + message
-        raise IsolationGateError(message)
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, IsolationGateError):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
+        if not passed:
+            raise IsolationGateError(self.gate_failure(self.technique, result))
 
     def reportinfo(self):
         return self.path, None, f"isolation gate: {self.name}"
@@ -342,7 +360,7 @@ def _sweep_groups(items: dict[str, tuple]) -> dict[str, list[str]]:
     return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
 
-class SweepItem(pytest.Item):
+class SweepItem(_GateItem):
     """The gate items of one capability, device and mode, judged by one sweep; one record per item."""
 
     def __init__(self, *, members, capability, device, mode="eager", **kwargs):
@@ -352,8 +370,8 @@ class SweepItem(pytest.Item):
         self.add_marker("isolation")
 
     def runtest(self) -> None:
-        from .check import failure_message, search_line
-        from .report import outcome, reason, record
+        from .check import search_line
+        from .report import outcome, record
         from .sweep import sweep
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
@@ -365,17 +383,10 @@ class SweepItem(pytest.Item):
         failures, judged = [], 0
         for (name, spec, technique), result in zip(self.members, done.results):
             record(result, technique, done.seconds, report_dir, spec=spec, sweep=self.name)
-            expected = technique.expected_in(self.mode)
-            status, passed = outcome(result, expected)
-            judged += status != "n/a"
-            if passed:
-                continue
-            if status == "missed":
-                failures.append(f"{name}: {technique.name} declares expected violations {sorted(expected)} but "
-                                + reason(status, result, expected) + f" on {self.device}"
-                                + ("" if self.mode == "eager" else f" in {self.mode} mode"))
-            else:
-                failures.append(f"{name}: " + failure_message(result.failure, {self.capability}, result))
+            judged += outcome(result, technique.expected_in(self.mode))[0] != "n/a"
+            failure = self.gate_failure(technique, result)
+            if failure is not None:
+                failures.append(f"{name}: {failure}")
         self.user_properties += [("scenarios", done.scenarios), ("references", done.references),
                                  ("checks", done.checks), ("seed", done.seed)]
         # shown by Hypothesis's own plug-in under --hypothesis-show-statistics
@@ -386,11 +397,6 @@ class SweepItem(pytest.Item):
             raise IsolationGateError("\n\n".join(failures))
         if not judged:
             pytest.skip("not applicable: " + "; ".join(r.not_applicable for r in done.results))
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, IsolationGateError):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
         return self.path, None, f"isolation sweep: {self.name}"

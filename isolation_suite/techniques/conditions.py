@@ -95,22 +95,25 @@ def reentrant_checkpoint_starved(s: Scenario) -> bool:
             and not region_needs_gradient(tree, mode.target, s.intent, needs))
 
 
+def _boundary_changes(s: Scenario) -> tuple[bool, bool]:
+    """(some parameter thaws, some parameter freezes) at a step boundary of the freeze schedule."""
+    params = tree_of(s).parameters
+    pairs = list(zip(s.intents, s.intents[1:]))
+    thaws = any(old.is_frozen_param(p) and not new.is_frozen_param(p) for old, new in pairs for p in params)
+    freezes = any(new.is_frozen_param(p) and not old.is_frozen_param(p) for old, new in pairs for p in params)
+    return thaws, freezes
+
+
 def thaws_a_module(s: Scenario) -> bool:
     """A freeze schedule thaws a module with parameters at some step boundary."""
-    params = tree_of(s).parameters
-    intents = s.intents
-    return any(old.is_frozen_param(p) and not new.is_frozen_param(p)
-               for old, new in zip(intents, intents[1:]) for p in params)
+    return _boundary_changes(s)[0]
 
 
 def refreezes_into_a_moving_optimizer(s: Scenario) -> bool:
     """A schedule freezes a module that trained before, and the optimizer moves a parameter whose
     gradient is zero: ``zero_grad(set_to_none=False)`` leaves it zeros, not None, and momentum, an
     adaptive optimizer's running averages or weight decay act on them (pytorch#83769)."""
-    params = tree_of(s).parameters
-    intents = s.intents
-    refreezes = any(new.is_frozen_param(p) and not old.is_frozen_param(p)
-                    for old, new in zip(intents, intents[1:]) for p in params)
+    refreezes = _boundary_changes(s)[1]
     recipe = s.optimizer
     moves = recipe.name != "SGD" or recipe.kwargs.get("momentum", 0) or recipe.weight_decay
     return refreezes and not recipe.set_to_none and bool(moves)
