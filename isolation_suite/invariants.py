@@ -59,13 +59,17 @@ class Context:
     @functools.cached_property
     def trainable(self) -> list[str]:
         """Parameters that train during some step (a freeze schedule may thaw or freeze them)."""
-        intents = self.scenario.intents
-        return [p for p in self.reference.initial_params if not all(i.is_frozen_param(p) for i in intents)]
+        frozen = [self.frozen_at(i) for i in self.scenario.intents]
+        return [p for p in self.reference.initial_params if not all(p in f for f in frozen)]
 
     def trainable_at(self, step: int) -> list[str]:
         """Parameters the intent in force during ``step`` leaves trainable."""
-        intent = self.scenario.intent_at(step)
-        return [p for p in self.trainable if not intent.is_frozen_param(p)]
+        frozen = self.frozen_at(self.scenario.intent_at(step))
+        return [p for p in self.trainable if p not in frozen]
+
+    def frozen_at(self, intent) -> frozenset[str]:
+        """The parameters ``intent`` freezes, under any of their names (``ModelTree.frozen_params``)."""
+        return tree_of(self.scenario).frozen_params(intent)
 
     @functools.cached_property
     def rounding(self) -> float:
@@ -284,7 +288,8 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
     before, buffers_before = dict(trace.initial_params), dict(trace.initial_buffers)
     for step, record in enumerate(trace.steps, start=1):
         intent = scenario.intent_at(step)
-        frozen_params = [(p, None) for p in trace.initial_params if intent.is_frozen_param(p)] + elements
+        frozen = ctx.frozen_at(intent)
+        frozen_params = [(p, None) for p in trace.initial_params if p in frozen] + elements
         for path, mask in frozen_params:
             if path not in record.params:
                 continue

@@ -7,6 +7,7 @@ clipping, ``step``, scheduler) and records a :class:`Trace`. Global torch state
 """
 from __future__ import annotations
 
+import inspect
 import struct
 import traceback
 import zlib
@@ -20,7 +21,7 @@ from torch.nn.utils import parametrize
 from . import modes
 from .models import Built, build
 from .scenario import Intent, OptimizerRecipe, Scenario
-from .technique import Technique, module_param_name
+from .technique import Role, Technique, module_param_name
 from .tree import CallSite, Router, check_intent, roles
 
 
@@ -28,9 +29,12 @@ class Driver(Protocol):
     """What ``run`` needs: the technique hooks, plus how to read a parameter's effective value."""
 
     guarded: bool  # exceptions become a recorded crash (technique) or propagate (reference: our bug)
+    #: ``call`` takes the intercepted call's keyword arguments (else they go to the module's own call inside it)
+    keywords: bool
 
     def setup(self, model: nn.Module, intent: Intent) -> None: ...
-    def call(self, site: CallSite, module: nn.Module, args: tuple) -> Any: ...
+    def forward(self, model: nn.Module, inputs: tuple) -> Any: ...
+    def call(self, site: CallSite, module: nn.Module, args: tuple, kwargs: dict) -> Any: ...
     def make_optimizer(self, model: nn.Module, intent: Intent, build: Callable) -> torch.optim.Optimizer: ...
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
     def on_intent_change(self, model: nn.Module, optimizer: torch.optim.Optimizer, old: Intent,
@@ -133,11 +137,17 @@ class TechniqueDriver:
 
     def __init__(self, technique: Technique):
         self.technique = technique
+        self.keywords = takes_keywords(technique)
 
     def setup(self, model, intent):
         self.technique.setup(model, intent)
 
-    def call(self, site, module, args):
+    def forward(self, model, inputs):
+        return model(*inputs)
+
+    def call(self, site, module, args, kwargs=None):
+        if self.keywords:
+            return self.technique.call(module, args, site.role, kwargs or {})
         return self.technique.call(module, args, site.role)
 
     def make_optimizer(self, model, intent, build):
@@ -155,6 +165,19 @@ class TechniqueDriver:
     @property
     def ddp_wrap(self) -> str:
         return getattr(self.technique, "ddp_wrap", "after_setup")
+
+
+def takes_keywords(technique: Technique) -> bool:
+    """Whether ``technique.call`` takes a fourth argument, the call's keyword arguments. A plug-in
+    written against the three-argument ``call(module, args, role)`` still works: the keyword
+    arguments of an intercepted call then go to the module's own call inside it."""
+    try:
+        inspect.signature(technique.call).bind(None, (), Role.NORMAL, {})
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): the base class's is the contract
+        return True
+    return True
 
 
 # --- optimizer, scheduler, clipping from the recipe -------------------------------------
@@ -348,7 +371,7 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
     trace.initial_buffers = {k: v.detach().clone() for k, v in original_buffers.items()}
     # before setup: the calls the intent names are intercepted on the modules the user built, whatever
     # the technique wraps, replaces or hooks afterwards
-    router = Router(model, roles(tree, scenario.intent), driver.call)
+    router = Router(model, roles(tree, scenario.intent), driver.call, driver.keywords)
     seeding = seed_every_call(model, scenario.data.seed)
     modes.before_setup(model, scenario.mode, modes.ForwardState(lambda: router, seeding))
     try:
@@ -441,7 +464,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
             at.enter(step, "forward")
             with precision.forward():
                 with router.forward():
-                    out = forward_model(*inputs)
+                    out = driver.forward(forward_model, inputs)
                 loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))
             loss = loss / scenario.micro_batches
             at.leave()

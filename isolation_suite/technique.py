@@ -64,9 +64,14 @@ class Technique:
     def setup(self, model: nn.Module, intent: "Intent") -> None:
         """Set flags, hooks, wrappers or parametrizations on a fresh model."""
 
-    def call(self, module: nn.Module, args: tuple, role: Role) -> Any:
-        """Run one call site. ``role`` says what the intent wants from it."""
-        return module(*args)
+    def call(self, module: nn.Module, args: tuple, role: Role, kwargs: Mapping[str, Any]) -> Any:
+        """Run one call site: ``module(*args, **kwargs)`` is the call the model made (``kwargs``: its
+        keyword arguments, ``{}`` when none). ``role`` says what the intent wants from it.
+
+        An override with the older three-argument signature ``call(module, args, role)`` still
+        works: the keyword arguments then go to the module's own call inside it, so a technique
+        that calls the module later (a checkpoint's recomputation) calls it without them."""
+        return module(*args, **kwargs)
 
     def make_optimizer(self, model: nn.Module, intent: "Intent", build: OptimizerBuilder) -> torch.optim.Optimizer:
         """Return an optimizer; ``build(params_or_groups)`` applies the scenario's recipe."""

@@ -60,6 +60,24 @@ class ModelTree:
         return {_join(n.path, name): shape for n in self.nodes for name, shape in n.params
                 if _join(n.path, name) not in tied}
 
+    @functools.cached_property
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Every parameter's first path -> all the paths it is reachable under (a tied one has several)."""
+        out = {path: (path,) for path in self.parameters}
+        for later, earlier in self.ties:
+            out[earlier] = out.get(earlier, (earlier,)) + (later,)
+        return out
+
+    def frozen_params(self, intent: Intent) -> frozenset[str]:
+        """The parameters (by first path) that ``intent`` freezes: those a frozen module holds under
+        any of their paths. Freezing belongs to the parameter, so a tie frozen in one module is frozen
+        wherever it is read."""
+        cache = self.__dict__.setdefault("_frozen_params", {})
+        if intent not in cache:
+            cache[intent] = frozenset(p for p, names in self.aliases.items()
+                                      if any(intent.is_frozen_param(n) for n in names))
+        return cache[intent]
+
     def owner(self, param: str) -> str:
         """The path of the node that lists ``param``."""
         for n in self.nodes:
@@ -187,19 +205,16 @@ def element_owners(tree: ModelTree, claimed=()) -> list[str]:
 
 
 def freeze_targets(tree: ModelTree, claimed=()) -> list[str]:
-    """Modules (leaves or containers) that can be frozen: they hold parameters, run, leave some
-    module with parameters training, overlap nothing ``claimed`` and split no tie."""
-    own = owners(tree)
-
+    """Modules (leaves, containers, a never-called ``nn.ModuleList`` or ``nn.ModuleDict``) that can be
+    frozen: they hold parameters, leave a parameter that nothing ``claimed`` holds training, and
+    overlap nothing ``claimed``. A module holding one name of a tied parameter freezes it under every
+    name (freezing belongs to the parameter)."""
     def ok(candidate: str) -> bool:
-        if not any(_within(o, candidate) for o in own) or not tree.routed(candidate):
+        frozen = tree.frozen_params(Intent(frozen_modules=(candidate,)))
+        if not frozen or _overlaps(candidate, claimed):
             return False
-        if not any(not _within(o, candidate) and not any(_within(o, c) for c in claimed) for o in own):
-            return False
-        if _overlaps(candidate, claimed):
-            return False
-        return all(_within(a.rpartition(".")[0], candidate) == _within(b.rpartition(".")[0], candidate)
-                   for a, b in tree.ties)
+        return any(p not in frozen and not any(_within(n.rpartition(".")[0], c) for n in names for c in claimed)
+                   for p, names in tree.aliases.items())
     return [n.path for n in tree.nodes if n.path and ok(n.path)]
 
 
@@ -343,16 +358,19 @@ def _routed_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     route = _ROUTES.get(id(self))
     if route is None or not route.router.active or route.busy:
         if route is not None and route.busy and route.pending is not None and not kwargs:
-            # the driver's own call of the module: the keyword arguments of the intercepted call
-            # go with the module's first call inside it
+            # a three-argument ``call`` (``call(module, args, role)``) calling the module itself: the
+            # keyword arguments of the intercepted call go with the module's first call inside it
             kwargs, route.pending = route.pending, None
         return _plain_call(self, *args, **kwargs)
     router = route.router
     site = CallSite(router.index, route.path, route.uses, route.role(route.uses), route.kind)
     router.index += 1
     route.uses += 1
-    route.busy, route.pending = True, (kwargs or None)
+    route.busy = True
     try:
+        if router.keywords:
+            return router.call(site, self, args, dict(kwargs))
+        route.pending = kwargs or None
         return router.call(site, self, args)
     finally:
         route.busy, route.pending = False, None
@@ -383,8 +401,9 @@ class Router:
     a call during backward, as a reentrant checkpoint makes, runs plainly)."""
 
     def __init__(self, model: nn.Module, roles: dict[str, Callable[[int], Role]],
-                 call: Callable[[CallSite, nn.Module, tuple], Any]):
-        self.model, self.call, self.active, self.index = model, call, False, 0
+                 call: Callable[..., Any], keywords: bool = False):
+        # ``call(site, module, args, kwargs)`` with ``keywords``, else ``call(site, module, args)``
+        self.model, self.call, self.keywords, self.active, self.index = model, call, keywords, False, 0
         self.routes: list[tuple[nn.Module, _Route]] = []
         self._register(roles)
 

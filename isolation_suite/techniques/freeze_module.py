@@ -147,11 +147,11 @@ class NoGradRegion(Technique):
     mode_violations = {**STARVES_REENTRANT_CHECKPOINT, **LEAVES_DDP_BUCKET_UNREDUCED}
     summary = "the frozen module's forward under torch.no_grad()"
 
-    def call(self, module, args, role):
+    def call(self, module, args, role, kwargs):
         if role is Role.FROZEN:
             with torch.no_grad():
-                return module(*args)
-        return module(*args)
+                return module(*args, **kwargs)
+        return module(*args, **kwargs)
 
     def make_optimizer(self, model, intent, build):
         return build(filter(lambda p: p.requires_grad, model.parameters()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..technique import Capability, Technique
+from ._util import frozen_parameters
 from .freeze_module import STARVES_REENTRANT_CHECKPOINT, TRAIN_MODE_BREAKS, FreezeAndEval
 
 SCHEDULE = frozenset({Capability.FREEZE_SCHEDULE})
@@ -16,10 +17,10 @@ SCHEDULE = frozenset({Capability.FREEZE_SCHEDULE})
 
 def _changed(model, old, new) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
     """(parameters that thaw, parameters that freeze) at this boundary."""
-    named = list(model.named_parameters())
-    thawed = [p for path, p in named if old.is_frozen_param(path) and not new.is_frozen_param(path)]
-    frozen = [p for path, p in named if new.is_frozen_param(path) and not old.is_frozen_param(path)]
-    return thawed, frozen
+    was = {id(p) for p in frozen_parameters(model, old)}
+    now = {id(p) for p in frozen_parameters(model, new)}
+    params = list(model.parameters())
+    return [p for p in params if id(p) in was - now], [p for p in params if id(p) in now - was]
 
 
 class UnfreezeFlagOnly(Technique):
@@ -36,8 +37,9 @@ class UnfreezeFlagOnly(Technique):
                "only the requires_grad flags change")
 
     def setup(self, model, intent):
-        for path, p in model.named_parameters():
-            p.requires_grad = not intent.is_frozen_param(path)
+        frozen = {id(p) for p in frozen_parameters(model, intent)}
+        for p in model.parameters():
+            p.requires_grad = id(p) not in frozen
 
     def make_optimizer(self, model, intent, build):
         return build(filter(lambda p: p.requires_grad, model.parameters()))

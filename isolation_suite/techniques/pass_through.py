@@ -15,10 +15,10 @@ class FunctionalDetach(Technique):
     mode_violations = {"checkpoint": frozenset({"matches-reference", "no-crash"})}
     summary = "the seed's F.linear(x, w.detach(), b.detach()), generalised with functional_call"
 
-    def call(self, module, args, role):
+    def call(self, module, args, role, kwargs):
         if role is Role.PASS_THROUGH:
-            return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
-        return module(*args)
+            return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args, kwargs)
+        return module(*args, **kwargs)
 
 
 class ToggleRequiresGrad(Technique):
@@ -32,11 +32,11 @@ class ToggleRequiresGrad(Technique):
     mode_violations = {"checkpoint": frozenset({"state-restored", "no-crash", "matches-reference"})}
     summary = "requires_grad_(False) around the call, requires_grad_(True) after it"
 
-    def call(self, module, args, role):
+    def call(self, module, args, role, kwargs):
         if role is not Role.PASS_THROUGH:
-            return module(*args)
+            return module(*args, **kwargs)
         module.requires_grad_(False)
-        out = module(*args)
+        out = module(*args, **kwargs)
         module.requires_grad_(True)
         return out
 
@@ -50,8 +50,8 @@ class NoGradCall(Technique):
     mode_violations = {"checkpoint": frozenset({"no-crash", "matches-reference"})}
     summary = "with torch.no_grad() around the call: cuts the gradient to the input too"
 
-    def call(self, module, args, role):
+    def call(self, module, args, role, kwargs):
         if role is Role.PASS_THROUGH:
             with torch.no_grad():
-                return module(*args)
-        return module(*args)
+                return module(*args, **kwargs)
+        return module(*args, **kwargs)
