@@ -14,6 +14,7 @@ import torch
 
 from .build import DTYPES
 from .models import tree_of
+from .modes import MODE_BY_KIND
 from .tree import upstream_of_isolation
 from .runner import Trace
 from .scenario import OptimizerRecipe, Scenario
@@ -74,12 +75,13 @@ class Context:
     @functools.cached_property
     def rounding(self) -> float:
         """How far from zero the reference's gradient or step must be to count as one: exactly zero
-        (0.0) wherever the technique's run computes what the reference computes in the same order; in
-        the ``ddp`` mode, whose gradients are averages of the ranks' (a reordered sum), the rounding
-        that another summation order leaves, as between devices (``PARITY_TOLERANCE``'s ``atol``:
-        1e-5 in float32, 1e-10 in float64): a mathematically zero gradient, an attention key bias's,
-        is 5e-14 in one order and exactly 0 in another."""
-        if self.scenario.mode.kind != "ddp":
+        (0.0) where the mode reproduces eager's rounding (``ModeInfo.same_rounding``: eager, and
+        autocast, whose number format the reference shares); in a mode that does not (a checkpoint's
+        backward accumulates in another order, compiled kernels are fused or decomposed, ddp averages
+        the ranks' gradients), the rounding that another summation order leaves, as between devices
+        (``PARITY_TOLERANCE``'s ``atol``: 1e-5 in float32, 1e-10 in float64): a mathematically zero
+        gradient, an attention key bias's, is 5e-14 in one order and exactly 0 in another."""
+        if MODE_BY_KIND[self.scenario.mode.kind].same_rounding:
             return 0.0
         return PARITY_TOLERANCE[torch.float64 if self.scenario.dtype == "float64" else torch.float32]["atol"]
 
@@ -104,8 +106,8 @@ class Context:
 
     @functools.cached_property
     def against_reference(self) -> list:
-        """What matches-reference compares: ``_compared`` entries, technique against reference. In the
-        ``ddp`` mode an entry whose gradient has been zero up to ``rounding`` in both runs at every
+        """What matches-reference compares: ``_compared`` entries, technique against reference. In a
+        mode that does not round as eager does (``rounding``) an entry whose gradient has been zero up to ``rounding`` in both runs at every
         step so far is set aside, as between devices (``against_other_device``): an adaptive
         optimizer turns each summation order's noise into its own lr-sized move."""
         if not self.rounding:
@@ -261,10 +263,14 @@ def gradient_flows(ctx: Context) -> Violation | None:
             return Violation(GRADIENT_FLOWS, f"the loss has no gradient at step {step}: the technique cut "
                              "every path from the input and the trainable parameters to the loss", step)
         for micro, (tg, rg) in enumerate(zip(tech.input_grads, ref.input_grads)):
-            if not _nonzero(tg) and ctx.reference_nonzero(rg):  # the technique's side first: usually it settles it
-                got = "no gradient" if tg is None else "an all-zero gradient"
-                return Violation(GRADIENT_FLOWS, f"input got {got} at step {step}, micro-batch {micro}; "
-                                 f"the reference's max |grad| is {_fmt(rg.abs().max())}", step)
+            # each input on its own: a model with two inputs (a siamese pair) can starve one of them
+            for which, (t, r) in enumerate(zip(_per_input(tg, ctx.reference.input_sizes),
+                                               _per_input(rg, ctx.reference.input_sizes))):
+                if not _nonzero(t) and ctx.reference_nonzero(r):  # the technique's side first: usually it settles it
+                    got = "no gradient" if t is None else "an all-zero gradient"
+                    name = "input" if len(ctx.reference.input_sizes) < 2 else f"input {which}"
+                    return Violation(GRADIENT_FLOWS, f"{name} got {got} at step {step}, micro-batch {micro}; "
+                                     f"the reference's max |grad| is {_fmt(r.abs().max())}", step)
         for path in trainable:
             module = path.rpartition(".")[0]
             # nested parameters (mha.out_proj.weight) belong to the call site that owns them
@@ -277,6 +283,17 @@ def gradient_flows(ctx: Context) -> Violation | None:
                 return Violation(GRADIENT_FLOWS, f"{_name(ctx, path)} (upstream of an isolated call site) got "
                                  f"{got} at step {step}; the reference's max |grad| is {_fmt(rg.abs().max())}", step)
     return None
+
+
+def _per_input(grad: torch.Tensor | None, sizes: tuple[int, ...]) -> list[torch.Tensor | None]:
+    """An input gradient (the inputs' laid end to end) split back into one per input."""
+    if len(sizes) < 2:
+        return [grad]
+    if grad is None:
+        return [None] * len(sizes)
+    if grad.numel() != sum(sizes):  # another layout than the reference's: judged as one
+        return [grad]
+    return list(grad.reshape(-1).split(list(sizes)))
 
 
 def frozen_unchanged(ctx: Context) -> Violation | None:

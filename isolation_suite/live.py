@@ -13,7 +13,8 @@ def progress_text(records: list[dict[str, Any]], total: int, started: float, dea
                   now: float | None = None) -> str:
     """``3/18 items, 412 examples (38.1/s), 2 with violations, 61s left``."""
     now = time.time() if now is None else now
-    examples = sum(r.get("explicit_examples", 0) + r.get("examples", 0) + r.get("shrink_examples", 0)
+    examples = sum(r.get("explicit_examples", 0) + r.get("coverage_examples", 0) + r.get("examples", 0)
+                   + r.get("shrink_examples", 0)
                    for r in records)
     violations = sum(1 for r in records if r.get("violations") or r.get("outcome") == "error")
     rate = examples / max(now - started, 1e-9)

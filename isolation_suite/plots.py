@@ -7,7 +7,7 @@ Three pictures, each a pure function from JSON-ready data to one ``<svg>`` eleme
   search's ``target()`` steers by) on a log scale with the tolerance at 1;
 - :func:`tree_svg`: the minimal model's module tree in call order, isolated modules coloured;
 - :func:`timeline_svg`: every example a search judged, in order, coloured by outcome, over bands
-  for its phases (trigger examples, generated, shrinking).
+  for its phases (trigger examples, coverage examples, generated, shrinking).
 
 The data comes from :func:`steps_data`, :func:`outline` and :func:`history_data` (what a record
 keeps, a few numbers per step or example). Non-finite numbers travel as the strings ``"nan"``,
@@ -57,7 +57,7 @@ def steps_data(points: Iterable) -> dict[str, list]:
             "divergence": [encode_number(p.divergence, 4) for p in points]}
 
 
-_PHASE_CODE = {"trigger": "t", "generated": "g", "shrinking": "s"}
+_PHASE_CODE = {"trigger": "t", "coverage": "c", "generated": "g", "shrinking": "s"}
 _OUTCOME_CODE = {"held": ".", "violated": "x"}
 _PHASE_NAME = {v: k for k, v in _PHASE_CODE.items()}
 _OUTCOME_NAME = {v: k for k, v in _OUTCOME_CODE.items()}
@@ -65,7 +65,7 @@ _OUTCOME_NAME = {v: k for k, v in _OUTCOME_CODE.items()}
 
 def history_data(history: Iterable, omitted: int = 0, invalid: int = 0) -> dict[str, Any]:
     """A search's judged examples (``check.JudgedExample``) compactly: one character per example for
-    its phase (``t`` trigger, ``g`` generated, ``s`` shrinking) and its outcome (``.`` held,
+    its phase (``t`` trigger, ``c`` coverage, ``g`` generated, ``s`` shrinking) and its outcome (``.`` held,
     ``x`` violated), their divergences, how many were judged but not kept (``omitted``), and how
     many draws Hypothesis rejected before judging (``invalid``)."""
     history = list(history)
@@ -349,7 +349,7 @@ def tree_svg(data: dict[str, Any] | None, title: str = "the minimal model") -> s
     return _svg(width, height, "module tree of the minimal model", body, "tree")
 
 
-_PHASE_FILL = {"t": "#fff4d6", "g": "#ffffff", "s": "#eeeeee"}
+_PHASE_FILL = {"t": "#fff4d6", "c": "#e4f0fb", "g": "#ffffff", "s": "#eeeeee"}
 
 
 def timeline_svg(history: dict[str, Any] | None, title: str = "") -> str:
@@ -411,6 +411,9 @@ def timeline_svg(history: dict[str, Any] | None, title: str = "") -> str:
               ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#fff4d6" stroke="#ccc"/>', "trigger examples"),
               ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#ffffff" stroke="#ccc"/>', "generated"),
               ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#eeeeee" stroke="#ccc"/>', "shrinking")]
+    if "c" in phases:  # a user's model: one example per target, after the trigger examples
+        legend.insert(3, ('<rect x="{x0}" y="{y0}" width="10" height="8" fill="#e4f0fb" stroke="#ccc"/>',
+                          "coverage examples"))
     lx = left
     for shape, label in legend:
         body.append(shape.format(x=lx + 3, y=ly - 4, x0=lx, y0=ly - 8))

@@ -290,6 +290,7 @@ class IsolationItem(_GateItem):
 
     def runtest(self) -> None:
         from .check import search, search_line
+        from .coverage import coverage_line
         from .report import outcome, reason, record
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
@@ -309,6 +310,9 @@ class IsolationItem(_GateItem):
             pytest.skip(reason(status, result, expected))
         self.user_properties += [("examples", result.examples), ("explicit_examples", result.explicit),
                                  ("shrink_examples", result.shrink_examples), ("seed", result.seed)]
+        if result.coverage:  # a user's model: what the judged examples reached
+            self.user_properties += [("coverage_examples", result.coverage_examples),
+                                     ("coverage", coverage_line(result.coverage))]
         if result.database_warning:
             self.user_properties.append(("database_warning", result.database_warning))
         if not passed:

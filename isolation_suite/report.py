@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from . import plots
 from .check import SearchResult, seed_text
+from .coverage import coverage_line
 from .invariants import DEVICE_PARITY, INVARIANTS
 from .models import tree_of
 from .repro import write_repro
@@ -87,16 +88,25 @@ def reason(status: str, result: SearchResult, expected: Iterable[str]) -> str:
     """Why an item passed or failed, in one line a reader can act on."""
     if status == "n/a":
         return f"not applicable: {result.not_applicable}"
+    judged = f"{result.explicit} trigger{coverage_text(result)} and {result.examples} generated examples"
     if status == "missed":
-        return (f"expected violation ({', '.join(sorted(expected))}) not found in {result.explicit} trigger and "
-                f"{result.examples} generated examples ({seed_text(result.seed)})")
+        return (f"expected violation ({', '.join(sorted(expected))}) not found in {judged} "
+                f"({seed_text(result.seed)})")
     if status == "held":
-        return f"no violation in {result.explicit} trigger and {result.examples} generated examples"
+        return f"no violation in {judged}"
     first = result.failure.first
-    how = "a trigger example" if result.found_by == "explicit" else f"the search ({seed_text(result.seed)})"
+    how = {"explicit": "a trigger example", "coverage": "a coverage example"}.get(
+        result.found_by or "", f"the search ({seed_text(result.seed)})")
     if status == "caught":
         return f"caught as expected by {how}: {first.invariant}"
     return f"{first.invariant} (not expected), found by {how}: {first.message}"
+
+
+def coverage_text(result: SearchResult) -> str:
+    """``, 39 coverage (freeze targets judged: 39 of 39)``: a user's model's coverage, else ""."""
+    if not result.coverage:
+        return ""
+    return f", {result.coverage_examples} coverage ({coverage_line(result.coverage)})"
 
 
 def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None,
@@ -115,6 +125,8 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "reason": reason(status, result, expected),
         "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
         "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
+        "coverage_examples": result.coverage_examples,
+        "coverage": {name: list(counts) for name, counts in result.coverage.items()},
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
@@ -315,8 +327,12 @@ def _row_cells(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _examples_text(r: dict[str, Any]) -> str:
     """``2 trigger + 60 generated (+41 shrinking)``: what an item judged, each count labelled."""
-    text = f"{r.get('explicit_examples', 0)} trigger + {r['examples']} generated"
-    return text + (f" (+{r['shrink_examples']} shrinking)" if r.get("shrink_examples") else "")
+    text = f"{r.get('explicit_examples', 0)} trigger + "
+    text += f"{r['coverage_examples']} coverage + " if r.get("coverage_examples") else ""
+    text += f"{r['examples']} generated"
+    text += f" (+{r['shrink_examples']} shrinking)" if r.get("shrink_examples") else ""
+    covered = r.get("coverage") or {}
+    return text + (f"; {coverage_line({k: tuple(v) for k, v in covered.items()})}" if covered else "")
 
 
 def _short_scenario(data: dict[str, Any] | None) -> str:

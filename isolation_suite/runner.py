@@ -74,6 +74,8 @@ class Trace:
     crash: Crash | None = None
     state_leaks: list[tuple[int, str]] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # original path -> the technique's own name
+    #: how many entries of each floating-point input an input gradient holds (laid end to end)
+    input_sizes: tuple[int, ...] = ()
 
     def to(self, device: str) -> "Trace":
         def move(x):
@@ -85,7 +87,7 @@ class Trace:
                 return [move(v) for v in x]
             return x
         out = Trace(device, move(self.initial_params), move(self.initial_buffers), [], list(self.unreachable),
-                    self.crash, list(self.state_leaks), dict(self.aliases))
+                    self.crash, list(self.state_leaks), dict(self.aliases), self.input_sizes)
         for s in self.steps:
             out.steps.append(StepRecord(move(s.losses), move(s.input_grads), move(s.grads), move(s.params),
                                         move(s.buffers), dict(s.requires_grad), s.loss_without_grad))
@@ -477,6 +479,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
                 record.loss_without_grad = True
             grads = [x.grad for x in floats] if shard is None else shard.whole_input_grads(floats)
             record.input_grads.append(precision.input_grad(_input_grad(floats, grads)))
+            trace.input_sizes = tuple((x if g is None else g).numel() for x, g in zip(floats, grads))
         at.enter(step, "clip")
         precision.unscale(optimizer)
         clip_gradients(recipe, list(model.parameters()))

@@ -26,6 +26,7 @@ from . import devices as devices_mod
 from .check import DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings, search_settings
 from .invariants import TIMEOUT
 from .judge import SharedReference, Verdict, as_technique, judge
+from .coverage import Coverage, coverage_examples
 from .models import factory_name, factory_tree
 from .profiles import example_timeout
 from .sandbox import Sandbox, watch_user_interrupts
@@ -69,7 +70,7 @@ class SweepResult:
     capabilities: frozenset[Capability]
     device: str
     scenarios: int = 0  # generated scenarios drawn
-    explicit: int = 0  # trigger examples judged
+    explicit: int = 0  # trigger and coverage examples judged
     references: int = 0
     checks: int = 0
     seconds: float = 0.0
@@ -103,6 +104,7 @@ class _Member:
     result: SearchResult
     sandbox: Sandbox | None = None
     found: Start | None = None  # a generated scenario's failure, to shrink
+    coverage: Coverage | None = None  # on a user's model: which targets its judged scenarios reached
 
     @property
     def active(self) -> bool:
@@ -160,7 +162,11 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
                                          f"({_NO_TARGET_WHY[missing[0]]})")
             elif device.startswith("cuda") and tree.device_random:
                 result.parity_not_judged = DEVICE_RANDOM
-        members.append(_Member(technique, mine, result))
+        member = _Member(technique, mine, result)
+        if tree is not None and not result.not_applicable:
+            member.coverage = Coverage(tree, mine)
+            result.coverage = member.coverage.counts()
+        members.append(member)
     if tree is not None:  # draw no intent the model has no place for (it would come out empty)
         caps = frozenset(c for c in caps if targets_for(tree, c))
     out = SweepResult([m.result for m in members], caps, device, seed=seed)
@@ -206,10 +212,15 @@ def _judge_all(members: Sequence[_Member], scenario: Scenario, device: str, out:
             result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
         if found_by == "explicit":
             result.explicit += 1
+        elif found_by == "coverage":
+            result.coverage_examples += 1
         else:
             result.examples += 1
+        if m.coverage is not None:
+            m.coverage.note(scenario)
+            result.coverage = m.coverage.counts()
         if not verdict.ok:
-            result.first_failure_at = result.explicit + result.examples
+            result.first_failure_at = result.explicit + result.coverage_examples + result.examples
             result.seconds_to_first_failure = time.monotonic() - started
             result.found_by = found_by
             result.failure = verdict  # the smallest seen so far; a generated one is shrunk below
@@ -240,6 +251,15 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
             return budget_reached()
         out.explicit += 1
         _judge_all(members, scenario, device, out, "explicit", started)
+
+    # 1b. on a user's model, every target once (``isolation_suite.coverage``)
+    for scenario in coverage_examples(model, factory_tree(model), caps, mode) if explicit and model else ():
+        if not any(m.active for m in members):
+            return
+        if spent():
+            return budget_reached()
+        out.explicit += 1
+        _judge_all(members, scenario, device, out, "coverage", started)
 
     # 2. what each technique's own search would replay first: its failures kept in the example database
     for m in members:

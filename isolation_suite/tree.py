@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from . import kinds
 from .layers import SeededDropout, kind_of, train_mode_effect
@@ -34,6 +36,9 @@ class Node:
     params: tuple[tuple[str, tuple[int, ...]], ...] = ()  # its parameters that no listed child owns
     calls: int = 0  # how many times one forward calls it
     train_mode: str = ""  # what training mode changes in it ("" when nothing)
+    #: one of its own parameters is read where no module holding it is running (``F.linear(h,
+    #: self.wte.weight)`` in the parent's forward): a wrapper that replaces the module breaks that read
+    read_outside: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,19 +138,27 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
     paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
     order: list[tuple[str, int]] = []
     uses: dict[str, int] = {}
+    reads = _OutsideReads(model)
 
     def count(module: nn.Module, args: Any) -> None:
+        reads.running.append(id(module))
         path = paths.get(id(module))
         if path:  # the model's own call ("") is not one of its calls
             order.append((path, uses.get(path, 0)))
             uses[path] = uses.get(path, 0) + 1
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+
+    def done(module: nn.Module, args: Any, output: Any) -> None:
+        if reads.running and reads.running[-1] == id(module):
+            reads.running.pop()
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(count),
+               torch.nn.modules.module.register_module_forward_hook(done)]
     try:
         model.train()
-        with torch.no_grad():
+        with torch.no_grad(), reads:
             model(*inputs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     seen: dict[int, str] = {}
     ties = []
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -157,11 +170,33 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
     for path, module in model.named_modules():
         own = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
         kind = "model" if path == "" else kind_of(module)
-        nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module)))
+        nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module),
+                          bool(path) and id(module) in reads.outside))
     floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
     device_random = any(n.kind == "dropout" and n.train_mode and n.calls for n in nodes) and not any(
         isinstance(m, SeededDropout) for m in model.modules())
     return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats, device_random)
+
+
+class _OutsideReads(TorchFunctionMode):
+    """Notes the modules whose own parameter an operation reads while none of the modules holding
+    that parameter is running (``running``: the ids of the modules whose forward is under way)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.holders: dict[int, set[int]] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                self.holders.setdefault(id(p), set()).add(id(module))
+        self.running: list[int] = []
+        self.outside: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for x in pytree.tree_leaves((args, kwargs or {})):
+            holders = self.holders.get(id(x)) if isinstance(x, nn.Parameter) else None
+            if holders and holders.isdisjoint(self.running):
+                self.outside |= holders
+        return func(*args, **(kwargs or {}))
 
 
 # --- where an intent can point -------------------------------------------------------------
@@ -193,9 +228,11 @@ def pass_through_targets(tree: ModelTree) -> list[str]:
 
 
 def reparam_targets(tree: ModelTree, claimed=()) -> list[str]:
+    """Called layers a reparameterization can wrap: untied, and with no parameter read outside their
+    own calls (a wrapper replaces the module, so such a read would find the wrapper's attributes)."""
     tied = tied_modules(tree)
     return [n.path for n in tree.nodes if n.kind in REPARAM_KINDS and n.calls and n.path not in tied
-            and not _overlaps(n.path, claimed)]
+            and not n.read_outside and not _overlaps(n.path, claimed)]
 
 
 def element_owners(tree: ModelTree, claimed=()) -> list[str]:

@@ -22,7 +22,7 @@ from isolation_suite.techniques import CATALOG, conditions, entry, model_example
 from isolation_suite.techniques import triggers as t
 from isolation_suite.zoo import ZOO
 
-NEEDS_TRANSFORMERS = {"tiny_bert", "tiny_gpt2"}
+NEEDS_TRANSFORMERS = {"tiny_bert", "tiny_gpt2", "bert_with_mask"}
 CASES = [(name, row) for name in ZOO for row in CATALOG]
 
 
@@ -172,7 +172,10 @@ def test_cli_check_with_a_model_in_an_empty_folder(tmp_path, technique, model, c
     assert "Traceback" not in out
     if code == 0:
         assert "model mymodel:factory: " in run.stdout
-        assert re.search(r"freeze_and_eval \[FREEZE_MODULE on cpu\]: \d+ trigger examples?, 5 generated", run.stdout)
+        assert re.search(r"freeze_and_eval \[FREEZE_MODULE on cpu\]: \d+ trigger examples?, (\d+) coverage examples?, "
+                         r"5 generated", run.stdout)
+        # the backbone, its BatchNorm, its Linear and the head: every one judged
+        assert "freeze targets judged: 4 of 4" in run.stdout
     elif code == 1:
         assert re.search(r"frozen-unchanged\s+VIOLATED", run.stdout), out
         assert "model='mymodel:factory'" in run.stdout, out

@@ -48,6 +48,13 @@ def names_collide(s: Scenario) -> bool:
     return any(f in p and not s.intent.is_frozen_param(p) for f in s.intent.frozen_modules for p in params)
 
 
+def names_miss_a_tie(s: Scenario) -> bool:
+    """A frozen module holds a tied parameter that ``named_parameters()`` lists under another
+    module's name (a decoder tied to its embedding): a test on names never sees it."""
+    tree = tree_of(s)
+    return any(not any(f in p for f in s.intent.frozen_modules) for p in tree.frozen_params(s.intent))
+
+
 def upstream_needs_gradient(s: Scenario) -> bool:
     """Something before an isolated call needs gradient: the input or a trainable layer."""
     tree = tree_of(s)
