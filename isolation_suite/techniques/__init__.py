@@ -164,7 +164,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         Condition("trainable-trains", "a frozen name is a substring of a trainable parameter's name",
                   c.names_collide, (t.NAMES_COLLIDE,)),
         Condition("frozen-unchanged", "a frozen module holds a tied parameter listed under another module's name: "
-                  "the substring test misses it", c.names_miss_a_tie),) + TRAIN_MODE + STARVED + (
+                  "the substring test misses it", c.names_miss_a_tie, (t.FROZEN_TIE,)),) + TRAIN_MODE + STARVED + (
         Condition("no-crash", "under ddp the collision freezes every parameter: DDP refuses a model with nothing "
                   "that requires a gradient", c.ddp_names_freeze_everything, (t.DDP_NAMES_COLLIDE,), ("ddp",)),)),
     CatalogEntry(BackwardHookZeroGrad, (

@@ -68,6 +68,11 @@ FROZEN_CLIP_NORM = scenario([linear("pre"), linear("enc"), linear("fc")], ["pre"
 #: ``fc1`` is a substring of ``fc10.weight``
 NAMES_COLLIDE = scenario([linear("fc1"), linear("fc10")], ["fc1", "fc10"], Intent(frozen_modules=("fc1",)))
 
+#: a frozen module holding a tied weight that ``named_parameters()`` lists under its tie's first name
+FROZEN_TIE = dataclasses.replace(
+    scenario([linear("enc"), linear("dec"), linear("fc")], ["enc", "dec", "fc"], Intent(frozen_modules=("dec",))),
+    architecture=chain((2,), [linear("enc"), linear("dec"), linear("fc")], ["enc", "dec", "fc"],
+                       ties=(("dec.weight", "enc.weight"),)))
 # --- PASS_THROUGH --------------------------------------------------------------------------
 #: a trainable layer and the input upstream of the pass-through call
 PASS_UPSTREAM = scenario([linear("pre"), linear("fc")], ["pre", "fc", "fc"], Intent(pass_through=(("fc", 1),)))
