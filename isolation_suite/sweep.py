@@ -242,24 +242,17 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
             if m.active:
                 m.result.budget_reached = True
 
-    # 1. the trigger examples: minimal by construction, a failure there is the technique's result
-    for scenario in ((model_examples(model, caps, mode) if model else explicit_examples(caps, mode))
-                     if explicit else ()):
+    # 1. the trigger examples, minimal by construction, then (on a user's model) every target once
+    # (``isolation_suite.coverage``): a failure there is the technique's result
+    triggers = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
+    covering = coverage_examples(model, factory_tree(model), caps, mode) if explicit and model else ()
+    for scenario, found_by in [(s, "explicit") for s in triggers] + [(s, "coverage") for s in covering]:
         if not any(m.active for m in members):
             return
         if spent():
             return budget_reached()
         out.explicit += 1
-        _judge_all(members, scenario, device, out, "explicit", started)
-
-    # 1b. on a user's model, every target once (``isolation_suite.coverage``)
-    for scenario in coverage_examples(model, factory_tree(model), caps, mode) if explicit and model else ():
-        if not any(m.active for m in members):
-            return
-        if spent():
-            return budget_reached()
-        out.explicit += 1
-        _judge_all(members, scenario, device, out, "coverage", started)
+        _judge_all(members, scenario, device, out, found_by, started)
 
     # 2. what each technique's own search would replay first: its failures kept in the example database
     for m in members:
