@@ -11,7 +11,8 @@ the random search, each *target* of each capability is judged once, deterministi
 * ``FREEZE_ELEMENTS``: every parameter of a called module, its first and last entry frozen;
 * ``REPARAMETERIZE``: every layer a reparameterization can wrap.
 
-The coverage examples train in float64 (a training-mode difference in a freshly initialised
+In a costly mode (``compile``) a share of the targets is judged this way (see
+:func:`coverage_examples`). The coverage examples train in float64 (a training-mode difference in a freshly initialised
 transformer, whose logits are about 1e-3, moves the loss by a few 1e-6: under float32's tolerance,
 well over float64's), with plain SGD for two steps, the input needing gradient where it can.
 :func:`targets_of` says which targets a judged scenario reached, so a search counts its coverage
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .modes import MODE_BY_KIND
 from .scenario import Change, Data, Intent, Mode, OptimizerRecipe, Scenario
 from .technique import Capability
 from .tree import ModelTree, element_owners, freeze_targets, pass_through_targets, reparam_targets
@@ -85,12 +87,16 @@ def coverage_mode(kind: str) -> Mode:
 
 def coverage_examples(model: str, tree: ModelTree, capabilities: Iterable[Capability],
                       mode: str = "eager") -> tuple[Scenario, ...]:
-    """One scenario per target of each capability (in capability order, then tree order)."""
+    """One scenario per target of each capability (in capability order, then tree order). A mode
+    whose runs cost many eager ones (``ModeInfo.example_share`` below 1: ``compile``) judges that
+    share of the targets, spread over the tree (every tenth for ``compile``); the coverage line
+    then says how many were reached."""
     data = Data(1, 0, tree.float_inputs, "mse")
+    every = max(1, round(1 / MODE_BY_KIND[mode].example_share))
     out: dict[Scenario, None] = {}
     for capability in sorted(capabilities, key=lambda c: c.value):
         scheduled = capability is Capability.FREEZE_SCHEDULE
-        for target in targets(tree, capability):
+        for target in targets(tree, capability)[::every]:
             shape = tree.parameters.get(target, ()) if capability is Capability.FREEZE_ELEMENTS else ()
             intent = _intent(capability, target, shape)
             schedule = (Change(2, ()), Change(3, intent.frozen_modules)) if scheduled else ()
