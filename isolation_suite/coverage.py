@@ -12,9 +12,9 @@ the random search, each *target* of each capability is judged once, deterministi
 * ``REPARAMETERIZE``: every layer a reparameterization can wrap.
 
 In a costly mode (``compile``) a share of the targets is judged this way (see
-:func:`coverage_examples`). The coverage examples train in float64 (a training-mode difference in a freshly initialised
-transformer, whose logits are about 1e-3, moves the loss by a few 1e-6: under float32's tolerance,
-well over float64's), with plain SGD for two steps, the input needing gradient where it can.
+:func:`coverage_examples`). The coverage examples train in float64 (a training-mode difference in a
+freshly initialised transformer, whose logits are about 1e-3, moves the loss by a few 1e-6: under
+float32's tolerance, well over float64's), with plain SGD for two steps, the input needing gradient where it can.
 :func:`targets_of` says which targets a judged scenario reached, so a search counts its coverage
 over every example it judged, trigger, coverage and generated alike.
 """
@@ -25,7 +25,7 @@ from typing import Iterable
 from .modes import MODE_BY_KIND
 from .scenario import Change, Data, Intent, Mode, OptimizerRecipe, Scenario
 from .technique import Capability
-from .tree import ModelTree, element_owners, freeze_targets, pass_through_targets, reparam_targets
+from .tree import ModelTree, targets_for
 
 #: what a report calls each capability's targets
 TARGET_NAMES = {
@@ -39,17 +39,14 @@ COVERAGE_RECIPE = OptimizerRecipe("SGD", (("lr", 0.1),))
 
 
 def targets(tree: ModelTree, capability: Capability) -> tuple:
-    """Every target of ``capability`` in ``tree``, in tree order (module paths; ``(path, use)`` for
-    pass-through calls; parameter paths for frozen elements)."""
-    if capability in (Capability.FREEZE_MODULE, Capability.FREEZE_SCHEDULE):
-        return tuple(freeze_targets(tree))
+    """Every target of ``capability`` in ``tree``, in tree order: the modules ``tree.targets_for``
+    offers, each call of a pass-through module as ``(path, use)``, each parameter of an element owner."""
+    modules = targets_for(tree, capability)
     if capability is Capability.PASS_THROUGH:
-        return tuple((path, use) for path in pass_through_targets(tree) for use in range(tree.node(path).calls))
+        return tuple((path, use) for path in modules for use in range(tree.node(path).calls))
     if capability is Capability.FREEZE_ELEMENTS:
-        return tuple(f"{owner}.{name}" for owner in element_owners(tree) for name, _ in tree.node(owner).params)
-    if capability is Capability.REPARAMETERIZE:
-        return tuple(reparam_targets(tree))
-    raise ValueError(f"unknown capability {capability!r}")
+        return tuple(f"{owner}.{name}" for owner in modules for name, _ in tree.node(owner).params)
+    return tuple(modules)
 
 
 def targets_of(scenario: Scenario, capability: Capability) -> set:
