@@ -11,12 +11,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 import strategies
-from isolation_suite.models import build
-from isolation_suite.reference import Reference
-from isolation_suite.runner import Driver, TechniqueDriver, clip_gradients, make_scheduler, optimizer_builder
-from isolation_suite.scenario import Scenario
+from isolation_suite.model.factory import build
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import Driver, TechniqueDriver, clip_gradients, make_scheduler, optimizer_builder
+from isolation_suite.spec.scenario import Scenario
 from isolation_suite.technique import Capability
-from isolation_suite.tree import Router, roles
+from isolation_suite.model.tree import Router, roles
 
 OUT = Path(os.environ.get("ISOLATION_BENCH_DIR", "reports/bench"))
 warnings.simplefilter("ignore")

@@ -22,9 +22,9 @@ import os
 import torch
 
 from isolation_suite import profiles
-from isolation_suite.check import search
+from isolation_suite.engine.check import search
 from isolation_suite.cli import item_budget
-from isolation_suite.loading import load_technique
+from isolation_suite.engine.loading import load_technique
 from isolation_suite.techniques import CATALOG, model_examples
 from isolation_suite.zoo import ZOO
 
@@ -33,7 +33,7 @@ from ._common import median, table, write
 def _main_job_eager_budget() -> float:
     """An eager item's seconds in the main job's default run: 120 s on 2 workers over every row's
     capabilities in every mode this machine runs, each item weighted by its mode's budget weight."""
-    from isolation_suite.modes import MODE_BY_KIND, parse_modes
+    from isolation_suite.execution.modes import MODE_BY_KIND, parse_modes
     weights = [MODE_BY_KIND[m].budget_weight for row in CATALOG for _ in row.technique.capabilities
                for m in parse_modes(None, ("cpu",))]
     return item_budget(120.0, 2, sum(weights))

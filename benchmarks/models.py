@@ -28,8 +28,8 @@ os.environ.setdefault("ISOLATION_SANDBOX", "off")  # everything a check allocate
 
 from isolation_suite import catalog, check  # noqa: E402
 from isolation_suite import strategies  # noqa: E402
-from isolation_suite.judge import clear_reference_cache  # noqa: E402
-from isolation_suite.models import factory_tree  # noqa: E402
+from isolation_suite.judging.judge import clear_reference_cache  # noqa: E402
+from isolation_suite.model.factory import factory_tree  # noqa: E402
 from isolation_suite.technique import Capability  # noqa: E402
 from isolation_suite.zoo import ZOO  # noqa: E402
 

@@ -18,9 +18,9 @@ import statistics
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.judge import clear_reference_cache
-from isolation_suite.modes import MODE_INFOS
-from isolation_suite.sandbox import Sandbox
+from isolation_suite.judging.judge import clear_reference_cache
+from isolation_suite.execution.modes import MODE_INFOS
+from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.techniques import in_mode
 
 from ._common import corpus, table, timed, write

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.judge import clear_reference_cache
-from isolation_suite.sandbox import Sandbox
+from isolation_suite.judging.judge import clear_reference_cache
+from isolation_suite.execution.sandbox import Sandbox
 
 from ._common import bare_pair, corpus, median, table, timed, write
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from isolation_suite.database import OPERATIONS
+from isolation_suite.engine.database import OPERATIONS
 
 from ._common import median, table, write
 

@@ -63,7 +63,7 @@ SEARCH_RATE = """
 import sys, time, torch
 torch.set_num_threads(1)
 from isolation_suite import catalog
-from isolation_suite.check import search
+from isolation_suite.engine.check import search
 start, n = time.perf_counter(), 0
 for name in sys.argv[1].split(","):
     n += search(catalog()[name], max_examples=150, shrink=False).examples

@@ -19,9 +19,9 @@ import time
 import torch
 
 from isolation_suite import catalog
-from isolation_suite import judge as judge_mod
-from isolation_suite.judge import SharedReference, clear_reference_cache, judge
-from isolation_suite.sandbox import SANDBOX_ENV, Sandbox
+from isolation_suite.judging import judge as judge_mod
+from isolation_suite.judging.judge import SharedReference, clear_reference_cache, judge
+from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
 
 from ._common import bare_pair, corpus, table, write
 from .throughput import _by_capability

@@ -9,7 +9,7 @@ mismatch, re-runs both in float64.
 The "floor" column is what a worker would do if the harness cost nothing: the two
 bare training loops alone (``benchmarks._common.bare_pair``).
 
-The sweep (``isolation_suite.sweep``) judges every technique of a capability on each scenario
+The sweep (``isolation_suite.engine.sweep``) judges every technique of a capability on each scenario
 against one reference computed once: a check is one technique x scenario, and each row is charged
 its own judging plus its share of the scenario's reference. It is measured in the same run, both
 sandboxed (one child per technique) and in-process, interleaved scenario by scenario with the
@@ -23,8 +23,8 @@ import time
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.judge import SharedReference, clear_reference_cache, judge
-from isolation_suite.sandbox import SANDBOX_ENV, Sandbox
+from isolation_suite.judging.judge import SharedReference, clear_reference_cache, judge
+from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
 
 from ._common import bare_pair, corpus, table, timed, write
 

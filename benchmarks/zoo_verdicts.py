@@ -26,9 +26,9 @@ os.environ.setdefault("ISOLATION_PROFILE", "isolation-ci")
 import torch  # noqa: E402
 
 from isolation_suite import sweep  # noqa: E402
-from isolation_suite.check import failure_message  # noqa: E402
-from isolation_suite.models import factory_tree  # noqa: E402
-from isolation_suite.modes import parse_modes  # noqa: E402
+from isolation_suite.engine.check import failure_message  # noqa: E402
+from isolation_suite.model.factory import factory_tree  # noqa: E402
+from isolation_suite.execution.modes import parse_modes  # noqa: E402
 from isolation_suite.techniques import CATALOG  # noqa: E402
 from isolation_suite.zoo import ZOO  # noqa: E402
 

@@ -51,7 +51,7 @@ def _seed(text: str) -> int:
 
 
 def _writable(directory: str) -> Path:
-    from .report import ReportDirError, ensure_writable
+    from isolation_suite.reporting.report import ReportDirError, ensure_writable
     try:
         return ensure_writable(Path(directory))
     except ReportDirError as exc:
@@ -69,7 +69,7 @@ MODES_HELP = ("execution modes, a comma list of eager, checkpoint, compile, auto
 
 
 def _modes(text: str, devices) -> tuple[str, ...]:
-    from .check import modes_for
+    from isolation_suite.engine.check import modes_for
     try:
         return modes_for(text, devices)
     except ValueError as exc:
@@ -144,7 +144,7 @@ def _line(text: str) -> None:
 def _use_database(args) -> None:
     """``--database`` / ``--database-readonly`` become the environment (so ``fuzz``'s workers see
     them too) and the profiles' database; a malformed spec is one line and exit 2, before any search."""
-    from .profiles import DATABASE_ENV, READONLY_ENV, register_profiles
+    from isolation_suite.engine.profiles import DATABASE_ENV, READONLY_ENV, register_profiles
     if args.database is not None:
         os.environ[DATABASE_ENV] = args.database
     if args.database_readonly:
@@ -167,7 +167,7 @@ class _DatabaseWarning:
 # --- list ---------------------------------------------------------------------------------
 
 def cmd_list(args) -> int:
-    from .techniques import CATALOG
+    from isolation_suite.techniques import CATALOG
     _line(f"{'technique':28s} {'seed':18s} {'capability':16s} expected verdict")
     for entry in CATALOG:
         t = entry.technique
@@ -182,19 +182,19 @@ def cmd_list(args) -> int:
 # --- check --------------------------------------------------------------------------------
 
 def cmd_check(args) -> int:
-    from . import devices as devices_mod
-    from .check import failure_message, run_seed, search, search_line, search_settings, seed_text
-    from .invariants import DEVICE_PARITY, INVARIANTS
-    from .loading import load_technique
-    from .profiles import active_profile, describe, describe_database
-    from .report import environment, record, write_summary
+    from isolation_suite.execution import devices as devices_mod
+    from isolation_suite.engine.check import failure_message, run_seed, search, search_line, search_settings, seed_text
+    from isolation_suite.judging.invariants import DEVICE_PARITY, INVARIANTS
+    from isolation_suite.engine.loading import load_technique
+    from isolation_suite.engine.profiles import active_profile, describe, describe_database
+    from isolation_suite.reporting.report import environment, record, write_summary
 
     _use_database(args)
     technique = load_technique(args.spec)
     devices = devices_mod.resolve(args.devices)
     modes = _modes(args.modes, devices)
     if args.model:
-        from .models import factory_tree
+        from isolation_suite.model.factory import factory_tree
         tree = factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any search
     run_dir = _writable(args.report_dir) if args.report_dir else None  # before the search, not after it
     seed = args.seed if args.seed is not None else run_seed(args.max_examples)
@@ -250,7 +250,7 @@ def cmd_check(args) -> int:
 def _replay(argv: list[str], seed: int | None, max_examples: int | None, timeout: float | None) -> str:
     """The command line that runs the same searches again."""
     import shlex
-    from .profiles import active_profile
+    from isolation_suite.engine.profiles import active_profile
     argv = ["isolation-suite", *argv]
     if seed is not None:
         argv += ["--seed", str(seed)]
@@ -265,10 +265,10 @@ def _replay(argv: list[str], seed: int | None, max_examples: int | None, timeout
 # --- repro --------------------------------------------------------------------------------
 
 def cmd_repro(args) -> int:
-    from .check import check
-    from .loading import load_technique
-    from .profiles import example_timeout
-    from .scenario import Scenario, ScenarioError
+    from isolation_suite.engine.check import check
+    from isolation_suite.engine.loading import load_technique
+    from isolation_suite.engine.profiles import example_timeout
+    from isolation_suite.spec.scenario import Scenario, ScenarioError
 
     try:
         data = json.loads(Path(args.file).read_text())
@@ -300,8 +300,8 @@ def cmd_repro(args) -> int:
 
 def _fuzz_techniques(text: str | None) -> dict:
     """spec -> technique; loading fails fast, in one line, before any worker starts."""
-    from .loading import load_technique
-    from .techniques import CATALOG
+    from isolation_suite.engine.loading import load_technique
+    from isolation_suite.techniques import CATALOG
     specs = [s.strip() for s in text.split(",") if s.strip()] if text else [e.name for e in CATALOG]
     if not specs:
         raise UsageError("--techniques is empty")
@@ -310,7 +310,7 @@ def _fuzz_techniques(text: str | None) -> dict:
 
 def _item_mode(name: str) -> str:
     """``tech[CAP-cpu-compile]`` -> ``compile``; an item without a mode is eager."""
-    from .modes import MODE_BY_KIND
+    from isolation_suite.execution.modes import MODE_BY_KIND
     last = name.rstrip("]").rpartition("-")[2]
     return last if last in MODE_BY_KIND else "eager"
 
@@ -330,12 +330,12 @@ REPORT_RESERVE_S = 1.0
 def cmd_fuzz(args) -> int:
     import pytest
 
-    from . import devices as devices_mod
-    from .check import run_seed, seed_text
-    from .profiles import PROFILE_ENV, PROFILES, describe
-    from .pytest_plugin import item_name
-    from .report import point_latest, run_id
-    from .shards import Shard
+    from isolation_suite.execution import devices as devices_mod
+    from isolation_suite.engine.check import run_seed, seed_text
+    from isolation_suite.engine.profiles import PROFILE_ENV, PROFILES, describe
+    from isolation_suite.pytest_plugin import item_name
+    from isolation_suite.reporting.report import point_latest, run_id
+    from isolation_suite.reporting.shards import Shard
 
     started = time.time()
     _use_database(args)
@@ -350,7 +350,7 @@ def cmd_fuzz(args) -> int:
         raise UsageError(f"{PROFILE_ENV}={profile!r} is not one of {', '.join(PROFILES)}")
     os.environ[PROFILE_ENV] = profile
     if args.model:
-        from .models import factory_tree
+        from isolation_suite.model.factory import factory_tree
         factory_tree(args.model)  # one line and exit 2 when the factory is wrong, before any worker starts
     shard = Shard.parse(args.shard) if args.shard else None
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
@@ -360,7 +360,7 @@ def cmd_fuzz(args) -> int:
     # with --sweep, one pytest item (a sweep) per capability, device and mode judges its items together
     groups = len({name.rpartition("[")[2] for name in chosen}) if args.sweep else items
     # an item's budget is per_item times its mode's weight (a compiled item gets more time)
-    from .modes import MODE_BY_KIND
+    from isolation_suite.execution.modes import MODE_BY_KIND
     weighted = sum(MODE_BY_KIND[_item_mode(name)].budget_weight for name in chosen)
     per_item = item_budget(args.budget, min(workers, groups), weighted)
     reports = _writable(args.report_dir)
@@ -435,8 +435,8 @@ def _sigterm_as_interrupt(signum, frame):
 
 
 def cmd_merge(args) -> int:
-    from .report import point_latest, run_id, write_summary
-    from .shards import merge
+    from isolation_suite.reporting.report import point_latest, run_id, write_summary
+    from isolation_suite.reporting.shards import merge
 
     reports = _writable(args.report_dir)
     run_dir = _writable(str(reports / run_id()))
@@ -470,13 +470,14 @@ COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .database import DatabaseSpecError
-    from .devices import DeviceError
-    from .loading import TechniqueLoadError
-    from .models import ModelFactoryError
-    from .profiles import register_profiles
-    from .shards import ShardError
+    from isolation_suite.engine.database import DatabaseSpecError
+    from isolation_suite.execution.devices import DeviceError
+    from isolation_suite.engine.loading import TechniqueLoadError
+    from isolation_suite.model.factory import ModelFactoryError
+    from isolation_suite.engine.profiles import register_profiles
+    from isolation_suite.reporting.shards import ShardError
 
+    saved = dict(os.environ)  # a command sets the database and profile for its workers; not for its caller
     try:
         register_profiles()  # ISOLATION_DATABASE as it is now, not as it was at import
         args = build_parser().parse_args(argv)
@@ -487,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("isolation-suite: interrupted", file=sys.stderr)
         return 130
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m isolation_suite.cli

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-from . import devices as devices_mod
-from .profiles import PROFILE_ENV, PROFILES
+from isolation_suite.execution import devices as devices_mod
+from isolation_suite.engine.profiles import PROFILE_ENV, PROFILES
 
 _TECHNIQUES = pytest.StashKey[list]()
 _DEVICES = pytest.StashKey[list]()
@@ -77,7 +77,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _modes(config: pytest.Config) -> tuple[str, ...]:
-    from .check import modes_for
+    from isolation_suite.engine.check import modes_for
     try:
         return modes_for(config.getoption("isolation_modes"), config.stash[_DEVICES])
     except ValueError as exc:
@@ -92,7 +92,7 @@ def _gate_seed(config: pytest.Config) -> int | None:
             return int(given)
         except ValueError:
             raise pytest.UsageError(f"--hypothesis-seed takes an integer here, got {given!r}") from None
-    from .check import run_seed
+    from isolation_suite.engine.check import run_seed
     return run_seed(config.getoption("isolation_max_examples"))
 
 
@@ -113,9 +113,9 @@ def pytest_configure(config: pytest.Config) -> None:
     _use_database(config)
     settings.load_profile(profile)  # so Hypothesis's own header and statistics name the real profile
     config.stash[_PROFILE] = profile
-    from .loading import TechniqueLoadError, load_technique
-    from .models import ModelFactoryError, factory_tree
-    from .shards import Shard, ShardError
+    from isolation_suite.engine.loading import TechniqueLoadError, load_technique
+    from isolation_suite.model.factory import ModelFactoryError, factory_tree
+    from isolation_suite.reporting.shards import Shard, ShardError
     try:
         config.stash[_TECHNIQUES] = [(spec, load_technique(spec)) for spec in specs]
         config.stash[_DEVICES] = devices_mod.resolve(config.getoption("isolation_devices"))
@@ -152,8 +152,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _use_database(config: pytest.Config) -> None:
     """``--isolation-database`` / ``--isolation-database-readonly`` (else the environment) become the
     profiles' database; a malformed spec is a usage error before anything runs."""
-    from .database import DatabaseSpecError
-    from .profiles import DATABASE_ENV, READONLY_ENV, register_profiles
+    from isolation_suite.engine.database import DatabaseSpecError
+    from isolation_suite.engine.profiles import DATABASE_ENV, READONLY_ENV, register_profiles
     if config.getoption("isolation_database") is not None:
         os.environ[DATABASE_ENV] = config.getoption("isolation_database")
     if config.getoption("isolation_database_readonly"):
@@ -186,8 +186,8 @@ class DatabaseWarning:
 
 def _start_report(config: pytest.Config, reports: Path, budget, max_examples, specs) -> None:
     """The controller (or a run without xdist) owns the run folder and its summary."""
-    from .check import seed_text
-    from .report import ReportDirError, ensure_writable, environment, point_latest, run_id
+    from isolation_suite.engine.check import seed_text
+    from isolation_suite.reporting.report import ReportDirError, ensure_writable, environment, point_latest, run_id
     try:
         ensure_writable(reports)
         run_dir = ensure_writable(reports / (config.getoption("isolation_run_id") or run_id()))
@@ -195,8 +195,8 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
     except ReportDirError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_REPORT] = run_dir
-    from .check import search_settings
-    from .profiles import describe_database
+    from isolation_suite.engine.check import search_settings
+    from isolation_suite.engine.profiles import describe_database
     seed = config.stash[_SEED]
     meta = environment({"devices": config.stash[_DEVICES], "profile": config.stash[_PROFILE], "seed": seed,
                         "database": describe_database(config.stash[_PROFILE]),
@@ -209,7 +209,7 @@ def _start_report(config: pytest.Config, reports: Path, budget, max_examples, sp
     items = _items(config)
     live = None
     if config.getoption("isolation_progress"):
-        from .live import LiveView
+        from isolation_suite.reporting.live import LiveView
         reporter = config.pluginmanager.get_plugin("terminalreporter")
 
         def write_line(text: str) -> None:
@@ -236,8 +236,8 @@ def pytest_configure_node(node) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if _TECHNIQUES not in config.stash:
         return None
-    from .check import seed_text
-    from .profiles import describe
+    from isolation_suite.engine.check import seed_text
+    from isolation_suite.engine.profiles import describe
     seed = config.stash.get(_SEED, None)
     lines = [f"isolation-suite: profile {describe(config.stash[_PROFILE], config.getoption('isolation_timeout'))}; "
              f"{seed_text(seed)}"
@@ -262,8 +262,8 @@ class _GateItem(pytest.Item):
     def gate_failure(self, technique, result) -> str | None:
         """None when ``result`` is what ``technique`` declares for this item's mode (``n/a`` too),
         else why not: an expected violation missed, or an invariant it does not declare."""
-        from .check import failure_message
-        from .report import outcome, reason
+        from isolation_suite.engine.check import failure_message
+        from isolation_suite.reporting.report import outcome, reason
         expected = technique.expected_in(self.mode)
         status, passed = outcome(result, expected)
         if passed:
@@ -289,9 +289,9 @@ class IsolationItem(_GateItem):
         self.add_marker("isolation")
 
     def runtest(self) -> None:
-        from .check import search, search_line
-        from .coverage import coverage_line
-        from .report import outcome, reason, record
+        from isolation_suite.engine.check import search, search_line
+        from isolation_suite.judging.coverage import coverage_line
+        from isolation_suite.reporting.report import outcome, reason, record
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
         budget = _budget_or_not_run(self, [(self.spec, self.technique)])
@@ -327,8 +327,8 @@ def _budget_or_not_run(item, members: list[tuple[str, object]]) -> float | None:
     ``--isolation-budget`` per member times the mode's weight (``ModeInfo.budget_weight``), and never
     past the run's deadline. Once the deadline has passed, each member gets a ``not-run`` record
     and the item fails: an item that never ran never passes."""
-    from .modes import MODE_BY_KIND
-    from .report import error_record
+    from isolation_suite.execution.modes import MODE_BY_KIND
+    from isolation_suite.reporting.report import error_record
     cfg = item.config
     budget, deadline = cfg.getoption("isolation_budget"), cfg.getoption("isolation_deadline")
     if budget is not None:
@@ -374,9 +374,9 @@ class SweepItem(_GateItem):
         self.add_marker("isolation")
 
     def runtest(self) -> None:
-        from .check import search_line
-        from .report import outcome, record
-        from .sweep import sweep
+        from isolation_suite.engine.check import search_line
+        from isolation_suite.reporting.report import outcome, record
+        from isolation_suite.engine.sweep import sweep
         cfg = self.config
         report_dir = cfg.stash.get(_REPORT, None)
         budget = _budget_or_not_run(self, [(spec, technique) for _, spec, technique in self.members])
@@ -468,7 +468,7 @@ class SummaryWriter:
         if report.when not in ("call", "???"):
             return
         if report.failed:
-            from .report import error_record, has_record
+            from isolation_suite.reporting.report import error_record, has_record
             for name in names:
                 spec, technique, capability, device, mode = self.items[name]
                 if not has_record(self.report_dir, technique, [capability.value], device, mode):
@@ -483,7 +483,7 @@ class SummaryWriter:
             self.live.close()
 
     def _write(self, complete: bool, interrupted: bool = False) -> None:
-        from .report import write_summary
+        from isolation_suite.reporting.report import write_summary
         every = sorted(self.items)
         progress = {"finished": [n for n in every if n in self.finished],
                     "running": [n for n in every if n in self.started and n not in self.finished],

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .scenario import Intent
+    from isolation_suite.spec.scenario import Intent
 
 
 class Capability(str, enum.Enum):
@@ -51,7 +51,7 @@ class Technique:
     #: invariant ids this technique is known to violate (empty when sound)
     expected_violations: frozenset[str] = frozenset()
     #: further invariant ids it is known to violate under one execution mode only
-    #: (``{"checkpoint": frozenset({"trainable-trains"})}``; see ``isolation_suite.modes``)
+    #: (``{"checkpoint": frozenset({"trainable-trains"})}``; see ``isolation_suite.execution.modes``)
     mode_violations: Mapping[str, frozenset[str]] = {}
     #: in the ``ddp`` mode, when the user's code wraps the model in DistributedDataParallel:
     #: ``"after_setup"`` (build, set up the isolation, wrap: the usual order) or ``"before_setup"``
@@ -108,8 +108,8 @@ def module_param_name(param_path: str) -> tuple[str, str]:
 
 def reparam_param_name(module: nn.Module) -> str:
     """The weight a reparameterization wraps: ``weight_hh_l0`` for RNNs (as in WeightDropout), else ``weight``."""
-    from .layers import kind_of
-    from .kinds import BY_KIND
+    from isolation_suite.model.layers import kind_of
+    from isolation_suite.spec.kinds import BY_KIND
     info = BY_KIND.get(kind_of(module))
     return info.reparam_weight if info is not None and info.reparam_weight else "weight"
 

@@ -120,8 +120,8 @@ def fork_sandbox_works() -> bool:
     """Whether technique code runs in a forked child here once this process has run autograd itself.
     Not on a CUDA build of torch: autograd's device threads do not survive fork, and the sandbox
     then runs everything in-process (a process exit or a segfault then ends the process)."""
-    from isolation_suite import sandbox
-    from isolation_suite.judge import reference_trace
+    from isolation_suite.execution import sandbox
+    from isolation_suite.judging.judge import reference_trace
     from isolation_suite.techniques.triggers import PASS_UPSTREAM
     reference_trace(PASS_UPSTREAM)  # the parent's own backward, as in every judge call
     with sandbox.Sandbox(iso.catalog()["functional_detach"], timeout=60) as probe:
@@ -132,5 +132,5 @@ def fork_sandbox_works() -> bool:
 def require_fork_sandbox():
     import pytest
     if not fork_sandbox_works():
-        from isolation_suite import sandbox
+        from isolation_suite.execution import sandbox
         pytest.skip(f"technique code runs {sandbox.mode()} on this machine")

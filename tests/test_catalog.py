@@ -6,8 +6,8 @@ project's own runs: derandomized, so the gate gives the same answer each time).
 import pytest
 
 import isolation_suite as iso
-from isolation_suite import devices
-from isolation_suite.check import failure_message, search
+from isolation_suite.execution import devices
+from isolation_suite.engine.check import failure_message, search
 from isolation_suite.techniques import CATALOG, entry, explicit_examples
 
 SOUND = [e for e in CATALOG if not e.technique.expected_violations]

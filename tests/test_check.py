@@ -8,9 +8,9 @@ import dataclasses
 import torch
 
 import isolation_suite as iso
-from isolation_suite.invariants import Context, matches_reference
-from isolation_suite.judge import confirmed_on_twin, reference_trace
-from isolation_suite.runner import TechniqueDriver, run
+from isolation_suite.judging.invariants import Context, matches_reference
+from isolation_suite.judging.judge import confirmed_on_twin, reference_trace
+from isolation_suite.execution.runner import TechniqueDriver, run
 from isolation_suite.techniques.freeze_module import FreezeAndEval
 from isolation_suite.techniques.triggers import ELEMENTS_CLIP_NORM, FROZEN_LINEAR
 
@@ -106,14 +106,14 @@ def test_a_semantic_mismatch_survives_the_float64_twin():
 
 
 def test_float64_inputs_are_the_float32_draws_upcast():
-    from isolation_suite.build import make_inputs
+    from isolation_suite.model.build import make_inputs
     x32 = make_inputs(FLOAT32)[0][0]
     x64 = make_inputs(dataclasses.replace(FLOAT32, dtype="float64"))[0][0]
     assert x64.dtype.is_floating_point and (x64 == x32.double()).all()
 
 
 def test_a_mismatch_names_the_worst_mismatched_entry_and_how_many_differ():
-    from isolation_suite.invariants import MATCH_TOLERANCE, first_mismatch
+    from isolation_suite.judging.invariants import MATCH_TOLERANCE, first_mismatch
     expected = torch.tensor([0.0, 100.0, 1.0, 2.0], dtype=torch.float64)
     # entry 1 has the largest absolute gap but is inside rtol; entries 2 and 3 are outside
     actual = expected + torch.tensor([0.0, 5e-6, 1e-5, 3e-6], dtype=torch.float64)
@@ -135,7 +135,7 @@ def _with_other_device(ctx, step, amount):
 def test_device_parity_noise_is_confirmed_away_on_the_twin_and_a_real_gap_is_not():
     technique = iso.catalog()["freeze_and_eval"]
     ctx32, ctx64 = _contexts(technique, FLOAT32)
-    from isolation_suite.invariants import device_parity
+    from isolation_suite.judging.invariants import device_parity
     # noise: lr-sized on the second device at step 2 in float32, at step 3 in float64 (a zero gradient under Adam)
     noisy32, noisy64 = _with_other_device(ctx32, 2, 1e-3), _with_other_device(ctx64, 3, 1e-3)
     assert device_parity(noisy32) is not None and device_parity(noisy64) is not None

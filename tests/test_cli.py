@@ -94,7 +94,7 @@ def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
 def test_bad_input_is_one_line_and_exit_2(plugin_dir, capsys, argv, needle, monkeypatch):
     def no_search(*args, **kwargs):
         raise AssertionError("bad input must be rejected before any search")
-    monkeypatch.setattr(sys.modules["isolation_suite.check"], "search", no_search)
+    monkeypatch.setattr(sys.modules["isolation_suite.engine.check"], "search", no_search)
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

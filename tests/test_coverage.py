@@ -1,6 +1,6 @@
 """The search reaches the whole tree of a user's model, and says so.
 
-Before the random search every target of each capability is judged once (``isolation_suite.coverage``);
+Before the random search every target of each capability is judged once (``isolation_suite.judging.coverage``);
 a technique whose flaw lives at one place of the tree (a never-called ``nn.ModuleList``, a container
 whose children keep training) is caught there whatever the seed, and ``check`` names the coverage.
 """
@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import isolation_suite as iso
-from isolation_suite.check import search, search_line
-from isolation_suite.coverage import Coverage, coverage_examples, targets
-from isolation_suite.models import factory_tree
-from isolation_suite.scenario import Data, Intent, OptimizerRecipe, Scenario
+from isolation_suite.engine.check import search, search_line
+from isolation_suite.judging.coverage import Coverage, coverage_examples, targets
+from isolation_suite.model.factory import factory_tree
+from isolation_suite.spec.scenario import Data, Intent, OptimizerRecipe, Scenario
 from isolation_suite.techniques import entry
-from isolation_suite.tree import module_tree, reparam_targets
+from isolation_suite.model.tree import module_tree, reparam_targets
 
 FREEZE = iso.Capability.FREEZE_MODULE
 

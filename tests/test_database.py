@@ -8,10 +8,10 @@ import pytest
 from hypothesis import settings
 
 import isolation_suite as iso
-from isolation_suite.check import search
+from isolation_suite.engine.check import search
 from isolation_suite.cli import main
-from isolation_suite.database import DatabaseSpec, DatabaseSpecError, SharedDatabase, parse_spec, public_url
-from isolation_suite.profiles import register_profiles
+from isolation_suite.engine.database import DatabaseSpec, DatabaseSpecError, SharedDatabase, parse_spec, public_url
+from isolation_suite.engine.profiles import register_profiles
 
 sys.path.insert(0, str(Path(__file__).parent))
 from redis_server import INSTALL_HINT, RedisServer, RedisServerError, free_port  # noqa: E402

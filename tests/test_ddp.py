@@ -9,11 +9,11 @@ from hypothesis import given, settings
 
 import isolation_suite as iso
 import strategies
-from isolation_suite.judge import judge, reference_trace
-from isolation_suite.sandbox import Sandbox
-from isolation_suite.scenario import Intent, Mode, Scenario, ScenarioError
+from isolation_suite.judging.judge import judge, reference_trace
+from isolation_suite.execution.sandbox import Sandbox
+from isolation_suite.spec.scenario import Intent, Mode, Scenario, ScenarioError
 from isolation_suite.techniques import in_mode, triggers
-from isolation_suite.tree import architecture_tree, leaves_parameters_unused
+from isolation_suite.model.tree import architecture_tree, leaves_parameters_unused
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the ddp mode forks its second rank")
 
@@ -177,7 +177,7 @@ def test_a_hang_on_rank_one_is_a_timeout_and_rank_one_is_killed(where, tmp_path)
 # --- the search --------------------------------------------------------------------------------
 
 def test_a_model_factory_is_not_applicable_in_ddp():
-    from isolation_suite.check import search
+    from isolation_suite.engine.check import search
     result = search(iso.catalog()["freeze_and_eval"], mode="ddp", model="isolation_suite.zoo:resnet_cnn")
     assert result.not_applicable.startswith("the ddp mode splits") and result.judged == 0
 

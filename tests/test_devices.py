@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import isolation_suite as iso
-from isolation_suite import devices
-from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from isolation_suite.execution import devices
+from isolation_suite.spec.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 

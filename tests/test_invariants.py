@@ -12,10 +12,11 @@ import functools
 import pytest
 import torch
 
-from isolation_suite.invariants import CHECKS, INVARIANTS, MATCH_TOLERANCE, Context, evaluate
-from isolation_suite.reference import Reference
-from isolation_suite.runner import Crash, Trace, run
-from isolation_suite.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, chain
+from isolation_suite.judging.invariants import CHECKS, INVARIANTS, MATCH_TOLERANCE, Context, evaluate
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import run
+from isolation_suite.execution.trace import Crash, Trace
+from isolation_suite.spec.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario, chain
 
 
 def linear(path: str) -> Layer:
@@ -316,7 +317,7 @@ def test_matches_reference_agrees_with_assert_close_at_the_tolerance_edge(units)
 # --- divergence (steers the search; not an invariant) -------------------------------------------
 
 def test_divergence_is_zero_on_a_good_pair_and_counts_tolerance_units():
-    from isolation_suite.invariants import divergence
+    from isolation_suite.judging.invariants import divergence
     s, technique, reference = good("module32")
     assert divergence(Context(s, technique, reference)) == 0.0
     tol = MATCH_TOLERANCE[torch.float32]
@@ -329,7 +330,7 @@ def test_divergence_is_zero_on_a_good_pair_and_counts_tolerance_units():
 
 
 def test_divergence_covers_input_gradients_but_not_frozen_entries():
-    from isolation_suite.invariants import divergence
+    from isolation_suite.judging.invariants import divergence
     s, technique, reference = good("pass")
     technique.steps[0].input_grads[0] = technique.steps[0].input_grads[0] + 1e-3
     assert divergence(Context(s, technique, reference)) > 1
@@ -339,7 +340,7 @@ def test_divergence_covers_input_gradients_but_not_frozen_entries():
 
 
 def test_divergence_of_a_nan_is_as_far_as_it_gets_and_a_crash_is_zero():
-    from isolation_suite.invariants import divergence
+    from isolation_suite.judging.invariants import divergence
     s, technique, reference = good("module")
     technique.steps[1].losses[0] = torch.tensor(float("nan"), dtype=torch.float64)
     assert divergence(Context(s, technique, reference)) >= 1e6
@@ -358,7 +359,7 @@ def _whole_trace_divergence(ctx: Context) -> float:
 
 @pytest.mark.parametrize("name", ["module", "module32", "pass", "elements"])
 def test_divergence_by_step_places_a_gap_at_its_step_and_peaks_at_the_whole_trace_value(name):
-    from isolation_suite.invariants import divergence, divergence_by_step
+    from isolation_suite.judging.invariants import divergence, divergence_by_step
     s, technique, reference = good(name)
     ctx = Context(s, technique, reference)
     assert divergence_by_step(ctx) == [0.0, 0.0] and divergence(ctx) == 0.0
@@ -372,7 +373,7 @@ def test_divergence_by_step_places_a_gap_at_its_step_and_peaks_at_the_whole_trac
 
 
 def test_divergence_by_step_with_a_changed_layout_and_a_nan_loss():
-    from isolation_suite.invariants import divergence, divergence_by_step
+    from isolation_suite.judging.invariants import divergence, divergence_by_step
     s, technique, reference = good("module")
     technique.steps[0].params["fc.weight"] = technique.steps[0].params["fc.weight"].reshape(-1)  # another shape
     technique.steps[0].losses[0] = torch.tensor(float("nan"), dtype=torch.float64)
@@ -501,7 +502,7 @@ def test_device_parity_sets_aside_an_entry_whose_gradient_was_zero_on_both_devic
 
 
 def test_nan_stuck_at_nan_has_not_moved():
-    from isolation_suite.invariants import _first_difference
+    from isolation_suite.judging.invariants import _first_difference
     a = torch.tensor([float("nan"), 1.0])
     assert _first_difference(a, a.clone()) is None
     assert _first_difference(torch.tensor([float("nan"), 2.0]), a)[0] == (1,)

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 import isolation_suite as iso
-from isolation_suite import modes
-from isolation_suite.invariants import Context, evaluate, matches_reference
-from isolation_suite.judge import reference_trace
-from isolation_suite.models import factory_name
-from isolation_suite.scenario import Change, Data, Intent, Mode, OptimizerRecipe, Scenario
+from isolation_suite.execution import modes
+from isolation_suite.judging.invariants import Context, evaluate, matches_reference
+from isolation_suite.judging.judge import reference_trace
+from isolation_suite.model.factory import factory_name
+from isolation_suite.spec.scenario import Change, Data, Intent, Mode, OptimizerRecipe, Scenario
 from isolation_suite.techniques import triggers
-from isolation_suite.tree import Router
+from isolation_suite.model.tree import Router
 
 
 def _state(model: nn.Module) -> tuple[modes.ForwardState, Router]:

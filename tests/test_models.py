@@ -16,8 +16,8 @@ import textwrap
 import pytest
 
 import isolation_suite as iso
-from isolation_suite.check import failure_message, search
-from isolation_suite.models import ModelFactoryError
+from isolation_suite.engine.check import failure_message, search
+from isolation_suite.model.factory import ModelFactoryError
 from isolation_suite.techniques import CATALOG, conditions, entry, model_examples
 from isolation_suite.techniques import triggers as t
 from isolation_suite.zoo import ZOO
@@ -237,7 +237,7 @@ def test_plugin_bad_model_is_a_usage_error(model_project, model, needle):
 @pytest.fixture(scope="module")
 def lightning_techniques():
     pytest.importorskip("lightning")
-    from isolation_suite.library_techniques import LightningFreeze, LightningFreezeNoBN
+    from isolation_suite.techniques.library import LightningFreeze, LightningFreezeNoBN
     return LightningFreeze, LightningFreezeNoBN
 
 
@@ -306,7 +306,7 @@ def test_lightning_freezing_on_a_resnet(lightning_techniques):
 LAZY_IMPORT = textwrap.dedent('''
     import sys
     import isolation_suite as iso
-    from isolation_suite import library_techniques
+    from isolation_suite.techniques import library as library_techniques
     from isolation_suite.techniques import triggers
 
     assert "lightning" not in sys.modules, "importing library_techniques imported lightning"

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 
 import isolation_suite as iso
 import strategies
-from isolation_suite import modes
-from isolation_suite.check import failure_message, modes_for, search
-from isolation_suite.scenario import Intent, Mode, Scenario, ScenarioError
+from isolation_suite.execution import modes
+from isolation_suite.engine.check import failure_message, modes_for, search
+from isolation_suite.spec.scenario import Intent, Mode, Scenario, ScenarioError
 from isolation_suite.techniques import CATALOG, conditions, explicit_examples, in_mode, triggers
-from isolation_suite.tree import Router
+from isolation_suite.model.tree import Router
 
 STARVED = triggers.CHECKPOINT_STARVED
 
@@ -73,7 +73,7 @@ def test_drawn_modes_are_of_the_asked_kinds_and_reentrant_only_where_something_n
     scenario = data.draw(strategies.scenarios(capabilities=["FREEZE_MODULE"], modes=kinds))
     assert scenario.mode.kind in kinds
     if scenario.mode.reentrant:
-        from isolation_suite.tree import architecture_tree, region_needs_gradient
+        from isolation_suite.model.tree import architecture_tree, region_needs_gradient
         tree = architecture_tree(scenario.architecture)
         assert region_needs_gradient(tree, scenario.mode.target, Intent(), scenario.data.input_requires_grad)
 
@@ -116,9 +116,9 @@ def _pass_through_under_checkpoint(reentrant: bool, dropout: bool = False) -> Sc
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_a_recomputed_region_routes_its_calls_again_with_the_same_roles(reentrant):
     technique = CountingCalls()  # run here, not in a sandbox's child, so its record stays readable
-    from isolation_suite.judge import reference_trace
-    from isolation_suite.invariants import Context, evaluate
-    from isolation_suite.runner import TechniqueDriver, run
+    from isolation_suite.judging.judge import reference_trace
+    from isolation_suite.judging.invariants import Context, evaluate
+    from isolation_suite.execution.runner import TechniqueDriver, run
     scenario = _pass_through_under_checkpoint(reentrant)
     trace = run(scenario, TechniqueDriver(technique))
     roles = [role for role, _ in technique.calls]
@@ -270,7 +270,7 @@ def test_an_unknown_mode_is_one_line_and_exit_2(capsys):
 
 
 def test_the_mode_matrix_keeps_the_worst_outcome_per_mode():
-    from isolation_suite.report import mode_matrix
+    from isolation_suite.reporting.report import mode_matrix
     records = [
         {"technique": "t", "outcome": "held", "violations": []},  # written before modes existed: eager
         {"technique": "t", "mode": "checkpoint", "outcome": "caught",
@@ -298,7 +298,7 @@ def cuda_style_scaling(monkeypatch):
 def test_loss_scaling_is_undone_before_anything_is_recorded(cuda_style_scaling):
     """A float64 scenario casts nothing under autocast: with the scaler's 65536 undone, the trace is
     eager's up to rounding: parameters, their gradients and the input gradient."""
-    from isolation_suite.runner import TechniqueDriver, run
+    from isolation_suite.execution.runner import TechniqueDriver, run
     scenario = dataclasses.replace(triggers.FROZEN_LINEAR, mode=Mode("autocast"))
     technique = iso.catalog()["freeze_and_eval"]
     scaled = run(scenario, TechniqueDriver(technique))
@@ -322,7 +322,7 @@ def test_a_step_without_a_scaled_backward_steps_plainly(cuda_style_scaling):
 def test_a_sweep_in_checkpoint_mode_gives_each_row_its_checkpoint_verdict():
     """One sweep per mode: the trigger examples move into the mode, and each technique is judged
     against what it is known for there (sharing the eager reference, which the mode does not change)."""
-    from isolation_suite.sweep import sweep
+    from isolation_suite.engine.sweep import sweep
     rows = [iso.catalog()[n] for n in ("freeze_and_eval", "freeze_enable_input_grads", "lr_zero_group")]
     done = sweep(rows, {iso.Capability.FREEZE_MODULE}, "cpu", max_examples=3, mode="checkpoint", shrink=False)
     by_name = {r.technique: r for r in done.results}

@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import isolation_suite as iso
-from isolation_suite.models import factory_name
-from isolation_suite.reference import Reference
-from isolation_suite.runner import TechniqueDriver, run, takes_keywords
-from isolation_suite.scenario import Data, Intent, OptimizerRecipe, Scenario
+from isolation_suite.model.factory import factory_name
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import TechniqueDriver, run, takes_keywords
+from isolation_suite.spec.scenario import Data, Intent, OptimizerRecipe, Scenario
 from isolation_suite.techniques import entry
-from isolation_suite.tree import freeze_targets, module_tree
+from isolation_suite.model.tree import freeze_targets, module_tree
 
 
 class ReadsOutside(nn.Module):
@@ -206,6 +206,6 @@ def test_the_reference_passes_keyword_arguments_through_a_pass_through_call():
 
 
 def _target(y):
-    from isolation_suite.models import target_like
-    from isolation_suite.runner import LOSS_SITE, site_seed
+    from isolation_suite.model.factory import target_like
+    from isolation_suite.execution.runner import LOSS_SITE, site_seed
     return target_like(y, site_seed(3, 1, 0, LOSS_SITE))

@@ -10,12 +10,12 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import isolation_suite as iso
-from isolation_suite import plots
-from isolation_suite.check import HISTORY_CAP, JudgedExample, search
-from isolation_suite.judge import StepPoint, judge
-from isolation_suite.report import html_report, matrix, record
-from isolation_suite.scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
-from isolation_suite.tree import ModelTree, Node, architecture_tree
+from isolation_suite.reporting import plots
+from isolation_suite.engine.check import HISTORY_CAP, JudgedExample, search
+from isolation_suite.judging.judge import StepPoint, judge
+from isolation_suite.reporting.report import html_report, matrix, record
+from isolation_suite.spec.scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
+from isolation_suite.model.tree import ModelTree, Node, architecture_tree
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -242,9 +242,10 @@ def test_a_verdict_keeps_both_losses_and_the_divergence_per_step():
 def test_step_points_of_a_crashed_run_keep_the_reference_and_leave_the_rest_empty():
     import copy
 
-    from isolation_suite.judge import step_points
-    from isolation_suite.reference import Reference
-    from isolation_suite.runner import Crash, run
+    from isolation_suite.judging.judge import step_points
+    from isolation_suite.execution.reference import Reference
+    from isolation_suite.execution.runner import run
+    from isolation_suite.execution.trace import Crash
     reference = run(scenario(Intent(frozen_modules=("enc",)), OptimizerRecipe("SGD", (("lr", 0.1),))), Reference())
     crashed = copy.deepcopy(reference)
     crashed.steps = crashed.steps[:1]
@@ -264,7 +265,7 @@ def test_a_search_keeps_every_judged_example_in_order_up_to_a_cap(monkeypatch):
     bad = search(iso.catalog()["restore_after_step"], max_examples=4)
     assert [e.outcome for e in bad.history][-1] == "violated" and len(bad.history) == bad.judged
     assert bad.history[-1].divergence == bad.failure.divergence
-    check_mod = __import__("sys").modules["isolation_suite.check"]
+    check_mod = __import__("sys").modules["isolation_suite.engine.check"]
     monkeypatch.setattr(check_mod, "HISTORY_CAP", 3)
     capped = search(iso.catalog()["freeze_and_eval"], max_examples=4)
     assert len(capped.history) == 3 and capped.history_omitted == capped.judged - 3
@@ -272,7 +273,7 @@ def test_a_search_keeps_every_judged_example_in_order_up_to_a_cap(monkeypatch):
 
 
 def test_invalid_draws_are_counted_from_hypothesis_statistics():
-    from isolation_suite.check import invalid_draws
+    from isolation_suite.engine.check import invalid_draws
     stats = {"generate-phase": {"test-cases": [{"status": "valid"}, {"status": "overrun"}, {"status": "invalid"}]},
              "shrink-phase": {"test-cases": [{"status": "interesting"}, {"status": "invalid"}]}, "nodeid": "x"}
     assert invalid_draws(stats) == 3

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from isolation_suite.build import loss_fn, make_inputs
-from isolation_suite.reference import Reference
-from isolation_suite.runner import run, site_seed
-from isolation_suite.scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
+from isolation_suite.model.build import loss_fn, make_inputs
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import run, site_seed
+from isolation_suite.spec.scenario import Data, Intent, Layer, OptimizerRecipe, Scenario, chain
 
 LOSS_SITE = 999_983  # the runner's site index for the loss target
 

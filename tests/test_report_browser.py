@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import isolation_suite as iso
-from isolation_suite.check import search
-from isolation_suite.report import environment, record, write_summary
+from isolation_suite.engine.check import search
+from isolation_suite.reporting.report import environment, record, write_summary
 
 INSTALL = ("headless Chromium is needed for the report's browser test and was not found: install it with "
            "`apt-get install -y chromium` (Debian/Ubuntu; the README's test command does), or point "

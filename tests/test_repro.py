@@ -6,8 +6,8 @@ import textwrap
 import pytest
 
 import isolation_suite as iso
-from isolation_suite.check import search
-from isolation_suite.report import record
+from isolation_suite.engine.check import search
+from isolation_suite.reporting.report import record
 
 # Runs a script with hypothesis, strategies and the installed isolation_suite made unimportable.
 # The script's own embedded finder goes in front of this blocker, so only what it embeds loads.
@@ -90,7 +90,7 @@ def test_a_repro_that_cannot_run_exits_2_not_1(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(iso.devices.cuda_available(), reason="needs a machine without CUDA")
 def test_a_cuda_repro_on_a_machine_without_cuda_exits_2(tmp_path):
-    from isolation_suite.repro import write_repro
+    from isolation_suite.reporting.repro import write_repro
     from isolation_suite.techniques.triggers import PASS_UPSTREAM
     script = write_repro(tmp_path / "parity.py", iso.catalog()["no_grad_call"], PASS_UPSTREAM, "cuda",
                          "device-parity: ...")

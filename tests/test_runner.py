@@ -1,4 +1,4 @@
-"""End to end: ``isolation_suite.check`` on tiny hand-written techniques and on the catalog."""
+"""End to end: ``isolation_suite.engine.check`` on tiny hand-written techniques and on the catalog."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import isolation_suite as iso
 from isolation_suite import Capability, Technique
-from isolation_suite.scenario import Intent, OptimizerRecipe
+from isolation_suite.spec.scenario import Intent, OptimizerRecipe
 from isolation_suite.techniques import entry, triggers
 from isolation_suite.techniques.triggers import ELEMENTS_ADAMW, ELEMENTS_PLAIN, FROZEN_LINEAR, REPARAM_LINEAR, \
     REPARAM_RNN, linear, scenario

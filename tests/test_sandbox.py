@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import isolation_suite as iso
-from isolation_suite.check import search_line
-from isolation_suite.sandbox import Sandbox, changes, restore, snapshot
+from isolation_suite.engine.check import search_line
+from isolation_suite.execution.sandbox import Sandbox, changes, restore, snapshot
 from isolation_suite.techniques.triggers import NAMES_COLLIDE, PASS_UPSTREAM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,7 +125,7 @@ def test_a_child_that_leaked_is_replaced_by_a_fresh_one():
 
 def test_the_repro_of_a_hostile_technique_reproduces(tmp_path):
     import subprocess
-    from isolation_suite.repro import write_repro
+    from isolation_suite.reporting.repro import write_repro
     script = write_repro(tmp_path / "exit.py", hostile.SysExit(), PASS_UPSTREAM, "cpu", "no-crash: SystemExit")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stdout + run.stderr
@@ -161,7 +161,7 @@ def test_a_parent_that_ran_parallel_kernels_does_not_deadlock_its_child():
 def test_where_a_child_cannot_run_autograd_the_runs_fall_back_in_process(monkeypatch):
     """On a CUDA build, autograd's device threads do not survive fork: the child's first backward
     raises. Made here deterministically: backward raises in any process but this one."""
-    from isolation_suite import sandbox as sandbox_mod
+    from isolation_suite.execution import sandbox as sandbox_mod
     monkeypatch.setattr(sandbox_mod, "_FORK_UNUSABLE", [])
     parent, backward = os.getpid(), torch.Tensor.backward
 
@@ -180,8 +180,8 @@ def test_where_a_child_cannot_run_autograd_the_runs_fall_back_in_process(monkeyp
 
 def test_every_run_uses_one_thread_whatever_the_caller_set():
     """Technique (sandboxed or not) and reference must round alike: one thread for every run."""
-    from isolation_suite.reference import Reference
-    from isolation_suite.runner import run
+    from isolation_suite.execution.reference import Reference
+    from isolation_suite.execution.runner import run
 
     class Recording(Reference):
         def setup(self, model, intent):

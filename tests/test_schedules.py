@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import isolation_suite as iso
-from isolation_suite.invariants import Context, frozen_unchanged, trainable_trains
-from isolation_suite.judge import reference_trace
-from isolation_suite.runner import TechniqueDriver, run
-from isolation_suite.scenario import Change, Intent, OptimizerRecipe, Scenario, ScenarioError
+from isolation_suite.judging.invariants import Context, frozen_unchanged, trainable_trains
+from isolation_suite.judging.judge import reference_trace
+from isolation_suite.execution.runner import TechniqueDriver, run
+from isolation_suite.spec.scenario import Change, Intent, OptimizerRecipe, Scenario, ScenarioError
 from isolation_suite.techniques import triggers
 
 THAW, REFREEZE = triggers.THAW, triggers.REFREEZE_MOMENTUM
@@ -48,13 +48,13 @@ def test_the_reference_gives_a_thawed_module_fresh_optimizer_state():
     at the boundary (its momentum starts at zero), exactly what add_param_group does."""
     scenario = dataclasses.replace(THAW, optimizer=OptimizerRecipe("SGD", (("lr", 0.1), ("momentum", 0.9))))
     trace = reference_trace(scenario)
-    from isolation_suite.models import build
+    from isolation_suite.model.factory import build
     built = build(scenario, "cpu")
     model = built.model
     enc = list(model.enc.parameters())
     optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("enc.")], lr=0.1,
                                 momentum=0.9)
-    from isolation_suite.runner import LOSS_SITE, site_seed
+    from isolation_suite.execution.runner import LOSS_SITE, site_seed
     for step in range(1, scenario.steps + 1):
         if step == 2:
             optimizer.add_param_group({"params": enc})

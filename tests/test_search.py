@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import isolation_suite as iso
-from isolation_suite.check import search, search_line
+from isolation_suite.engine.check import search, search_line
 from isolation_suite.techniques import explicit_examples
 from isolation_suite.techniques.freeze_module import FreezeAndEval
 
-check_mod = sys.modules["isolation_suite.check"]  # iso.check is the function of that name
+check_mod = sys.modules["isolation_suite.engine.check"]  # iso.check is the function of that name
 
 
 class BrokenOnConvolutions(FreezeAndEval):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from isolation_suite.shards import Shard, ShardError
+from isolation_suite.reporting.shards import Shard, ShardError
 
 ITEMS = [f"t{i}[CAP-cpu]" for i in range(11)]
 
@@ -97,7 +97,7 @@ def test_plugin_runs_only_its_shard_and_rejects_a_bad_one(pytester):
 # --- the live view -----------------------------------------------------------------------------
 
 def test_progress_text_counts_items_examples_rate_violations_and_time_left():
-    from isolation_suite.live import progress_text
+    from isolation_suite.reporting.live import progress_text
     records = [{"explicit_examples": 2, "examples": 60, "shrink_examples": 0, "violations": []},
                {"explicit_examples": 1, "examples": 0, "shrink_examples": 7, "violations": [{"invariant": "x"}]},
                {"explicit_examples": 0, "examples": 0, "shrink_examples": 0, "violations": [], "outcome": "error"}]
@@ -110,7 +110,7 @@ def test_progress_text_counts_items_examples_rate_violations_and_time_left():
 def test_live_view_draws_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
     import io
 
-    from isolation_suite.live import LiveView
+    from isolation_suite.reporting.live import LiveView
     lines = []
     plain = LiveView(2, None, lines.append, interactive=False)
     plain.update([{"examples": 5}])

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import strategies
-from isolation_suite.build import build_model, loss_fn, make_inputs
-from isolation_suite.scenario import LAYER_KINDS, OPTIMIZERS, SCHEDULERS, Scenario
+from isolation_suite.model.build import build_model, loss_fn, make_inputs
+from isolation_suite.spec.scenario import LAYER_KINDS, OPTIMIZERS, SCHEDULERS, Scenario
 from isolation_suite.technique import Capability
 
 FAST = settings(database=None, deadline=None, derandomize=True,

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import isolation_suite as iso
-from isolation_suite import judge as judge_mod
-from isolation_suite.check import search
-from isolation_suite.judge import clear_reference_cache, judge
-from isolation_suite.reference import Reference
-from isolation_suite.report import outcome
-from isolation_suite.runner import run
-from isolation_suite.sandbox import Sandbox
-from isolation_suite.sweep import intent_capabilities, judge_shared, sweep
+from isolation_suite.judging import judge as judge_mod
+from isolation_suite.engine.check import search
+from isolation_suite.judging.judge import clear_reference_cache, judge
+from isolation_suite.execution.reference import Reference
+from isolation_suite.reporting.report import outcome
+from isolation_suite.execution.runner import run
+from isolation_suite.execution.sandbox import Sandbox
+from isolation_suite.engine.sweep import intent_capabilities, judge_shared, sweep
 from isolation_suite.techniques.freeze_elements import RestoreAfterStep
 from isolation_suite.techniques.freeze_module import FreezeAndEval
 from isolation_suite.techniques.triggers import (ELEMENTS_CLIP_NORM, FROZEN_BATCHNORM, FROZEN_CLIP_NORM, FROZEN_LINEAR,
@@ -257,7 +257,7 @@ def test_fuzz_sweep_writes_one_record_per_item_as_fuzz_does(tmp_path):
 @pytest.fixture
 def example_database(tmp_path, monkeypatch):
     """The dev profile with its example database in ``tmp_path``."""
-    from isolation_suite.profiles import register_profiles
+    from isolation_suite.engine.profiles import register_profiles
     monkeypatch.setenv("ISOLATION_PROFILE", "isolation-dev")
     monkeypatch.setenv("ISOLATION_DATABASE", str(tmp_path / "examples"))
     register_profiles()
@@ -278,7 +278,7 @@ def test_a_failure_kept_by_a_techniques_search_is_replayed_first_by_a_sweep(exam
 
 def test_on_a_users_model_a_capability_it_has_no_place_for_is_not_applicable_and_never_drawn(monkeypatch):
     drawn = []
-    sweep_mod = sys.modules["isolation_suite.sweep"]  # iso.sweep is the function of that name
+    sweep_mod = sys.modules["isolation_suite.engine.sweep"]  # iso.sweep is the function of that name
     real = sweep_mod.judge
 
     def recording(technique, scenario, *args, **kwargs):

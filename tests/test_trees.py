@@ -6,14 +6,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 import isolation_suite as iso
-from isolation_suite.build import build_model
-from isolation_suite.models import factory_name
-from isolation_suite.reference import Reference
-from isolation_suite.runner import run
-from isolation_suite.scenario import (Architecture, Container, Data, Intent, Layer, Op, OptimizerRecipe, Scenario,
+from isolation_suite.model.build import build_model
+from isolation_suite.model.factory import factory_name
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import run
+from isolation_suite.spec.scenario import (Architecture, Container, Data, Intent, Layer, Op, OptimizerRecipe, Scenario,
                                       ScenarioError, chain)
 from isolation_suite.technique import Capability, Role, Technique
-from isolation_suite.tree import Router, architecture_tree, module_tree, roles
+from isolation_suite.model.tree import Router, architecture_tree, module_tree, roles
 
 FREEZE = frozenset({Capability.FREEZE_MODULE})
 PASS = frozenset({Capability.PASS_THROUGH})

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from isolation_suite.models import make, scenario_loss
-from isolation_suite.tree import module_tree
+from isolation_suite.model.factory import make, scenario_loss
+from isolation_suite.model.tree import module_tree
 
 SHAPES = ["tied_head_lm", "siamese", "multi_head_dict", "bert_with_mask", "transformer_encoder_kw"]
 NEEDS_TRANSFORMERS = {"bert_with_mask"}

@@ -19,10 +19,10 @@ from typing import Callable
 
 from hypothesis import strategies as st
 
-from .. import kinds
-from ..scenario import LAYER_KINDS, Architecture, Container, Layer, Op
+from isolation_suite.spec import kinds
+from isolation_suite.spec.scenario import LAYER_KINDS, Architecture, Container, Layer, Op
 
-from ._validate import check_choice, check_int
+from isolation_suite.strategies._validate import check_choice, check_int
 
 #: top-level names, with prefix collisions on purpose (``fc1`` ⊂ ``fc10``, ``enc`` ⊂ ``encoder``)
 TOP_NAMES = ("fc1", "fc10", "enc", "encoder", "gen", "layer1", "layer10", "head", "generator", "fc2")
@@ -384,7 +384,7 @@ def architectures(draw, *, max_blocks: int = 3, kinds: tuple[str, ...] = LAYER_K
     ``"trainable_pair"`` (at least two parameterised layers), ``"reparam"`` (a
     Linear, convolution or recurrent layer to wrap).
     """
-    from . import reuse  # reuse patterns are blocks too; imported late to avoid a cycle
+    from isolation_suite.strategies import reuse  # reuse patterns are blocks too; imported late to avoid a cycle
 
     check_int("max_blocks", max_blocks, 1, 12)
     kinds = check_choice("kinds", kinds, LAYER_KINDS)

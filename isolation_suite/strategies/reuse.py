@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from .. import kinds
-from ..scenario import Op
+from isolation_suite.spec import kinds
+from isolation_suite.spec.scenario import Op
 
-from .architectures import (CHILD_NAMES, TOP_NAMES, Draft, _prepare_for, fresh_name, leaf,
+from isolation_suite.strategies.architectures import (CHILD_NAMES, TOP_NAMES, Draft, _prepare_for, fresh_name, leaf,
                             maybe_activation)
 
 #: kinds that map a value onto itself without first changing its layout (``kinds.KindInfo.in_place``)

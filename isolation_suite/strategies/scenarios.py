@@ -6,18 +6,18 @@ from typing import Iterable
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from ..models import factory_tree
+from isolation_suite.model.factory import factory_tree
 import dataclasses
 
-from ..scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change, Data, Intent, Mode, Scenario
-from ..technique import Capability
-from ..tree import (ModelTree, architecture_tree, element_owners, freeze_targets, leaves_parameters_unused,
+from isolation_suite.spec.scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change, Data, Intent, Mode, Scenario
+from isolation_suite.technique import Capability
+from isolation_suite.model.tree import (ModelTree, architecture_tree, element_owners, freeze_targets, leaves_parameters_unused,
                    mode_targets, pass_through_targets, reparam_targets, region_needs_gradient)
 
-from ._validate import check_choice, check_int
-from .architectures import architectures
-from .elements import element_indices
-from .optimizers import optimizer_recipes
+from isolation_suite.strategies._validate import check_choice, check_int
+from isolation_suite.strategies.architectures import architectures
+from isolation_suite.strategies.elements import element_indices
+from isolation_suite.strategies.optimizers import optimizer_recipes
 
 DEVICES = ("cpu", "cuda")
 
@@ -48,7 +48,7 @@ def intents(draw, tree: ModelTree | Architecture, capabilities: frozenset[Capabi
     Modules at any level can be frozen (a leaf or a container) or passed through (any module called
     more than once); isolated sets never overlap, tied parameters are never split between a frozen
     and a trainable module, and at least one module with parameters keeps training
-    (``isolation_suite.tree`` says where each kind of intent can point).
+    (``isolation_suite.model.tree`` says where each kind of intent can point).
     """
     if isinstance(tree, Architecture):
         tree = architecture_tree(tree)
@@ -112,7 +112,7 @@ def _model_scenarios(draw, model: str, chosen: frozenset[Capability], dtypes, de
 @st.composite
 def execution_modes(draw, tree: ModelTree | Architecture, kinds: Iterable[str] = MODE_KINDS, *,
                     input_requires_grad: bool = True, intent: Intent = Intent()) -> Mode:
-    """Draw a :class:`isolation_suite.scenario.Mode` of one of ``kinds`` for a model with this tree.
+    """Draw a :class:`isolation_suite.spec.scenario.Mode` of one of ``kinds`` for a model with this tree.
 
     Shrinks toward the first kind, the whole model and ``use_reentrant=False``. A reentrant
     checkpoint is drawn only where its region's input needs gradient when nothing is frozen:
@@ -157,7 +157,7 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
 
     ``devices`` restricts optimizer variants to those every listed device runs.
     Shrinks toward one small layer, one step, SGD, float32. With ``model`` (a factory,
-    ``"pkg.mod:factory"``, see :mod:`isolation_suite.models`) the model is the user's and only the
+    ``"pkg.mod:factory"``, see :mod:`isolation_suite.model.factory`) the model is the user's and only the
     intent over its tree, the optimizer recipe, the loop and the seeds are drawn.
 
     >>> from strategies import scenarios

@@ -12,18 +12,18 @@ from typing import Callable, Iterable
 
 import dataclasses
 
-from ..models import tree_of
-from ..scenario import Change, Data, Intent, Mode, Scenario
-from ..technique import Capability, Technique
-from . import conditions as c
-from . import triggers as t
-from .freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, ParametrizeWhere, RestoreAfterStep,
+from isolation_suite.model.factory import tree_of
+from isolation_suite.spec.scenario import Change, Data, Intent, Mode, Scenario
+from isolation_suite.technique import Capability, Technique
+from isolation_suite.techniques import conditions as c
+from isolation_suite.techniques import triggers as t
+from isolation_suite.techniques.freeze_elements import (BackwardHookZeroGrad, ForwardPreHookOverwrite, ParametrizeWhere, RestoreAfterStep,
                               TensorHookMask)
-from .freeze_module import (FreezeAfterWrap, FreezeAndEval, FreezeEnableInputGrads, LrZeroGroup, LrZeroGroupSeed,
+from isolation_suite.techniques.freeze_module import (FreezeAfterWrap, FreezeAndEval, FreezeEnableInputGrads, LrZeroGroup, LrZeroGroupSeed,
                             NameSubstring, NoGradRegion, OptimizerFilter, RequiresGradFalse)
-from .freeze_schedule import UnfreezeAddParamGroup, UnfreezeFlagOnly
-from .pass_through import FunctionalDetach, NoGradCall, ToggleRequiresGrad
-from .reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, WeightDropoutTechnique
+from isolation_suite.techniques.freeze_schedule import UnfreezeAddParamGroup, UnfreezeFlagOnly
+from isolation_suite.techniques.pass_through import FunctionalDetach, NoGradCall, ToggleRequiresGrad
+from isolation_suite.techniques.reparameterize import ParametrizeDropConnect, WeightDropoutDataTechnique, WeightDropoutTechnique
 
 
 @dataclass(frozen=True)
@@ -230,13 +230,13 @@ def in_mode(scenario: Scenario, kind: str) -> Scenario:
 
 def _ddp_mode(scenario: Scenario) -> Mode:
     """DDP's defaults, or ``static_graph=True`` where the intent itself leaves a parameter unused."""
-    from ..tree import leaves_parameters_unused
+    from isolation_suite.model.tree import leaves_parameters_unused
     return Mode("ddp", static_graph=leaves_parameters_unused(tree_of(scenario), scenario.intent))
 
 
 def _modes_over(tree, kind: str, data: Data) -> list[Mode]:
     """The modes of ``kind`` a trigger can take on ``tree``, the whole model first."""
-    from ..tree import mode_targets, region_needs_gradient
+    from isolation_suite.model.tree import mode_targets, region_needs_gradient
     if kind != "checkpoint":
         return [Mode(kind)]
     out = []
@@ -253,7 +253,7 @@ def model_examples(model: str, capabilities: Iterable[Capability], mode: str = "
     (in tree order), and in ``mode`` the first placement of the mode, under which the trigger's
     condition holds. A trigger the model has no analog for (no module called twice, no BatchNorm to
     freeze) is left out."""
-    from ..models import factory_tree
+    from isolation_suite.model.factory import factory_tree
     tree = factory_tree(model)
     caps = frozenset(capabilities)
     seen: dict[Scenario, None] = {}
@@ -287,7 +287,7 @@ def _scheduled_analogs(tree, trigger: Scenario) -> list[tuple[Intent, tuple[Chan
     the start or from a boundary on) moves as one module of the tree, frozen at the same steps."""
     if not trigger.schedule:
         return [(intent, ()) for intent in _analogs(tree, trigger)]
-    from ..tree import freeze_targets
+    from isolation_suite.model.tree import freeze_targets
     out = []
     for module in freeze_targets(tree):
         start = Intent(frozen_modules=(module,)) if trigger.intent.frozen_modules else Intent()
@@ -297,7 +297,7 @@ def _scheduled_analogs(tree, trigger: Scenario) -> list[tuple[Intent, tuple[Chan
 
 def _analogs(tree, trigger: Scenario) -> list[Intent]:
     """Intents over ``tree`` of the trigger's kind, in tree order."""
-    from ..tree import element_owners, freeze_targets, pass_through_targets, reparam_targets, upstream_of_isolation
+    from isolation_suite.model.tree import element_owners, freeze_targets, pass_through_targets, reparam_targets, upstream_of_isolation
     intent = trigger.intent
     if intent.frozen_modules:
         # the module with the most trainable modules called before it first: "upstream" is read from
@@ -322,7 +322,7 @@ def _analogs(tree, trigger: Scenario) -> list[Intent]:
 
 
 def trigger_shape(trigger: Scenario, param: str) -> tuple[int, ...]:
-    from ..models import tree_of
+    from isolation_suite.model.factory import tree_of
     return tree_of(trigger).parameters[param]
 
 

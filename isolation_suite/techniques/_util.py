@@ -5,8 +5,8 @@ from typing import Iterator
 
 from torch import nn
 
-from ..scenario import Intent
-from ..technique import module_param_name
+from isolation_suite.spec.scenario import Intent
+from isolation_suite.technique import module_param_name
 
 
 def frozen_parameters(model: nn.Module, intent: Intent) -> Iterator[nn.Parameter]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 
-from ..models import tree_of
-from ..optim_info import OPTIMIZER_BY_NAME, SCHEDULER_BY_NAME
-from ..scenario import Scenario
-from ..scenario import Intent
-from ..tree import region_needs_gradient, region_trains, upstream_of_isolation
+from isolation_suite.model.factory import tree_of
+from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, SCHEDULER_BY_NAME
+from isolation_suite.spec.scenario import Scenario
+from isolation_suite.spec.scenario import Intent
+from isolation_suite.model.tree import region_needs_gradient, region_trains, upstream_of_isolation
 
 TRAIN_MODE_KINDS = ("batchnorm1d", "batchnorm2d", "batchnorm", "dropout")
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..technique import Capability, Technique, element_mask
-from ._util import element_targets
+from isolation_suite.technique import Capability, Technique, element_mask
+from isolation_suite.techniques._util import element_targets
 
 ELEMENTS = frozenset({Capability.FREEZE_ELEMENTS})
 

@@ -5,8 +5,8 @@ import types
 
 import torch
 
-from ..technique import Capability, Role, Technique
-from ._util import frozen_parameters
+from isolation_suite.technique import Capability, Role, Technique
+from isolation_suite.techniques._util import frozen_parameters
 
 FREEZE = frozenset({Capability.FREEZE_MODULE})
 #: what a frozen module left in training mode breaks: BatchNorm updates its running stats

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..technique import Capability, Technique
-from ._util import frozen_parameters
-from .freeze_module import STARVES_REENTRANT_CHECKPOINT, TRAIN_MODE_BREAKS, FreezeAndEval
+from isolation_suite.technique import Capability, Technique
+from isolation_suite.techniques._util import frozen_parameters
+from isolation_suite.techniques.freeze_module import STARVES_REENTRANT_CHECKPOINT, TRAIN_MODE_BREAKS, FreezeAndEval
 
 SCHEDULE = frozenset({Capability.FREEZE_SCHEDULE})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from ..technique import Capability, Role, Technique
+from isolation_suite.technique import Capability, Role, Technique
 
 
 class FunctionalDetach(Technique):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..technique import Capability, Technique, reparam_param_name
-from ._util import replace_submodule
+from isolation_suite.technique import Capability, Technique, reparam_param_name
+from isolation_suite.techniques._util import replace_submodule
 
 REPARAM = frozenset({Capability.REPARAMETERIZE})
 #: the harness asks for a wrapper that must train exactly like the bare module

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..scenario import Architecture, Change, Container, Data, Intent, Layer, Mode, Op, OptimizerRecipe, Scenario, chain
+from isolation_suite.spec.scenario import Architecture, Change, Container, Data, Intent, Layer, Mode, Op, OptimizerRecipe, Scenario, chain
 
 SGD = OptimizerRecipe("SGD", (("lr", 0.1),))
 

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .scenario import Intent
-from .technique import Role, element_mask
-from .tree import CallSite
+from isolation_suite.spec.scenario import Intent
+from isolation_suite.technique import Role, element_mask
+from isolation_suite.model.tree import CallSite
 
 
 @contextlib.contextmanager

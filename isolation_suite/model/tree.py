@@ -23,10 +23,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from . import kinds
-from .layers import SeededDropout, kind_of, train_mode_effect
-from .scenario import Architecture, Intent
-from .technique import Capability, Role
+from isolation_suite.spec import kinds
+from isolation_suite.model.layers import SeededDropout, kind_of, train_mode_effect
+from isolation_suite.spec.scenario import Architecture, Intent
+from isolation_suite.technique import Capability, Role
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _within(path: str, module: str) -> bool:
 @functools.lru_cache(maxsize=4096)
 def architecture_tree(arch: Architecture) -> ModelTree:
     """The tree of a generated model, from its spec alone (nothing is built)."""
-    from .build import param_shapes
+    from isolation_suite.model.build import param_shapes
     counts: dict[str, int] = {}
     for path, _ in arch.call_sites:
         counts[path] = counts.get(path, 0) + 1
@@ -264,7 +264,7 @@ def targets_for(tree: ModelTree, capability: Capability) -> list[str]:
 
 def check_intent(tree: ModelTree, intent: Intent) -> None:
     """Raise ScenarioError where ``intent`` names what ``tree`` does not have."""
-    from .scenario import ScenarioError
+    from isolation_suite.spec.scenario import ScenarioError
     for path in intent.frozen_modules + intent.reparameterized:
         if path not in tree.by_path or path == "":
             raise ScenarioError(f"the intent names module {path!r}, which the model does not have")

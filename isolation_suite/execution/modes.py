@@ -1,7 +1,7 @@
 """Execution modes: how the user's training loop runs the model.
 
 Declared as one table (``MODE_INFOS``), like ``kinds`` and ``optim_info``. A mode is part of the
-scenario (:class:`~isolation_suite.scenario.Mode`); the runner applies it around the technique's
+scenario (:class:`~isolation_suite.spec.scenario.Mode`); the runner applies it around the technique's
 hooks, and the reference ignores it (plain eager, one process), except for autocast, whose number
 format both share (see ``ModeInfo.reference``).
 
@@ -41,7 +41,7 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   is that of its own half's loss, twice the whole loss's). Averaging reorders a sum: float32
   mismatches are confirmed on the float64 twin, and an entry whose gradient stays within rounding of
   zero in both runs is set aside. Dropout is exact (each rank keeps its rows of the
-  whole batch's mask); a training BatchNorm is not drawn (see :mod:`isolation_suite.ddp`).
+  whole batch's mask); a training BatchNorm is not drawn (see :mod:`isolation_suite.execution.ddp`).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .scenario import MODE_KINDS, Mode, ScenarioError
+from isolation_suite.spec.scenario import MODE_KINDS, Mode, ScenarioError
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """The sweep: one scenario, every technique that fits it, one reference.
 
-A search (:func:`isolation_suite.check.search`) judges one technique and computes the reference
+A search (:func:`isolation_suite.engine.check.search`) judges one technique and computes the reference
 for each of its scenarios. When a set of techniques is judged (the whole catalog), most of them
 share their scenarios: ``sweep`` draws each scenario once, computes the reference (and, where a
 float32 mismatch needs it, the float64 twin's) once, in this process, and judges every technique
 whose capabilities cover the scenario's intent, each in a sandbox of its own for the whole sweep.
 A technique's first failure is handed to the same Hypothesis search a per-technique search runs,
-which replays and shrinks it, so its result is what :func:`~isolation_suite.check.search` would
-report: a :class:`~isolation_suite.check.SearchResult` per technique, with the same counts.
+which replays and shrinks it, so its result is what :func:`~isolation_suite.engine.check.search` would
+report: a :class:`~isolation_suite.engine.check.SearchResult` per technique, with the same counts.
 """
 from __future__ import annotations
 
@@ -22,18 +22,19 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.control import current_build_context
 from hypothesis.database import choices_to_bytes
 
-from . import devices as devices_mod
-from .check import DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings, search_settings
-from .invariants import TIMEOUT
-from .judge import SharedReference, Verdict, as_technique, judge
-from .coverage import Coverage, coverage_examples
-from .models import factory_name, factory_tree
-from .profiles import example_timeout
-from .sandbox import Sandbox, watch_user_interrupts
-from .sandbox import mode as sandbox_mode
-from .scenario import Intent, Scenario
-from .technique import Capability, Technique
-from .tree import targets_for
+from isolation_suite.execution import devices as devices_mod
+from isolation_suite.engine.check import DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings, search_settings
+from isolation_suite.judging.invariants import TIMEOUT
+from isolation_suite.judging.judge import SharedReference, Verdict, as_technique, judge
+from isolation_suite.judging.coverage import Coverage, coverage_examples
+from isolation_suite.model.factory import factory_name, factory_tree
+from isolation_suite.engine.profiles import example_timeout
+from isolation_suite.execution.sandbox import Sandbox
+from isolation_suite.execution.trace import watch_user_interrupts
+from isolation_suite.execution.sandbox import mode as sandbox_mode
+from isolation_suite.spec.scenario import Intent, Scenario
+from isolation_suite.technique import Capability, Technique
+from isolation_suite.model.tree import targets_for
 
 
 def intent_capabilities(intent: Intent) -> frozenset[Capability]:
@@ -129,7 +130,7 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
     fails is not judged again on later scenarios; a timeout is not shrunk (as in a search). Each
     technique runs in a sandbox of its own for the whole sweep; the reference of a scenario is
     computed once, here, before any technique runs on it. ``seed``, ``timeout``, ``model``: as for
-    :func:`~isolation_suite.check.search`; ``mode``: the execution mode every scenario runs in.
+    :func:`~isolation_suite.engine.check.search`; ``mode``: the execution mode every scenario runs in.
     """
     members_in = [as_technique(t) for t in techniques]
     names = [t.name for t in members_in]
@@ -191,7 +192,7 @@ def judge_shared(judges: Sequence[tuple[Technique, Sandbox]], scenario: Scenario
                  device: str = "cpu") -> tuple[list[Verdict], SharedReference]:
     """Judge each ``(technique, its sandbox)`` on ``scenario`` against one reference, computed once
     here (its float64 twin too, when a float32 mismatch needs it): the same verdicts as
-    :func:`~isolation_suite.judge.judge` gives each technique alone."""
+    :func:`~isolation_suite.judging.judge.judge` gives each technique alone."""
     shared = SharedReference(scenario, device)
     return [judge(technique, scenario, device, sandbox=sandbox, reference=shared)
             for technique, sandbox in judges], shared
@@ -229,8 +230,8 @@ def _judge_all(members: Sequence[_Member], scenario: Scenario, device: str, out:
 
 def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_settings: settings,
          out: SweepResult, deadline: float | None, explicit: bool, model: str | None, mode: str = "eager") -> None:
-    from . import strategies
-    from .techniques import explicit_examples, model_examples
+    from isolation_suite import strategies
+    from isolation_suite.techniques import explicit_examples, model_examples
 
     started = time.monotonic()
 
@@ -243,7 +244,7 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
                 m.result.budget_reached = True
 
     # 1. the trigger examples, minimal by construction, then (on a user's model) every target once
-    # (``isolation_suite.coverage``): a failure there is the technique's result
+    # (``isolation_suite.judging.coverage``): a failure there is the technique's result
     triggers = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
     covering = coverage_examples(model, factory_tree(model), caps, mode) if explicit and model else ()
     for scenario, found_by in [(s, "explicit") for s in triggers] + [(s, "coverage") for s in covering]:

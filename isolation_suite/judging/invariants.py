@@ -12,13 +12,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .build import DTYPES
-from .models import tree_of
-from .modes import MODE_BY_KIND
-from .tree import upstream_of_isolation
-from .runner import Trace
-from .scenario import OptimizerRecipe, Scenario
-from .technique import element_mask
+from isolation_suite.model.build import DTYPES
+from isolation_suite.model.factory import tree_of
+from isolation_suite.execution.modes import MODE_BY_KIND
+from isolation_suite.model.tree import upstream_of_isolation
+from isolation_suite.execution.trace import Trace
+from isolation_suite.spec.scenario import OptimizerRecipe, Scenario
+from isolation_suite.technique import element_mask
 
 FROZEN_UNCHANGED = "frozen-unchanged"
 GRADIENT_FLOWS = "gradient-flows"

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .kinds import BY_KIND as KIND
+from isolation_suite.spec.kinds import BY_KIND as KIND
 
 
 class SeededDropout(nn.Dropout):

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import devices as devices_mod
-from . import modes
-from .invariants import DEVICE_PARITY, MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, PARITY_TOLERANCE, \
+from isolation_suite.execution import devices as devices_mod
+from isolation_suite.execution import modes
+from isolation_suite.judging.invariants import DEVICE_PARITY, MATCH_TOLERANCE, MATCHES_REFERENCE, NOT_LIKE_REFERENCE, PARITY_TOLERANCE, \
     PARITY_WHAT, Context, Violation, all_close, divergence, divergence_by_step, evaluate, first_mismatch, mismatch
-from .models import tree_of
-from .reference import Reference
-from .runner import Trace, run
-from .sandbox import DEFAULT_TIMEOUT, Sandbox
-from .scenario import Scenario, ScenarioError
-from .technique import Technique
+from isolation_suite.model.factory import tree_of
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import run
+from isolation_suite.execution.trace import Trace
+from isolation_suite.execution.sandbox import DEFAULT_TIMEOUT, Sandbox
+from isolation_suite.spec.scenario import Scenario, ScenarioError
+from isolation_suite.technique import Technique
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The ``ddp`` execution mode: ``DistributedDataParallel`` over two CPU processes, started by the harness.
 
-Rank 0 is the process that calls :func:`isolation_suite.runner.run` (the sandbox's child, or the
+Rank 0 is the process that calls :func:`isolation_suite.execution.runner.run` (the sandbox's child, or the
 caller itself where there is none); rank 1 is forked from it at the start of every run. They meet
 through a ``FileStore`` in a fresh temporary folder (no port to race for) and talk gloo over the
 loopback interface. Both build the model from the same seeds, run the technique's ``setup``, wrap
@@ -56,7 +56,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .scenario import Mode
+from isolation_suite.execution.trace import PHASES, Crash, Trace
+from isolation_suite.model.layers import batch_share as layers_share
+from isolation_suite.spec.scenario import Mode
 
 WORLD = 2
 #: a run without a timeout still cannot wait forever on a peer
@@ -209,7 +211,6 @@ def _process_group(rank: int, store: str, limit: float, destroy: bool = True) ->
 
 @contextlib.contextmanager
 def batch_share(rank: int) -> Iterator[None]:
-    from .layers import batch_share as layers_share
     with layers_share(rank, WORLD):
         yield
 
@@ -309,7 +310,6 @@ def settle(trace, error: BaseException | None, peer: Outcome):
     """Rank 0's trace, with rank 1's failure as its crash where rank 1 failed first: rank 0 then
     only failed because its peer went away (a collective raised, in the technique's phase or in
     the harness's own code)."""
-    from .runner import PHASES, Crash
     failed = _rank_one_crash(peer, Crash, PHASES)
     if trace is not None and peer.leaks:
         trace.state_leaks.extend(leak for leak in peer.leaks if leak not in trace.state_leaks)
@@ -318,7 +318,6 @@ def settle(trace, error: BaseException | None, peer: Outcome):
             raise error
         return trace
     if trace is None:
-        from .runner import Trace
         trace = Trace("cpu")
     own = trace.crash if error is None else None
     if own is None or _position(failed, PHASES) < _position(own, PHASES) or (

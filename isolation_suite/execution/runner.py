@@ -8,21 +8,21 @@ clipping, ``step``, scheduler) and records a :class:`Trace`. Global torch state
 from __future__ import annotations
 
 import inspect
-import struct
-import traceback
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import modes
-from .models import Built, build
-from .scenario import Intent, OptimizerRecipe, Scenario
-from .technique import Role, Technique, module_param_name
-from .tree import CallSite, Router, check_intent, roles
+from isolation_suite.execution import ddp, modes
+from isolation_suite.execution.trace import PROGRESS, Phase, StepRecord, Trace, user_interrupted
+from isolation_suite.model.build import loss_fn
+from isolation_suite.model.factory import Built, build
+from isolation_suite.spec.scenario import Intent, OptimizerRecipe, Scenario
+from isolation_suite.technique import Role, Technique, module_param_name
+from isolation_suite.model.tree import CallSite, Router, check_intent, roles
 
 
 class Driver(Protocol):
@@ -40,96 +40,6 @@ class Driver(Protocol):
     def on_intent_change(self, model: nn.Module, optimizer: torch.optim.Optimizer, old: Intent,
                          new: Intent) -> torch.optim.Optimizer | None: ...
     def effective(self, path: str, value: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
-class Crash:
-    step: int  # 0 = setup
-    phase: str
-    error: str  # "TypeName: first line"
-    detail: str  # the formatted traceback, for reports
-    timed_out: bool = False  # the run was stopped by the per-example timeout
-
-
-@dataclass
-class StepRecord:
-    losses: list[torch.Tensor] = field(default_factory=list)
-    input_grads: list[torch.Tensor | None] = field(default_factory=list)
-    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
-    loss_without_grad: bool = False
-
-
-@dataclass
-class Trace:
-    """Everything one run recorded, keyed by the *original* parameter and buffer paths."""
-
-    device: str
-    initial_params: dict[str, torch.Tensor] = field(default_factory=dict)
-    initial_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: list[StepRecord] = field(default_factory=list)
-    unreachable: list[str] = field(default_factory=list)  # params the technique made unreadable
-    crash: Crash | None = None
-    state_leaks: list[tuple[int, str]] = field(default_factory=list)
-    aliases: dict[str, str] = field(default_factory=dict)  # original path -> the technique's own name
-    #: how many entries of each floating-point input an input gradient holds (laid end to end)
-    input_sizes: tuple[int, ...] = ()
-
-    def to(self, device: str) -> "Trace":
-        def move(x):
-            if isinstance(x, torch.Tensor):
-                return x.detach().to(device)
-            if isinstance(x, dict):
-                return {k: move(v) for k, v in x.items()}
-            if isinstance(x, list):
-                return [move(v) for v in x]
-            return x
-        out = Trace(device, move(self.initial_params), move(self.initial_buffers), [], list(self.unreachable),
-                    self.crash, list(self.state_leaks), dict(self.aliases), self.input_sizes)
-        for s in self.steps:
-            out.steps.append(StepRecord(move(s.losses), move(s.input_grads), move(s.grads), move(s.params),
-                                        move(s.buffers), dict(s.requires_grad), s.loss_without_grad))
-        return out
-
-
-#: the parts of the loop where the technique's code runs, in order
-PHASES = ("setup", "wrap", "make_optimizer", "compile", "on_intent_change", "train", "zero_grad", "forward",
-          "backward", "clip", "optimizer.step", "after_step", "record")
-_PHASE_INDEX = {name: i for i, name in enumerate(PHASES)}
-#: what a run mirrors into a shared buffer: step, phase index (-1: the harness's own code)
-PROGRESS = struct.Struct("ii")
-
-
-class Phase:
-    """Which part of the loop is running. The technique is in charge only while ``name`` is set:
-    an exception then is the technique's crash; anywhere else it is the harness's own error.
-    With ``progress`` (a buffer shared with the parent process) every change is mirrored there,
-    so a run that dies or hangs can still be placed."""
-
-    __slots__ = ("step", "name", "progress")
-
-    def __init__(self, progress=None) -> None:
-        self.step, self.name, self.progress = 0, None, progress
-
-    def enter(self, step: int, name: str) -> None:
-        self.step, self.name = step, name
-        if self.progress is not None:
-            PROGRESS.pack_into(self.progress, 0, step, _PHASE_INDEX[name])
-
-    def leave(self) -> None:
-        self.name = None
-        if self.progress is not None:
-            PROGRESS.pack_into(self.progress, 0, self.step, -1)
-
-    def crash(self, exc: BaseException, timeout: float | None = None) -> Crash:
-        from .sandbox import ExampleTimeout
-        if isinstance(exc, ExampleTimeout):
-            error = f"the run took longer than {timeout:g}s and was stopped"
-            return Crash(self.step, self.name, error, error, timed_out=True)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return Crash(self.step, self.name, f"{type(exc).__name__}: {first}", "".join(traceback.format_exception(exc)))
 
 
 class TechniqueDriver:
@@ -331,7 +241,7 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
     with torch.random.fork_rng(devices=devices):
         try:
             if scenario.mode.kind == "ddp":
-                from . import ddp
+                from isolation_suite.execution import ddp
                 return ddp.run(lambda shard, at: _run(scenario, driver, str(device), at or Phase(progress), timeout,
                                                       shard), Phase, timeout, PROGRESS)
             return _run(scenario, driver, str(device), Phase(progress), timeout)
@@ -350,7 +260,6 @@ def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: fl
     except BaseException as exc:  # noqa: BLE001 - whatever the technique raises is a verdict, not our error
         if not driver.guarded or at.name is None:
             raise
-        from .sandbox import user_interrupted
         if isinstance(exc, KeyboardInterrupt) and user_interrupted():
             raise  # the user's Ctrl-C, not the technique's
         trace.crash = at.crash(exc, timeout)
@@ -385,7 +294,6 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
 
 def _share(built: Built, scenario: Scenario, shard) -> Built:
     """A ``ddp`` rank's part of a run: its rows of every batch, and its rows of the loss targets."""
-    from .build import loss_fn
     inputs = [[tuple(shard.rows(x) for x in batch) for batch in step] for step in built.inputs]
     share = (shard.rank, shard.world)
     return Built(built.model, inputs, lambda out, seed: loss_fn(scenario.data.loss, out, seed, share), built.tree)
@@ -409,8 +317,7 @@ def _setup_and_wrap(scenario, driver, model, at, shard) -> nn.Module:
 
 
 def ddp_wrap(model: nn.Module, mode) -> nn.Module:
-    from .ddp import wrap
-    return wrap(model, mode)
+    return ddp.wrap(model, mode)
 
 
 def _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding,

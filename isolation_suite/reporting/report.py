@@ -16,14 +16,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import plots
-from .check import SearchResult, seed_text
-from .coverage import coverage_line
-from .invariants import DEVICE_PARITY, INVARIANTS
-from .models import tree_of
-from .repro import write_repro
-from .scenario import Scenario
-from .technique import Technique
+from isolation_suite.reporting import plots
+from isolation_suite.engine.check import SearchResult, seed_text
+from isolation_suite.judging.coverage import coverage_line
+from isolation_suite.judging.invariants import DEVICE_PARITY, INVARIANTS
+from isolation_suite.model.factory import tree_of
+from isolation_suite.reporting.repro import write_repro
+from isolation_suite.spec.scenario import Scenario
+from isolation_suite.technique import Technique
 
 
 class ReportDirError(ValueError):
@@ -57,7 +57,7 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     import hypothesis
     import torch
 
-    from . import __version__
+    from isolation_suite import __version__
     meta = {
         "isolation_suite": __version__, "torch": torch.__version__, "hypothesis": hypothesis.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
@@ -476,7 +476,7 @@ def _searches_html(summary: dict[str, Any]) -> str:
 
 def _modes_in(summary: dict[str, Any]) -> list[str]:
     """The execution modes the run's records cover, in ``modes.MODE_INFOS`` order."""
-    from .modes import MODE_INFOS
+    from isolation_suite.execution.modes import MODE_INFOS
     seen = {m for row in summary.get("modes", {}).values() for m in row}
     return [m.kind for m in MODE_INFOS if m.kind in seen] + sorted(seen - {m.kind for m in MODE_INFOS})
 

@@ -9,7 +9,7 @@
 ``ISOLATION_DATABASE`` (``--database``, ``--isolation-database``) is a directory (default
 ``.hypothesis/examples``, relative to the working directory), ``none`` to keep no database, or
 ``redis://HOST:PORT/DB``: a Redis shared by many machines, beside the local ``.hypothesis/examples``
-(see :mod:`isolation_suite.database`). Failing examples stored there are replayed first.
+(see :mod:`isolation_suite.engine.database`). Failing examples stored there are replayed first.
 ``ISOLATION_DATABASE_READONLY=1`` (``--database-readonly``) only reads the named database; with a
 Redis URL the local directory stays writable. A Redis that is down costs one warning, not the run.
 """
@@ -19,7 +19,7 @@ import os
 
 from hypothesis import HealthCheck, Phase, settings
 
-from .database import DEFAULT_DIRECTORY, DatabaseSpec, DatabaseSpecError, build, parse_spec
+from isolation_suite.engine.database import DEFAULT_DIRECTORY, DatabaseSpec, DatabaseSpecError, build, parse_spec
 
 PROFILE_ENV = "ISOLATION_PROFILE"
 DATABASE_ENV = "ISOLATION_DATABASE"
@@ -37,7 +37,7 @@ _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 def database_spec() -> DatabaseSpec:
     """``ISOLATION_DATABASE`` and ``ISOLATION_DATABASE_READONLY`` as they are now; a malformed
-    value raises :class:`~isolation_suite.database.DatabaseSpecError` (one line)."""
+    value raises :class:`~isolation_suite.engine.database.DatabaseSpecError` (one line)."""
     flag = os.environ.get(READONLY_ENV, "").strip().lower()
     if flag not in ("", "0", "1", "true", "false", "yes", "no", "on", "off"):
         raise DatabaseSpecError(f"{READONLY_ENV}={flag!r}: use 1 (read-only) or 0")
@@ -51,7 +51,7 @@ _spec_error: DatabaseSpecError | None = None
 def register_profiles() -> None:
     """(Re-)register the three profiles; call again after changing ``ISOLATION_DATABASE``.
 
-    A malformed database spec raises :class:`~isolation_suite.database.DatabaseSpecError`."""
+    A malformed database spec raises :class:`~isolation_suite.engine.database.DatabaseSpecError`."""
     global _spec_error
     _register(build(database_spec()))
     _spec_error = None

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .modes import MODE_BY_KIND
-from .scenario import Change, Data, Intent, Mode, OptimizerRecipe, Scenario
-from .technique import Capability
-from .tree import ModelTree, targets_for
+from isolation_suite.execution.modes import MODE_BY_KIND
+from isolation_suite.spec.scenario import Change, Data, Intent, Mode, OptimizerRecipe, Scenario
+from isolation_suite.technique import Capability
+from isolation_suite.model.tree import ModelTree, targets_for
 
 #: what a report calls each capability's targets
 TARGET_NAMES = {

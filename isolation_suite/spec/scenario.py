@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import kinds as _kinds
-from .optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS
+from isolation_suite.spec import kinds as _kinds
+from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS
 
 
 #: layer kinds (``kinds.KINDS`` declares each)
@@ -435,7 +435,7 @@ class Mode:
       ``GradScaler``);
     * ``ddp``: ``DistributedDataParallel(model, find_unused_parameters=find_unused,
       static_graph=static_graph)`` over two CPU processes (gloo), each training on its half of every
-      batch (see :mod:`isolation_suite.ddp`).
+      batch (see :mod:`isolation_suite.execution.ddp`).
     """
 
     kind: str = "eager"
@@ -478,7 +478,7 @@ class Scenario:
 
     The model is either a generated ``architecture`` or, with ``model`` (``"pkg.mod:factory"``),
     the user's own: a zero-argument factory that returns ``(module, example_inputs[, loss])``
-    (see :mod:`isolation_suite.models`); then ``architecture`` is None and the intent is checked
+    (see :mod:`isolation_suite.model.factory`); then ``architecture`` is None and the intent is checked
     against the module tree when the model is built.
     """
 

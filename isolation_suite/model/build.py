@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kinds import BY_KIND as KIND
-from .layers import SeededDropout, build_layer  # noqa: F401 - SeededDropout: part of build's public names
-from .scenario import Op, Scenario
-from .technique import module_param_name
+from isolation_suite.spec.kinds import BY_KIND as KIND
+from isolation_suite.model.layers import SeededDropout, build_layer  # noqa: F401 - SeededDropout: part of build's public names
+from isolation_suite.spec.scenario import Op, Scenario
+from isolation_suite.technique import module_param_name
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

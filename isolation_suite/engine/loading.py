@@ -1,10 +1,9 @@
 """``load_technique("pkg.module:attr")``: a user's technique, or one clear error."""
 from __future__ import annotations
 
-import importlib
-import sys
-
-from .technique import Capability, Technique
+from isolation_suite.spec.objects import import_object
+from isolation_suite.technique import Capability, Technique
+from isolation_suite.techniques import catalog
 
 
 class TechniqueLoadError(ValueError):
@@ -16,8 +15,6 @@ def load_technique(spec: str) -> Technique:
 
     A bare name without ``:`` is looked up in the built-in catalog.
     """
-    from .techniques import catalog
-
     if not isinstance(spec, str) or not spec.strip():
         raise TechniqueLoadError(f"technique spec must be 'pkg.module:attr' or a catalog name, got {spec!r}")
     spec = spec.strip()
@@ -45,30 +42,6 @@ def load_technique(spec: str) -> Technique:
         raise TechniqueLoadError(f"{spec} declares capabilities {bad!r}: use isolation_suite.Capability members, "
                                  f"e.g. Capability.FREEZE_MODULE")
     return technique
-
-
-def import_object(spec: str, what: str, error: type[Exception]) -> object:
-    """The object ``'pkg.module:attr'`` names (the working directory importable, as under pytest and
-    ``python -m``); ``error`` with one line saying why when it cannot be imported."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise error(f"{what} spec {spec!r} must look like 'pkg.module:attr'")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # a user's module in the working directory, as pytest and python -m do
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise error(f"cannot import module {module_name!r} for {what} {spec!r}") from None
-        raise error(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a broken plug-in is the user's error, reported in one line
-        raise error(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
-    obj: object = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise error(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def _call(factory, spec: str) -> Technique:

@@ -31,8 +31,8 @@ from, and the verdict is about Lightning's freezing.
 """
 from __future__ import annotations
 
-from .technique import Capability, Technique
-from .techniques.freeze_module import STARVES_REENTRANT_CHECKPOINT
+from isolation_suite.technique import Capability, Technique
+from isolation_suite.techniques.freeze_module import STARVES_REENTRANT_CHECKPOINT
 
 FREEZE = frozenset({Capability.FREEZE_MODULE})
 

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ddp import GRACE
-from .runner import PHASES, PROGRESS, Crash, Trace, run
-from .technique import Technique
+from isolation_suite.execution.ddp import GRACE
+from isolation_suite.execution.runner import run
+from isolation_suite.execution.trace import PHASES, PROGRESS, Crash, ExampleTimeout, Trace
+from isolation_suite.technique import Technique
 
 SANDBOX_ENV = "ISOLATION_SANDBOX"
 DEFAULT_TIMEOUT = 60.0  # seconds per training run; the profiles may set their own
@@ -51,10 +52,6 @@ DEFAULT_TIMEOUT = 60.0  # seconds per training run; the profiles may set their o
 
 class SandboxError(RuntimeError):
     """The harness's own code failed in the child (never the technique's): a bug to report."""
-
-
-class ExampleTimeout(BaseException):
-    """Raised in-process by the timeout alarm; a BaseException so technique code is unlikely to swallow it."""
 
 
 # --- global state: what a technique must leave as it found it ------------------------------
@@ -144,25 +141,6 @@ _MISSING = object()
 
 
 # --- the user's Ctrl-C, told apart from a technique raising KeyboardInterrupt ----------------
-
-_USER_INTERRUPT = threading.Event()
-
-
-def _on_sigint(signum, frame):
-    _USER_INTERRUPT.set()
-    raise KeyboardInterrupt
-
-
-def watch_user_interrupts() -> None:
-    """Note a real SIGINT before raising KeyboardInterrupt (main thread, default handler only)."""
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
-
-
-def user_interrupted() -> bool:
-    return _USER_INTERRUPT.is_set()
-
 
 # --- the child process ---------------------------------------------------------------------
 
@@ -443,7 +421,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
 
 
 def _driver(technique: Technique):
-    from .runner import TechniqueDriver
+    from isolation_suite.execution.runner import TechniqueDriver
     return TechniqueDriver(technique)
 
 

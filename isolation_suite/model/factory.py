@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .loading import import_object
-from .scenario import Scenario, ScenarioError
-from .tree import ModelTree, architecture_tree, module_tree
+from isolation_suite.spec.objects import import_object
+from isolation_suite.spec.scenario import Scenario, ScenarioError
+from isolation_suite.model.tree import ModelTree, architecture_tree, module_tree
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -168,7 +168,7 @@ class Built:
 
 def build(scenario: Scenario, device: str = "cpu") -> Built:
     """Everything a run of ``scenario`` needs, built fresh."""
-    from .build import build_model, loss_fn, make_inputs
+    from isolation_suite.model.build import build_model, loss_fn, make_inputs
     dtype = DTYPES[scenario.dtype]
     if not scenario.model:
         return Built(build_model(scenario, device), [[(x,) for x in step] for step in make_inputs(scenario)],

@@ -3,7 +3,7 @@
 The script embeds the harness modules it needs (specs, builder, runner,
 reference, invariants) and the technique's own module as source text, serves
 them through an import hook, and judges the scenario with the harness's one judging
-path (:func:`isolation_suite.judge.judge`: float64 twin and second device included).
+path (:func:`isolation_suite.judging.judge.judge`: float64 twin and second device included).
 It exits 1 while the violation reproduces, 0 once it is fixed, and 2 when it could not
 run at all (a missing import, a broken technique module, a device this machine lacks).
 """
@@ -13,24 +13,27 @@ import inspect
 import sys
 from pathlib import Path
 
-from .scenario import Scenario
-from .technique import Technique
+from isolation_suite.spec.scenario import Scenario
+from isolation_suite.technique import Technique
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # isolation_suite/
 #: harness modules the script needs; none of them imports hypothesis
-_EMBEDDED = ("optim_info", "kinds", "scenario", "technique", "loading", "layers", "tree", "models", "build", "modes",
-             "ddp", "runner", "reference", "invariants", "devices", "sandbox", "judge",
+_EMBEDDED = ("spec/__init__", "spec/optim_info", "spec/kinds", "spec/scenario", "spec/objects", "technique",
+             "engine/__init__", "engine/loading", "model/__init__", "model/layers", "model/tree", "model/factory",
+             "model/build", "execution/__init__", "execution/modes", "execution/trace", "execution/ddp",
+             "execution/runner", "execution/reference", "execution/devices", "execution/sandbox",
+             "judging/__init__", "judging/invariants", "judging/judge",
              "techniques/__init__", "techniques/_util", "techniques/conditions", "techniques/triggers",
              "techniques/pass_through", "techniques/freeze_module", "techniques/freeze_elements",
              "techniques/freeze_schedule", "techniques/reparameterize")
 
 _INIT = '''"""A minimal isolation_suite for a repro script (embedded, torch only)."""
-from .scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
-from .technique import Capability, Role, Technique
+from isolation_suite.spec.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
+from isolation_suite.technique import Capability, Role, Technique
 
 
 def catalog():
-    from .techniques import catalog as built_in
+    from isolation_suite.techniques import catalog as built_in
     return built_in()
 '''
 
@@ -70,8 +73,8 @@ def load():
     sys.meta_path.insert(0, _Embedded())
     for name in [n for n in sys.modules if n == "isolation_suite" or n.startswith("isolation_suite.")]:
         del sys.modules[name]
-    from isolation_suite.judge import judge
-    from isolation_suite.scenario import Scenario
+    from isolation_suite.judging.judge import judge
+    from isolation_suite.spec.scenario import Scenario
 {technique_import}
     return judge, technique, Scenario.from_json(SCENARIO)
 
@@ -118,7 +121,8 @@ def repro_script(technique: Technique, scenario: Scenario, device: str, headline
         except (OSError, TypeError) as exc:
             raise ValueError(f"cannot embed the source of {module_name!r}: {exc}") from None
         technique_import = f"    from repro_technique import {cls.__name__}\n    technique = {cls.__name__}()"
-    packages = ["isolation_suite", "isolation_suite.techniques"]
+    packages = ["isolation_suite", *("isolation_suite." + rel.partition("/")[0] for rel in _EMBEDDED
+                                     if rel.endswith("/__init__"))]
     return _TEMPLATE.format(technique=technique.name, headline=headline.replace('"""', "'''"), device=device,
                             filename=filename, sources=sources, packages=packages,
                             technique_import=technique_import, scenario_json=scenario.to_json())

@@ -1,0 +1,1 @@
+"""Running a scenario: the training loop, execution modes, ddp ranks, the sandbox, the reference."""

@@ -1,0 +1,1 @@
+"""Reports: records and summaries, merging shards, plots, the live view, repro scripts."""

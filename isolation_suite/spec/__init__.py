@@ -1,0 +1,1 @@
+"""The vocabulary: validated scenario specs, layer kinds, optimizer tables, object specs."""
