@@ -87,8 +87,8 @@ def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
     (["repro", "does-not-exist.json", "--technique", "mytech:Sound"], "cannot read does-not-exist.json"),
     (["check", "mytech:Sound", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
     (["fuzz", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
-    (["check", "mytech:Sound", "--seed", "x"], "--seed takes a non-negative integer"),
-    (["fuzz", "--seed", "-3"], "--seed takes a non-negative integer"),
+    (["check", "mytech:Sound", "--seed", "x"], "--seed 'x': is not a non-negative integer"),
+    (["fuzz", "--seed", "-3"], "--seed '-3': is not a non-negative integer"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(plugin_dir, capsys, argv, needle, monkeypatch):

@@ -119,3 +119,13 @@ def test_two_commands_are_the_ones_ci_runs():
         system_packages = re.search(r"\{ command -v redis-server .*?; \}; \}", tests)
         assert system_packages and system_packages.group(0) in ci, (
             "the README's system-package step differs from .ci/run's")
+
+
+def test_options_table_is_generated_from_the_settings():
+    spec = importlib.util.spec_from_file_location("options_table", DOCS / "options_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (DOCS / "cli.md").read_text()
+    assert module.replaced(text) == text, "docs/cli.md's options table is stale: run python docs/options_table.py --write"
+    from isolation_suite.engine.settings import OPTIONS
+    assert all(o.help.split()[0] in module.table() for o in OPTIONS)

@@ -132,7 +132,7 @@ def test_without_a_seed_a_dev_run_draws_one_and_prints_it(project, monkeypatch):
 @pytest.mark.parametrize("args, needle", [
     (["--isolation-technique", "mylib:Nope"], "has no attribute 'Nope'"),
     (["--isolation-technique", "mylib:Sound", "--isolation-devices", "tpu"], "unknown device 'tpu'"),
-    (["--isolation-technique", "mylib:Sound", "--isolation-budget", "0"], "--isolation-budget must be positive"),
+    (["--isolation-technique", "mylib:Sound", "--isolation-budget", "0"], "--isolation-budget '0': must be positive"),
 ])
 def test_bad_options_are_usage_errors(project, args, needle):
     result = project.runpytest_subprocess(*args)

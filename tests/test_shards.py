@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from isolation_suite.reporting.shards import Shard, ShardError
+from isolation_suite.engine.settings import FUZZ, SettingError, Shard, settings
 
 ITEMS = [f"t{i}[CAP-cpu]" for i in range(11)]
 
@@ -20,8 +20,8 @@ def test_shards_split_the_items_deterministically_and_evenly():
 
 @pytest.mark.parametrize("text", ["0/2", "3/2", "a/b", "2", "1/0", ""])
 def test_a_bad_shard_spec_is_one_clear_error(text):
-    with pytest.raises(ShardError, match="--shard"):
-        Shard.parse(text)
+    with pytest.raises(SettingError, match="^--shard "):
+        settings({"shard": text}, FUZZ)
 
 
 def _cli(*args):
@@ -91,7 +91,7 @@ def test_plugin_runs_only_its_shard_and_rejects_a_bad_one(pytester):
     assert "freeze_and_eval" not in result.stdout.str()
     bad = pytester.runpytest_subprocess(*args, "--isolation-shard", "5/2")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR and "INTERNALERROR" not in bad.stdout.str() + bad.stderr.str()
-    bad.stderr.fnmatch_lines(["*--shard*I must be between 1 and N*"])
+    bad.stderr.fnmatch_lines(["*--isolation-shard*I must be between 1 and N*"])
 
 
 # --- the live view -----------------------------------------------------------------------------

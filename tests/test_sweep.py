@@ -229,7 +229,7 @@ def test_the_trace_comparison_sees_a_changed_reference():
 
 
 def test_fuzz_sweep_writes_one_record_per_item_as_fuzz_does(tmp_path):
-    from isolation_suite.pytest_plugin import item_name
+    from isolation_suite.engine.plan import Item
     techniques = "functional_detach,no_grad_call,freeze_and_eval,requires_grad_false"
     run_ = subprocess.run([sys.executable, "-c", "import sys; from isolation_suite.cli import main; sys.exit(main())",
                            "fuzz", "--sweep", "--budget", "60", "--workers", "1", "--devices", "cpu",
@@ -249,7 +249,7 @@ def test_fuzz_sweep_writes_one_record_per_item_as_fuzz_does(tmp_path):
         "functional_detach": "held", "no_grad_call": "caught", "freeze_and_eval": "held",
         "requires_grad_false": "caught"}
     assert {r["sweep"] for r in summary["results"]} == {"sweep[PASS_THROUGH-cpu]", "sweep[FREEZE_MODULE-cpu]"}
-    assert summary["items"]["finished"] == sorted(item_name(catalog[n], c, "cpu") for n in techniques.split(",")
+    assert summary["items"]["finished"] == sorted(Item(n, c.value, "cpu").name for n in techniques.split(",")
                                                   for c in catalog[n].capabilities)
     assert len(list((run_dir / "repro").glob("*.py"))) == 2
 

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from isolation_suite.reporting import plots
+from isolation_suite import __version__
+from isolation_suite.execution.modes import MODE_INFOS
 from isolation_suite.engine.check import SearchResult, seed_text
+from isolation_suite.engine.plan import record_key
 from isolation_suite.judging.coverage import coverage_line
 from isolation_suite.judging.invariants import DEVICE_PARITY, INVARIANTS
 from isolation_suite.model.factory import tree_of
@@ -57,7 +60,6 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     import hypothesis
     import torch
 
-    from isolation_suite import __version__
     meta = {
         "isolation_suite": __version__, "torch": torch.__version__, "hypothesis": hypothesis.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
@@ -110,7 +112,7 @@ def coverage_text(result: SearchResult) -> str:
 
 
 def record(result: SearchResult, technique: Technique, seconds: float, run_dir: Path | None,
-           spec: str | None = None, sweep: str | None = None) -> dict[str, Any]:
+           spec: str | None = None, sweep: str | None = None, plan: str | None = None) -> dict[str, Any]:
     """One search as JSON; with ``run_dir`` also writes its record file and repro script.
 
     ``spec`` is how the technique is imported (``pkg.module:attr`` or a catalog name), so
@@ -130,7 +132,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
         "budget_reached": result.budget_reached, "invariant_counts": result.invariant_counts,
-        "violations": [], "scenario": None, "repro": None, "sweep": sweep,
+        "violations": [], "scenario": None, "repro": None, "sweep": sweep, "plan": plan,
         "history": plots.history_data(result.history, result.history_omitted, result.invalid_draws),
     }
     if result.database_ops:  # a shared example database was in use
@@ -166,7 +168,7 @@ def _model_outline(scenario: Scenario) -> dict[str, Any] | None:
 def _identity(technique: Technique, capabilities: Iterable[str], device: str, mode: str = "eager") -> dict[str, Any]:
     """The fields that name a record's item; every record starts with them."""
     caps = sorted(capabilities)
-    return {"item": f"{technique.name}-{'+'.join(caps)}-{device}" + ("" if mode == "eager" else f"-{mode}"),
+    return {"item": record_key(technique.name, caps, device, mode),
             "technique": technique.name, "capabilities": caps, "device": device, "mode": mode,
             "expected": sorted(technique.expected_in(mode))}
 
@@ -182,7 +184,8 @@ def _write_record(run_dir: Path, data: dict[str, Any]) -> None:
 
 
 def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
-                 error: str, spec: str | None = None, outcome: str = "error", mode: str = "eager") -> dict[str, Any]:
+                 error: str, spec: str | None = None, outcome: str = "error", mode: str = "eager",
+                 plan: str | None = None) -> dict[str, Any]:
     """The record of an item that ended without a verdict: its worker died (a segfault in a
     kernel, out of memory), the harness itself failed, or (``not-run``) the run's time was spent
     before it started. It fails the run; it is never a pass."""
@@ -190,7 +193,7 @@ def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str
         **_identity(technique, capabilities, device, mode), "spec": spec or technique.name, "outcome": outcome,
         "passed": False, "error": error, "reason": error, "explicit_examples": 0, "examples": 0,
         "shrink_examples": 0, "seed": None, "seconds": None, "first_failure_at": None, "budget_reached": False,
-        "invariant_counts": {}, "violations": [], "scenario": None, "repro": None,
+        "invariant_counts": {}, "violations": [], "scenario": None, "repro": None, "plan": plan,
     }
     _write_record(run_dir, data)
     return data
@@ -476,7 +479,6 @@ def _searches_html(summary: dict[str, Any]) -> str:
 
 def _modes_in(summary: dict[str, Any]) -> list[str]:
     """The execution modes the run's records cover, in ``modes.MODE_INFOS`` order."""
-    from isolation_suite.execution.modes import MODE_INFOS
     seen = {m for row in summary.get("modes", {}).values() for m in row}
     return [m.kind for m in MODE_INFOS if m.kind in seen] + sorted(seen - {m.kind for m in MODE_INFOS})
 

@@ -17,15 +17,17 @@ from isolation_suite.spec.scenario import Scenario
 from isolation_suite.technique import Technique
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # isolation_suite/
-#: harness modules the script needs; none of them imports hypothesis
-_EMBEDDED = ("spec/__init__", "spec/optim_info", "spec/kinds", "spec/scenario", "spec/objects", "technique",
-             "engine/__init__", "engine/loading", "model/__init__", "model/layers", "model/tree", "model/factory",
-             "model/build", "execution/__init__", "execution/modes", "execution/trace", "execution/ddp",
-             "execution/runner", "execution/reference", "execution/devices", "execution/sandbox",
-             "judging/__init__", "judging/invariants", "judging/judge",
-             "techniques/__init__", "techniques/_util", "techniques/conditions", "techniques/triggers",
-             "techniques/pass_through", "techniques/freeze_module", "techniques/freeze_elements",
-             "techniques/freeze_schedule", "techniques/reparameterize")
+#: the harness the script embeds (the packages of a judged run, none of which imports hypothesis)
+_EMBEDDED_PACKAGES = ("spec", "model", "execution", "judging", "techniques")
+_EMBEDDED_MODULES = ("technique", "engine/__init__", "engine/loading")
+
+
+def _embedded() -> list[str]:
+    """Every module of the embedded packages, as paths under ``isolation_suite/`` without ``.py``."""
+    found = [str(path.relative_to(_PACKAGE).with_suffix("")) for package in _EMBEDDED_PACKAGES
+             for path in sorted((_PACKAGE / package).glob("*.py"))]
+    return [*_EMBEDDED_MODULES, *found]
+
 
 _INIT = '''"""A minimal isolation_suite for a repro script (embedded, torch only)."""
 from isolation_suite.spec.scenario import Architecture, Data, Intent, Layer, Op, OptimizerRecipe, Scenario
@@ -100,7 +102,7 @@ if __name__ == "__main__":
 
 def _harness_sources() -> dict[str, str]:
     sources = {"isolation_suite": _INIT}
-    for rel in _EMBEDDED:
+    for rel in _embedded():
         name = "isolation_suite." + rel.replace("/", ".").replace(".__init__", "")
         sources[name] = (_PACKAGE / f"{rel}.py").read_text()
     return sources
@@ -121,8 +123,7 @@ def repro_script(technique: Technique, scenario: Scenario, device: str, headline
         except (OSError, TypeError) as exc:
             raise ValueError(f"cannot embed the source of {module_name!r}: {exc}") from None
         technique_import = f"    from repro_technique import {cls.__name__}\n    technique = {cls.__name__}()"
-    packages = ["isolation_suite", *("isolation_suite." + rel.partition("/")[0] for rel in _EMBEDDED
-                                     if rel.endswith("/__init__"))]
+    packages = ["isolation_suite", *(f"isolation_suite.{package}" for package in ("engine", *_EMBEDDED_PACKAGES))]
     return _TEMPLATE.format(technique=technique.name, headline=headline.replace('"""', "'''"), device=device,
                             filename=filename, sources=sources, packages=packages,
                             technique_import=technique_import, scenario_json=scenario.to_json())
