@@ -24,6 +24,7 @@ from isolation_suite.engine.check import check, failure_message, search_line, se
 from isolation_suite.engine.loading import load_technique
 from isolation_suite.engine.plan import PLAN_FILE, Plan
 from isolation_suite.engine.profiles import describe, example_timeout
+from isolation_suite.execution.lifetime import end_children
 from isolation_suite.engine.settings import CHECK, FUZZ, REPRO, Settings, SettingError, add_arguments, settings
 from isolation_suite.judging.invariants import DEVICE_PARITY, INVARIANTS
 from isolation_suite.model.factory import factory_tree
@@ -123,7 +124,7 @@ def cmd_list(args) -> int:
 def cmd_check(args) -> int:
     chosen = _settings(args, CHECK).but(techniques=(args.spec.strip(),))
     runs.use_settings(chosen)
-    plan, techniques = runs.plan_for(chosen)
+    plan, techniques = runs.plan_for(chosen, CHECK)
     technique = techniques[args.spec.strip()]
     run_dir = _writable(chosen.report_dir) if chosen.report_dir else None  # before the search, not after it
     replay = _replay(["check", args.spec, "--devices", ",".join(plan.devices), "--modes", ",".join(plan.modes)]
@@ -131,7 +132,7 @@ def cmd_check(args) -> int:
     _line(f"isolation-suite check {technique.name}: profile {describe(plan.profile, plan.timeout)}; "
           f"{seed_text(plan.seed)}")
     if plan.model:
-        tree = factory_tree(plan.model)
+        tree = factory_tree(plan.model, limit=plan.timeout or example_timeout())
         _line(f"model {plan.model}: {sum(1 for n in tree.nodes if n.path)} modules, "
               f"{sum(math.prod(s) for s in tree.parameters.values())} parameters")
     failures = []
@@ -216,7 +217,7 @@ def cmd_fuzz(args) -> int:
     started = time.time()
     chosen = _settings(args, FUZZ)
     runs.use_settings(chosen)
-    plan, _ = runs.plan_for(chosen)
+    plan, _ = runs.plan_for(chosen, FUZZ)
     workers = _workers(chosen, plan)
     plan = plan.with_budget(chosen.budget, workers, REPORT_RESERVE_S, started)
     reports = _writable(chosen.report_dir)
@@ -280,6 +281,7 @@ def _run_workers(plan: Plan, reports: Path, run_dir: Path, workers: int):
 
 
 def _sigterm_as_interrupt(signum, frame):
+    end_children()  # xdist would wait 10 s for each busy worker
     raise KeyboardInterrupt
 
 

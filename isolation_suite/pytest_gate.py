@@ -57,7 +57,7 @@ def configure(config: pytest.Config, given: dict) -> None:
         elif chosen.plan:
             plan, techniques = runs.read_plan(chosen.plan)
         else:
-            plan, techniques = runs.plan_for(chosen.but(seed=_hypothesis_seed(config)))
+            plan, techniques = runs.plan_for(chosen.but(seed=_hypothesis_seed(config)), PYTEST)
     except runs.PLAN_ERRORS as exc:
         raise pytest.UsageError(str(exc)) from None
     run_dir = Path(worker[_WORKER_REPORT]) if worker is not None and worker.get(_WORKER_REPORT) else None

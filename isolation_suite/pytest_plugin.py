@@ -8,6 +8,7 @@ Hypothesis). The gate itself (``pytest_gate``) is imported only when an ``--isol
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -25,3 +26,11 @@ def pytest_configure(config: pytest.Config) -> None:
         return  # nothing asked of the gate: nothing imported
     from isolation_suite import pytest_gate
     pytest_gate.configure(config, given)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Warm ``iso.check`` children (``execution.warm``) end with the test that forked them, so no
+    later test's fixtures and patches meet a child forked before them."""
+    warm = sys.modules.get("isolation_suite.execution.warm")
+    if warm is not None:
+        warm.retire_all()

@@ -135,7 +135,7 @@ def test_the_repro_of_a_hostile_technique_reproduces(tmp_path):
 def test_a_process_ended_between_runs_is_a_crash_of_the_next_run():
     hostile.require_fork_sandbox()
     import time
-    with Sandbox(hostile.ExitsLater(), timeout=30) as sandbox:
+    with Sandbox(hostile.ExitsLaterByAlarm(), timeout=30) as sandbox:
         assert sandbox.run(PASS_UPSTREAM, "cpu").crash is None
         time.sleep(1.0)  # the technique's timer ends the child in the meantime
         trace = sandbox.run(PASS_UPSTREAM, "cpu")

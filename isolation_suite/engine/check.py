@@ -29,6 +29,7 @@ from isolation_suite.engine.profiles import check_database_spec, example_timeout
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
+from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.spec.scenario import Scenario
 from isolation_suite.technique import Capability, Technique
 
@@ -193,12 +194,12 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     spec = None if model is None else factory_name(model)
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
                           seed=seed, model=spec or "", mode=mode)
-    if spec is not None and mode == "ddp":
-        result.not_applicable = ("the ddp mode splits a generated model's batch between two processes; a model "
-                                 "factory's batch layout and loss are its own")
+    if spec is not None and mode_info.no_user_model:
+        result.not_applicable = f"the {mode} mode {mode_info.no_user_model}"
         return result
     if spec is not None:
-        tree = factory_tree(spec)  # a factory that fails says so once, here, before any search
+        # a factory that fails or hangs says so once, here, before any search
+        tree = factory_tree(spec, limit=timeout or example_timeout())
         missing = [c.value for c in sorted(caps, key=lambda c: c.value) if not targets_for(tree, c)]
         if missing:
             result.not_applicable = (f"the model offers no place for {', '.join(missing)} "
@@ -369,7 +370,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
     # explicitly so that a run-wide --hypothesis-seed (which clears Hypothesis's own key) keeps it
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"{technique.name}|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")
-        + ("" if mode == "eager" else f"|{mode}")).encode()
+        + ("" if mode == DEFAULT_MODE else f"|{mode}")).encode()
     if run_settings.database is not None:
         probe._hypothesis_internal_database_key = function_digest(probe.hypothesis.inner_test)
 

@@ -19,6 +19,7 @@ import torch
 from isolation_suite import __version__
 from isolation_suite.engine.settings import Settings, Shard
 from isolation_suite.execution.modes import MODE_BY_KIND
+from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 
 PLAN_FILE = "plan.json"
 
@@ -30,10 +31,10 @@ class PlanError(ValueError):
 
 def mode_suffix(mode: str, sep: str = "-") -> str:
     """How a mode shows in a name: eager is the default and shows as nothing."""
-    return "" if mode == "eager" else f"{sep}{mode}"
+    return "" if mode == DEFAULT_MODE else f"{sep}{mode}"
 
 
-def record_key(technique: str, capabilities: Iterable[str], device: str, mode: str = "eager") -> str:
+def record_key(technique: str, capabilities: Iterable[str], device: str, mode: str = DEFAULT_MODE) -> str:
     """The name of a record (``results/<key>.json``): ``tech-CAP-device[-mode]``."""
     return f"{technique}-{'+'.join(sorted(capabilities))}-{device}" + mode_suffix(mode)
 
@@ -45,7 +46,7 @@ class Item:
     technique: str  # the technique's name
     capability: str  # a Capability value
     device: str
-    mode: str = "eager"
+    mode: str = DEFAULT_MODE
     spec: str = field(default="", compare=False)  # how the technique is loaded
 
     @property

@@ -17,10 +17,11 @@ from isolation_suite.engine.check import (SearchResult, failure_message, modes_f
 from isolation_suite.engine.database import DatabaseSpecError, parse_spec
 from isolation_suite.engine.loading import TechniqueLoadError, load_technique
 from isolation_suite.engine.plan import Item, Plan, PlanError, make_plan
-from isolation_suite.engine.settings import Settings
+from isolation_suite.engine.settings import OPTION, Settings
 from isolation_suite.engine.sweep import SweepResult, sweep
 from isolation_suite.execution import devices as devices_mod
 from isolation_suite.model.factory import ModelFactoryError, factory_tree
+from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.reporting.report import environment, error_record, outcome, reason, record
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.techniques import CATALOG
@@ -62,16 +63,18 @@ def load_techniques(specs) -> dict[str, Technique]:
     return {spec: load_technique(spec) for spec in specs}
 
 
-def plan_for(settings: Settings) -> tuple[Plan, dict[str, Technique]]:
-    """The plan of ``settings`` and its loaded techniques; :data:`PLAN_ERRORS` say what is wrong."""
+def plan_for(settings: Settings, surface: str) -> tuple[Plan, dict[str, Technique]]:
+    """The plan of ``settings`` and its loaded techniques; :data:`PLAN_ERRORS` say what is wrong
+    (naming the option as ``surface`` spells it)."""
     techniques = load_techniques(settings.techniques)
     devices = devices_mod.resolve(",".join(settings.devices))
     try:
         modes = modes_for(",".join(settings.modes) if settings.modes else None, devices)
     except ValueError as exc:
-        raise PlanError(f"modes: {exc}") from None
+        raise PlanError(f"{OPTION['modes'].spelled(surface)}: {exc}") from None
     if settings.model:
-        factory_tree(settings.model)  # a factory that fails says so now, before any search
+        # a factory that fails or hangs says so now, before any search
+        factory_tree(settings.model, limit=settings.timeout or profiles.example_timeout())
     seed = settings.seed if settings.seed is not None else run_seed(settings.max_examples)
     return make_plan(settings, techniques, devices, modes, seed), techniques
 
@@ -125,7 +128,7 @@ def gate_failure(item: Item, technique: Technique, result: SearchResult) -> str 
     status, passed = outcome(result, expected)
     if passed:
         return None
-    where = f" on {item.device}" + ("" if item.mode == "eager" else f" in {item.mode} mode")
+    where = f" on {item.device}" + ("" if item.mode == DEFAULT_MODE else f" in {item.mode} mode")
     if status == "missed":
         return f"{technique.name} declares expected violations {sorted(expected)} but " \
                + reason(status, result, expected) + where

@@ -32,6 +32,7 @@ from isolation_suite.engine.profiles import example_timeout
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
+from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.spec.scenario import Intent, Scenario
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.model.tree import targets_for
@@ -290,7 +291,7 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
         probe = hypothesis_seed(out.seed)(probe)
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"sweep|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")
-        + ("" if mode == "eager" else f"|{mode}")).encode()
+        + ("" if mode == DEFAULT_MODE else f"|{mode}")).encode()
     try:
         probe()
     except _BudgetSpent:

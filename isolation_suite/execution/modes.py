@@ -1,9 +1,11 @@
 """Execution modes: how the user's training loop runs the model.
 
-Declared as one table (``MODE_INFOS``), like ``kinds`` and ``optim_info``. A mode is part of the
-scenario (:class:`~isolation_suite.spec.scenario.Mode`); the runner applies it around the technique's
-hooks, and the reference ignores it (plain eager, one process), except for autocast, whose number
-format both share (see ``ModeInfo.reference``).
+Declared as one table (``MODE_INFOS``), like ``kinds`` and ``optim_info``: each row extends the mode's
+torch-free row (``spec.mode_kinds``) with how it runs, every behaviour its own function (a
+do-nothing one included), so the runner and the sandbox read the row instead of naming modes. A
+mode is part of the scenario (:class:`~isolation_suite.spec.scenario.Mode`); the runner applies it
+around the technique's hooks, and the reference ignores it (plain eager, one process), except for
+autocast, whose number format both share (see ``ModeInfo.reference``).
 
 What "the same trace" means per mode, and the tolerance each is judged with:
 
@@ -29,6 +31,24 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   reduction; ``inductor`` fuses kernels. Both round differently from eager, so a float32 mismatch
   counts only where the float64 twin shows it too, as for every float32 mismatch, and an entry
   whose gradient stays within rounding of zero in both runs is set aside.
+
+  What is compiled, and what is reused: the harness seeds dropout before every module call outside
+  the graph (``torch.compiler.disable``), so every module call is a graph break, and torch's own
+  layers run eagerly (Dynamo traces their ``forward`` as a frame of its own only where the layer has
+  hooks); what is compiled is the code between module calls: a technique's ``call``, hooks and
+  parametrizations, containers' glue (a residual add), the generated dropout, a user model's own
+  ``forward`` code. Every run starts from a fresh Dynamo cache
+  (``torch._dynamo.reset()``); nothing compiled is reused from another run, because Dynamo's
+  cache is not a function of the run alone: a frame whose recompile limit earlier runs used up runs
+  eagerly (its callees too), and a decision to skip a frame holds for its code object whatever the
+  inputs, so a kept cache would make a run's compiled code depend on the runs before it (measured:
+  after eight architectures the containers' frames fell back to eager). What a run saves instead
+  is tracing frames that compile to nothing (``untraced_codes``): the harness's operation-free
+  frames, for which Dynamo compiled empty graphs, and ``Block.forward`` where Dynamo gives it up
+  anyway. Same graphs, bitwise the same traces, about a sixth of the time per compiled check
+  (``tests/test_compile_cost.py``, ``benchmarks/compile_cost.py``). With ``inductor``, torch's own
+  content-addressed caches (AOT autograd, FX graph) serve a graph compiled before, in this process or
+  an earlier one: keyed by the graph and its inputs, a hit is what a fresh compile would give.
 * ``autocast``: a lower-precision forward is not a technique's doing; technique and reference both
   run under the same autocast, and a mismatch must show on the float64 twin, where autocast casts
   nothing. (A finding that exists only in the low precision is therefore not judged by
@@ -46,6 +66,7 @@ What "the same trace" means per mode, and the tolerance each is judged with:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -54,47 +75,67 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from isolation_suite.execution import ddp
+from isolation_suite.model.build import Block
+from isolation_suite.spec import mode_kinds
+from isolation_suite.spec.mode_kinds import ModeKind
 from isolation_suite.spec.scenario import MODE_KINDS, Mode, ScenarioError
 
 
-@dataclass(frozen=True)
-class ModeInfo:
-    """One execution mode: what it does, where it runs, whether the reference shares it."""
+@dataclass(frozen=True, kw_only=True)
+class ModeInfo(ModeKind):
+    """One execution mode: its declared row (``mode_kinds.ModeKind``: what it does to a scenario) and
+    how it runs: where, whether the reference shares it, and its behaviours.
 
-    kind: str
-    summary: str
+    The behaviours have no defaults: every row says what it does at each point, a do-nothing
+    included, so no mode falls through to another's behaviour by accident."""
+
     #: device types it runs on
     devices: tuple[str, ...] = ("cpu", "cuda")
     #: True: the reference runs under the same mode (a number format, not a way of running the model)
     reference: bool = False
-    #: the mode puts a module of the model under it (``Mode.target``)
-    targeted: bool = False
     #: the technique's run rounds as the reference's does (the same operations in the same order): a
     #: gradient that is zero in exact arithmetic comes out the same in both. False: its rounding
     #: noise is its own, and an entry whose gradient is zero up to rounding in both runs has no
     #: direction to compare (see ``invariants.Context.rounding``)
     same_rounding: bool = True
-    #: the share of a search's examples judged in this mode (compiling costs a second or more per run)
+    #: the share of a search's examples judged in this mode (a compiled check costs about 12 eager ones)
     example_share: float = 1.0
-    #: its share of a run's time budget, against an eager item's 1 (a compiled run costs about 40 eager
+    #: its share of a run's time budget, against an eager item's 1 (a compiled check costs about 12 eager
     #: ones, a ddp run about 16: a known-bad row's trigger examples must still run within it)
     budget_weight: float = 1.0
 
+    # --- behaviours (no defaults) ---
+    #: what the user does when building the model, before any isolation (enable checkpointing):
+    #: ``(model, mode, ForwardState)``
+    before_setup: Callable[[nn.Module, Mode, ForwardState], None]
+    #: what the user does once the model is prepared (compile it): ``(model, mode)``
+    before_training: Callable[[nn.Module, Mode], None]
+    #: the forward's lower-precision dtype on a device type, None: the scenario's own (see ``Precision``)
+    autocast: Callable[[str], torch.dtype | None]
+    #: how a run's processes are started: ``launch(train, phase, timeout, progress_struct)`` calls
+    #: ``train(shard, at)`` once here (``one_process``: no shard) or as each rank (``ddp.run``)
+    launch: Callable[..., Any]
+    #: seconds the sandbox waits beyond the run's timeout (a ddp rank 0 reports its rank 1's hang itself)
+    grace: float
+    #: the sandbox's child is retired after every run of this mode (none is now: a ddp run keeps its
+    #: pool, and the child is retired only after one that left a group it cannot free, see ``ddp``)
+    retire: bool
 
-MODE_INFOS: tuple[ModeInfo, ...] = (
-    ModeInfo("eager", "plain eager, one process"),
-    ModeInfo("checkpoint", "a container (or the whole model) under torch.utils.checkpoint, use_reentrant drawn",
-             targeted=True, same_rounding=False),
-    ModeInfo("compile", "torch.compile of the model or a container (backend aot_eager), dynamic=False",
-             targeted=True, example_share=0.1, budget_weight=4.0, same_rounding=False),
-    ModeInfo("autocast", "forward and loss under torch.autocast: CPU bfloat16, CUDA float16 with a GradScaler",
-             reference=True),
-    ModeInfo("ddp", "DistributedDataParallel over 2 CPU processes (gloo), each on half of every batch; "
-             "find_unused_parameters and static_graph drawn", devices=("cpu",), example_share=0.25,
-             budget_weight=2.0, same_rounding=False),
-)
-MODE_BY_KIND = {info.kind: info for info in MODE_INFOS}
-assert tuple(MODE_BY_KIND) == MODE_KINDS, "scenario.MODE_KINDS and MODE_INFOS must list the same modes"
+    @classmethod
+    def of(cls, kind: str, **how: Any) -> "ModeInfo":
+        """The declared row of ``kind`` extended with how it runs."""
+        declared = mode_kinds.BY_KIND[kind]
+        return cls(**{f.name: getattr(declared, f.name) for f in dataclasses.fields(ModeKind)}, **how)
+
+
+#: the fields every row must set itself
+BEHAVIOURS = ("before_setup", "before_training", "autocast", "launch", "grace", "retire")
+
+
+def info(mode: Mode) -> ModeInfo:
+    """The row of ``mode``'s kind."""
+    return MODE_BY_KIND[mode.kind]
 
 
 def parse_modes(text: str | None, device_types: tuple[str, ...] = ("cpu",)) -> tuple[str, ...]:
@@ -201,17 +242,110 @@ def _buffers_kept(module: nn.Module, recomputing: bool) -> Iterator[None]:
 
 
 def before_setup(model: nn.Module, mode: Mode, state: ForwardState) -> None:
-    """What the user does when building the model, before any isolation: enable checkpointing."""
-    if mode.kind == "checkpoint":
-        checkpoint_module(target_module(model, mode), mode.reentrant, state)
+    """What the user does when building the model, before any isolation (the mode's own step)."""
+    info(mode).before_setup(model, mode, state)
 
 
 def before_training(model: nn.Module, mode: Mode) -> None:
-    """What the user does once the model is prepared: compile it."""
-    if mode.kind == "compile":
-        target = target_module(model, mode)
-        torch._dynamo.reset()  # a fresh cache per run: a run never reuses another model's frames
-        target.compile(backend=mode.backend, dynamic=False)
+    """What the user does once the model is prepared (the mode's own step)."""
+    info(mode).before_training(model, mode)
+
+
+def nothing(*args: Any) -> None:
+    """A mode that does nothing at this point."""
+
+
+def checkpoint_target(model: nn.Module, mode: Mode, state: ForwardState) -> None:
+    """Enable checkpointing of the mode's target."""
+    checkpoint_module(target_module(model, mode), mode.reentrant, state)
+
+
+#: The harness's own functions that a compiled forward passes through and that hold no tensor
+#: operation: each only hands a call on (to a child, to the technique's ``call``, to the module's own
+#: class), and every module call is a graph break (the dropout seeding is not traced), so Dynamo
+#: compiled an empty graph for each of them. Their frames run as plain Python instead of being
+#: traced as frames of their own (``torch._dynamo.eval_frame.skip_code``: per code object, not
+#: recursive), which is what most of a compiled run's time went to; the code they call is
+#: intercepted and compiled as before, and inlining them into a traced caller is unchanged.
+#: ``module:qualname``, resolved on first use (``runner`` imports this module).
+OPERATION_FREE_FRAMES = (
+    "isolation_suite.model.build:Block._call_child",
+    "isolation_suite.model.tree:_routed_call",
+    "isolation_suite.model.tree:_plain_call",
+    "isolation_suite.execution.runner:TechniqueDriver.call",
+    "isolation_suite.technique:Technique.call",
+)
+#: False: trace every frame, as before (``benchmarks.compile_cost``'s "before"; a sandbox's child
+#: keeps the value it was forked with)
+UNTRACED_HARNESS_FRAMES = True
+_operation_free_codes: list = []
+
+
+def operation_free_codes() -> list:
+    """The code objects of :data:`OPERATION_FREE_FRAMES`."""
+    if not _operation_free_codes:
+        import importlib
+        for name in OPERATION_FREE_FRAMES:
+            module, _, qualname = name.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            _operation_free_codes.append(obj.__code__)
+    return _operation_free_codes
+
+
+def calls_in_every_loop(model: nn.Module) -> bool:
+    """Every generated container (``build.Block``) of ``model`` calls a module in its program.
+
+    ``Block.forward`` runs its program in a loop, and Dynamo gives up a frame whose loop holds a
+    graph break (``SkipFrame``), for its code object: the first ``Block.forward`` it traces in a
+    run decides for every later one. Where every Block calls a module (a graph break), that frame
+    is given up whichever Block comes first, so every ``Block.forward`` of the run runs eagerly,
+    and skipping it at once only saves the failed trace. (A Block without a call, which no strategy
+    draws, keeps it traced.)"""
+    return all(any(op.kind in ("call", "loop") for op in module.program)
+               for module in model.modules() if isinstance(module, Block))
+
+
+def untraced_codes(model: nn.Module) -> list:
+    """The code objects whose frames a compiled run of ``model`` need not trace: the operation-free
+    frames, and ``Block.forward`` where Dynamo would give it up anyway (``calls_in_every_loop``)."""
+    return operation_free_codes() + ([Block.forward.__code__] if calls_in_every_loop(model) else [])
+
+
+def compile_target(model: nn.Module, mode: Mode) -> None:
+    """Compile the mode's target, with a fresh Dynamo cache: what a run compiles never depends on
+    the runs before it (a kept cache would: a frame whose recompile limit earlier runs used up runs
+    eagerly, and Dynamo's decision to give up a frame holds for its code object, whatever the
+    inputs). The harness frames of ``untraced_codes`` run untraced: what is compiled is the same."""
+    target = target_module(model, mode)
+    torch._dynamo.reset()
+    frames = torch._dynamo.eval_frame
+    if hasattr(frames, "skip_code") and hasattr(frames, "reset_code"):  # else all traced: slower, the same
+        # ``reset`` leaves these alone (Dynamo never handled them): a run marks them afresh, so one
+        # that keeps ``Block.forward`` traced (or ``UNTRACED_HARNESS_FRAMES`` off) inherits no mark
+        for code in operation_free_codes() + [Block.forward.__code__]:
+            frames.reset_code(code)
+        if UNTRACED_HARNESS_FRAMES:
+            for code in untraced_codes(model):
+                frames.skip_code(code)
+    target.compile(backend=mode.backend, dynamic=False)
+
+
+def full_precision(device_type: str) -> None:
+    """The forward runs in the scenario's dtype."""
+    return None
+
+
+def low_precision(device_type: str) -> torch.dtype:
+    """CUDA's float16 (with a GradScaler), CPU's bfloat16."""
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def one_process(train: Callable[[Any, Any], Any], phase: Callable[[Any], Any], timeout: float | None,
+                progress_struct: Any) -> Any:
+    """Train here, as the only process: no shard, the caller's own phase."""
+    return train(None, None)
 
 
 class Precision:
@@ -225,8 +359,8 @@ class Precision:
 
     def __init__(self, mode: Mode, device: str):
         self.device_type = torch.device(device).type
-        self.enabled = mode.kind == "autocast"
-        dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        dtype = info(mode).autocast(self.device_type)
+        self.enabled = dtype is not None
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler(self.device_type) if self.enabled and dtype is torch.float16 else None
         self.scale: float | None = None  # the scale of this step's backward passes (None: none scaled)
@@ -260,3 +394,24 @@ class Precision:
         else:
             self.scaler.step(optimizer)
             self.scaler.update()
+
+
+MODE_INFOS: tuple[ModeInfo, ...] = (
+    ModeInfo.of("eager", before_setup=nothing, before_training=nothing, autocast=full_precision,
+                launch=one_process, grace=0.0, retire=False),
+    ModeInfo.of("checkpoint", same_rounding=False, before_setup=checkpoint_target, before_training=nothing,
+                autocast=full_precision, launch=one_process, grace=0.0, retire=False),
+    ModeInfo.of("compile", example_share=0.1, budget_weight=4.0, same_rounding=False, before_setup=nothing,
+                before_training=compile_target, autocast=full_precision, launch=one_process, grace=0.0,
+                retire=False),
+    ModeInfo.of("autocast", reference=True, before_setup=nothing, before_training=nothing, autocast=low_precision,
+                launch=one_process, grace=0.0, retire=False),
+    # the wrapping itself is the technique's order to follow (``runner``): before or after its setup
+    ModeInfo.of("ddp", devices=("cpu",), example_share=0.25, budget_weight=2.0, same_rounding=False,
+                before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
+                grace=ddp.GRACE, retire=False),
+)
+MODE_BY_KIND = {row.kind: row for row in MODE_INFOS}
+assert tuple(MODE_BY_KIND) == MODE_KINDS, "mode_kinds.MODES and MODE_INFOS must list the same modes, in order"
+assert all(row.ranks == {one_process: 1, ddp.run: ddp.WORLD}[row.launch] for row in MODE_INFOS), \
+    "a row's ranks are the processes its launch starts"

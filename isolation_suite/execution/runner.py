@@ -8,6 +8,7 @@ clipping, ``step``, scheduler) and records a :class:`Trace`. Global torch state
 from __future__ import annotations
 
 import inspect
+import itertools
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -240,16 +241,46 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
     torch.set_num_threads(1)
     with torch.random.fork_rng(devices=devices):
         try:
-            if scenario.mode.kind == "ddp":
-                from isolation_suite.execution import ddp
-                return ddp.run(lambda shard, at: _run(scenario, driver, str(device), at or Phase(progress), timeout,
-                                                      shard), Phase, timeout, PROGRESS)
-            return _run(scenario, driver, str(device), Phase(progress), timeout)
+            # here, or as the mode's ranks (``ModeInfo.launch``: a shard and a phase each)
+            work = Work(scenario, driver, str(device), progress, timeout, next(_SERIALS) if driver.guarded else 0)
+            return modes.info(scenario.mode).launch(work, Phase, timeout, PROGRESS)
         finally:
             torch.set_grad_enabled(grad_mode)
             torch.set_default_dtype(default_dtype)
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+
+
+#: numbers every technique run of this process in turn (``Work.serial``)
+_SERIALS = itertools.count(1)
+
+
+@dataclass
+class Work:
+    """One run's training as a mode's ranks call it: ``work(shard, at)``.
+
+    A ``ddp`` pool's rank 1 serves many runs (see ``ddp``): it receives each next run as
+    ``request()`` over a pipe and rebuilds it with ``again(request)`` from the driver, and so the
+    technique, it inherited when it was forked. ``serial`` numbers the technique runs of this
+    process (0: an unguarded driver's, the reference's), so that the pool serves a run only where its
+    rank 1 has run every technique run that rank 0 has since the fork."""
+
+    scenario: Scenario
+    driver: Driver
+    device: str
+    progress: Any
+    timeout: float | None
+    serial: int = 0
+
+    def __call__(self, shard, at: Phase | None) -> Trace:
+        return _run(self.scenario, self.driver, self.device, at or Phase(self.progress), self.timeout, shard)
+
+    def request(self) -> tuple:
+        return self.scenario, self.device, self.timeout, self.serial
+
+    def again(self, request: tuple) -> "Work":
+        scenario, device, timeout, serial = request
+        return Work(scenario, self.driver, device, None, timeout, serial)
 
 
 def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: float | None,

@@ -11,14 +11,18 @@ the invariants stay in the parent. So:
 * an example that runs past the timeout is killed and is a ``timeout`` violation;
 * global state the technique changed (grad mode, default dtype, ``torch.backends`` flags,
   anomaly mode, deterministic algorithms, functions of ``torch``,
-  ``torch.nn.functional`` and ``torch.Tensor`` it replaced) is reported as ``state-restored``,
-  and the child is retired, so the next example starts from a clean copy of the parent.
+  ``torch.nn.functional`` and ``torch.Tensor`` it replaced, global module hooks it left
+  registered, threads it left running) is reported as ``state-restored``, and the child is
+  retired, so the next example starts from a clean copy of the parent;
+* what the technique prints (file descriptors 1 and 2 of the child) is shown on the parent's
+  stderr, each line labelled ``[technique NAME]``, up to ``OUTPUT_CAP`` bytes per search.
 
 Where a child cannot be forked (CUDA runs, a platform without ``fork``, a CUDA build where a
 forked child cannot run autograd, or ``ISOLATION_SANDBOX=off`` for debugging), the run is
 in-process: exceptions of every kind are still verdicts, the global state is checked and put
-back, and the timeout is a ``SIGALRM`` in the main thread, which cannot stop code that blocks
-signals or hangs inside a C call, nor survive a process exit. The README says so.
+back (a thread left running is reported, never stopped), and the timeout is a ``SIGALRM`` in
+the main thread, which cannot stop code that blocks signals or hangs inside a C call, nor survive
+a process exit. The README says so.
 """
 from __future__ import annotations
 
@@ -40,8 +44,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 
-from isolation_suite.execution.ddp import GRACE
+from isolation_suite.execution.ddp import remove_stores, unfreed
+from isolation_suite.execution.lifetime import exit_with_parent, harness_thread, is_harness_thread
+from isolation_suite.execution.modes import info as mode_info
 from isolation_suite.execution.runner import run
 from isolation_suite.execution.trace import PHASES, PROGRESS, Crash, ExampleTimeout, Trace
 from isolation_suite.technique import Technique
@@ -76,6 +83,24 @@ _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.T
 #: where a new attribute is a patch too (``torch.Tensor.add = ...`` shadows the inherited method);
 #: modules gain attributes legitimately (lazy submodule imports), so only replacements count there
 _CLOSED = ("torch.Tensor",)
+#: torch's global module hooks (``torch.nn.modules.module.register_module_forward_hook`` and
+#: friends): the dict that holds them -> what one is called in a leak's line
+_GLOBAL_HOOKS = {
+    "_global_forward_hooks": "global module forward hook",
+    "_global_forward_pre_hooks": "global module forward pre-hook",
+    "_global_backward_hooks": "global module backward hook",
+    "_global_backward_pre_hooks": "global module backward pre-hook",
+    "_global_module_registration_hooks": "global module registration hook",
+    "_global_parameter_registration_hooks": "global parameter registration hook",
+    "_global_buffer_registration_hooks": "global buffer registration hook",
+}
+#: what registering a forward hook also writes: put back with the hooks, never reported on its own
+_HOOK_EXTRAS = ("_global_forward_hooks_always_called", "_global_forward_hooks_with_kwargs")
+#: threads of these modules' own classes belong to libraries torch uses (torch.compile's progress
+#: bars start tqdm's monitor once per process), not to the technique
+_LIBRARY_THREADS = ("tqdm.",)
+#: how long a thread the technique started may take to end once its run is over
+THREAD_GRACE = 0.1
 
 
 #: the step of a leak found only once the run is over (global flags and namespaces are compared
@@ -92,9 +117,13 @@ def settle_lazy_imports() -> None:
 
 
 def snapshot() -> dict[str, Any]:
-    """Every global a technique could leave changed: flags by value, namespaces by identity."""
+    """Every global a technique could leave changed: flags by value, namespaces, global module hooks
+    and live threads by identity."""
     flags = {name: read() for name, (read, _) in _FLAGS.items()}
-    return {"flags": flags, "namespaces": {name: dict(vars(ns)) for name, ns in _NAMESPACES.items()}}
+    hooks = {name: (held, dict(held)) for name in (*_GLOBAL_HOOKS, *_HOOK_EXTRAS)
+             if (held := getattr(torch_module, name, None)) is not None}
+    return {"flags": flags, "namespaces": {name: dict(vars(ns)) for name, ns in _NAMESPACES.items()},
+            "hooks": hooks, "threads": set(threading.enumerate())}
 
 
 def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -112,7 +141,45 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
                 out.append(f"{name}.{attr} was replaced")
         if name in _CLOSED:
             out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs)
+    return out + _hook_changes(before["hooks"], after["hooks"]) \
+        + _thread_changes(before["threads"], after["threads"])
+
+
+def _hook_changes(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
+    out = []
+    for name, kind in _GLOBAL_HOOKS.items():
+        if name not in before:
+            continue
+        (held, hooks), (now_held, now) = before[name], after[name]
+        if now_held is not held:
+            out.append(f"torch.nn.modules.module.{name} was replaced")
+            continue
+        out.extend(f"{kind} {_callable_name(hook)} was left registered"
+                   for key, hook in now.items() if key not in hooks)
+        out.extend(f"{kind} {_callable_name(hook)} was removed" for key, hook in hooks.items() if key not in now)
     return out
+
+
+def _callable_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def _thread_changes(before: set[threading.Thread], after: set[threading.Thread]) -> list[str]:
+    """Threads started since ``before`` and still running (after a short grace to end), but the
+    harness's own and its libraries'."""
+    started = [t for t in after - before if not _not_the_techniques(t)]
+    deadline = time.monotonic() + THREAD_GRACE
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [f"thread {t.name!r} was left running" + (" (daemon)" if t.daemon else "")
+            for t in started if t.is_alive()]
+
+
+def _not_the_techniques(thread: threading.Thread) -> bool:
+    """The harness's threads, its libraries', and threads Python did not start (a C++ thread of
+    torch's that ran Python code is listed as a ``_DummyThread``)."""
+    return is_harness_thread(thread) or isinstance(thread, threading._DummyThread) \
+        or type(thread).__module__.startswith(_LIBRARY_THREADS)
 
 
 def _unchanged(attrs: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -135,6 +202,12 @@ def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
         if name in _CLOSED:
             for attr in [a for a in now if a not in attrs]:
                 delattr(namespace, attr)
+    for name, (held, hooks) in before["hooks"].items():
+        # the same dict, refilled in place: every hook's handle holds the dict it removes itself from
+        setattr(torch_module, name, held)
+        if after["hooks"][name] != (held, hooks):
+            held.clear()
+            held.update(hooks)
 
 
 _MISSING = object()
@@ -252,6 +325,7 @@ class Sandbox:
     def __init__(self, technique: Technique, timeout: float | None = DEFAULT_TIMEOUT):
         self.technique, self.timeout = technique, timeout
         self.pid: int | None = None
+        self.output = _Output(technique.name)
         self.progress = mmap.mmap(-1, PROGRESS.size)  # shared with the child: where it is now
         # where a child's runs spend their time (benchmarks read it): runs answered, seconds from
         # request to trace here, and seconds of those inside the training loop in the child
@@ -269,7 +343,7 @@ class Sandbox:
         PROGRESS.pack_into(self.progress, 0, 0, -1)
         started = time.perf_counter()
         # a ddp run's rank 0 reports a hang of its rank 1 itself, after the timeout: it gets a grace
-        grace = GRACE if scenario.mode.kind == "ddp" else 0.0
+        grace = mode_info(scenario.mode).grace
         deadline = None if self.timeout is None else time.monotonic() + self.timeout + grace
         try:
             _write(self.to_child, _request(scenario, str(device)))
@@ -299,8 +373,10 @@ class Sandbox:
         settle_lazy_imports()
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
+        output_r, output_w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         with warnings.catch_warnings():
             # Python 3.12 warns of fork in a threaded process: the two hazards that concern this child
             # (OpenMP's pool, autograd's device threads) are handled in _child_main and by the probe
@@ -309,9 +385,13 @@ class Sandbox:
         if pid == 0:  # the child: never returns
             os.close(to_child_w)
             os.close(from_child_r)
-            _child_main(self.technique, to_child_r, from_child_w, self.progress, self.timeout)
+            os.close(output_r)
+            exit_with_parent(parent)  # a hung technique must not run on for nobody
+            _child_main(self.technique, to_child_r, from_child_w, self.progress, self.timeout, output_w)
         os.close(to_child_r)
         os.close(from_child_w)
+        os.close(output_w)
+        self.output.start(output_r)
         self.pid, self.to_child, self.from_child = pid, to_child_w, from_child_r
         try:
             hello = _receive(self.from_child, time.monotonic() + 120)
@@ -351,9 +431,14 @@ class Sandbox:
         if pid is None:
             return None
         try:
+            # ended, not yet reaped (its pid cannot be reused): a ddp run it left behind is removed
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            remove_stores(pid)
             return os.waitpid(pid, 0)[1]
         except ChildProcessError:
             return None
+        finally:
+            self.output.join()  # everything it printed is shown before its trace is used
 
     def close(self) -> None:
         if self.pid is not None:
@@ -371,15 +456,17 @@ class Sandbox:
 
 
 def _child_main(technique: Technique, requests: int, replies: int, progress: mmap.mmap,
-                timeout: float | None) -> None:
+                timeout: float | None, output: int) -> None:
     """Serve runs until told to stop, a leak retires this copy, or the technique ends the process.
 
-    A ``ddp`` run retires it too: it keeps that run's process group alive (see ``ddp``), and its
-    next rank 1 is forked from a copy that never ran gloo."""
+    A ``ddp`` run keeps its rank 1 and process group for the next (``ddp``'s pool); one that left a
+    group this copy cannot free (a fault retired the pool) retires it too, so that the next rank 1
+    is forked from a copy that holds none."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C belongs to the parent
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _capture_output(output)
         faulthandler.disable()  # a fatal signal is reported by the parent, with the phase and step
         # OpenMP's thread pool does not survive fork: a parent that ran parallel kernels leaves the
         # child's pool deadlocked on its first parallel region. One thread never enters the pool.
@@ -410,14 +497,83 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             leaks = changes(before, after)
             before = after
             trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
-            retire = bool(leaks) or scenario.mode.kind == "ddp"
+            retire = bool(leaks) or mode_info(scenario.mode).retire or unfreed() > 0
             _send(replies, ("trace", _map_arrays(trace, _to_numpy), retire, seconds))
             if retire:
                 break  # isolated: the next run gets a fresh copy of the parent
     except BaseException:  # noqa: BLE001 - the parent reads a lost child as a crash
         code = 70
     finally:
+        for stream in (sys.stdout, sys.stderr):  # a last line printed without its newline
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - the technique replaced or closed it
+                pass
         os._exit(code)
+
+
+def _capture_output(fd: int) -> None:
+    """The technique's output goes to the parent: file descriptors 1 and 2 (C code prints there
+    too), and Python's streams over them, line-buffered (whatever pytest or the caller had put in
+    ``sys.stdout`` wrote elsewhere), so a line printed just before a crash still arrives."""
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+
+
+#: how much of a technique's own output the parent shows, per Sandbox (a search)
+OUTPUT_CAP = 64 * 1024
+
+
+class _Output:
+    """Shows what a child prints on this process's stderr, line by line as it comes, each line
+    labelled ``[technique NAME]``; at most ``OUTPUT_CAP`` bytes per Sandbox, then one line saying
+    the rest was dropped (the rest is still read, so a child printing without end never blocks)."""
+
+    def __init__(self, name: str):
+        self.label, self.left = f"[technique {name}] ", OUTPUT_CAP
+        self.thread: threading.Thread | None = None
+
+    def start(self, fd: int) -> None:
+        self.thread = harness_thread(threading.Thread(target=self._read, args=(fd,), daemon=True,
+                                                      name="isolation-sandbox-output"))
+        self.thread.start()
+
+    def join(self, timeout: float = 1.0) -> None:
+        """Until the child's output ends (its last writer, a process it started too, has exited)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _read(self, fd: int) -> None:
+        pending = b""
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._show(line)
+                if len(pending) > max(self.left, 0):  # a line without end: shown as far as the cap goes
+                    self._show(pending)
+                    pending = b""
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        if pending:
+            self._show(pending)
+
+    def _show(self, line: bytes) -> None:
+        if self.left < 0:
+            return
+        text = self.label + line[:self.left].decode(errors="replace")
+        self.left -= len(line) + 1
+        if self.left < 0:
+            text += f"\n{self.label}... (more output dropped: over {OUTPUT_CAP // 1024} KB)"
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # our stderr is closed: nowhere to show it
+            pass
 
 
 def _driver(technique: Technique):

@@ -79,7 +79,7 @@ def _intent(capability: Capability, target, shape: tuple[int, ...] = ()) -> Inte
 def coverage_mode(kind: str) -> Mode:
     """Where a coverage example runs the mode: over the whole model (a checkpoint non-reentrant, so
     that what is judged is the target, not a starved reentrant region)."""
-    return Mode(kind, "", False) if kind == "checkpoint" else Mode(kind)
+    return Mode(kind)  # every option at its default: no target, use_reentrant=False
 
 
 def coverage_examples(model: str, tree: ModelTree, capabilities: Iterable[Capability],

@@ -23,6 +23,7 @@ from isolation_suite.execution.reference import Reference
 from isolation_suite.execution.runner import run
 from isolation_suite.execution.trace import Trace
 from isolation_suite.execution.sandbox import DEFAULT_TIMEOUT, Sandbox
+from isolation_suite.execution.warm import warm_sandbox
 from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.technique import Technique
 
@@ -130,7 +131,7 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
     """Run ``technique`` and the reference on ``scenario`` and judge every invariant.
 
     The technique's runs happen in ``sandbox`` (a child process that a search keeps for all its
-    examples; by default one just for this call), each stopped after ``timeout`` seconds. On a
+    examples; by default the technique's warm child, which its next call reuses), each stopped after ``timeout`` seconds. On a
     CUDA device the technique also runs on the CPU, for ``device-parity`` (not for a user's model
     with active dropout: the two devices' generators draw different masks). A float32
     ``matches-reference`` mismatch counts only where the float64 twin confirms it. ``reference``
@@ -140,9 +141,8 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
     device = devices_mod.normalize(device)
     if device.startswith("cuda"):
         devices_mod.deterministic_cuda()
-    if sandbox is None:
-        with Sandbox(technique, timeout) as own:
-            return judge(technique, scenario, device, sandbox=own, reference=reference)
+    if sandbox is None:  # iso.check: the technique's warm child serves it (see execution.warm)
+        return judge(technique, scenario, device, sandbox=warm_sandbox(technique, timeout), reference=reference)
     if sandbox.technique is not technique:
         raise ValueError("the sandbox runs another technique than the one being judged")
     if reference is None:

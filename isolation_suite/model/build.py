@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from isolation_suite.spec.kinds import BY_KIND as KIND
-from isolation_suite.model.layers import SeededDropout, build_layer  # noqa: F401 - SeededDropout: part of build's public names
+from isolation_suite.model.layers import SeededDropout, build_layer, train_mode_effect  # noqa: F401 - SeededDropout: part of build's public names
 from isolation_suite.spec.scenario import Op, Scenario
 from isolation_suite.technique import module_param_name
 
@@ -155,8 +155,18 @@ def loss_fn(kind: str, out: torch.Tensor, seed: int, share: tuple[int, int] | No
 
 
 @functools.lru_cache(maxsize=4096)
-def param_shapes(kind: str, args: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Names and shapes of a layer's parameters, computed on the meta device (no memory, no RNG)."""
+def _meta_layer(kind: str, args: tuple[tuple[str, Any], ...]) -> nn.Module:
+    """A generated layer built on the meta device (no memory, no RNG), to be read, never run."""
     with torch.device("meta"):
-        module = build_layer(kind, dict(args))
-    return tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
+        return build_layer(kind, dict(args))
+
+
+def param_shapes(kind: str, args: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Names and shapes of a layer's parameters."""
+    return tuple((name, tuple(p.shape)) for name, p in _meta_layer(kind, args).named_parameters())
+
+
+def train_mode(kind: str, args: tuple[tuple[str, Any], ...]) -> str:
+    """What training mode changes in a generated layer ("" when nothing: a dropout with p=0), read
+    from the layer itself as from a user's (``layers.train_mode_effect``)."""
+    return train_mode_effect(_meta_layer(kind, args))

@@ -11,10 +11,18 @@ a callable handed to the Python API that cannot be imported by name is registere
 The harness seeds torch's generator from the scenario's ``init_seed`` before every call, so the
 technique's model, the reference's and the float64 twin start bit-identical; the factory must
 build a new model each time. Every step and micro-batch trains on the example batch.
+
+A factory gets ``limit`` seconds to return (the run's timeout where the caller knows it, else
+``FACTORY_TIMEOUT``): a ``SIGALRM`` in the main thread, like the sandbox's in-process timeout,
+which cannot stop a factory that blocks signals or hangs inside a C call (and, off the main
+thread, no limit at all).
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import signal
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,6 +36,8 @@ from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.model.tree import ModelTree, architecture_tree, module_tree
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: seconds a factory may take to return where the caller knows no timeout
+FACTORY_TIMEOUT = 60.0
 
 
 class ModelFactoryError(ScenarioError):
@@ -80,13 +90,18 @@ class Made:
 _RETURNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def make(spec: str, init_seed: int) -> Made:
-    """Call the factory with torch's generator seeded from ``init_seed``; check what it returns."""
+def make(spec: str, init_seed: int, limit: float | None = None) -> Made:
+    """Call the factory with torch's generator seeded from ``init_seed``; check what it returns.
+    ``limit``: seconds it may take (default ``FACTORY_TIMEOUT``)."""
     factory = resolve(spec)
+    limit = FACTORY_TIMEOUT if limit is None else limit
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         try:
-            out = factory()
+            with _deadline(limit):
+                out = factory()
+        except _FactoryTimeout:
+            raise ModelFactoryError(f"model factory {spec!r} did not return within {limit:g} s") from None
         except Exception as exc:  # noqa: BLE001 - the user's factory failing is one line, not a traceback
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ModelFactoryError(f"model factory {spec!r} raised {type(exc).__name__}: {first}") from None
@@ -103,6 +118,11 @@ def make(spec: str, init_seed: int) -> Made:
         raise ModelFactoryError(f"model factory {spec!r}: example_inputs must be a tensor or a tuple of tensors")
     if loss is not None and not callable(loss):
         raise ModelFactoryError(f"model factory {spec!r}: the loss must be callable, got {type(loss).__name__}")
+    # a meta tensor has no values to train on or compare: one line here, not a traceback in the first run
+    for what, tensors in (("inputs", inputs), ("parameters", list(model.parameters())),
+                          ("buffers", list(model.buffers()))):
+        if any(t.is_meta for t in tensors):
+            raise ModelFactoryError(f"model factory {spec!r} returned {what} on the meta device; give real tensors")
     if model in _RETURNED:
         raise ModelFactoryError(f"model factory {spec!r} returned a model it had returned before; "
                                 "it must build a new one on every call (training changes the weights)")
@@ -110,10 +130,55 @@ def make(spec: str, init_seed: int) -> Made:
     return Made(model, tuple(x.detach() for x in inputs), loss)
 
 
-@functools.lru_cache(maxsize=64)
-def factory_tree(spec: str) -> ModelTree:
-    """The user's model's tree, from one probe forward of a throwaway build."""
-    made = make(spec, 0)
+class _FactoryTimeout(BaseException):
+    """Raised by the factory's alarm; a BaseException so that the factory's own ``except Exception``
+    does not swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise _FactoryTimeout()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise ``_FactoryTimeout`` in the main thread after ``seconds``. An alarm already set (an
+    in-process run's timeout) that comes sooner is left to fire as it would; one that comes later
+    is set again, less the time spent here."""
+    outer, _ = signal.getitimer(signal.ITIMER_REAL) if hasattr(signal, "setitimer") else (0.0, 0.0)
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread() \
+            or 0 < outer <= seconds:
+        yield
+        return
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
+
+
+#: spec -> its tree (the probe runs once per process and spec); at most _TREES_KEPT of them
+_TREES: dict[str, ModelTree] = {}
+_TREES_KEPT = 64
+
+
+def factory_tree(spec: str, limit: float | None = None) -> ModelTree:
+    """The user's model's tree, from one probe forward of a throwaway build. ``limit``: seconds the
+    factory may take (pass the run's timeout where known; default ``FACTORY_TIMEOUT``); only the
+    first call for a spec probes, later ones return its tree."""
+    if spec not in _TREES:
+        if len(_TREES) >= _TREES_KEPT:
+            del _TREES[next(iter(_TREES))]
+        _TREES[spec] = _probe(spec, limit)
+    return _TREES[spec]
+
+
+def _probe(spec: str, limit: float | None) -> ModelTree:
+    made = make(spec, 0, limit)
     try:
         return module_tree(made.model, made.inputs)
     except Exception as exc:  # noqa: BLE001 - the model not running on its own inputs is the user's error

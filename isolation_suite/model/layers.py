@@ -1,5 +1,6 @@
-"""The torch side of the layer kinds (``kinds`` declares the rest): how a generated layer is
-built, and which class a module of a user's model must be to count as that kind.
+"""The torch side of the layer kinds (``kinds`` declares the rest, keyed by the same names): how a
+generated layer is built, which class a module of a user's model must be to count as that kind, and
+when the kind's training-mode effect is live in a module.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from isolation_suite.spec.kinds import BY_KIND as KIND
+from isolation_suite.spec.kinds import LAYER_KINDS
 
 
 class SeededDropout(nn.Dropout):
@@ -60,15 +62,35 @@ def _batch_first(cls: type[nn.Module]) -> Callable[..., nn.Module]:
     return lambda **kw: cls(batch_first=True, **kw)
 
 
+def _always(module: nn.Module) -> bool:
+    return True
+
+
+def _tracks_or_trains(module: nn.Module) -> bool:
+    """Training mode changes a BatchNorm unless it tracks no running statistics and is left in eval
+    mode (it normalises with the batch's statistics in both)."""
+    return module.track_running_stats or module.training
+
+
+def _drops(module: nn.Module) -> bool:
+    return module.p > 0
+
+
 @dataclass(frozen=True)
 class LayerInfo:
-    """The torch side of a kind (``kinds.KindInfo`` holds the rest)."""
+    """The torch side of a kind (``kinds.KindInfo`` holds the rest, under the same name)."""
 
     kind: str
     cls: type[nn.Module]  # a user's module of this class (or a subclass) is this kind
     make: Callable[..., nn.Module]  # builds the generated layer from its scenario arguments
+    #: the wider class a user's module may be instead, and the kind name it then gets (a BatchNorm3d
+    #: is a ``batchnorm``): it behaves as this row's kind in training mode
+    family: tuple[type[nn.Module], str] | None = None
+    #: the kind's training-mode effect (``KindInfo.train_mode``) is live in this module
+    live: Callable[[nn.Module], bool] = _always
 
 
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, "batchnorm")
 LAYERS: tuple[LayerInfo, ...] = (
     LayerInfo("linear", nn.Linear, nn.Linear),
     LayerInfo("conv1d", nn.Conv1d, nn.Conv1d),
@@ -78,40 +100,50 @@ LAYERS: tuple[LayerInfo, ...] = (
     LayerInfo("gru", nn.GRU, _batch_first(nn.GRU)),
     LayerInfo("rnn", nn.RNN, _batch_first(nn.RNN)),
     LayerInfo("layernorm", nn.LayerNorm, nn.LayerNorm),
-    LayerInfo("batchnorm1d", nn.BatchNorm1d, nn.BatchNorm1d),
-    LayerInfo("batchnorm2d", nn.BatchNorm2d, nn.BatchNorm2d),
+    LayerInfo("batchnorm1d", nn.BatchNorm1d, nn.BatchNorm1d, _BATCHNORM, _tracks_or_trains),
+    LayerInfo("batchnorm2d", nn.BatchNorm2d, nn.BatchNorm2d, _BATCHNORM, _tracks_or_trains),
     LayerInfo("groupnorm", nn.GroupNorm, nn.GroupNorm),
     LayerInfo("mha", nn.MultiheadAttention, _batch_first(nn.MultiheadAttention)),
-    LayerInfo("dropout", nn.Dropout, SeededDropout),
+    LayerInfo("dropout", nn.Dropout, SeededDropout, (nn.modules.dropout._DropoutNd, "dropout"), _drops),
 )
 BY_KIND: dict[str, LayerInfo] = {row.kind: row for row in LAYERS}
-assert tuple(BY_KIND) == tuple(KIND), "every kind has its torch class, in the table's order"
-#: classes that count as a kind in a user's model beyond the rows' own (a BatchNorm3d is a BatchNorm)
-_FAMILIES: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.modules.batchnorm._BatchNorm, "batchnorm"),
-    (nn.modules.dropout._DropoutNd, "dropout"),
-    (nn.modules.instancenorm._InstanceNorm, "instancenorm"),
-)
+assert tuple(BY_KIND) == LAYER_KINDS, "every kind has its torch class, in the table's order"
+
+
+def _families() -> tuple[tuple[type[nn.Module], str, LayerInfo | None], ...]:
+    first: dict[tuple[type[nn.Module], str], LayerInfo] = {}
+    for row in LAYERS:
+        if row.family is not None:
+            first.setdefault(row.family, row)
+    return tuple((cls, name, row) for (cls, name), row in first.items()) + (
+        (nn.modules.instancenorm._InstanceNorm, "instancenorm", None),)
+
+
+#: classes that count as a kind in a user's model beyond the rows' own (a BatchNorm3d is a BatchNorm),
+#: each with the row it behaves as in training mode (its first; None: no effect we know of)
+_FAMILIES = _families()
+
+
+def _row_of(module: nn.Module) -> tuple[str, LayerInfo | None]:
+    """The module's kind name and the row it behaves as (a family's first row; None: none)."""
+    for row in LAYERS:
+        if isinstance(module, row.cls):
+            return row.kind, row
+    for cls, family, row in _FAMILIES:
+        if isinstance(module, cls):
+            return family, row
+    return type(module).__name__, None
 
 
 def kind_of(module: nn.Module) -> str:
     """The layer kind of any module: a row's kind, a family (``batchnorm``), or its class name."""
-    for row in LAYERS:
-        if isinstance(module, row.cls):
-            return row.kind
-    for cls, family in _FAMILIES:
-        if isinstance(module, cls):
-            return family
-    return type(module).__name__
+    return _row_of(module)[0]
 
 
 def train_mode_effect(module: nn.Module) -> str:
     """What training mode changes in ``module`` itself ("" when nothing that we know of)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return KIND["batchnorm1d"].train_mode if module.track_running_stats or module.training else ""
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return KIND["dropout"].train_mode if module.p > 0 else ""
-    return ""
+    row = _row_of(module)[1]
+    return KIND[row.kind].train_mode if row is not None and row.live(module) else ""
 
 
 def build_layer(kind: str, kwargs: dict) -> nn.Module:

@@ -24,8 +24,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from isolation_suite.spec import kinds
+from isolation_suite.model.build import param_shapes, train_mode
 from isolation_suite.model.layers import SeededDropout, kind_of, train_mode_effect
-from isolation_suite.spec.scenario import Architecture, Intent
+from isolation_suite.spec.scenario import Architecture, Intent, ScenarioError
 from isolation_suite.technique import Capability, Role
 
 
@@ -118,15 +119,13 @@ def _within(path: str, module: str) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def architecture_tree(arch: Architecture) -> ModelTree:
-    """The tree of a generated model, from its spec alone (nothing is built)."""
-    from isolation_suite.model.build import param_shapes
+    """The tree of a generated model, from its spec alone (nothing is built but on the meta device)."""
     counts: dict[str, int] = {}
     for path, _ in arch.call_sites:
         counts[path] = counts.get(path, 0) + 1
     nodes = [Node("", "model", (), 1)]
     nodes += [Node(c.path, c.kind, (), counts.get(c.path, 0)) for c in arch.containers]
-    nodes += [Node(l.path, l.kind, param_shapes(l.kind, l.args), counts.get(l.path, 0),
-                   kinds.BY_KIND[l.kind].train_mode if l.kind != "dropout" or dict(l.args).get("p") else "")
+    nodes += [Node(l.path, l.kind, param_shapes(l.kind, l.args), counts.get(l.path, 0), train_mode(l.kind, l.args))
               for l in arch.layers]
     nodes.sort(key=lambda n: (n.path.split("."), n.path))
     return ModelTree(tuple(nodes), arch.call_sites, tuple(arch.ties), arch.input_kind == "float")
@@ -173,7 +172,7 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
         nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module),
                           bool(path) and id(module) in reads.outside))
     floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
-    device_random = any(n.kind == "dropout" and n.train_mode and n.calls for n in nodes) and not any(
+    device_random = any(n.kind in kinds.RANDOM_KINDS and n.train_mode and n.calls for n in nodes) and not any(
         isinstance(m, SeededDropout) for m in model.modules())
     return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats, device_random)
 
@@ -264,7 +263,6 @@ def targets_for(tree: ModelTree, capability: Capability) -> list[str]:
 
 def check_intent(tree: ModelTree, intent: Intent) -> None:
     """Raise ScenarioError where ``intent`` names what ``tree`` does not have."""
-    from isolation_suite.spec.scenario import ScenarioError
     for path in intent.frozen_modules + intent.reparameterized:
         if path not in tree.by_path or path == "":
             raise ScenarioError(f"the intent names module {path!r}, which the model does not have")

@@ -26,6 +26,7 @@ from isolation_suite.judging.invariants import DEVICE_PARITY, INVARIANTS
 from isolation_suite.model.factory import tree_of
 from isolation_suite.reporting.repro import write_repro
 from isolation_suite.spec.scenario import Scenario
+from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.technique import Technique
 
 
@@ -165,7 +166,7 @@ def _model_outline(scenario: Scenario) -> dict[str, Any] | None:
         return None
 
 
-def _identity(technique: Technique, capabilities: Iterable[str], device: str, mode: str = "eager") -> dict[str, Any]:
+def _identity(technique: Technique, capabilities: Iterable[str], device: str, mode: str = DEFAULT_MODE) -> dict[str, Any]:
     """The fields that name a record's item; every record starts with them."""
     caps = sorted(capabilities)
     return {"item": record_key(technique.name, caps, device, mode),
@@ -184,7 +185,7 @@ def _write_record(run_dir: Path, data: dict[str, Any]) -> None:
 
 
 def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
-                 error: str, spec: str | None = None, outcome: str = "error", mode: str = "eager",
+                 error: str, spec: str | None = None, outcome: str = "error", mode: str = DEFAULT_MODE,
                  plan: str | None = None) -> dict[str, Any]:
     """The record of an item that ended without a verdict: its worker died (a segfault in a
     kernel, out of memory), the harness itself failed, or (``not-run``) the run's time was spent
@@ -200,7 +201,7 @@ def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str
 
 
 def has_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
-               mode: str = "eager") -> bool:
+               mode: str = DEFAULT_MODE) -> bool:
     return _record_path(run_dir, _identity(technique, capabilities, device, mode)["item"]).exists()
 
 
@@ -281,7 +282,7 @@ def mode_matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     or violated (``caught: trainable-trains``). Records written before modes existed are eager."""
     out: dict[str, dict[str, str]] = {}
     for rec in records:
-        mode = rec.get("mode", "eager")
+        mode = rec.get("mode", DEFAULT_MODE)
         outcome = rec["outcome"]
         text = f"{outcome}: {rec['violations'][0]['invariant']}" if rec.get("violations") \
             and outcome in ("caught", "violated") else outcome
@@ -391,7 +392,7 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{r['outcome']} | {_examples_text(r)} | " + " | ".join(cells)
                      + f" | {r.get('reason', '')} |")
     modes = _modes_in(summary)
-    if modes != ["eager"]:
+    if modes != [DEFAULT_MODE]:
         lines += ["", "## Verdicts per mode", "", "| technique | " + " | ".join(modes) + " |",
                   "|" + "---|" * (1 + len(modes))]
         for technique, row in summary.get("modes", {}).items():
@@ -487,7 +488,7 @@ def _modes_html(summary: dict[str, Any]) -> str:
     """The per-mode table (technique x execution mode -> outcome); empty for an eager-only run."""
     esc = html.escape
     modes = _modes_in(summary)
-    if modes == ["eager"] or not modes:
+    if modes == [DEFAULT_MODE] or not modes:
         return ""
     css = {"held": "held", "caught": "expected", "n/a": "na"}
     rows = "".join(

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from isolation_suite.spec import kinds as _kinds
+from isolation_suite.spec import mode_kinds as _modes
 from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS
 
 
 #: layer kinds (``kinds.KINDS`` declares each)
 LAYER_KINDS = _kinds.LAYER_KINDS
-PARAM_LAYER_KINDS = tuple(k.kind for k in _kinds.KINDS if k.parameters)
-STATELESS_LAYER_KINDS = tuple(k.kind for k in _kinds.KINDS if not k.parameters)
+PARAM_LAYER_KINDS = _kinds.PARAM_KINDS
+STATELESS_LAYER_KINDS = _kinds.STATELESS_KINDS
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 OPTIMIZERS = tuple(info.name for info in OPTIMIZER_INFOS)
 SCHEDULERS = tuple(info.name for info in SCHEDULER_INFOS)
@@ -34,8 +35,8 @@ OP_KINDS = ("call", "loop", "act", "reshape", "transpose", "save", "add")
 #: children; sequential, residual and modulelist call each child once, in order
 CONTAINER_KINDS = ("block", "sequential", "residual", "modulelist")
 INPUT_KINDS = ("float", "tokens")
-#: how the training loop runs the model (``modes.MODE_INFOS`` declares each)
-MODE_KINDS = ("eager", "checkpoint", "compile", "autocast", "ddp")
+#: how the training loop runs the model (``mode_kinds.MODES`` declares each, ``modes.MODE_INFOS`` how it runs)
+MODE_KINDS = _modes.MODE_KINDS
 COMPILE_BACKENDS = ("aot_eager", "eager", "inductor")
 
 #: bounds (inclusive) every scenario is held to
@@ -438,7 +439,7 @@ class Mode:
       batch (see :mod:`isolation_suite.execution.ddp`).
     """
 
-    kind: str = "eager"
+    kind: str = _modes.DEFAULT
     target: str = ""
     reentrant: bool = False
     backend: str = "aot_eager"
@@ -447,29 +448,30 @@ class Mode:
 
     def __post_init__(self) -> None:
         _one_of("mode", self.kind, MODE_KINDS)
+        info = self.info
         _require(isinstance(self.target, str), f"mode target={self.target!r} must be a module path")
-        _require(isinstance(self.reentrant, bool), "mode reentrant must be true or false")
         _one_of("compile backend", self.backend, COMPILE_BACKENDS)
-        _require(self.kind in ("checkpoint", "compile") or self.target == "",
-                 f"a {self.kind} mode has no target (got {self.target!r})")
-        for name in ("find_unused", "static_graph"):
-            value = getattr(self, name)
-            _require(isinstance(value, bool), f"mode {name} must be true or false")
-            _require(self.kind == "ddp" or not value, f"a {self.kind} mode has no {name} (only ddp has)")
+        _require(info.targeted or self.target == "", f"a {self.kind} mode has no target (got {self.target!r})")
+        # the boolean options: each belongs to the modes whose row lists it in ``flags``
+        for f in dataclasses.fields(self):
+            if type(f.default) is bool:
+                value = getattr(self, f.name)
+                _require(isinstance(value, bool), f"mode {f.name} must be true or false")
+                owners = ", ".join(row.kind for row in _modes.MODES if f.name in row.flags)
+                _require(f.name in info.flags or not value, f"a {self.kind} mode has no {f.name} (only {owners} has)")
+
+    @property
+    def info(self) -> _modes.ModeKind:
+        """The mode's row (``mode_kinds.MODES``)."""
+        return _modes.BY_KIND[self.kind]
 
     @property
     def eager(self) -> bool:
-        return self.kind == "eager"
+        """The plain loop, every Mode's default: a scenario in it names no mode."""
+        return self.kind == _modes.DEFAULT
 
     def __repr__(self) -> str:
-        where = f" {self.target or '<model>'}"
-        if self.kind == "checkpoint":
-            return f"checkpoint({where.strip()}, use_reentrant={self.reentrant})"
-        if self.kind == "compile":
-            return f"compile({where.strip()}, backend={self.backend})"
-        if self.kind == "ddp":
-            return f"ddp(find_unused_parameters={self.find_unused}, static_graph={self.static_graph})"
-        return self.kind
+        return self.info.show(self)
 
 
 @dataclass(frozen=True)
@@ -503,10 +505,11 @@ class Scenario:
         _one_of("dtype", self.dtype, DTYPES)
         _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
         _require(isinstance(self.model, str), f"model={self.model!r} must be a 'pkg.module:factory' string")
-        _require(self.mode.kind != "ddp" or not self.model,
-                 "the ddp mode splits a generated model's batch; a model factory's batch layout and loss are its own")
-        _require(self.mode.kind != "ddp" or self.data.batch % 2 == 0,
-                 f"the ddp mode splits the batch between two processes: batch={self.data.batch} must be even")
+        mode = self.mode.info
+        _require(not (self.model and mode.no_user_model), f"the {mode.kind} mode {mode.no_user_model}")
+        _require(self.data.batch % mode.ranks == 0,
+                 f"the {mode.kind} mode splits the batch between {mode.ranks} processes: batch={self.data.batch} "
+                 "must be " + ("even" if mode.ranks == 2 else f"a multiple of {mode.ranks}"))
         if self.model:
             _require(self.architecture is None, "a scenario has either an architecture or a model factory, not both")
             module, colon, name = self.model.partition(":")

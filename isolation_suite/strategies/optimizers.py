@@ -7,7 +7,7 @@ from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS
 from isolation_suite.spec.scenario import CLIPPING, OPTIMIZERS, SCHEDULERS, OptimizerRecipe
 
 from isolation_suite.strategies._validate import check_choice
-from isolation_suite.strategies.architectures import Knobs
+from isolation_suite.strategies._draft import Knobs
 
 #: optimizers with a fused implementation in torch, per device
 FUSED = {device: tuple(info.name for info in OPTIMIZER_INFOS if device in info.fused_on) for device in ("cpu", "cuda")}

@@ -7,23 +7,23 @@ from hypothesis import strategies as st
 from isolation_suite.spec import kinds
 from isolation_suite.spec.scenario import Op
 
-from isolation_suite.strategies.architectures import (CHILD_NAMES, TOP_NAMES, Draft, _prepare_for, fresh_name, leaf,
-                            maybe_activation)
+from isolation_suite.strategies._draft import (CHILD_NAMES, PLAIN_KIND, TOP_NAMES, Draft, fresh_name, leaf,
+                                               maybe_activation, prepare_for)
 
 #: kinds that map a value onto itself without first changing its layout (``kinds.KindInfo.in_place``)
 _IN_PLACE = {layout: kinds.in_place(layout) for layout in kinds.LAYOUTS}
 
 
 def _in_place_kinds(d: Draft, with_params: bool = False) -> list[str]:
-    kinds = [k for k in _IN_PLACE[d.layout] if k in d.kinds and not (with_params and k == "dropout")]
-    return kinds or ["linear"]
+    pool = [k for k in _IN_PLACE[d.layout] if k in d.kinds and (not with_params or k in kinds.PARAM_KINDS)]
+    return pool or [PLAIN_KIND]
 
 
 def block_reused_layer(draw, d: Draft, prefix: str = "") -> None:
     """One parameterised layer called at 2-3 call sites in a row (seed 000)."""
-    reusable = [k for k in d.kinds if k not in ("embedding", "dropout")] or ["linear"]
+    reusable = [k for k in d.kinds if k in kinds.REUSABLE_KINDS] or [PLAIN_KIND]
     kind = draw(st.sampled_from(reusable))
-    _prepare_for(draw, d, kind)
+    prepare_for(draw, d, kind)
     path = leaf(draw, d, fresh_name(draw, TOP_NAMES, d.used_names, prefix), kind, preserve=True)
     for _ in range(draw(st.integers(1, 2))):
         maybe_activation(draw, d)

@@ -6,9 +6,12 @@ from typing import Iterable
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
-from isolation_suite.model.factory import factory_tree
 import dataclasses
 
+from isolation_suite.model.factory import factory_tree
+from isolation_suite.spec import kinds as layer_kinds
+from isolation_suite.spec.mode_kinds import BY_KIND as MODE_KIND
+from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.spec.scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change, Data, Intent, Mode, Scenario
 from isolation_suite.technique import Capability
 from isolation_suite.model.tree import (ModelTree, architecture_tree, element_owners, freeze_targets, leaves_parameters_unused,
@@ -124,17 +127,35 @@ def execution_modes(draw, tree: ModelTree | Architecture, kinds: Iterable[str] =
     kinds = check_choice("modes", kinds, MODE_KINDS)
     tree = architecture_tree(tree) if isinstance(tree, Architecture) else tree
     kind = draw(st.sampled_from(kinds))
-    if kind == "ddp":
-        find_unused = draw(st.booleans())
-        needed = not find_unused and leaves_parameters_unused(tree, intent)
-        return Mode(kind, find_unused=find_unused, static_graph=needed or draw(st.booleans()))
-    if kind not in ("checkpoint", "compile"):
-        return Mode(kind)
+    return MODE_DRAWS[kind](draw, kind, tree, input_requires_grad, intent)
+
+
+# --- how each mode's options are drawn: kind -> (draw, kind, tree, input_requires_grad, intent) -> Mode ---
+
+def _no_options(draw, kind: str, tree: ModelTree, input_requires_grad: bool, intent: Intent) -> Mode:
+    return Mode(kind)
+
+
+def _target(draw, kind: str, tree: ModelTree, input_requires_grad: bool, intent: Intent) -> Mode:
+    """A region: the whole model or a called module with modules below it."""
+    return Mode(kind, draw(st.sampled_from(mode_targets(tree))))
+
+
+def _checkpoint(draw, kind: str, tree: ModelTree, input_requires_grad: bool, intent: Intent) -> Mode:
     target = draw(st.sampled_from(mode_targets(tree)))
-    if kind == "compile":
-        return Mode(kind, target)
     reentrant = draw(st.booleans()) and region_needs_gradient(tree, target, Intent(), input_requires_grad)
     return Mode(kind, target, reentrant)
+
+
+def _ddp(draw, kind: str, tree: ModelTree, input_requires_grad: bool, intent: Intent) -> Mode:
+    find_unused = draw(st.booleans())
+    needed = not find_unused and leaves_parameters_unused(tree, intent)
+    return Mode(kind, find_unused=find_unused, static_graph=needed or draw(st.booleans()))
+
+
+MODE_DRAWS = {"eager": _no_options, "checkpoint": _checkpoint, "compile": _target, "autocast": _no_options,
+              "ddp": _ddp}
+assert tuple(MODE_DRAWS) == MODE_KINDS, "every execution mode says how its options are drawn"
 
 
 def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
@@ -152,7 +173,7 @@ def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
 def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] = DTYPES,
               devices: Iterable[str] = ("cpu",), *, max_blocks: int = 3, max_steps: int = 4,
               kinds: Iterable[str] = LAYER_KINDS, model: str | None = None,
-              modes: Iterable[str] = ("eager",)) -> Scenario:
+              modes: Iterable[str] = (DEFAULT_MODE,)) -> Scenario:
     """Draw a :class:`isolation_suite.Scenario` whose intent uses only ``capabilities``.
 
     ``devices`` restricts optimizer variants to those every listed device runs.
@@ -175,11 +196,15 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
     else:
         chosen = frozenset(ordered)
     modes = check_choice("modes", modes, MODE_KINDS)
-    if "ddp" in modes and (modes == ("ddp",) or draw(st.sampled_from(modes)) == "ddp"):
-        if model is not None:
-            raise InvalidArgument("the ddp mode splits a generated model's batch: it takes no model factory")
-        return draw(_ddp_scenarios(chosen, dtypes, devices, max_blocks, max_steps, kinds))
-    modes = tuple(m for m in modes if m != "ddp") or modes
+    # a mode of several ranks shapes the whole scenario (its batch, layers, dtype): it is drawn first
+    split = tuple(m for m in modes if MODE_KIND[m].distributed)
+    if split:
+        kind = modes[0] if len(modes) == 1 else draw(st.sampled_from(modes))
+        if kind in split:
+            if model is not None and MODE_KIND[kind].no_user_model:
+                raise InvalidArgument(f"the {kind} mode {MODE_KIND[kind].no_user_model}: it takes no model factory")
+            return draw(_split_scenarios(kind, chosen, dtypes, devices, max_blocks, max_steps, kinds))
+        modes = tuple(m for m in modes if m not in split)
     if model is not None:
         scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
         tree = factory_tree(model)
@@ -188,32 +213,31 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         tree = architecture_tree(scenario.architecture)
     if Capability.FREEZE_SCHEDULE in chosen:
         scenario = draw(with_freeze_schedule(tree, scenario))
-    if modes == ("eager",):
+    if modes == (DEFAULT_MODE,):
         return scenario
     mode = draw(execution_modes(tree, modes, input_requires_grad=scenario.data.input_requires_grad))
     return dataclasses.replace(scenario, mode=mode)
 
 
-#: layers that normalise with the statistics of the batch they see in training mode: a rank sees half
-#: of it, so its output differs from the whole batch's by design (SyncBatchNorm does not run on the CPU)
-BATCH_STATISTICS_KINDS = ("batchnorm1d", "batchnorm2d")
+#: layers that normalise with the statistics of the batch they see in training mode: a rank sees its
+#: share of it, so its output differs from the whole batch's by design (SyncBatchNorm does not run on
+#: the CPU)
+BATCH_STATISTICS_KINDS = layer_kinds.BATCH_STATISTICS_KINDS
 
 
 @st.composite
-def _ddp_scenarios(draw, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
-    """A scenario in the ``ddp`` mode: no BatchNorm (a BatchNorm inside a frozen module is judged by
-    the trigger examples), float32, and twice the drawn batch, so each rank trains on what one process
-    would."""
+def _split_scenarios(draw, kind: str, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
+    """A scenario in a mode of several ranks (``ddp``): no BatchNorm (a BatchNorm inside a frozen module
+    is judged by the trigger examples), the mode's dtypes (``ModeKind.dtypes``: ddp's float32) where
+    asked for, and the drawn batch times the ranks, so each rank trains on what one process would."""
+    info = MODE_KIND[kind]
     kinds = tuple(k for k in kinds if k not in BATCH_STATISTICS_KINDS)
-    # float32 only (where asked for): averaging reorders sums, and a float64 mismatch has no higher
-    # precision to be confirmed on; adaptive optimizers make lr-sized steps of a gradient that
-    # cancels to ~1e-9 (a GroupNorm-fed embedding: 3e-5 relative apart in two summation orders)
-    dtypes = ("float32",) if "float32" in dtypes else dtypes
+    dtypes = tuple(d for d in dtypes if d in info.dtypes) or dtypes
     scenario = _generated(draw, chosen, dtypes, devices, max_blocks, max_steps, kinds)
     if Capability.FREEZE_SCHEDULE in chosen:
         scenario = draw(with_freeze_schedule(architecture_tree(scenario.architecture), scenario))
-    mode = draw(execution_modes(scenario.architecture, ("ddp",), intent=scenario.intent))
-    data = dataclasses.replace(scenario.data, batch=2 * scenario.data.batch)
+    mode = draw(execution_modes(scenario.architecture, (kind,), intent=scenario.intent))
+    data = dataclasses.replace(scenario.data, batch=info.ranks * scenario.data.batch)
     return dataclasses.replace(scenario, data=data, mode=mode)
 
 
@@ -254,7 +278,7 @@ def with_freeze_schedule(draw, tree: ModelTree, scenario: Scenario) -> Scenario:
 def _generated(draw, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
     arch = draw(architectures(max_blocks=max_blocks, kinds=tuple(kinds), require=_requirements(chosen)))
     intent = draw(intents(arch, chosen))
-    has_batchnorm = any(l.kind.startswith("batchnorm") for l in arch.layers)
+    has_batchnorm = any(l.kind in BATCH_STATISTICS_KINDS for l in arch.layers)
     tokens = arch.input_kind == "tokens"
     data = Data(
         # BatchNorm in training mode needs more than one value per channel

@@ -12,8 +12,11 @@ from typing import Callable, Iterable
 
 import dataclasses
 
-from isolation_suite.model.factory import tree_of
-from isolation_suite.spec.scenario import Change, Data, Intent, Mode, Scenario
+from isolation_suite.model.factory import factory_tree, tree_of
+from isolation_suite.model.tree import (ModelTree, element_owners, freeze_targets, leaves_parameters_unused,
+                                        mode_targets, pass_through_targets, reparam_targets, region_needs_gradient,
+                                        upstream_of_isolation)
+from isolation_suite.spec.scenario import MODE_KINDS, Change, Data, Intent, Mode, Scenario
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.techniques import conditions as c
 from isolation_suite.techniques import triggers as t
@@ -218,27 +221,26 @@ def explicit_examples(capabilities: Iterable[Capability], mode: str = "eager",
 
 def in_mode(scenario: Scenario, kind: str) -> Scenario:
     """``scenario`` run in execution mode ``kind``: unchanged when it is in that mode already, else
-    with the mode over the whole model (a reentrant checkpoint where the input needs gradient; in
-    ``ddp``, the default options and twice the batch, so that each rank trains on the trigger's)."""
+    with the mode's first placement (``PLACEMENTS``: over the whole model, a reentrant checkpoint where
+    the input needs gradient) and, for a mode of several ranks, the batch times the ranks, so that each
+    rank trains on the trigger's."""
     if scenario.mode.kind == kind:
         return scenario
-    if kind == "ddp":
-        data = dataclasses.replace(scenario.data, batch=2 * scenario.data.batch)
-        return dataclasses.replace(scenario, mode=_ddp_mode(scenario), data=data)
-    return dataclasses.replace(scenario, mode=_modes_over(tree_of(scenario), kind, scenario.data)[0])
+    mode = PLACEMENTS[kind](tree_of(scenario), kind, scenario.data, scenario.intent)[0]
+    data = dataclasses.replace(scenario.data, batch=mode.info.ranks * scenario.data.batch)
+    return dataclasses.replace(scenario, mode=mode, data=data)
 
 
-def _ddp_mode(scenario: Scenario) -> Mode:
-    """DDP's defaults, or ``static_graph=True`` where the intent itself leaves a parameter unused."""
-    from isolation_suite.model.tree import leaves_parameters_unused
-    return Mode("ddp", static_graph=leaves_parameters_unused(tree_of(scenario), scenario.intent))
+# --- where a trigger takes each mode: kind -> (tree, kind, data, intent) -> modes, the first preferred ---
+
+def _whole_model(tree: ModelTree, kind: str, data: Data, intent: Intent) -> list[Mode]:
+    """The mode over the whole model, its options at their defaults."""
+    return [Mode(kind)]
 
 
-def _modes_over(tree, kind: str, data: Data) -> list[Mode]:
-    """The modes of ``kind`` a trigger can take on ``tree``, the whole model first."""
-    from isolation_suite.model.tree import mode_targets, region_needs_gradient
-    if kind != "checkpoint":
-        return [Mode(kind)]
+def _checkpointed_regions(tree: ModelTree, kind: str, data: Data, intent: Intent) -> list[Mode]:
+    """Every region, the whole model first; reentrant first where the region's input needs gradient
+    with nothing frozen (else a reentrant checkpoint trains in no loop at all, isolated or not)."""
     out = []
     for target in mode_targets(tree):
         if region_needs_gradient(tree, target, Intent(), data.input_requires_grad):
@@ -247,13 +249,24 @@ def _modes_over(tree, kind: str, data: Data) -> list[Mode]:
     return out
 
 
+def _ddp_defaults(tree: ModelTree, kind: str, data: Data, intent: Intent) -> list[Mode]:
+    """DDP's defaults, or ``static_graph=True`` where the intent itself leaves a parameter unused."""
+    return [Mode(kind, static_graph=leaves_parameters_unused(tree, intent))]
+
+
+PLACEMENTS: dict[str, Callable[[ModelTree, str, Data, Intent], list[Mode]]] = {
+    "eager": _whole_model, "checkpoint": _checkpointed_regions, "compile": _whole_model,
+    "autocast": _whole_model, "ddp": _ddp_defaults,
+}
+assert tuple(PLACEMENTS) == MODE_KINDS, "every execution mode says where a trigger takes it"
+
+
 def model_examples(model: str, capabilities: Iterable[Capability], mode: str = "eager") -> tuple[Scenario, ...]:
     """The trigger examples moved onto the user's model ``model`` (a factory name): for each
     trigger, the same recipe, loop and data settings with the first intent over the model's tree
     (in tree order), and in ``mode`` the first placement of the mode, under which the trigger's
     condition holds. A trigger the model has no analog for (no module called twice, no BatchNorm to
     freeze) is left out."""
-    from isolation_suite.model.factory import factory_tree
     tree = factory_tree(model)
     caps = frozenset(capabilities)
     seen: dict[Scenario, None] = {}
@@ -274,7 +287,7 @@ def _first_analog(tree, trigger: Scenario, condition: Condition, model: str, mod
     data = trigger.data
     data = Data(1, data.seed, data.input_requires_grad and tree.float_inputs, data.loss)
     for intent, schedule in _scheduled_analogs(tree, trigger):
-        for placed in _modes_over(tree, mode, data):
+        for placed in PLACEMENTS[mode](tree, mode, data, intent):
             scenario = Scenario(None, intent, trigger.optimizer, data, trigger.steps, trigger.micro_batches,
                                 trigger.dtype, 0, model, placed, schedule)
             if condition.holds(scenario):
@@ -287,7 +300,6 @@ def _scheduled_analogs(tree, trigger: Scenario) -> list[tuple[Intent, tuple[Chan
     the start or from a boundary on) moves as one module of the tree, frozen at the same steps."""
     if not trigger.schedule:
         return [(intent, ()) for intent in _analogs(tree, trigger)]
-    from isolation_suite.model.tree import freeze_targets
     out = []
     for module in freeze_targets(tree):
         start = Intent(frozen_modules=(module,)) if trigger.intent.frozen_modules else Intent()
@@ -297,7 +309,6 @@ def _scheduled_analogs(tree, trigger: Scenario) -> list[tuple[Intent, tuple[Chan
 
 def _analogs(tree, trigger: Scenario) -> list[Intent]:
     """Intents over ``tree`` of the trigger's kind, in tree order."""
-    from isolation_suite.model.tree import element_owners, freeze_targets, pass_through_targets, reparam_targets, upstream_of_isolation
     intent = trigger.intent
     if intent.frozen_modules:
         # the module with the most trainable modules called before it first: "upstream" is read from
@@ -322,7 +333,6 @@ def _analogs(tree, trigger: Scenario) -> list[Intent]:
 
 
 def trigger_shape(trigger: Scenario, param: str) -> tuple[int, ...]:
-    from isolation_suite.model.factory import tree_of
     return tree_of(trigger).parameters[param]
 
 

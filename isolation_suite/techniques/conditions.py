@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 
 from isolation_suite.model.factory import tree_of
+from isolation_suite.spec.kinds import BATCHNORM_EFFECT
 from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, SCHEDULER_BY_NAME
 from isolation_suite.spec.scenario import Scenario
 from isolation_suite.spec.scenario import Intent
 from isolation_suite.model.tree import region_needs_gradient, region_trains, upstream_of_isolation
-
-TRAIN_MODE_KINDS = ("batchnorm1d", "batchnorm2d", "batchnorm", "dropout")
 
 
 def _frozen_nodes(s: Scenario):
@@ -27,7 +26,7 @@ def frozen_has_train_mode_layer(s: Scenario) -> bool:
 
 
 def frozen_has_batchnorm(s: Scenario) -> bool:
-    return any(n.kind.startswith("batchnorm") and n.train_mode for n in _frozen_nodes(s))
+    return any(n.train_mode == BATCHNORM_EFFECT for n in _frozen_nodes(s))
 
 
 def lr_is_rewritten(s: Scenario) -> bool:
@@ -93,7 +92,7 @@ def reentrant_checkpoint_starved(s: Scenario) -> bool:
     frozen): ``torch.utils.checkpoint(use_reentrant=True)`` then gives the region no gradient at all
     (and, where nothing else reaches the loss, backward raises)."""
     mode = s.mode
-    if mode.kind != "checkpoint" or not mode.reentrant:
+    if not (mode.info.recomputes and mode.reentrant):
         return False
     tree = tree_of(s)
     needs = s.data.input_requires_grad
@@ -128,7 +127,7 @@ def refreezes_into_a_moving_optimizer(s: Scenario) -> bool:
 
 def _pass_through_in_checkpoint(s: Scenario, reentrant: bool) -> bool:
     mode = s.mode
-    if mode.kind != "checkpoint" or mode.reentrant != reentrant:
+    if not mode.info.recomputes or mode.reentrant != reentrant:
         return False
     return any(mode.target == "" or path == mode.target or path.startswith(mode.target + ".")
                for path, _ in s.intent.pass_through)
@@ -152,7 +151,7 @@ def ddp_reduces_unused(s: Scenario) -> bool:
     """The ``ddp`` mode with neither ``find_unused_parameters`` nor ``static_graph``: DDP expects a
     gradient for every parameter that required one when it was wrapped. One that gets none leaves its
     bucket unreduced (the other gradients in it stay the rank's own: ``matches-reference``)."""
-    return s.mode.kind == "ddp" and not s.mode.find_unused and not s.mode.static_graph
+    return s.mode.info.wraps_trainable and not s.mode.find_unused and not s.mode.static_graph
 
 
 def ddp_unused_raises(s: Scenario) -> bool:
@@ -165,7 +164,7 @@ def ddp_thaws_after_wrap(s: Scenario) -> bool:
     """A module thawed after DDP wrapped the model: DDP registered only the parameters that needed
     gradient when it was built, so the thawed module's gradient is never averaged across ranks
     (each rank steps on its own half of the batch)."""
-    return s.mode.kind == "ddp" and thaws_a_module(s)
+    return s.mode.info.wraps_trainable and thaws_a_module(s)
 
 
 def checkpointed_inside_pass_through(s: Scenario) -> bool:
@@ -174,7 +173,7 @@ def checkpointed_inside_pass_through(s: Scenario) -> bool:
     the region, so the recomputation uses the real parameters. Reentrant: their gradient flows
     (``matches-reference``); non-reentrant: the recomputed tensors' metadata differ (``no-crash``)."""
     mode = s.mode
-    if mode.kind != "checkpoint" or mode.target == "":
+    if not mode.info.recomputes or mode.target == "":
         return False
     return any(mode.target == path or mode.target.startswith(path + ".") for path, _ in s.intent.pass_through)
 
@@ -182,6 +181,6 @@ def checkpointed_inside_pass_through(s: Scenario) -> bool:
 def ddp_names_freeze_everything(s: Scenario) -> bool:
     """The ``ddp`` mode where colliding names freeze every parameter: DDP refuses to wrap a model
     with nothing that requires a gradient."""
-    if s.mode.kind != "ddp" or not names_collide(s):
+    if not s.mode.info.wraps_trainable or not names_collide(s):
         return False
     return all(any(f in p for f in s.intent.frozen_modules) for p in tree_of(s).parameters)
