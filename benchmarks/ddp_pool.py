@@ -1,10 +1,12 @@
 """The ddp mode's pool: a ddp check against an eager one, with the pool and without it.
 
-    python -m benchmarks.ddp_pool [--size 10] [--rounds 3] [--technique freeze_and_eval]
+    python -m benchmarks.ddp_pool [--size 10] [--rounds 3] [--technique freeze_and_eval] [--corpus drawn]
 
-A fixed corpus of ``--size`` ddp scenarios of the technique's capability (drawn for the ddp mode,
-so the batch splits and no BatchNorm trains) is checked three ways, each in its own ``Sandbox``
-as a search keeps one (one child for all its examples):
+A fixed corpus of ``--size`` ddp scenarios of the technique's capabilities (``drawn``: by the
+strategies for the ddp mode, so the batch splits and no BatchNorm trains; ``triggers``: the catalog's
+trigger examples a ddp search judges first, small models where the fixed cost shows most) is
+checked three ways, each in its own ``Sandbox`` as a search keeps one (one child for all its
+examples):
 
 * ``eager``: the same scenarios with the mode set to eager (same model, batch and recipe);
 * ``ddp``: the ddp mode with its pool (rank 1 and the gloo group kept across runs);
@@ -36,6 +38,7 @@ from isolation_suite.execution import ddp
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.judging.judge import clear_reference_cache
 from isolation_suite.spec.scenario import Mode, Scenario
+from isolation_suite.techniques import explicit_examples
 
 from ._common import table, write
 
@@ -70,11 +73,15 @@ def pool_off():
         os.environ.pop(ddp.POOL_ENV, None) if previous is None else os.environ.update({ddp.POOL_ENV: previous})
 
 
-def main(size: int = 10, rounds: int = 3, technique_name: str = "freeze_and_eval") -> dict:
+def main(size: int = 10, rounds: int = 3, technique_name: str = "freeze_and_eval", source: str = "drawn") -> dict:
     torch.set_num_threads(1)
     technique = catalog()[technique_name]
-    drawn = ddp_corpus(technique, size + 1)
-    warm, scenarios = drawn[0], drawn[1:]
+    if source == "triggers":
+        triggers = explicit_examples(technique.capabilities, "ddp")
+        warm, scenarios = triggers[0], list(triggers[:size])
+    else:
+        drawn = ddp_corpus(technique, size + 1)
+        warm, scenarios = drawn[0], drawn[1:]
     as_eager = lambda s: dataclasses.replace(s, mode=Mode())  # noqa: E731
     sandboxes = {way: Sandbox(technique) for way in WAYS}
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
@@ -106,8 +113,8 @@ def main(size: int = 10, rounds: int = 3, technique_name: str = "freeze_and_eval
             sandbox.close()
 
     eager_median, eager_total = statistics.median(seconds["eager"]), sum(seconds["eager"])
-    rows, data = [], {"technique": technique_name, "size": size, "rounds": rounds, "target": TARGET,
-                      "cpus": os.cpu_count()}
+    rows, data = [], {"technique": technique_name, "corpus": source, "size": len(scenarios), "rounds": rounds,
+                      "target": TARGET, "cpus": os.cpu_count()}
     for way in WAYS:
         values = seconds[way]
         data[way] = {"checks": len(values), "median_s": statistics.median(values), "worst_s": max(values),
@@ -119,14 +126,15 @@ def main(size: int = 10, rounds: int = 3, technique_name: str = "freeze_and_eval
                      data[way]["violations"]])
     same = [a == b for a, b in zip(verdicts["ddp"], verdicts["ddp-no-pool"])]
     data["ddp_verdicts_equal_without_pool"] = all(same)
-    print(f"{technique_name} on {size} ddp scenarios of {', '.join(sorted(c.value for c in technique.capabilities))},"
-          f" {rounds} rounds, {os.cpu_count()} CPUs")
+    capabilities = ", ".join(sorted(c.value for c in technique.capabilities))
+    print(f"{technique_name} on {len(scenarios)} {source} ddp scenarios of {capabilities}, {rounds} rounds, "
+          f"{os.cpu_count()} CPUs")
     print(table(rows, ["way", "checks", "median ms/check", "worst ms/check", "median vs eager", "total vs eager",
                        "violations"]))
     print(f"pooled ddp median: {data['ddp']['median_vs_eager']:.2f}x eager (target <= {TARGET:g}x); without the "
           f"pool: {data['ddp-no-pool']['median_vs_eager']:.2f}x; verdicts with and without the pool "
           f"{'the same' if all(same) else 'DIFFER'}")
-    print(f"-> {write('ddp_pool', data)}")
+    print(f"-> {write(f'ddp_pool_{source}', data)}")
     return data
 
 
@@ -135,5 +143,6 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--technique", default="freeze_and_eval")
+    parser.add_argument("--corpus", choices=("drawn", "triggers"), default="drawn")
     args = parser.parse_args()
-    main(args.size, args.rounds, args.technique)
+    main(args.size, args.rounds, args.technique, args.corpus)

@@ -23,7 +23,7 @@ import torch
 
 from isolation_suite import profiles
 from isolation_suite.engine.check import search
-from isolation_suite.cli import item_budget
+from isolation_suite.engine.plan import item_share
 from isolation_suite.engine.loading import load_technique
 from isolation_suite.techniques import CATALOG, model_examples
 from isolation_suite.zoo import ZOO
@@ -36,7 +36,7 @@ def _main_job_eager_budget() -> float:
     from isolation_suite.execution.modes import MODE_BY_KIND, parse_modes
     weights = [MODE_BY_KIND[m].budget_weight for row in CATALOG for _ in row.technique.capabilities
                for m in parse_modes(None, ("cpu",))]
-    return item_budget(120.0, 2, sum(weights))
+    return item_share(120.0, 2, len(weights), sum(weights))
 
 
 #: one eager item's seconds in the main job's default run

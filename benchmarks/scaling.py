@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from isolation_suite.cli import item_budget
+from isolation_suite.engine.plan import item_share
 
 from ._common import table, write
 
@@ -35,7 +35,7 @@ ITEM_S = 15.0
 def budget_for(workers: int, items: int) -> float:
     """The ``--budget`` that gives every item ``ITEM_S`` seconds with ``workers`` workers."""
     budget = ITEM_S * items / min(workers, items) / 0.8
-    assert abs(item_budget(budget, workers, items) - ITEM_S) < 1e-6, "cli's budget split changed"
+    assert abs(item_share(budget, workers, items, items) - ITEM_S) < 1e-6, "the plan's budget split changed"
     return budget
 
 

@@ -135,8 +135,8 @@ class Plan:
         items one after another, with a fifth kept for start-up and the report, and a deadline
         ``reserve`` seconds before the total is spent."""
         units = len(self.groups()) if self.sweep else len(self.items)
-        share = total * min(workers, max(units, 1)) / max(self.weight, 1) * 0.8
-        return replace(self, item_budget=share, deadline=started + total - reserve)
+        return replace(self, item_budget=item_share(total, workers, units, self.weight),
+                       deadline=started + total - reserve)
 
     def summary(self) -> dict[str, Any]:
         """What a report keeps of its plan (merge compares these)."""
@@ -161,6 +161,12 @@ class Plan:
             return cls(**data)
         except (ValueError, TypeError, KeyError) as exc:
             raise PlanError(f"not a plan: {type(exc).__name__}: {exc}") from None
+
+
+def item_share(total: float, workers: int, units: int, weight: float) -> float:
+    """Seconds per item of weight 1 when ``workers`` run ``units`` (items, or sweeps) of summed
+    ``weight`` one after another within ``total`` seconds, a fifth kept for start-up and the report."""
+    return total * min(workers, max(units, 1)) / max(weight, 1) * 0.8
 
 
 def items_of(techniques: Mapping[str, Any], devices: Iterable[str], modes: Iterable[str]) -> tuple[Item, ...]:

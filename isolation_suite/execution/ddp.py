@@ -249,9 +249,9 @@ def run(train: Callable[[Shard, Any], Any], phase: Callable[[Any], Any], timeout
     trace, error, kept = None, None, False
     try:
         peer.watch()
-        if first:
-            pool.group = _join(0, os.path.join(pool.folder, "store"), limit)
         try:
+            if first:  # joining fails too where rank 1 died first: its verdict, as a collective's failure
+                pool.group = _join(0, os.path.join(pool.folder, "store"), limit)
             with batch_share(0):
                 trace = train(Shard(0), None)
         except BaseException as exc:  # noqa: BLE001 - settled below, with rank 1's outcome
@@ -382,7 +382,8 @@ def _retire(pool: Pool) -> None:
         held.append(pool.group)
         if dist.is_initialized():  # this run's group, or what the technique left in its place
             held.extend(_registered())
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):  # a registry the technique broke: the run's verdict first
+                dist.destroy_process_group()
         pool.group = None
     _RUN.clear()
     if held:
@@ -402,7 +403,8 @@ def _forget(pool: Pool) -> None:
     _RUN.clear()
     if pool.group is not None and dist.is_initialized() and dist.group.WORLD is pool.group:
         _INHERITED.extend(_registered())
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 @atexit.register

@@ -46,7 +46,9 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   is tracing frames that compile to nothing (``untraced_codes``): the harness's operation-free
   frames, for which Dynamo compiled empty graphs, and ``Block.forward`` where Dynamo gives it up
   anyway. Same graphs, bitwise the same traces, about a sixth of the time per compiled check
-  (``tests/test_compile_cost.py``, ``benchmarks/compile_cost.py``). With ``inductor``, torch's own
+  (``tests/test_compile_cost.py``, ``benchmarks/compile_cost.py``); only a model with many child
+  calls, whose child-calling frame met its recompile limit within one run (the calls below it then
+  ran uncompiled), is now compiled throughout. With ``inductor``, torch's own
   content-addressed caches (AOT autograd, FX graph) serve a graph compiled before, in this process or
   an earlier one: keyed by the graph and its inputs, a hit is what a fresh compile would give.
 * ``autocast``: a lower-precision forward is not a technique's doing; technique and reference both
@@ -102,7 +104,7 @@ class ModeInfo(ModeKind):
     #: the share of a search's examples judged in this mode (a compiled check costs about 12 eager ones)
     example_share: float = 1.0
     #: its share of a run's time budget, against an eager item's 1 (a compiled check costs about 12 eager
-    #: ones, a ddp run about 16: a known-bad row's trigger examples must still run within it)
+    #: ones, a pooled ddp run about 2.5: a known-bad row's trigger examples must still run within it)
     budget_weight: float = 1.0
 
     # --- behaviours (no defaults) ---
