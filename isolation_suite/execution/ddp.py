@@ -97,7 +97,6 @@ import random
 import select
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 import threading
@@ -110,6 +109,7 @@ import torch.distributed as dist
 from torch import nn
 
 from isolation_suite.execution.lifetime import exit_with_parent, harness_thread
+from isolation_suite.execution.pipes import read_frame, write_frame
 from isolation_suite.execution.trace import PHASES, Crash, Trace
 from isolation_suite.model.layers import batch_share as layers_share
 from isolation_suite.spec.scenario import Mode
@@ -728,15 +728,9 @@ def _communication(crash) -> bool:
     return "gloo" in crash.detail or "Connection closed by peer" in crash.error or "Connection reset" in crash.error
 
 
-_HEADER = struct.Struct("!Q")
-
-
 def _send(fd: int, obj: Any) -> None:
     """One message (length-prefixed pickle) on a pipe."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_frame(fd, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _receive(fd: int) -> Any:
@@ -748,22 +742,4 @@ def _receive(fd: int) -> Any:
 def _read_frame(fd: int, deadline: float | None) -> bytes:
     """The next message's bytes on ``fd``; b"" once its writer has ended (before or within it);
     TimeoutError past ``deadline``."""
-    header = _read_exactly(fd, _HEADER.size, deadline)
-    if header is None:
-        return b""
-    return _read_exactly(fd, _HEADER.unpack(header)[0], deadline) or b""
-
-
-def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes | None:
-    chunks, left = [], n
-    while left:
-        if deadline is not None:
-            wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
-                raise TimeoutError
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    return read_frame(fd, deadline) or b""

@@ -32,9 +32,7 @@ import mmap
 import operator
 import os
 import pickle
-import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -49,6 +47,7 @@ from torch.nn.modules import module as torch_module
 from isolation_suite.execution.ddp import remove_stores, unfreed
 from isolation_suite.execution.lifetime import exit_with_parent, harness_thread, is_harness_thread
 from isolation_suite.execution.modes import info as mode_info
+from isolation_suite.execution.pipes import read_frame, write_frame
 from isolation_suite.execution.runner import run
 from isolation_suite.execution.trace import PHASES, PROGRESS, Crash, ExampleTimeout, Trace
 from isolation_suite.technique import Technique
@@ -217,7 +216,6 @@ _MISSING = object()
 
 # --- the child process ---------------------------------------------------------------------
 
-_HEADER = struct.Struct("!Q")
 
 
 def _map_arrays(x: Any, convert: Callable[[Any], Any]) -> Any:
@@ -252,9 +250,7 @@ def _send(fd: int, obj: Any) -> None:
 
 
 def _write(fd: int, data: bytes) -> None:
-    view = memoryview(_HEADER.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_frame(fd, data)
 
 
 #: the last request pickled, with the scenario it was pickled from (held, so its id stays its own): a
@@ -268,27 +264,8 @@ def _request(scenario, device: str) -> bytes:
     return _LAST_REQUEST[2]
 
 
-def _read_exactly(fd: int, n: int, deadline: float | None) -> bytes | None:
-    """``n`` bytes from ``fd``; None on end of file; raises TimeoutError past ``deadline``."""
-    chunks, left = [], n
-    while left:
-        if deadline is not None:
-            wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
-                raise TimeoutError
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _receive(fd: int, deadline: float | None = None) -> Any:
-    header = _read_exactly(fd, _HEADER.size, deadline)
-    if header is None:
-        return _EOF
-    body = _read_exactly(fd, _HEADER.unpack(header)[0], deadline)
+    body = read_frame(fd, deadline)
     return _EOF if body is None else pickle.loads(body)
 
 
