@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from isolation_suite.model.layers import kind_of
+from isolation_suite.spec.kinds import BY_KIND
+
 if TYPE_CHECKING:
     from isolation_suite.spec.scenario import Intent
 
@@ -108,8 +111,6 @@ def module_param_name(param_path: str) -> tuple[str, str]:
 
 def reparam_param_name(module: nn.Module) -> str:
     """The weight a reparameterization wraps: ``weight_hh_l0`` for RNNs (as in WeightDropout), else ``weight``."""
-    from isolation_suite.model.layers import kind_of
-    from isolation_suite.spec.kinds import BY_KIND
     info = BY_KIND.get(kind_of(module))
     return info.reparam_weight if info is not None and info.reparam_weight else "weight"
 

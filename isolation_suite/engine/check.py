@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from hypothesis import HealthCheck, Phase, event, given, settings, target
+from hypothesis.statistics import collector, describe_statistics
 from hypothesis.database import ExampleDatabase
 from hypothesis import seed as hypothesis_seed
 from hypothesis.internal.reflection import function_digest
@@ -25,7 +26,9 @@ from isolation_suite.judging.coverage import Coverage, coverage_examples, covera
 from isolation_suite.model.factory import factory_name, factory_tree
 from isolation_suite.model.tree import targets_for
 from isolation_suite.engine.database import stats_since
-from isolation_suite.engine.profiles import check_database_spec, example_timeout
+from isolation_suite import strategies
+from isolation_suite.engine.profiles import active_profile, check_database_spec, example_timeout
+from isolation_suite.techniques import explicit_examples, model_examples
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
@@ -132,7 +135,6 @@ class SearchResult:
 
 def search_settings(max_examples: int | None = None, device: str = "cpu") -> settings:
     """The active isolation profile (``ISOLATION_PROFILE`` or the loaded one), with overrides."""
-    from isolation_suite.engine.profiles import active_profile
     base = settings.get_profile(active_profile())
     kwargs: dict = dict(parent=base, report_multiple_bugs=False,
                         suppress_health_check=list(base.suppress_health_check) + [HealthCheck.too_slow,
@@ -275,11 +277,6 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
     database is replayed (and a failure there shrunk); with ``start`` Hypothesis replays that failure
     and shrinks it. ``fits`` says which drawn scenarios the technique is judged on (a sweep's
     strategy may draw intents beyond its capabilities; the others count as passing)."""
-    from isolation_suite import strategies
-    from hypothesis.statistics import collector, describe_statistics
-
-    from isolation_suite.techniques import explicit_examples, model_examples
-
     started = time.monotonic()
     deadline = None if budget is None else started + budget
     tree = factory_tree(model) if model else None

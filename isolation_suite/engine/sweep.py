@@ -28,7 +28,9 @@ from isolation_suite.judging.invariants import TIMEOUT
 from isolation_suite.judging.judge import SharedReference, Verdict, as_technique, judge
 from isolation_suite.judging.coverage import Coverage, coverage_examples
 from isolation_suite.model.factory import factory_name, factory_tree
+from isolation_suite import strategies
 from isolation_suite.engine.profiles import example_timeout
+from isolation_suite.techniques import explicit_examples, model_examples
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
@@ -231,9 +233,6 @@ def _judge_all(members: Sequence[_Member], scenario: Scenario, device: str, out:
 
 def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_settings: settings,
          out: SweepResult, deadline: float | None, explicit: bool, model: str | None, mode: str = "eager") -> None:
-    from isolation_suite import strategies
-    from isolation_suite.techniques import explicit_examples, model_examples
-
     started = time.monotonic()
 
     def spent() -> bool:

@@ -53,7 +53,7 @@ removed, the group deregistered but not freed, see below), and the next run star
 
 * any fault of the run, on either rank: a crash or exit (rank 1 exits after any run that was not
   clean), a timeout, a harness error, a state leak the run reported (grad mode, dtype,
-  ``requires_grad``), or a global the technique changed on rank 1 (``sandbox.changes``: flags,
+  ``requires_grad``), or a global the technique changed on rank 1 (``state.changes``: flags,
   patched functions, global hooks, threads left running; rank 0's are the sandbox's to report, and it
   retires its child for them);
 * a group that is no longer the pool's alone (destroyed, replaced as the default, another created),
@@ -110,6 +110,7 @@ from torch import nn
 
 from isolation_suite.execution.lifetime import exit_with_parent, harness_thread
 from isolation_suite.execution.pipes import read_frame, write_frame
+from isolation_suite.execution.state import changes, snapshot
 from isolation_suite.execution.trace import PHASES, Crash, Trace
 from isolation_suite.model.layers import batch_share as layers_share
 from isolation_suite.spec.scenario import Mode
@@ -435,9 +436,8 @@ def _sequence(group) -> int | None:
 
 
 def _state(threads: bool) -> dict:
-    """The globals the sandbox watches (``sandbox.snapshot``); without threads for rank 0, whose
+    """The globals the sandbox watches (``state.snapshot``); without threads for rank 0, whose
     caller's own threads are not the pool's business."""
-    from isolation_suite.execution.sandbox import snapshot  # the sandbox imports this module
     state = snapshot()
     if not threads:
         state["threads"] = set()
@@ -445,7 +445,6 @@ def _state(threads: bool) -> dict:
 
 
 def _changes(base: dict, threads: bool) -> list[str]:
-    from isolation_suite.execution.sandbox import changes
     return changes(base, _state(threads))
 
 

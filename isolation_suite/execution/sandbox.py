@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import mmap
-import operator
 import os
 import pickle
 import signal
@@ -41,11 +40,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.nn.modules import module as torch_module
 
 from isolation_suite.execution.ddp import remove_stores, unfreed
-from isolation_suite.execution.lifetime import exit_with_parent, harness_thread, is_harness_thread
+from isolation_suite.execution.state import RUN_END, changes, restore, snapshot
+from isolation_suite.execution.lifetime import exit_with_parent, harness_thread
 from isolation_suite.execution.modes import info as mode_info
 from isolation_suite.execution.pipes import read_frame, write_frame
 from isolation_suite.execution.runner import run
@@ -60,156 +58,12 @@ class SandboxError(RuntimeError):
     """The harness's own code failed in the child (never the technique's): a bug to report."""
 
 
-# --- global state: what a technique must leave as it found it ------------------------------
-
-#: flag -> (read it, set it). The runner itself sets and restores the thread count around each run.
-_FLAGS: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {
-    "grad mode": (torch.is_grad_enabled, torch.set_grad_enabled),
-    "default dtype": (torch.get_default_dtype, torch.set_default_dtype),
-    "anomaly mode": (torch.is_anomaly_enabled, torch.autograd.set_detect_anomaly),
-    "deterministic algorithms": (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
-    **{f"torch.backends.{owner}.{attr}": ((lambda o=obj, a=attr: getattr(o, a)),
-                                          (lambda v, o=obj, a=attr: setattr(o, a, v)))
-       for owner, obj, attr in (("cudnn", torch.backends.cudnn, "enabled"),
-                                ("cudnn", torch.backends.cudnn, "benchmark"),
-                                ("cudnn", torch.backends.cudnn, "deterministic"),
-                                ("cudnn", torch.backends.cudnn, "allow_tf32"),
-                                ("cuda.matmul", torch.backends.cuda.matmul, "allow_tf32"),
-                                ("mkldnn", torch.backends.mkldnn, "enabled"))},
-}
-#: namespaces whose functions a technique may monkeypatch and forget
-_NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.Tensor}
-#: where a new attribute is a patch too (``torch.Tensor.add = ...`` shadows the inherited method);
-#: modules gain attributes legitimately (lazy submodule imports), so only replacements count there
-_CLOSED = ("torch.Tensor",)
-#: torch's global module hooks (``torch.nn.modules.module.register_module_forward_hook`` and
-#: friends): the dict that holds them -> what one is called in a leak's line
-_GLOBAL_HOOKS = {
-    "_global_forward_hooks": "global module forward hook",
-    "_global_forward_pre_hooks": "global module forward pre-hook",
-    "_global_backward_hooks": "global module backward hook",
-    "_global_backward_pre_hooks": "global module backward pre-hook",
-    "_global_module_registration_hooks": "global module registration hook",
-    "_global_parameter_registration_hooks": "global parameter registration hook",
-    "_global_buffer_registration_hooks": "global buffer registration hook",
-}
-#: what registering a forward hook also writes: put back with the hooks, never reported on its own
-_HOOK_EXTRAS = ("_global_forward_hooks_always_called", "_global_forward_hooks_with_kwargs")
-#: threads of these modules' own classes belong to libraries torch uses (torch.compile's progress
-#: bars start tqdm's monitor once per process), not to the technique
-_LIBRARY_THREADS = ("tqdm.",)
-#: how long a thread the technique started may take to end once its run is over
-THREAD_GRACE = 0.1
-
-
-#: the step of a leak found only once the run is over (global flags and namespaces are compared
-#: around the whole run, not step by step)
-RUN_END = -1
-
-
 def settle_lazy_imports() -> None:
     """Import what torch imports lazily and that rewrites torch's own namespace when it loads
     (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
     it happens once in the parent, before any snapshot and before any child is forked."""
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401 - the ddp mode's, before any child is forked
-
-
-def snapshot() -> dict[str, Any]:
-    """Every global a technique could leave changed: flags by value, namespaces, global module hooks
-    and live threads by identity."""
-    flags = {name: read() for name, (read, _) in _FLAGS.items()}
-    hooks = {name: (held, dict(held)) for name in (*_GLOBAL_HOOKS, *_HOOK_EXTRAS)
-             if (held := getattr(torch_module, name, None)) is not None}
-    return {"flags": flags, "namespaces": {name: dict(vars(ns)) for name, ns in _NAMESPACES.items()},
-            "hooks": hooks, "threads": set(threading.enumerate())}
-
-
-def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """What differs, one line each: ``torch.backends.cudnn.benchmark changed False -> True``."""
-    out = [f"{name} changed {value} -> {after['flags'][name]}"
-           for name, value in before["flags"].items() if after["flags"][name] != value]
-    for name, attrs in before["namespaces"].items():
-        now = after["namespaces"][name]
-        if _unchanged(attrs, now):
-            continue
-        for attr, value in attrs.items():
-            if attr not in now:
-                out.append(f"{name}.{attr} was deleted")
-            elif now[attr] is not value:
-                out.append(f"{name}.{attr} was replaced")
-        if name in _CLOSED:
-            out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs)
-    return out + _hook_changes(before["hooks"], after["hooks"]) \
-        + _thread_changes(before["threads"], after["threads"])
-
-
-def _hook_changes(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
-    out = []
-    for name, kind in _GLOBAL_HOOKS.items():
-        if name not in before:
-            continue
-        (held, hooks), (now_held, now) = before[name], after[name]
-        if now_held is not held:
-            out.append(f"torch.nn.modules.module.{name} was replaced")
-            continue
-        out.extend(f"{kind} {_callable_name(hook)} was left registered"
-                   for key, hook in now.items() if key not in hooks)
-        out.extend(f"{kind} {_callable_name(hook)} was removed" for key, hook in hooks.items() if key not in now)
-    return out
-
-
-def _callable_name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
-
-
-def _thread_changes(before: set[threading.Thread], after: set[threading.Thread]) -> list[str]:
-    """Threads started since ``before`` and still running (after a short grace to end), but the
-    harness's own and its libraries'."""
-    started = [t for t in after - before if not _not_the_techniques(t)]
-    deadline = time.monotonic() + THREAD_GRACE
-    for thread in started:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    return [f"thread {t.name!r} was left running" + (" (daemon)" if t.daemon else "")
-            for t in started if t.is_alive()]
-
-
-def _not_the_techniques(thread: threading.Thread) -> bool:
-    """The harness's threads, its libraries', and threads Python did not start (a C++ thread of
-    torch's that ran Python code is listed as a ``_DummyThread``)."""
-    return is_harness_thread(thread) or isinstance(thread, threading._DummyThread) \
-        or type(thread).__module__.startswith(_LIBRARY_THREADS)
-
-
-def _unchanged(attrs: dict[str, Any], now: dict[str, Any]) -> bool:
-    """The same names in the same order, each bound to the same object (the common case, checked at
-    C speed; anything else is compared name by name)."""
-    return len(attrs) == len(now) and all(map(operator.is_, attrs.values(), now.values())) and list(attrs) == list(now)
-
-
-def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Put back every global that differs between ``before`` and ``after`` (in-process runs; a
-    child is simply retired)."""
-    for name, value in before["flags"].items():
-        if after["flags"][name] != value:
-            _FLAGS[name][1](value)
-    for name, attrs in before["namespaces"].items():
-        namespace, now = _NAMESPACES[name], after["namespaces"][name]
-        for attr, value in attrs.items():
-            if now.get(attr, _MISSING) is not value:
-                setattr(namespace, attr, value)
-        if name in _CLOSED:
-            for attr in [a for a in now if a not in attrs]:
-                delattr(namespace, attr)
-    for name, (held, hooks) in before["hooks"].items():
-        # the same dict, refilled in place: every hook's handle holds the dict it removes itself from
-        setattr(torch_module, name, held)
-        if after["hooks"][name] != (held, hooks):
-            held.clear()
-            held.update(hooks)
-
-
-_MISSING = object()
 
 
 # --- the user's Ctrl-C, told apart from a technique raising KeyboardInterrupt ----------------

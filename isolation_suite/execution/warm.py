@@ -28,7 +28,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox, snapshot
+from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
+from isolation_suite.execution.state import snapshot
 from isolation_suite.technique import Technique
 
 #: warm children kept at once (one per technique being checked in a loop)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from isolation_suite.model.build import build_model, loss_fn, make_inputs
 from isolation_suite.spec.objects import import_object
 from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.model.tree import ModelTree, architecture_tree, module_tree
@@ -233,7 +234,6 @@ class Built:
 
 def build(scenario: Scenario, device: str = "cpu") -> Built:
     """Everything a run of ``scenario`` needs, built fresh."""
-    from isolation_suite.model.build import build_model, loss_fn, make_inputs
     dtype = DTYPES[scenario.dtype]
     if not scenario.model:
         return Built(build_model(scenario, device), [[(x,) for x in step] for step in make_inputs(scenario)],
