@@ -46,7 +46,7 @@ from isolation_suite.execution.state import RUN_END, changes, restore, snapshot
 from isolation_suite.execution.lifetime import exit_with_parent, harness_thread
 from isolation_suite.execution.modes import info as mode_info
 from isolation_suite.execution.pipes import read_frame, write_frame
-from isolation_suite.execution.runner import run
+from isolation_suite.execution.runner import TechniqueDriver, run
 from isolation_suite.execution.trace import PHASES, PROGRESS, Crash, ExampleTimeout, Trace
 from isolation_suite.technique import Technique
 
@@ -408,7 +408,6 @@ class _Output:
 
 
 def _driver(technique: Technique):
-    from isolation_suite.execution.runner import TechniqueDriver
     return TechniqueDriver(technique)
 
 
