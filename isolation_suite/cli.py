@@ -207,8 +207,7 @@ REPORT_RESERVE_S = 1.0
 def _workers(chosen: Settings, plan: Plan) -> int:
     """xdist workers: as asked, never more than the units of work (items, or sweeps)."""
     asked = (os.cpu_count() or 1) if chosen.workers == "auto" else int(chosen.workers)
-    units = len(plan.groups()) if plan.sweep else len(plan.items)
-    return max(1, min(asked, units))
+    return max(1, min(asked, plan.units))
 
 
 def cmd_fuzz(args) -> int:
@@ -237,8 +236,10 @@ def cmd_fuzz(args) -> int:
           + f" on {','.join(plan.devices)} in modes {','.join(plan.modes)}, {workers} worker(s), "
           f"budget {chosen.budget:g}s (up to {plan.item_budget:.1f}s per item); report: {run_dir}")
     _line(f"profile {describe(plan.profile, plan.timeout)}; {seed_text(plan.seed)}; replay: {replay}")
-    code = _run_workers(plan, reports, run_dir, workers) if plan.items else pytest.ExitCode.OK
-    if not plan.items:  # a shard with nothing to do: a valid empty report, which merge accepts
+    if plan.items:
+        code = _run_workers(plan, reports, run_dir, workers)
+    else:  # a shard with nothing to do: a valid empty report, which merge accepts
+        code = pytest.ExitCode.OK
         write_summary(run_dir, runs.run_meta(plan, {"workers": 0}), complete=True,
                       progress={"finished": [], "running": [], "not_started": []})
     point_latest(reports, run_dir)

@@ -127,6 +127,11 @@ class Plan:
         return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
     @property
+    def units(self) -> int:
+        """What workers are handed one at a time: items, or sweeps."""
+        return len(self.groups()) if self.sweep else len(self.items)
+
+    @property
     def weight(self) -> float:
         return sum(item.weight for item in self.items)
 
@@ -134,8 +139,7 @@ class Plan:
         """The plan with a per-item budget from a run's total: each worker runs its share of the
         items one after another, with a fifth kept for start-up and the report, and a deadline
         ``reserve`` seconds before the total is spent."""
-        units = len(self.groups()) if self.sweep else len(self.items)
-        return replace(self, item_budget=item_share(total, workers, units, self.weight),
+        return replace(self, item_budget=item_share(total, workers, self.units, self.weight),
                        deadline=started + total - reserve)
 
     def summary(self) -> dict[str, Any]:

@@ -95,8 +95,11 @@ class ItemResult:
     item: Item
     result: SearchResult
     status: str  # held | caught | violated | missed | n/a
-    passed: bool
     failure: str | None  # why the item failed, for the reader (None when it passed)
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
 
 
 class NotRun(Exception):
@@ -112,7 +115,8 @@ def item_budget(plan: Plan, items: list[Item], techniques: Mapping[str, Techniqu
         return budget
     left = plan.deadline - time.time()
     if left <= 0:
-        message = f"not run: the run's time budget was spent before {items[0].group if len(items) > 1 else items[0].name} started"
+        what = items[0].group if len(items) > 1 else items[0].name
+        message = f"not run: the run's time budget was spent before {what} started"
         if run_dir is not None:
             for item in items:
                 error_record(run_dir, techniques[item.spec], [item.capability], item.device, message, item.spec,
@@ -137,8 +141,8 @@ def gate_failure(item: Item, technique: Technique, result: SearchResult) -> str 
 
 
 def _judged(item: Item, technique: Technique, result: SearchResult) -> ItemResult:
-    status, passed = outcome(result, item.expected(technique))
-    return ItemResult(item, result, status, passed, gate_failure(item, technique, result))
+    status, _ = outcome(result, item.expected(technique))
+    return ItemResult(item, result, status, gate_failure(item, technique, result))
 
 
 def run_item(plan: Plan, item: Item, techniques: Mapping[str, Technique], run_dir: Path | None) -> ItemResult:

@@ -247,9 +247,8 @@ class Settings:
 
 
 def _parse(option: Option, value: Any, source: str) -> Any:
-    if option.repeat and isinstance(value, (list, tuple)):
-        parts = [p for v in value for p in (_parse(option, v, source),)]
-        return tuple(x for part in parts for x in (part if isinstance(part, tuple) else (part,)))
+    if option.repeat and isinstance(value, (list, tuple)):  # a repeated flag: each one a comma list
+        return tuple(x for v in value for x in _parse(option, v, source))
     if option.switch and isinstance(value, bool):
         return value
     try:
@@ -264,7 +263,7 @@ def settings(given: Mapping[str, Any], surface: str, environ: Mapping[str, str] 
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for option in OPTIONS:
-        if surface not in option.surfaces and surface != PYTEST:
+        if surface not in option.surfaces:
             continue
         value = given.get(option.field)
         if value in (None, [], False) and option.env and environ.get(option.env) is not None:

@@ -9,10 +9,11 @@ of another plan makes it INCOMPLETE, never a pass.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
+
+from isolation_suite.reporting.report import record_path
 
 
 class MergeError(ValueError):
@@ -35,22 +36,18 @@ def _summary(run: Path) -> dict[str, Any]:
         summary = json.loads((run / "summary.json").read_text())
     except (OSError, ValueError) as exc:
         raise MergeError(f"cannot read {run / 'summary.json'}: {exc}") from None
-    plan = summary.get("meta", {}).get("plan") if isinstance(summary, dict) and isinstance(
-        summary.get("meta"), dict) else None
+    meta = summary.get("meta") if isinstance(summary, dict) else None
+    plan = meta.get("plan") if isinstance(meta, dict) else None
     if not isinstance(plan, dict) or not {"fingerprint", "items", "every"} <= set(plan):
         raise MergeError(f"{run / 'summary.json'} is not the report of a planned run (no meta.plan): "
                          f"made by another tool or an older version")
     return summary
 
 
-def _slug(text: str) -> str:  # as reporting.report names record files
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
 def _valid_record(run: Path, key: str, fingerprint: str) -> dict[str, Any] | None:
     """The record of ``key`` in ``run``, or None when it is missing, unreadable, of another item or plan."""
     try:
-        data = json.loads((run / "results" / f"{_slug(key)}.json").read_text())
+        data = json.loads(record_path(run, key).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("item") != key or data.get("plan") != fingerprint \
@@ -95,7 +92,7 @@ def merge(folders: Iterable[Path], out: Path) -> tuple[dict[str, Any], list[str]
             if data is None or key in recorded:
                 continue
             recorded[key] = run
-            shutil.copy2(run / "results" / f"{_slug(key)}.json", out / "results" / f"{_slug(key)}.json")
+            shutil.copy2(record_path(run, key), record_path(out, key))
             if data.get("repro") and (run / data["repro"]).is_file():
                 (out / data["repro"]).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(run / data["repro"], out / data["repro"])

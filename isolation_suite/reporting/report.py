@@ -174,12 +174,13 @@ def _identity(technique: Technique, capabilities: Iterable[str], device: str, mo
             "expected": sorted(technique.expected_in(mode))}
 
 
-def _record_path(run_dir: Path, item: str) -> Path:
+def record_path(run_dir: Path, item: str) -> Path:
+    """Where the record of ``item`` (its record key) is written."""
     return Path(run_dir) / "results" / f"{_slug(item)}.json"
 
 
 def _write_record(run_dir: Path, data: dict[str, Any]) -> None:
-    path = _record_path(run_dir, data["item"])
+    path = record_path(run_dir, data["item"])
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
@@ -202,7 +203,7 @@ def error_record(run_dir: Path, technique: Technique, capabilities: Iterable[str
 
 def has_record(run_dir: Path, technique: Technique, capabilities: Iterable[str], device: str,
                mode: str = DEFAULT_MODE) -> bool:
-    return _record_path(run_dir, _identity(technique, capabilities, device, mode)["item"]).exists()
+    return record_path(run_dir, _identity(technique, capabilities, device, mode)["item"]).exists()
 
 
 def load_records(run_dir: Path) -> list[dict[str, Any]]:
