@@ -2,6 +2,7 @@
 frames stopped being traced (``modes.UNTRACED_HARNESS_FRAMES``).
 
     python -m benchmarks.compile_cost [--per-capability N] [--backend aot_eager|inductor]
+    python -m benchmarks.compile_cost --backends aot_eager,inductor [--per-capability N] [--corpus-seed S]
 
 For every capability, ``N`` scenarios of the fixed corpus are checked with each of the capability's
 catalog rows three ways, interleaved scenario by scenario (the order rotating, so that drift and
@@ -17,6 +18,11 @@ A "check" is what a search pays per example: the technique's run, the reference,
 for a float32 mismatch, the float64 twin. Reported per variant: the median and the worst check, and
 the median and the total over eager's; and how many verdicts before and after differ (the change
 must not move any). One torch thread, as one worker.
+
+With ``--backends A,B`` the variants are eager and the compiled check (as now) with each backend,
+interleaved the same way; the verdicts compared are A's and B's (a backend that rounds otherwise
+must not move a verdict either: float32 mismatches are confirmed on the float64 twin). Every catalog
+row is checked, known-bad ones too, on the corpus drawn from ``--corpus-seed``.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import argparse
 import dataclasses
 import importlib
 import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +42,23 @@ from isolation_suite.techniques import in_mode
 
 from ._common import corpus, table, timed, write
 
-VARIANTS = ("eager", "compile before", "compile after")
+@dataclass(frozen=True)
+class Variant:
+    """One way to check a scenario: eager (no backend), or compiled with ``backend``, its harness
+    frames traced or not."""
+
+    name: str
+    backend: str | None = None
+    untraced: bool = True
+
+
+def before_after(backend: str) -> tuple[Variant, ...]:
+    return (Variant("eager"), Variant("compile before", backend, untraced=False), Variant("compile after", backend))
+
+
+def backends(names: list[str]) -> tuple[Variant, ...]:
+    return (Variant("eager"), *(Variant(f"compile {b}", b) for b in names))
+
 
 
 def _rows() -> dict:
@@ -46,66 +69,75 @@ def _rows() -> dict:
     return out
 
 
-def _check(variant: str, technique, scenario, sandbox: Sandbox):
+def _check(variant: Variant, technique, scenario, sandbox: Sandbox):
     """One check of ``variant``: its sandbox's child is forked (first, or again after a retirement)
     with ``UNTRACED_HARNESS_FRAMES`` set for it, and keeps the value it was forked with."""
     saved = modes.UNTRACED_HARNESS_FRAMES
-    modes.UNTRACED_HARNESS_FRAMES = variant != "compile before"
+    modes.UNTRACED_HARNESS_FRAMES = variant.untraced
     try:
         return check(technique, scenario, sandbox=sandbox)
     finally:
         modes.UNTRACED_HARNESS_FRAMES = saved
 
 
-def _in_variant(variant: str, scenario, backend: str):
-    if variant == "eager":
+def _in_variant(variant: Variant, scenario):
+    if variant.backend is None:
         return scenario
     compiled = in_mode(scenario, "compile")
-    return dataclasses.replace(compiled, mode=dataclasses.replace(compiled.mode, backend=backend))
+    return dataclasses.replace(compiled, mode=dataclasses.replace(compiled.mode, backend=variant.backend))
 
 
 def _outcome(verdict) -> str:
     return "held" if verdict.ok else f"violated: {verdict.first.invariant}"
 
 
-def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: bool = False) -> dict:
+def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: bool = False,
+         compared: list[str] | None = None, corpus_seed: int = 1234) -> dict:
+    """``compared``: backends to check against each other (the variants are eager and one per backend);
+    else compiled checks before and after the untraced harness frames, with ``backend``."""
     torch.set_num_threads(1)
+    variants = backends(compared) if compared else before_after(backend)
+    names = [v.name for v in variants]
     if not cold_children:
         for module in ("torch._functorch.partitioners", "torch._inductor.pattern_matcher"):
             importlib.import_module(module)
-    warm_up: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    moved: list[tuple[str, str, str]] = []  # (row, scenario, before -> after) where a verdict differs
+    warm_up: dict[str, list[float]] = {v: [] for v in names}
+    seconds: dict[str, list[float]] = {v: [] for v in names}
+    moved: list[tuple[str, str, str]] = []  # (row, scenario, one -> other) where the compared verdicts differ
     checks: list[dict] = []  # every check: row, capability, scenario index, seconds per variant
-    for capability, names in sorted(_rows().items(), key=lambda kv: kv[0].value):
-        scenarios = corpus(capability, per_capability)
-        for name in names:
+    one, other = variants[-2], variants[-1]  # the two compiled variants whose verdicts must agree
+    for capability, rows in sorted(_rows().items(), key=lambda kv: kv[0].value):
+        scenarios = corpus(capability, per_capability, corpus_seed)
+        for name in rows:
             technique = catalog()[name]
-            sandboxes = {variant: Sandbox(technique) for variant in VARIANTS}
+            sandboxes = {variant.name: Sandbox(technique) for variant in variants}
             try:
-                for variant in VARIANTS:  # apart: a process's first check pays for imports and warm-up
+                for variant in variants:  # apart: a process's first check pays for imports and warm-up
                     clear_reference_cache()
-                    warm_up[variant].append(timed(_check, variant, technique,
-                                                  _in_variant(variant, scenarios[0], backend), sandboxes[variant])[1])
+                    warm_up[variant.name].append(timed(_check, variant, technique, _in_variant(variant, scenarios[0]),
+                                                       sandboxes[variant.name])[1])
                 for i, scenario in enumerate(scenarios):
                     verdicts = {}
-                    for variant in VARIANTS[i % 3:] + VARIANTS[:i % 3]:
+                    turn = i % len(variants)
+                    for variant in variants[turn:] + variants[:turn]:
                         clear_reference_cache()
-                        verdicts[variant], spent = timed(_check, variant, technique,
-                                                         _in_variant(variant, scenario, backend), sandboxes[variant])
-                        seconds[variant].append(spent)
+                        verdicts[variant.name], spent = timed(_check, variant, technique,
+                                                              _in_variant(variant, scenario), sandboxes[variant.name])
+                        seconds[variant.name].append(spent)
                     checks.append({"row": name, "capability": capability.value, "scenario": i,
-                                   **{v: seconds[v][-1] for v in VARIANTS}})
-                    before, after = _outcome(verdicts["compile before"]), _outcome(verdicts["compile after"])
-                    if before != after:
-                        moved.append((name, repr(scenario.architecture)[:80], f"{before} -> {after}"))
+                                   **{v: seconds[v][-1] for v in names},
+                                   **{f"verdict {v}": _outcome(verdicts[v]) for v in names}})
+                    a, b = _outcome(verdicts[one.name]), _outcome(verdicts[other.name])
+                    if a != b:
+                        moved.append((name, repr(scenario.architecture)[:80], f"{a} -> {b}"))
             finally:
                 for sandbox in sandboxes.values():
                     sandbox.close()
     eager = seconds["eager"]
-    rows, data = [], {"backend": backend, "per_capability": per_capability, "verdicts_moved": moved,
-                      "checks": checks, "cold_children": cold_children}
-    for variant in VARIANTS:
+    rows, data = [], {"backend": backend, "compared": [one.name, other.name], "per_capability": per_capability,
+                      "corpus_seed": corpus_seed, "verdicts_moved": moved, "checks": checks,
+                      "cold_children": cold_children}
+    for variant in names:
         values = seconds[variant]
         data[variant] = {"checks": len(values), "median_s": statistics.median(values), "worst_s": max(values),
                          "total_s": sum(values),
@@ -119,13 +151,15 @@ def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: boo
                      f"{1000 * statistics.median(warm_up[variant]):.0f} / {1000 * max(warm_up[variant]):.0f}"])
     print(table(rows, ["variant", "checks", "median ms/check", "worst ms/check", "median vs eager",
                        "total vs eager", "first check of a child: median / worst ms"]))
-    slowest = sorted(checks, key=lambda c: -c["compile after"])[:5]
-    print("slowest compiled checks (after):", ", ".join(f"{c['row']}#{c['scenario']} {c['compile after']:.2f}s"
-                                                        for c in slowest))
-    print(f"verdicts that differ before/after: {len(moved)}")
+    slowest = sorted(checks, key=lambda c: -c[other.name])[:5]
+    print(f"slowest checks ({other.name}):", ", ".join(f"{c['row']}#{c['scenario']} {c[other.name]:.2f}s"
+                                                       for c in slowest))
+    print(f"verdicts that differ, {one.name} / {other.name}: {len(moved)}")
     for row in moved:
         print("  ", *row)
-    print(f"-> {write('compile_cost' if backend == 'aot_eager' else f'compile_cost_{backend}', data)}")
+    out = ("compile_backends" if compared else
+           "compile_cost" if backend == "aot_eager" else f"compile_cost_{backend}")
+    print(f"-> {write(out if corpus_seed == 1234 else f'{out}_{corpus_seed}', data)}")
     return data
 
 
@@ -135,5 +169,9 @@ if __name__ == "__main__":
     parser.add_argument("--backend", default="aot_eager")
     parser.add_argument("--cold-children", action="store_true",
                         help="do not import the partitioner's modules in the parent before forking")
+    parser.add_argument("--backends", help="compare these compile backends instead (a comma list, e.g. "
+                                           "aot_eager,inductor): eager and one compiled variant each")
+    parser.add_argument("--corpus-seed", type=int, default=1234, help="the corpus's Hypothesis seed")
     args = parser.parse_args()
-    main(args.per_capability, args.backend, args.cold_children)
+    main(args.per_capability, args.backend, args.cold_children,
+         [b.strip() for b in args.backends.split(",")] if args.backends else None, args.corpus_seed)

@@ -1,7 +1,7 @@
 """Detection power: per known-bad row, over many seeds, the share caught within the default budget
 and the worst case, for the default search (trigger examples first) and for the random search alone.
 
-    python -m benchmarks.detection [--seeds 50] [--budget 10.7]
+    python -m benchmarks.detection [--seeds 50] [--budget 10.7] [--mode fsdp]
     python -m benchmarks.detection --models all [--techniques tests.test_coverage:EvalHookOnFrozenModule]
 
 With ``--models`` the rows are judged on shipped real models (``isolation_suite.zoo``) instead: on
@@ -12,7 +12,9 @@ catch where it declares none).
 The default budget is what one eager item gets in the main job (``isolation-suite fuzz`` on 2
 workers, 120 s, the whole catalog in every mode, items weighted by their mode's cost); the examples
 are the ``isolation-dev`` profile's. Detection only: a
-search stops at its first violation (no shrinking), so the seconds are time to detection.
+search stops at its first violation (no shrinking), so the seconds are time to detection. With
+``--mode`` the rows known-bad in that execution mode are searched in it, each with the budget times
+the mode's weight (``ModeInfo.budget_weight``), as the main job gives its items.
 """
 from __future__ import annotations
 
@@ -43,16 +45,19 @@ def _main_job_eager_budget() -> float:
 DEFAULT_ITEM_BUDGET = _main_job_eager_budget()
 
 
-def detect(technique, seeds: int, budget: float, explicit: bool, model: str | None = None) -> dict:
+def detect(technique, seeds: int, budget: float, explicit: bool, model: str | None = None,
+           mode: str = "eager") -> dict:
     """Caught count, worst and median examples and seconds to the first violation over ``seeds`` seeds."""
     examples, seconds, missed = [], [], []
+    expected = technique.expected_in(mode)
     for seed in range(seeds):
-        result = search(technique, budget=budget, seed=seed, shrink=False, explicit=explicit, model=model)
+        result = search(technique, budget=budget, seed=seed, shrink=False, explicit=explicit, model=model,
+                        mode=mode)
         if result.failure is None:
             missed.append(seed)
             continue
         first = result.failure.first.invariant
-        if technique.expected_violations and first not in technique.expected_violations:
+        if expected and first not in expected:
             missed.append(seed)  # an unexpected invariant is not a catch
             continue
         examples.append(result.first_failure_at)
@@ -98,6 +103,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget", type=float, default=DEFAULT_ITEM_BUDGET)
     parser.add_argument("--models", default="", help="zoo models, comma-separated, or 'all'")
     parser.add_argument("--techniques", default="", help="further known-bad techniques (pkg.mod:attr), with --models")
+    parser.add_argument("--mode", default="eager", help="the execution mode the rows are searched in")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # detection power from scratch: failures an example database kept would be replayed first
@@ -107,13 +113,15 @@ def main(argv=None) -> dict:
         models = list(ZOO) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
         extra = [load_technique(spec.strip()) for spec in args.techniques.split(",") if spec.strip()]
         return on_models(models, extra, args.seeds, args.budget)
+    from isolation_suite.execution.modes import MODE_BY_KIND
+    budget = args.budget * MODE_BY_KIND[args.mode].budget_weight
     rows, data = [], {}
     for entry in CATALOG:
         technique = entry.technique()
-        if not technique.expected_violations:
+        if not technique.expected_in(args.mode):
             continue
-        default = detect(technique, args.seeds, args.budget, explicit=True)
-        random_only = detect(technique, args.seeds, args.budget, explicit=False)
+        default = detect(technique, args.seeds, budget, explicit=True, mode=args.mode)
+        random_only = detect(technique, args.seeds, budget, explicit=False, mode=args.mode)
         data[entry.name] = {"default": default, "random_only": random_only}
         rows.append([entry.name, f"{default['caught']}/{args.seeds}", default["worst_examples"],
                      f"{default['worst_seconds']:.2f}" if default["worst_seconds"] is not None else "-",
@@ -121,14 +129,16 @@ def main(argv=None) -> dict:
                      random_only["worst_examples"],
                      f"{random_only['worst_seconds']:.2f}" if random_only["worst_seconds"] is not None else "-"])
     worst_share = min(v["default"]["caught"] for v in data.values()) / args.seeds
-    data["_summary"] = {"seeds": args.seeds, "budget_s": args.budget, "target": f"{args.seeds}/{args.seeds}",
+    data["_summary"] = {"seeds": args.seeds, "budget_s": budget, "mode": args.mode,
+                        "target": f"{args.seeds}/{args.seeds}",
                         "worst_share_caught_default": worst_share,
                         "worst_share_caught_random_only": min(v["random_only"]["caught"]
                                                               for v in data.values()) / args.seeds}
     print(table(rows, ["known-bad technique", "caught (default)", "worst examples", "worst s",
                        "caught (random only)", "median examples", "worst examples", "worst s"]))
-    print(f"\n{args.seeds} seeds, {args.budget:.1f} s each; worst share caught by the default search "
-          f"{worst_share:.0%} (target 100%) -> {write('detection', data)}")
+    name = "detection" if args.mode == "eager" else f"detection_{args.mode}"
+    print(f"\n{args.seeds} seeds, {budget:.1f} s each, {args.mode}; worst share caught by the default search "
+          f"{worst_share:.0%} (target 100%) -> {write(name, data)}")
     return data
 
 

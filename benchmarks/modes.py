@@ -1,6 +1,6 @@
 """The cost of a check in each execution mode, relative to eager, on one fixed corpus.
 
-    python -m benchmarks.modes [--per-capability N]
+    python -m benchmarks.modes [--per-capability N] [--modes eager,ddp,fsdp]
 
 For every capability, ``N`` scenarios of the fixed corpus are moved into each mode (the way the
 search moves its trigger examples: ``techniques.in_mode``) and checked with the capability's sound
@@ -8,7 +8,10 @@ catalog rows, each in its own sandbox as a search keeps it. A check runs the tec
 reference (the reference's trace is cached across modes that it does not share: eager serves
 checkpoint and compile), so "per check" is what a search pays per example. Reported per mode: the
 median and the worst check, and the ratio of the mode's total to eager's (compile and ddp are
-expected to cost a lot: the figures are reported, not hidden). One torch thread, as one worker.
+expected to cost a lot: the figures are reported, not hidden). Only the corpus scenarios every
+compared mode can judge are timed (``techniques.movable``: a mode of several ranks takes no training
+BatchNorm, ``fsdp`` no Rprop), so each mode's total is over the same checks. One torch thread, as one
+worker.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from isolation_suite import catalog, check
 from isolation_suite.judging.judge import clear_reference_cache
 from isolation_suite.execution.modes import MODE_INFOS
 from isolation_suite.execution.sandbox import Sandbox
-from isolation_suite.techniques import in_mode
+from isolation_suite.techniques import movable
 
 from ._common import corpus, table, timed, write
 
@@ -35,22 +38,26 @@ def _sound_rows() -> dict:
     return out
 
 
-def main(per_capability: int = 8) -> dict:
+def main(per_capability: int = 8, modes: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
-    modes = [m.kind for m in MODE_INFOS]
+    modes = modes or [m.kind for m in MODE_INFOS]
+    if "eager" not in modes:
+        modes = ["eager"] + modes
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     failures: dict[str, int] = {m: 0 for m in modes}
     for capability, names in sorted(_sound_rows().items(), key=lambda kv: kv[0].value):
-        scenarios = corpus(capability, per_capability)
+        scenarios = [s for s in corpus(capability, per_capability) if all(movable(s, m) for m in modes)]
+        if not scenarios:
+            continue
         for name in names:
             technique = catalog()[name]
             with Sandbox(technique) as sandbox:
                 for mode in modes:  # untimed: the first check in a process pays for imports and warm-up
-                    check(technique, in_mode(scenarios[0], mode), sandbox=sandbox)
+                    check(technique, movable(scenarios[0], mode), sandbox=sandbox)
                 for mode in modes:
                     clear_reference_cache()
                     for scenario in scenarios:
-                        moved = in_mode(scenario, mode)
+                        moved = movable(scenario, mode)
                         verdict, spent = timed(check, technique, moved, sandbox=sandbox)
                         seconds[mode].append(spent)
                         # a violation this row is known for in this mode is its verdict, not a false alarm
@@ -73,4 +80,6 @@ def main(per_capability: int = 8) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-capability", type=int, default=8)
-    main(parser.parse_args().per_capability)
+    parser.add_argument("--modes", default=None, help="a comma list (default: every mode); eager is always timed")
+    args = parser.parse_args()
+    main(args.per_capability, args.modes.split(",") if args.modes else None)

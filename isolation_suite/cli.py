@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
@@ -27,11 +26,12 @@ from isolation_suite.engine.profiles import describe, example_timeout
 from isolation_suite.execution.lifetime import end_children
 from isolation_suite.engine.settings import CHECK, FUZZ, REPRO, Settings, SettingError, add_arguments, settings
 from isolation_suite.judging.invariants import DEVICE_PARITY, INVARIANTS
-from isolation_suite.model.factory import factory_tree
+from isolation_suite.model.factory import describe_model
 from isolation_suite.reporting.merge import MergeError, merge
 from isolation_suite.reporting.report import ReportDirError, ensure_writable, point_latest, run_id, write_summary
 from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.techniques import CATALOG
+from isolation_suite.techniques.library import library_rows
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 
@@ -116,6 +116,13 @@ def cmd_list(args) -> int:
         for mode, extra in sorted(t.mode_violations.items()):
             verdict += f"; under {mode}: " + ", ".join(sorted(extra))
         _line(f"{t.name:28s} {t.seed or '-':18s} {caps:16s} {verdict}")
+    _line("")
+    _line("library rows (isolation-suite check SPEC; verdicts per mode: docs/compatibility.md)")
+    _line(f"{'technique':40s} {'installed':22s} {'judged on':10s} expected verdict")
+    for row in library_rows():
+        installed = f"{row.library} {row.installed() or '(not installed)'}"
+        _line(f"{row.name:40s} {installed:22s} {row.judged_on:10s} {row.verdict_line()}")
+        _line(f"  {row.spec}")
     return EXIT_OK
 
 
@@ -132,9 +139,7 @@ def cmd_check(args) -> int:
     _line(f"isolation-suite check {technique.name}: profile {describe(plan.profile, plan.timeout)}; "
           f"{seed_text(plan.seed)}")
     if plan.model:
-        tree = factory_tree(plan.model, limit=plan.timeout or example_timeout())
-        _line(f"model {plan.model}: {sum(1 for n in tree.nodes if n.path)} modules, "
-              f"{sum(math.prod(s) for s in tree.parameters.values())} parameters")
+        _line(describe_model(plan.model, limit=plan.timeout or example_timeout()))
     failures = []
     database_warning = _DatabaseWarning()
     for item in sorted(plan.items, key=lambda i: (plan.devices.index(i.device), plan.modes.index(i.mode),

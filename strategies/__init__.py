@@ -15,7 +15,7 @@ from isolation_suite import strategies as _impl
 from isolation_suite.strategies import *  # noqa: F401,F403 - the public names
 from isolation_suite.strategies import __all__  # noqa: F401
 
-for _name in ("architectures", "elements", "optimizers", "reuse", "scenarios"):
+for _name in ("architectures", "elements", "hf", "optimizers", "reuse", "scenarios"):
     _module = sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{_impl.__name__}.{_name}")
     if _name not in __all__:  # ``architectures`` and ``scenarios`` are the strategies of those names
         globals()[_name] = _module

@@ -37,8 +37,6 @@ def test_the_ddp_mode_round_trips_through_json_and_says_its_options():
     (lambda: Mode("eager", find_unused=True), "a eager mode has no find_unused"),
     (lambda: Mode("ddp", static_graph="yes"), "static_graph must be true or false"),
     (lambda: dataclasses.replace(FROZEN, data=dataclasses.replace(FROZEN.data, batch=3)), "batch=3 must be even"),
-    (lambda: Scenario(None, model="pkg.mod:factory", mode=Mode("ddp"), data=iso.scenario.Data(batch=2)),
-     "splits a generated model's batch"),
 ])
 def test_a_bad_ddp_mode_names_the_bad_value(make, message):
     with pytest.raises(ScenarioError, match=message):
@@ -176,10 +174,11 @@ def test_a_hang_on_rank_one_is_a_timeout_and_rank_one_is_killed(where, tmp_path)
 
 # --- the search --------------------------------------------------------------------------------
 
-def test_a_model_factory_is_not_applicable_in_ddp():
+def test_a_model_that_normalises_with_batch_statistics_is_not_applicable_in_ddp():
     from isolation_suite.engine.check import search
     result = search(iso.catalog()["freeze_and_eval"], mode="ddp", model="isolation_suite.zoo:resnet_cnn")
-    assert result.not_applicable.startswith("the ddp mode splits") and result.judged == 0
+    assert result.not_applicable.startswith("the ddp mode splits the model's batch") and result.judged == 0
+    assert "batchnorm" in result.not_applicable and "and the reference the whole batch" in result.not_applicable
 
 
 def test_a_rounding_gradient_moved_by_an_adaptive_optimizer_is_not_a_missed_step():

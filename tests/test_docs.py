@@ -1,6 +1,7 @@
 """The documentation: README.md stays a short front page, every relative link in it and in docs/
-resolves, the catalog table in docs/catalog.md is what docs/catalog_table.py generates from the code,
-and the README's two commands are the ones CI runs."""
+resolves, the catalog table in docs/catalog.md and the compatibility table in docs/compatibility.md
+are what docs/catalog_table.py and docs/compatibility_table.py generate from the code, and the
+README's two commands are the ones CI runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -96,6 +97,30 @@ def test_catalog_table_has_a_row_per_technique():
     for entry in CATALOG:
         assert f"| `{entry.technique.name}` |" in table
     assert len(table.strip().splitlines()) == len(CATALOG) + 2
+
+
+def _compatibility_generator():
+    spec = importlib.util.spec_from_file_location("compatibility_table", DOCS / "compatibility_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compatibility_table_is_generated_from_the_code():
+    generator = _compatibility_generator()
+    text = (DOCS / "compatibility.md").read_text(encoding="utf-8")
+    assert generator.current_block(text) == generator.block(), (
+        "docs/compatibility.md's table is stale: run python docs/compatibility_table.py --write")
+
+
+def test_compatibility_table_has_a_row_per_library_row():
+    from isolation_suite.techniques.library import library_modes, library_rows
+    table = _compatibility_generator().table()
+    lines = table.strip().splitlines()
+    assert len(lines) == len(library_rows()) + 2
+    for row, line in zip(library_rows(), lines[2:]):
+        assert line.startswith(f"| {row.library} | {row.judged_on} | `{row.name}` |")
+        assert line.count("|") == 6 + len(library_modes())
 
 
 def _two_commands() -> list[str]:

@@ -49,7 +49,7 @@ def test_the_mode_round_trips_through_json_and_an_old_scenario_is_eager():
 
 def test_modes_parse_and_unknown_ones_are_named(monkeypatch):
     monkeypatch.delenv("ISOLATION_MODES", raising=False)
-    assert modes_for(None, ["cpu"]) == ("eager", "checkpoint", "compile", "autocast", "ddp")
+    assert modes_for(None, ["cpu"]) == ("eager", "checkpoint", "compile", "autocast", "ddp", "fsdp")
     assert modes_for("all", ["cpu", "cuda:0"]) == ("eager", "checkpoint", "compile", "autocast")  # ddp: CPU only
     monkeypatch.setenv("ISOLATION_MODES", "autocast,eager")
     assert modes_for(None, ["cpu"]) == ("autocast", "eager") and modes_for("all", ["cpu"])[2] == "compile"
@@ -198,7 +198,7 @@ def test_trigger_examples_move_into_the_mode_and_mode_triggers_stay_in_theirs():
 MODE_GATE = [m for m in iso.modes.MODE_BY_KIND if m != "eager"]
 #: examples per search in each mode: compiling costs about a second per run, a ddp run a fork and a
 #: process group (about 0.1 s), the others as eager does
-MODE_EXAMPLES = {"checkpoint": 20, "autocast": 20, "compile": 2, "ddp": 3}
+MODE_EXAMPLES = {"checkpoint": 20, "autocast": 20, "compile": 2, "ddp": 3, "fsdp": 3}
 
 
 @pytest.mark.parametrize("mode", MODE_GATE)
@@ -209,7 +209,7 @@ def test_every_row_gets_its_verdict_in_every_mode(row, mode):
     technique = row.technique()
     expected = technique.expected_in(mode)
     result = search(technique, device="cpu", mode=mode, max_examples=MODE_EXAMPLES[mode] if not expected else None,
-                    shrink=not expected or mode not in ("compile", "ddp"))
+                    shrink=not expected or mode not in ("compile", "ddp", "fsdp"))
     if not expected:
         assert result.failure is None, failure_message(result.failure)
         return
@@ -257,7 +257,7 @@ def test_check_runs_every_mode_by_default(monkeypatch, capsys):
     monkeypatch.delenv("ISOLATION_MODES", raising=False)
     assert main(["check", "parametrize_where", "--max-examples", "1"]) == 0
     out = capsys.readouterr().out
-    modes = ("checkpoint", "compile", "autocast", "ddp")
+    modes = ("checkpoint", "compile", "autocast", "ddp", "fsdp")
     assert "[FREEZE_ELEMENTS on cpu]" in out and [m for m in modes if f"[FREEZE_ELEMENTS on cpu, {m}]" in out] \
         == list(modes)
 

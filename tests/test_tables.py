@@ -68,8 +68,8 @@ def test_mode_subsets_come_from_the_rows():
     assert mode_kinds.modes_where(targeted=True) == ("checkpoint", "compile")
     assert mode_kinds.modes_where(recomputes=True) == ("checkpoint",)
     assert mode_kinds.modes_where(wraps_trainable=True) == ("ddp",)
-    assert tuple(r.kind for r in mode_kinds.MODES if r.distributed) == ("ddp",)
-    assert tuple(r.kind for r in mode_kinds.MODES if r.no_user_model) == ("ddp",)
+    assert tuple(r.kind for r in mode_kinds.MODES if r.distributed) == ("ddp", "fsdp")
+    assert mode_kinds.modes_where(shards_parameters=True) == ("fsdp",)
     assert tuple(r.kind for r in modes.MODE_INFOS if r.autocast("cpu") is not None) == ("autocast",)
     assert modes.MODE_BY_KIND["autocast"].autocast("cuda") is torch.float16
 
@@ -77,7 +77,7 @@ def test_mode_subsets_come_from_the_rows():
 @pytest.mark.parametrize("kind", mode_kinds.MODE_KINDS)
 def test_a_boolean_option_belongs_to_the_modes_that_declare_it(kind):
     row = mode_kinds.BY_KIND[kind]
-    for option in ("reentrant", "find_unused", "static_graph"):
+    for option in ("reentrant", "find_unused", "static_graph", "nested", "keep_gathered"):
         if option in row.flags:
             assert getattr(Mode(kind, **{option: True}), option)
         else:

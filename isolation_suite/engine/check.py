@@ -23,11 +23,11 @@ from isolation_suite.execution import modes as modes_mod
 from isolation_suite.judging.invariants import TIMEOUT
 from isolation_suite.judging.judge import Verdict, as_technique, judge, reference_trace
 from isolation_suite.judging.coverage import Coverage, coverage_examples, coverage_line
-from isolation_suite.model.factory import factory_name, factory_tree
-from isolation_suite.model.tree import targets_for
+from isolation_suite.model.factory import factory_name, factory_tree, is_family, members, model_trees
+from isolation_suite.model.tree import split_obstacle, targets_for
 from isolation_suite.engine.database import stats_since
 from isolation_suite import strategies
-from isolation_suite.engine.profiles import active_profile, check_database_spec, example_timeout
+from isolation_suite.engine.profiles import active_profile, check_database_spec, draws, example_timeout
 from isolation_suite.techniques import explicit_examples, model_examples
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
@@ -196,18 +196,25 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     spec = None if model is None else factory_name(model)
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
                           seed=seed, model=spec or "", mode=mode)
-    if spec is not None and mode_info.no_user_model:
-        result.not_applicable = f"the {mode} mode {mode_info.no_user_model}"
-        return result
     if spec is not None:
         # a factory that fails or hangs says so once, here, before any search
-        tree = factory_tree(spec, limit=timeout or example_timeout())
-        missing = [c.value for c in sorted(caps, key=lambda c: c.value) if not targets_for(tree, c)]
+        trees = model_trees(spec, limit=timeout or example_timeout())
+        if mode_info.distributed and is_family(spec):
+            result.not_applicable = f"the {mode} mode does not draw {spec}: name one configuration"
+            return result
+        tree = trees[0]
+        obstacle = split_obstacle(tree, mode_info.ranks) if mode_info.distributed else ""
+        if obstacle:
+            result.not_applicable = (f"the {mode} mode splits the model's batch between {mode_info.ranks} "
+                                     f"processes, but {obstacle}")
+            return result
+        missing = [c.value for c in sorted(caps, key=lambda c: c.value)
+                   if not any(targets_for(t, c) for t in trees)]
         if missing:
             result.not_applicable = (f"the model offers no place for {', '.join(missing)} "
                                      f"({_NO_TARGET_WHY[missing[0]]})")
             return result
-        if device.startswith("cuda") and tree.device_random:
+        if device.startswith("cuda") and any(t.device_random for t in trees):
             result.parity_not_judged = DEVICE_RANDOM
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
     shared = getattr(run_settings.database, "shared", None)
@@ -279,7 +286,8 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
     strategy may draw intents beyond its capabilities; the others count as passing)."""
     started = time.monotonic()
     deadline = None if budget is None else started + budget
-    tree = factory_tree(model) if model else None
+    # coverage counts the targets of one model; a family's draw a model per example
+    tree = factory_tree(model) if model and not is_family(model) else None
     coverage = Coverage(tree, caps) if tree is not None else None
     if coverage is not None:
         result.coverage = coverage.counts()
@@ -312,7 +320,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         return verdict
 
     try:
-        examples = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode, technique.name)) \
+        examples = (moved_examples(model, caps, mode) if model else explicit_examples(caps, mode, technique.name)) \
             if explicit else ()
         for scenario in examples:
             spent()
@@ -356,8 +364,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             smallest[:] = [verdict]  # the shrinker only tries smaller examples
             raise IsolationFailure(verdict)
 
-    probe = given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model,
-                                       modes=(mode,)))(probe)
+    probe = given(search_strategy(caps, device, model, mode))(probe)
     if result.seed is not None or (start is not None or not generate):
         probe = hypothesis_seed(result.seed or 0)(probe)
     # the settings after the seed: ``hypothesis.seed`` alone switches the example database off, and a
@@ -388,6 +395,20 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         pass
     if result.failure is None and start is not None:  # the replay did not fail again: keep what was found
         result.failure = start.verdict
+
+
+def search_strategy(caps: frozenset[Capability], device: str, model: str | None, mode: str):
+    """The scenarios a search (and a sweep, whose failures the search replays) draws: over ``model``
+    or generated trees, in ``mode``, with what the active profile draws beyond the defaults
+    (``profiles.DRAWS``: the nightly's inductor and random ``transformers`` models)."""
+    device_type = device.split(":")[0]
+    return strategies.scenarios(capabilities=caps, devices=(device_type,), model=model, modes=(mode,),
+                                **draws(device_type=device_type).strategy_options())
+
+
+def moved_examples(model: str, caps: frozenset[Capability], mode: str) -> tuple[Scenario, ...]:
+    """The trigger examples moved onto ``model``, or onto each of a family's representatives."""
+    return tuple(dict.fromkeys(s for member in members(model) for s in model_examples(member, caps, mode)))
 
 
 def invalid_draws(stats: dict) -> int:

@@ -6,6 +6,10 @@
 | ``isolation-ci``      | 80       | derandomized: fixed per item | none, whatever is set: same answer always |
 | ``isolation-nightly`` | 2000     | drawn per run, printed       | ``$ISOLATION_DATABASE`` (default below)   |
 
+What a profile's searches draw beyond generated trees compiled with ``aot_eager`` is its row of
+``DRAWS``: the nightly profile also compiles with ``inductor`` and, among the generated trees, draws
+tiny random ``transformers`` configurations (``hf:random``), each where this machine can run it.
+
 ``ISOLATION_DATABASE`` (``--database``, ``--isolation-database``) is a directory (default
 ``.hypothesis/examples``, relative to the working directory), ``none`` to keep no database, or
 ``redis://HOST:PORT/DB``: a Redis shared by many machines, beside the local ``.hypothesis/examples``
@@ -15,7 +19,10 @@ Redis URL the local directory stays writable. A Redis that is down costs one war
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+from dataclasses import dataclass, replace
 
 from hypothesis import HealthCheck, Phase, settings
 
@@ -118,6 +125,61 @@ def example_timeout(profile: str | None = None) -> float:
     return TIMEOUTS[profile or active_profile()]
 
 
+@dataclass(frozen=True)
+class Draws:
+    """What a profile's searches draw beyond the generated trees: the compile backends of a
+    ``compile`` mode, and whether random ``transformers`` configurations are drawn among the trees
+    (the strategy's ``backends`` and ``real_models``)."""
+
+    backends: tuple[str, ...] = ("aot_eager",)
+    real_models: bool = False
+
+    def strategy_options(self) -> dict:
+        return {"backends": self.backends, "real_models": self.real_models}
+
+
+#: inductor compiles a kernel per graph (C++ on the CPU) and real models cost a few generated ones:
+#: the nightly's budget pays for them, the everyday profiles keep to aot_eager and generated trees
+DRAWS = {"isolation-dev": Draws(), "isolation-ci": Draws(),
+         "isolation-nightly": Draws(("aot_eager", "inductor"), real_models=True)}
+#: what inductor compiles with on the CPU (``CXX`` first, as torch's own ``cpp_builder``)
+CXX_NAMES = ("g++", "c++", "clang++")
+
+
+def missing(draws: Draws, device_type: str = "cpu") -> dict[str, str]:
+    """What of ``draws`` this machine cannot run, and why (one line each, keyed by what is left out)."""
+    out = {}
+    if "inductor" in draws.backends:
+        if device_type == "cuda" and importlib.util.find_spec("triton") is None:
+            out["inductor"] = "inductor not drawn: it compiles CUDA kernels with triton, which is not installed"
+        elif device_type != "cuda" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "", *CXX_NAMES) if c):
+            out["inductor"] = (f"inductor not drawn: it compiles CPU kernels with a C++ compiler, and none of "
+                               f"$CXX, {', '.join(CXX_NAMES)} is found")
+    if draws.real_models and importlib.util.find_spec("transformers") is None:
+        out["real_models"] = "random transformers models not drawn: transformers is not installed"
+    return out
+
+
+def draws(profile: str | None = None, device_type: str = "cpu") -> Draws:
+    """The profile's ``DRAWS`` row (the active profile's by default), less what this machine cannot
+    run on ``device_type`` (:func:`missing` says why)."""
+    wanted = DRAWS[profile or active_profile()]
+    left_out = missing(wanted, device_type)
+    backends = tuple(b for b in wanted.backends if b not in left_out)
+    return replace(wanted, backends=backends, real_models=wanted.real_models and "real_models" not in left_out)
+
+
+def describe_draws(profile: str | None = None, device_type: str = "cpu") -> str:
+    """``, also draws compile backend inductor and random transformers models``, and what is left out
+    and why; "" for a profile that draws nothing beyond the defaults."""
+    profile = profile or active_profile()
+    wanted, got = DRAWS[profile], draws(profile, device_type)
+    extra = [f"compile backend {b}" for b in got.backends if b != "aot_eager"]
+    extra += ["random transformers models (hf:random)"] if got.real_models else []
+    notes = list(missing(wanted, device_type).values())
+    return (f", also draws {' and '.join(extra)}" if extra else "") + "".join(f" ({note})" for note in notes)
+
+
 def describe_database(profile: str | None = None) -> str:
     """``.hypothesis/examples + redis://host:6379/0`` or ``none``: the profile's example database."""
     database = settings.get_profile(profile or active_profile()).database
@@ -135,4 +197,4 @@ def describe(profile: str, timeout: float | None = None) -> str:
     return (f"{profile}: {chosen.max_examples} examples, "
             + ("derandomized, " if chosen.derandomize else "")
             + (f"example database {database}" if database != "none" else "no example database")
-            + f", timeout {timeout or example_timeout(profile):g}s per run")
+            + f", timeout {timeout or example_timeout(profile):g}s per run" + describe_draws(profile))

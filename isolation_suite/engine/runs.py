@@ -20,7 +20,7 @@ from isolation_suite.engine.plan import Item, Plan, PlanError, make_plan
 from isolation_suite.engine.settings import OPTION, Settings
 from isolation_suite.engine.sweep import SweepResult, sweep
 from isolation_suite.execution import devices as devices_mod
-from isolation_suite.model.factory import ModelFactoryError, factory_tree
+from isolation_suite.model.factory import ModelFactoryError, model_trees
 from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.reporting.report import environment, error_record, outcome, reason, record
 from isolation_suite.technique import Capability, Technique
@@ -74,7 +74,7 @@ def plan_for(settings: Settings, surface: str) -> tuple[Plan, dict[str, Techniqu
         raise PlanError(f"{OPTION['modes'].spelled(surface)}: {exc}") from None
     if settings.model:
         # a factory that fails or hangs says so now, before any search
-        factory_tree(settings.model, limit=settings.timeout or profiles.example_timeout())
+        model_trees(settings.model, limit=settings.timeout or profiles.example_timeout())
     seed = settings.seed if settings.seed is not None else run_seed(settings.max_examples)
     return make_plan(settings, techniques, devices, modes, seed), techniques
 

@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
+from isolation_suite.spec import hf
+from isolation_suite.spec.mode_kinds import MODE_KINDS
+
 #: the Hypothesis profiles the harness registers (``engine.profiles``)
 PROFILE_NAMES = ("isolation-dev", "isolation-ci", "isolation-nightly")
 DEFAULT_PROFILE = "isolation-dev"
@@ -100,6 +103,13 @@ def text(value: str) -> str:
     return str(value).strip()
 
 
+def model(value: str) -> str:
+    """A factory's 'pkg.module:factory' (imported when the plan is made), or an ``hf:`` name (spelled
+    right here: ``hf.check``)."""
+    spec = text(value)
+    return hf.check(spec) if hf.is_hf(spec) else spec
+
+
 @dataclass(frozen=True)
 class Shard:
     """``--shard I/N`` (1-based, as a Slurm array index plus one or a CI matrix index): every N-th
@@ -162,12 +172,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("techniques", comma_list, "techniques to judge: catalog names or 'pkg.module:attr' specs "
            "(fuzz: a comma list, default all; the plug-in: repeatable)",
            cli="--techniques", pytest="--isolation-technique", metavar="SPEC", surfaces=(FUZZ, PYTEST), repeat=True),
-    Option("model", text, "judge on your own model: a zero-argument factory returning (model, example_inputs[, loss])",
+    Option("model", model, "judge on your own model: a zero-argument factory returning (model, example_inputs[, loss]); "
+           "or hf:random, a tiny random transformers configuration per example (or one: hf:llama?layers=2)",
            cli="--model", pytest="--isolation-model", metavar="PKG.MOD:FACTORY"),
     Option("devices", comma_list, "cpu, cuda, cuda:N, auto (cpu plus cuda when present), or a comma list",
            cli="--devices", pytest="--isolation-devices", metavar="LIST",
            defaults={CHECK: ("cpu",), FUZZ: ("auto",), PYTEST: ("auto",)}),
-    Option("modes", comma_list, "execution modes: a comma list of eager, checkpoint, compile, autocast, ddp, or all "
+    Option("modes", comma_list, f"execution modes: a comma list of {', '.join(MODE_KINDS)}, or all "
            "(default: every mode the devices run)", cli="--modes", pytest="--isolation-modes",
            env="ISOLATION_MODES", metavar="LIST"),
     Option("max_examples", positive_int, "generated examples per item, at most (default: the profile's)",

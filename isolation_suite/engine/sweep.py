@@ -23,17 +23,18 @@ from hypothesis.control import current_build_context
 from hypothesis.database import choices_to_bytes
 
 from isolation_suite.execution import devices as devices_mod
-from isolation_suite.engine.check import DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings, search_settings
+from isolation_suite.engine.check import (DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings,
+                                          moved_examples, search_settings, search_strategy)
 from isolation_suite.judging.invariants import TIMEOUT
 from isolation_suite.judging.judge import SharedReference, Verdict, as_technique, judge
 from isolation_suite.judging.coverage import Coverage, coverage_examples
-from isolation_suite.model.factory import factory_name, factory_tree
-from isolation_suite import strategies
+from isolation_suite.model.factory import factory_name, factory_tree, is_family, model_trees
 from isolation_suite.engine.profiles import example_timeout
-from isolation_suite.techniques import explicit_examples, model_examples
+from isolation_suite.techniques import explicit_examples
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
+from isolation_suite.spec.mode_kinds import BY_KIND as MODE_KIND
 from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.spec.scenario import Intent, Scenario
 from isolation_suite.technique import Capability, Technique
@@ -150,7 +151,10 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
     if seed is None and not run_settings.derandomize:
         seed = random.SystemRandom().getrandbits(32)
     spec = None if model is None else factory_name(model)
-    tree = factory_tree(spec) if spec is not None else None
+    trees = model_trees(spec) if spec is not None else None
+    # coverage counts the targets of one model; a family's draw a model per example
+    tree = trees[0] if spec is not None and not is_family(spec) else None
+    family_split = spec is not None and is_family(spec) and MODE_KIND[mode].distributed
     members = []
     for technique in members_in:
         mine = technique.capabilities & caps
@@ -159,20 +163,23 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
                              f"{sorted(c.value for c in caps)}")
         result = SearchResult(technique.name, mine, device, max_examples=run_settings.max_examples, budget=budget,
                               seed=seed, model=spec or "", mode=mode)
-        if tree is not None:
-            missing = [c.value for c in sorted(mine, key=lambda c: c.value) if not targets_for(tree, c)]
+        if family_split:
+            result.not_applicable = f"the {mode} mode does not draw {spec}: name one configuration"
+        elif trees is not None:
+            missing = [c.value for c in sorted(mine, key=lambda c: c.value)
+                       if not any(targets_for(t, c) for t in trees)]
             if missing:
                 result.not_applicable = (f"the model offers no place for {', '.join(missing)} "
                                          f"({_NO_TARGET_WHY[missing[0]]})")
-            elif device.startswith("cuda") and tree.device_random:
+            elif device.startswith("cuda") and any(t.device_random for t in trees):
                 result.parity_not_judged = DEVICE_RANDOM
         member = _Member(technique, mine, result)
         if tree is not None and not result.not_applicable:
             member.coverage = Coverage(tree, mine)
             result.coverage = member.coverage.counts()
         members.append(member)
-    if tree is not None:  # draw no intent the model has no place for (it would come out empty)
-        caps = frozenset(c for c in caps if targets_for(tree, c))
+    if trees is not None:  # draw no intent the model has no place for (it would come out empty)
+        caps = frozenset(c for c in caps if any(targets_for(t, c) for t in trees) and not family_split)
     out = SweepResult([m.result for m in members], caps, device, seed=seed)
     started = time.monotonic()
     deadline = None if budget is None else started + budget
@@ -245,8 +252,9 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
 
     # 1. the trigger examples, minimal by construction, then (on a user's model) every target once
     # (``isolation_suite.judging.coverage``): a failure there is the technique's result
-    triggers = (model_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
-    covering = coverage_examples(model, factory_tree(model), caps, mode) if explicit and model else ()
+    triggers = (moved_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
+    covering = coverage_examples(model, factory_tree(model), caps, mode) \
+        if explicit and model and not is_family(model) else ()
     for scenario, found_by in [(s, "explicit") for s in triggers] + [(s, "coverage") for s in covering]:
         if not any(m.active for m in members):
             return
@@ -266,7 +274,7 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
 
     # 3. generated scenarios, each judged by every technique it fits
     @settings(run_settings, database=None, phases=[p for p in run_settings.phases if p != Phase.shrink])
-    @given(strategies.scenarios(capabilities=caps, devices=(device.split(":")[0],), model=model, modes=(mode,)))
+    @given(search_strategy(caps, device, model, mode))
     def probe(scenario: Scenario) -> None:
         if not any(m.active for m in members):
             raise _AllDecided()

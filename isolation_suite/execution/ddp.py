@@ -153,19 +153,18 @@ def unfreed() -> int:
 
 @dataclass(frozen=True)
 class Shard:
-    """One rank's share of the batch."""
+    """One rank's share of the batch: its rows along each input's batch dimension (``dims``: one per
+    input, None for an input every rank gets whole; generated models split every input along 0)."""
 
     rank: int
     world: int = WORLD
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a whole-batch tensor."""
-        n = x.shape[0] // self.world
-        return x[self.rank * n:(self.rank + 1) * n]
-
-    def whole(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-        """The whole batch's shape, from this rank's."""
-        return (shape[0] * self.world,) + tuple(shape[1:])
+    def rows(self, x: torch.Tensor, dim: int | None = 0) -> torch.Tensor:
+        """This rank's rows of a whole-batch tensor along ``dim`` (None: all of it)."""
+        if dim is None:
+            return x
+        n = x.shape[dim] // self.world
+        return x.narrow(dim, self.rank * n, n)
 
     # --- what rank 0 records: the whole batch's values -----------------------------------------
 
@@ -175,27 +174,38 @@ class Shard:
         dist.all_reduce(total)
         return total / self.world
 
-    def whole_input_grads(self, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Each input's gradient of the whole batch's loss: the ranks' input gradients stacked and
-        divided by the world size (a rank's is that of its own half-loss). None where no rank has one.
+    def whole_input_grads(self, inputs: list[torch.Tensor], dims: list[int | None] | None = None
+                          ) -> list[torch.Tensor | None]:
+        """Each input's gradient of the whole batch's loss, the average of the ranks' losses: the
+        ranks' input gradients joined along the input's batch dimension (an input every rank has
+        whole: summed) and divided by the world size. None where no rank has one.
         One all-gather per input: each rank's gradient (zeros where it has none) and a last entry
         saying whether it has one."""
         out = []
-        for x in inputs:
+        for x, dim in zip(inputs, dims or [0] * len(inputs)):
             grad = torch.zeros_like(x) if x.grad is None else x.grad.detach()
             mine = torch.cat([grad.reshape(-1), grad.new_full((1,), float(x.grad is not None))])
             parts = [torch.empty_like(mine) for _ in range(self.world)]
             dist.all_gather(parts, mine)
-            has = any(part[-1].item() for part in parts)
-            out.append(torch.cat([part[:-1].view(grad.shape) for part in parts]) / self.world if has else None)
+            if not any(part[-1].item() for part in parts):
+                out.append(None)
+                continue
+            grads = [part[:-1].view(grad.shape) for part in parts]
+            joined = torch.stack(grads).sum(0) if dim is None else torch.cat(grads, dim)
+            out.append(joined / self.world)
         return out
 
 
-def wrap(model: nn.Module, mode: Mode) -> nn.Module:
+def wrap(model: nn.Module, mode: Mode, containers: tuple[str, ...] = ()) -> nn.Module:
     """``DistributedDataParallel`` over ``model`` with the mode's options, on the pool's group
     (broadcasts rank 0's parameters and buffers, builds a fresh reducer)."""
-    wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode.find_unused,
-                                                  static_graph=mode.static_graph)
+    return hold(nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode.find_unused,
+                                                    static_graph=mode.static_graph))
+
+
+def hold(wrapped: nn.Module) -> nn.Module:
+    """Keep this run's wrapper (``DistributedDataParallel``, a ``fully_shard``-ed model) with the
+    pool: freed after a clean run, kept with the group otherwise (see the module's docstring)."""
     _RUN.append(wrapped)
     return wrapped
 

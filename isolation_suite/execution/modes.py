@@ -64,6 +64,9 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   mismatches are confirmed on the float64 twin, and an entry whose gradient stays within rounding of
   zero in both runs is set aside. Dropout is exact (each rank keeps its rows of the
   whole batch's mask); a training BatchNorm is not drawn (see :mod:`isolation_suite.execution.ddp`).
+* ``fsdp``: the ``ddp`` mode's ranks and comparison, with FSDP2's ``fully_shard`` as the wrap; the
+  runner follows each parameter to the ``DTensor`` that replaced it and records it whole (see
+  :mod:`isolation_suite.execution.fsdp`).
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from isolation_suite.execution import ddp
+from isolation_suite.execution import ddp, fsdp
 from isolation_suite.model.build import Block
 from isolation_suite.spec import mode_kinds
 from isolation_suite.spec.mode_kinds import ModeKind
@@ -120,6 +123,10 @@ class ModeInfo(ModeKind):
     launch: Callable[..., Any]
     #: seconds the sandbox waits beyond the run's timeout (a ddp rank 0 reports its rank 1's hang itself)
     grace: float
+    #: how a rank wraps the model, where the technique's ``ddp_wrap`` says (modes of several ranks only):
+    #: ``wrap(model, mode, containers) -> the module the loop calls``; ``containers``: the paths of
+    #: the containers of the model's tree that can be sharded on their own (``tree.shard_units``)
+    wrap: Callable[[nn.Module, Mode, tuple[str, ...]], nn.Module]
     #: the sandbox's child is retired after every run of this mode (none is now: a ddp run keeps its
     #: pool, and the child is retired only after one that left a group it cannot free, see ``ddp``)
     retire: bool
@@ -132,7 +139,7 @@ class ModeInfo(ModeKind):
 
 
 #: the fields every row must set itself
-BEHAVIOURS = ("before_setup", "before_training", "autocast", "launch", "grace", "retire")
+BEHAVIOURS = ("before_setup", "before_training", "autocast", "launch", "grace", "wrap", "retire")
 
 
 def info(mode: Mode) -> ModeInfo:
@@ -334,6 +341,11 @@ def compile_target(model: nn.Module, mode: Mode) -> None:
     target.compile(backend=mode.backend, dynamic=False)
 
 
+def unwrapped(model: nn.Module, mode: Mode, containers: tuple[str, ...] = ()) -> nn.Module:
+    """One process: nothing wraps the model."""
+    return model
+
+
 def full_precision(device_type: str) -> None:
     """The forward runs in the scenario's dtype."""
     return None
@@ -400,18 +412,22 @@ class Precision:
 
 MODE_INFOS: tuple[ModeInfo, ...] = (
     ModeInfo.of("eager", before_setup=nothing, before_training=nothing, autocast=full_precision,
-                launch=one_process, grace=0.0, retire=False),
+                launch=one_process, grace=0.0, wrap=unwrapped, retire=False),
     ModeInfo.of("checkpoint", same_rounding=False, before_setup=checkpoint_target, before_training=nothing,
-                autocast=full_precision, launch=one_process, grace=0.0, retire=False),
+                autocast=full_precision, launch=one_process, grace=0.0, wrap=unwrapped, retire=False),
     ModeInfo.of("compile", example_share=0.1, budget_weight=4.0, same_rounding=False, before_setup=nothing,
                 before_training=compile_target, autocast=full_precision, launch=one_process, grace=0.0,
-                retire=False),
+                wrap=unwrapped, retire=False),
     ModeInfo.of("autocast", reference=True, before_setup=nothing, before_training=nothing, autocast=low_precision,
-                launch=one_process, grace=0.0, retire=False),
+                launch=one_process, grace=0.0, wrap=unwrapped, retire=False),
     # the wrapping itself is the technique's order to follow (``runner``): before or after its setup
     ModeInfo.of("ddp", devices=("cpu",), example_share=0.25, budget_weight=2.0, same_rounding=False,
                 before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
-                grace=ddp.GRACE, retire=False),
+                grace=ddp.GRACE, wrap=ddp.wrap, retire=False),
+    # ddp's ranks and pool, FSDP2's wrap
+    ModeInfo.of("fsdp", devices=("cpu",), example_share=0.25, budget_weight=3.0, same_rounding=False,
+                before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
+                grace=ddp.GRACE, wrap=fsdp.wrap, retire=False),
 )
 MODE_BY_KIND = {row.kind: row for row in MODE_INFOS}
 assert tuple(MODE_BY_KIND) == MODE_KINDS, "mode_kinds.MODES and MODE_INFOS must list the same modes, in order"

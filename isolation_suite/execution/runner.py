@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from isolation_suite.execution import ddp, modes
+from isolation_suite.execution import modes
+from isolation_suite.execution.fsdp import is_sharded, local, whole, whole_all
 from isolation_suite.execution.trace import PROGRESS, Phase, StepRecord, Trace, user_interrupted
-from isolation_suite.model.build import loss_fn
 from isolation_suite.model.factory import Built, build
 from isolation_suite.spec.scenario import Intent, OptimizerRecipe, Scenario
 from isolation_suite.technique import Role, Technique, module_param_name
-from isolation_suite.model.tree import CallSite, Router, check_intent, roles
+from isolation_suite.model.tree import CallSite, Router, check_intent, roles, shard_units
 
 
 class Driver(Protocol):
@@ -130,10 +130,6 @@ def clip_gradients(recipe: OptimizerRecipe, params: list[torch.Tensor]) -> None:
 
 # --- resolving original paths after a technique rewired the model -------------------------
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-
-
 @dataclass
 class Handle:
     """How to read one original parameter after setup: its trainable tensor and its effective value."""
@@ -144,9 +140,12 @@ class Handle:
 
 
 def resolve(model: nn.Module, originals: dict[str, tuple[nn.Module, str, torch.Tensor]],
-            optimizer: torch.optim.Optimizer | None) -> dict[str, Handle]:
-    """Find each original parameter again: parametrized in place, moved, or wrapped (same storage)."""
-    by_storage: dict[tuple, tuple[str, torch.Tensor]] = {}
+            optimizer: torch.optim.Optimizer | None, replaced: dict[tuple, tuple[str, torch.Tensor]] | None = None
+            ) -> dict[str, Handle]:
+    """Find each original parameter again: parametrized in place, moved, or wrapped (same storage),
+    or replaced by the mode's wrap (``replaced``: by the storage of the parameter it replaced, see
+    ``replacements``)."""
+    by_storage: dict[tuple, tuple[str, torch.Tensor]] = dict(replaced or {})
     for name, p in model.named_parameters(remove_duplicate=False):
         by_storage.setdefault(_storage_key(p), (name, p))
     if optimizer is not None:
@@ -157,7 +156,7 @@ def resolve(model: nn.Module, originals: dict[str, tuple[nn.Module, str, torch.T
     for path, (module, name, tensor) in originals.items():
         if parametrize.is_parametrized(module, name):
             raw = module.parametrizations[name].original
-            handles[path] = Handle(raw, lambda m=module, n=name: getattr(m, n), f"{path} (parametrized)")
+            handles[path] = Handle(raw, lambda m=module, n=name: parametrized_value(m, n), f"{path} (parametrized)")
             continue
         found = by_storage.get(_storage_key(tensor))
         if found is None:
@@ -166,6 +165,34 @@ def resolve(model: nn.Module, originals: dict[str, tuple[nn.Module, str, torch.T
             alias, p = found
             handles[path] = Handle(p, lambda p=p: p, alias)
     return handles
+
+
+def parametrized_value(module: nn.Module, name: str) -> torch.Tensor:
+    """A parametrized tensor's value, as the module computes it in its forward: where a mode sharded
+    the original (FSDP2 gathers it for the forward only), the parametrizations applied to the whole
+    original, as ``ParametrizationList`` applies them to a single original."""
+    chain = module.parametrizations[name]
+    original = getattr(chain, "original", None)
+    if original is None or not is_sharded(original):
+        return getattr(module, name)
+    value = whole(original)
+    for step in chain:
+        value = step(value)
+    return value
+
+
+def replacements(before: dict[str, torch.Tensor], model: nn.Module) -> dict[tuple, tuple[str, torch.Tensor]]:
+    """The parameters a mode's wrap replaced (``fully_shard``: a new ``nn.Parameter`` of a sharded
+    ``DTensor`` under the same path), keyed by the storage of the parameter each replaced: where the
+    technique's setup had moved an original, it is found there first, then followed to its replacement."""
+    after = dict(model.named_parameters(remove_duplicate=False))
+    return {_storage_key(p): (path, after[path]) for path, p in before.items()
+            if path in after and after[path] is not p}
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    t = local(t)  # a sharded parameter: its own rank's shard
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 def _buffers(model: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, Callable[[], torch.Tensor]]:
@@ -324,38 +351,43 @@ def _train(scenario: Scenario, driver: Driver, device: str, trace: Trace, at: Ph
 
 
 def _share(built: Built, scenario: Scenario, shard) -> Built:
-    """A ``ddp`` rank's part of a run: its rows of every batch, and its rows of the loss targets."""
-    inputs = [[tuple(shard.rows(x) for x in batch) for batch in step] for step in built.inputs]
-    share = (shard.rank, shard.world)
-    return Built(built.model, inputs, lambda out, seed: loss_fn(scenario.data.loss, out, seed, share), built.tree)
+    """A rank's part of a run (a mode of several ranks): its rows of every batch along each input's
+    batch dimension, and its rows of the loss targets (along the first split input's)."""
+    dims = built.batch_dims
+    inputs = [[tuple(shard.rows(x, d) for x, d in zip(batch, dims)) for batch in step] for step in built.inputs]
+    share = (shard.rank, shard.world, next(d for d in dims if d is not None))
+    return Built(built.model, inputs, lambda out, seed: built.loss(out, seed, share), built.tree, dims)
 
 
-def _setup_and_wrap(scenario, driver, model, at, shard) -> nn.Module:
-    """The technique's setup and, in ``ddp`` mode, the wrapping (in the technique's order); the
-    module the loop calls forward on."""
-    wrapped = model
+def _setup_and_wrap(scenario, driver, model, tree, at, shard) -> tuple[nn.Module, dict]:
+    """The technique's setup and, in a mode of several ranks, the wrapping (``ModeInfo.wrap``, in the
+    technique's order, ``ddp_wrap``); the module the loop calls forward on, and the parameters the
+    wrap replaced (``replacements``)."""
+    wrapped, replaced = model, {}
     before = shard is not None and getattr(driver, "ddp_wrap", "after_setup") == "before_setup"
-    if before:
+    containers = tuple(shard_units(tree)) if shard is not None else ()  # the user's own, not the technique's
+
+    def wrap() -> nn.Module:
         at.enter(0, "wrap")
-        wrapped = ddp_wrap(model, scenario.mode)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        out = modes.info(scenario.mode).wrap(model, scenario.mode, containers)
+        replaced.update(replacements(params, model))
+        return out
+    if before:
+        wrapped = wrap()
     at.enter(0, "setup")
     driver.setup(model, scenario.intent)
     if shard is not None and not before:
-        at.enter(0, "wrap")
-        wrapped = ddp_wrap(model, scenario.mode)
+        wrapped = wrap()
     at.leave()
-    return wrapped
-
-
-def ddp_wrap(model: nn.Module, mode) -> nn.Module:
-    return ddp.wrap(model, mode)
+    return wrapped, replaced
 
 
 def _loop(scenario, driver, device, trace, at, built, originals, original_buffers, router, seeding,
           shard=None) -> None:
     recipe, data, model = scenario.optimizer, scenario.data, built.model
     state = _global_state()  # setup and make_optimizer must leave global state alone too
-    forward_model = _setup_and_wrap(scenario, driver, model, at, shard)
+    forward_model, replaced = _setup_and_wrap(scenario, driver, model, built.tree, at, shard)
     at.enter(0, "make_optimizer")
     optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
     scheduler = make_scheduler(recipe, optimizer, scenario.steps)
@@ -364,7 +396,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
     modes.before_training(model, scenario.mode)
     at.leave()
     precision = modes.Precision(scenario.mode, device)
-    handles = resolve(model, originals, optimizer)
+    handles = resolve(model, originals, optimizer, replaced)
     trace.unreachable = [p for p, h in handles.items() if h.raw is None]
     trace.aliases = {p: h.alias for p, h in handles.items() if h.alias != p}
     buffers = _buffers(model, original_buffers)
@@ -380,7 +412,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
             router.reroute(roles(built.tree, intent))
             if replacement is not None:
                 optimizer = replacement
-                handles = resolve(model, originals, optimizer)
+                handles = resolve(model, originals, optimizer, replaced)
         record = StepRecord()
         # requires_grad flags set in setup are the technique's baseline; grad mode and dtype are not
         flags = {p: h.raw.requires_grad for p, h in handles.items() if h.raw is not None}
@@ -415,15 +447,16 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
                 at.leave()
             else:
                 record.loss_without_grad = True
-            grads = [x.grad for x in floats] if shard is None else shard.whole_input_grads(floats)
+            grads = [x.grad for x in floats] if shard is None else shard.whole_input_grads(
+                floats, [d for x, d in zip(inputs, built.batch_dims) if x.is_floating_point()])
             record.input_grads.append(precision.input_grad(_input_grad(floats, grads)))
             trace.input_sizes = tuple((x if g is None else g).numel() for x, g in zip(floats, grads))
         at.enter(step, "clip")
         precision.unscale(optimizer)
         clip_gradients(recipe, list(model.parameters()))
         at.leave()
-        record.grads = {p: (None if h.raw is None or h.raw.grad is None else h.raw.grad.detach().clone())
-                        for p, h in handles.items()}
+        grads = whole_all([None if h.raw is None else h.raw.grad for h in handles.values()])
+        record.grads = {p: None if g is None else g.detach().clone() for p, g in zip(handles, grads)}
         at.enter(step, "optimizer.step")
         precision.step(optimizer)
         if scheduler is not None:
@@ -432,8 +465,8 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
         driver.after_step(model, optimizer)
         at.enter(step, "record")  # reading a parametrized weight runs the technique's code
         with torch.no_grad():
-            record.params = {p: driver.effective(p, h.read()).detach().clone()
-                             for p, h in handles.items() if h.read is not None}
+            values = {p: driver.effective(p, h.read()) for p, h in handles.items() if h.read is not None}
+            record.params = {p: v.detach().clone() for p, v in zip(values, whole_all(list(values.values())))}
         record.buffers = {p: read().detach().clone() for p, read in buffers.items()}
         at.leave()
         trace.steps.append(record)

@@ -20,6 +20,8 @@ thread, no limit at all).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import signal
 import threading
 import time
@@ -31,7 +33,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from isolation_suite.model import hf
 from isolation_suite.model.build import build_model, loss_fn, make_inputs
+from isolation_suite.spec import hf as hf_spec
 from isolation_suite.spec.objects import import_object
 from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.model.tree import ModelTree, architecture_tree, module_tree
@@ -71,6 +75,8 @@ def resolve(spec: str) -> Callable:
     """The factory ``spec`` names; one clear ModelFactoryError when it cannot be found."""
     if spec in _LOCAL:
         return _LOCAL[spec]
+    if hf_spec.is_hf(spec):
+        return hf.factory(hf_config(spec))
     if spec.startswith("local:"):
         raise ModelFactoryError(f"model factory {spec!r} was registered in another process")
     obj = import_object(spec, "model", ModelFactoryError)
@@ -86,6 +92,8 @@ class Made:
     model: nn.Module
     inputs: tuple[torch.Tensor, ...]
     loss: Callable | None
+    #: each input's batch dimension (the factory's ``batch_dims``; default 0 for every input)
+    batch_dims: tuple[int | None, ...] = ()
 
 
 _RETURNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -128,7 +136,22 @@ def make(spec: str, init_seed: int, limit: float | None = None) -> Made:
         raise ModelFactoryError(f"model factory {spec!r} returned a model it had returned before; "
                                 "it must build a new one on every call (training changes the weights)")
     _RETURNED.add(model)
-    return Made(model, tuple(x.detach() for x in inputs), loss)
+    return Made(model, tuple(x.detach() for x in inputs), loss, batch_dims(spec, factory, inputs))
+
+
+def batch_dims(spec: str, factory: Callable, inputs: tuple[torch.Tensor, ...]) -> tuple[int | None, ...]:
+    """Each input's batch dimension, along which the ranks of a distributed mode split it: the
+    factory's ``batch_dims`` attribute (an int or None per input: None gives every rank the input
+    whole), else 0 for every input. The first int is also the outputs' batch dimension."""
+    dims = getattr(factory, "batch_dims", None)
+    if dims is None:
+        return (0,) * len(inputs)
+    if not isinstance(dims, (tuple, list)) or len(dims) != len(inputs) or not all(
+            d is None or (type(d) is int and -x.dim() <= d < x.dim()) for d, x in zip(dims, inputs)) \
+            or all(d is None for d in dims):
+        raise ModelFactoryError(f"model factory {spec!r}: batch_dims={dims!r} must give each of its {len(inputs)} "
+                                "input(s) a dimension of it or None, at least one a dimension")
+    return tuple(None if d is None else d % x.dim() for d, x in zip(dims, inputs))
 
 
 class _FactoryTimeout(BaseException):
@@ -162,15 +185,57 @@ def _deadline(seconds: float):
             signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
 
 
+def hf_config(spec: str) -> hf_spec.HFConfig:
+    """The ``transformers`` configuration an ``hf:`` name spells; one clear ModelFactoryError if none."""
+    try:
+        return hf_spec.parse(spec)
+    except hf_spec.HFSpecError as exc:
+        raise ModelFactoryError(f"model {spec!r}: {exc}") from None
+
+
+def is_family(spec: str | None) -> bool:
+    """``spec`` names many models, one drawn per example (``hf:random``), not one."""
+    return spec == hf_spec.RANDOM
+
+
+def members(spec: str) -> tuple[str, ...]:
+    """The models a search over ``spec`` asks where an intent can point and moves its trigger examples
+    onto: ``spec`` itself, or a family's representatives (``spec.hf.representatives``)."""
+    return tuple(hf_spec.name(c) for c in hf_spec.representatives()) if is_family(spec) else (spec,)
+
+
+def model_trees(spec: str, limit: float | None = None) -> tuple[ModelTree, ...]:
+    """The trees of :func:`members` (a factory that fails or hangs says so here, in one line)."""
+    return tuple(factory_tree(member, limit) for member in members(spec))
+
+
+def describe_model(spec: str, limit: float | None = None) -> str:
+    """``model M: 14 modules, 1208 parameters``, or what a family draws."""
+    if is_family(spec):
+        return (f"model {spec}: a random configuration of {', '.join(hf_spec.CLASSES)} per example "
+                f"({len(hf_spec.SPACE)} configurations)")
+    tree = factory_tree(spec, limit)
+    return (f"model {spec}: {sum(1 for n in tree.nodes if n.path)} modules, "
+            f"{sum(math.prod(s) for s in tree.parameters.values())} parameters")
+
+
 #: spec -> its tree (the probe runs once per process and spec); at most _TREES_KEPT of them
 _TREES: dict[str, ModelTree] = {}
 _TREES_KEPT = 64
+#: an ``hf:`` configuration -> its tree: every configuration a search draws is kept (a few KB each;
+#: ``spec.hf.SPACE`` bounds them), so a long search probes each at most once per process
+_HF_TREES: dict[hf_spec.HFConfig, ModelTree] = {}
 
 
 def factory_tree(spec: str, limit: float | None = None) -> ModelTree:
     """The user's model's tree, from one probe forward of a throwaway build. ``limit``: seconds the
     factory may take (pass the run's timeout where known; default ``FACTORY_TIMEOUT``); only the
     first call for a spec probes, later ones return its tree."""
+    if hf_spec.is_hf(spec):
+        config = hf_config(spec)
+        if config not in _HF_TREES:
+            _HF_TREES[config] = _probe(hf_spec.name(config), limit)
+        return _HF_TREES[config]
     if spec not in _TREES:
         if len(_TREES) >= _TREES_KEPT:
             del _TREES[next(iter(_TREES))]
@@ -180,8 +245,9 @@ def factory_tree(spec: str, limit: float | None = None) -> ModelTree:
 
 def _probe(spec: str, limit: float | None) -> ModelTree:
     made = make(spec, 0, limit)
+    rows = tuple(None if d is None else x.shape[d] for x, d in zip(made.inputs, made.batch_dims))
     try:
-        return module_tree(made.model, made.inputs)
+        return dataclasses.replace(module_tree(made.model, made.inputs), batch_rows=rows)
     except Exception as exc:  # noqa: BLE001 - the model not running on its own inputs is the user's error
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ModelFactoryError(f"model {spec!r} does not run on its example inputs: "
@@ -194,10 +260,19 @@ def tree_of(scenario: Scenario) -> ModelTree:
 
 # --- what a run needs -------------------------------------------------------------------------
 
-def target_like(out: torch.Tensor, seed: int) -> torch.Tensor:
-    """The fixed random target for one output tensor, drawn on the CPU so it is device-independent."""
+def target_like(out: torch.Tensor, seed: int, share: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The fixed random target for one output tensor, drawn on the CPU so it is device-independent.
+    With ``share`` (rank, world, batch dimension: a rank's rows of the batch) the whole batch's
+    target is drawn and the rank's rows kept."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+    if share is None:
+        return torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+    rank, world, dim = share
+    shape = list(out.shape)
+    n = shape[dim]
+    shape[dim] = n * world
+    whole = torch.randn(shape, generator=generator)
+    return whole.narrow(dim, rank * n, n).to(device=out.device, dtype=out.dtype)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -205,20 +280,22 @@ def _leaves(out: Any) -> list[torch.Tensor]:
             if isinstance(x, torch.Tensor) and x.is_floating_point()]
 
 
-def scenario_loss(kind: str, out: Any, seed: int, user: Callable | None = None) -> torch.Tensor:
+def scenario_loss(kind: str, out: Any, seed: int, user: Callable | None = None,
+                  share: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The loss of one micro-batch: the factory's ``loss(output, target)``, else ``kind`` summed over
-    every floating-point tensor of the output, each against its own fixed target."""
+    every floating-point tensor of the output, each against its own fixed target (with ``share``: a
+    rank's rows of the whole batch's, see ``target_like``)."""
     if user is not None:
         if isinstance(out, torch.Tensor):
-            target: Any = target_like(out, seed)
+            target: Any = target_like(out, seed, share)
         else:
-            target = [target_like(x, seed + i) for i, x in enumerate(_leaves(out))]
+            target = [target_like(x, seed + i, share) for i, x in enumerate(_leaves(out))]
         return user(out, target)
     leaves = _leaves(out)
     if not leaves:
         raise ValueError(f"the model's output has no floating-point tensor to train on ({type(out).__name__})")
     fn = {"mse": torch.nn.functional.mse_loss, "smooth_l1": torch.nn.functional.smooth_l1_loss}[kind]
-    return sum((fn(x, target_like(x, seed + i)) for i, x in enumerate(leaves)), torch.zeros((), device=leaves[0].device,
+    return sum((fn(x, target_like(x, seed + i, share)) for i, x in enumerate(leaves)), torch.zeros((), device=leaves[0].device,
                                                                                            dtype=leaves[0].dtype))
 
 
@@ -228,8 +305,12 @@ class Built:
 
     model: nn.Module
     inputs: list[list[tuple[torch.Tensor, ...]]]
-    loss: Callable[[Any, int], torch.Tensor]  # (output, target seed) -> loss
+    #: (output, target seed[, share]) -> loss; ``share``: (rank, world, batch dimension) of a rank's
+    #: rows, whose targets are the whole batch's rows
+    loss: Callable[..., torch.Tensor]
     tree: ModelTree
+    #: each input's batch dimension, along which ranks split it (None: every rank gets it whole)
+    batch_dims: tuple[int | None, ...] = ()
 
 
 def build(scenario: Scenario, device: str = "cpu") -> Built:
@@ -237,11 +318,13 @@ def build(scenario: Scenario, device: str = "cpu") -> Built:
     dtype = DTYPES[scenario.dtype]
     if not scenario.model:
         return Built(build_model(scenario, device), [[(x,) for x in step] for step in make_inputs(scenario)],
-                     lambda out, seed: loss_fn(scenario.data.loss, out, seed), architecture_tree(scenario.architecture))
+                     lambda out, seed, share=None: loss_fn(scenario.data.loss, out, seed, share and share[:2]),
+                     architecture_tree(scenario.architecture), (0,))
     tree = factory_tree(scenario.model)
     made = make(scenario.model, scenario.init_seed)
     model = made.model.to(device=device, dtype=dtype) if dtype != torch.float32 or device != "cpu" \
         else made.model.to(device=device)
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in made.inputs)
     batches = [[inputs] * scenario.micro_batches for _ in range(scenario.steps)]
-    return Built(model, batches, lambda out, seed: scenario_loss(scenario.data.loss, out, seed, made.loss), tree)
+    return Built(model, batches, lambda out, seed, share=None: scenario_loss(scenario.data.loss, out, seed, made.loss,
+                                                                             share), tree, made.batch_dims)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
@@ -51,6 +52,9 @@ class ModelTree:
     #: a module draws random numbers on the model's device (a user's active dropout): runs on two
     #: devices differ by design (generated models draw dropout masks on the CPU, see SeededDropout)
     device_random: bool = False
+    #: a user's model: each example input's size along its batch dimension (None: not split), see
+    #: ``factory.batch_dims``; empty for a generated model, whose batch is drawn
+    batch_rows: tuple[int | None, ...] = ()
 
     @functools.cached_property
     def by_path(self) -> dict[str, Node]:
@@ -169,17 +173,43 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
     for path, module in model.named_modules():
         own = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
         kind = "model" if path == "" else kind_of(module)
-        nodes.append(Node(path, kind, own, uses.get(path, 0), train_mode_effect(module),
+        # a module that calls a functional dropout in training mode (LLaMA's attention) drops units too
+        effect = train_mode_effect(module) or (kinds.DROPOUT_EFFECT if id(module) in reads.drops else "")
+        nodes.append(Node(path, kind, own, uses.get(path, 0), effect,
                           bool(path) and id(module) in reads.outside))
     floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
-    device_random = any(n.kind in kinds.RANDOM_KINDS and n.train_mode and n.calls for n in nodes) and not any(
+    device_random = (bool(reads.drops) or any(n.kind in kinds.RANDOM_KINDS and n.train_mode and n.calls
+                                              for n in nodes)) and not any(
         isinstance(m, SeededDropout) for m in model.modules())
     return ModelTree(tuple(nodes), tuple(order), tuple(ties), floats, device_random)
 
 
+#: functional dropout: the function -> (its rate's name, position, default), (its training flag's, or None:
+#: on whenever the rate is, as ``scaled_dot_product_attention``'s ``dropout_p``)
+_FUNCTIONAL_DROPOUT = {
+    **dict.fromkeys((F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
+                    (("p", 1, 0.5), ("training", 2, True))),
+    F.scaled_dot_product_attention: (("dropout_p", 4, 0.0), None),
+}
+
+
+def _argument(args: tuple, kwargs: dict, name: str, position: int, default: Any) -> Any:
+    return kwargs[name] if name in kwargs else args[position] if len(args) > position else default
+
+
+def drops(func: Any, args: tuple, kwargs: dict) -> bool:
+    """The call is a functional dropout that drops units."""
+    spec = _FUNCTIONAL_DROPOUT.get(func)
+    if spec is None:
+        return False
+    rate, flag = spec
+    return bool(_argument(args, kwargs, *rate)) and (flag is None or bool(_argument(args, kwargs, *flag)))
+
+
 class _OutsideReads(TorchFunctionMode):
     """Notes the modules whose own parameter an operation reads while none of the modules holding
-    that parameter is running (``running``: the ids of the modules whose forward is under way)."""
+    that parameter is running (``running``: the ids of the modules whose forward is under way), and
+    the modules that call a functional dropout themselves (``drops``: no ``nn.Dropout`` shows it)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -189,8 +219,11 @@ class _OutsideReads(TorchFunctionMode):
                 self.holders.setdefault(id(p), set()).add(id(module))
         self.running: list[int] = []
         self.outside: set[int] = set()
+        self.drops: set[int] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.running and drops(func, args, kwargs or {}):
+            self.drops.add(self.running[-1])
         for x in pytree.tree_leaves((args, kwargs or {})):
             holders = self.holders.get(id(x)) if isinstance(x, nn.Parameter) else None
             if holders and holders.isdisjoint(self.running):
@@ -363,6 +396,29 @@ def mode_targets(tree: ModelTree) -> list[str]:
     return [""] + [n.path for n in tree.nodes if n.path and n.calls and n.path in parents]
 
 
+def shard_units(tree: ModelTree) -> list[str]:
+    """The containers an ``fsdp`` mode with ``nested`` shards on their own, innermost first: called
+    modules with modules below them (a ``ModuleList`` is never called: FSDP2 hooks a module's call)
+    and parameters inside, none of which a module outside them also holds (FSDP2 refuses a parameter
+    shared by two groups) or is read outside the call of a module holding it (``Node.read_outside``:
+    a read outside the container's call would meet the sharded parameter, not the gathered one). The
+    wrap and the catalog's conditions both read it, so what is sharded is what the conditions see."""
+    aliases = tree.aliases
+    out = []
+    for target in mode_targets(tree)[1:]:
+        inside = [p for p in tree.parameters if _under(p, target)]
+        if not inside or any(n.read_outside for n in tree.nodes if _under(n.path, target)):
+            continue
+        if all(_under(alias, target) for p in inside for alias in aliases[p]) and not any(
+                _under(earlier, target) != _under(later, target) for later, earlier in tree.ties):
+            out.append(target)
+    return sorted(out, key=lambda path: -path.count("."))
+
+
+def _under(param_path: str, module: str) -> bool:
+    return param_path.startswith(module + ".")
+
+
 def region_needs_gradient(tree: ModelTree, target: str, intent: Intent, input_requires_grad: bool) -> bool:
     """Whether the input of region ``target`` needs gradient when every module the intent freezes
     has ``requires_grad=False``: the model's input needs it, or a trainable module feeds the region."""
@@ -493,3 +549,21 @@ class Router:
             if _ROUTES.get(id(module)) is route:
                 del _ROUTES[id(module)]
         self.routes = []
+
+
+def split_obstacle(tree: ModelTree, ranks: int) -> str:
+    """Why a user's model cannot be judged with its batch split between ``ranks`` processes ("" when
+    it can), a clause after "..., but": each rank must train on an equal share of every split input, and
+    the model's training-mode output must not depend on which rows a process sees, since the
+    reference trains on the whole batch. (A generated model's dropout draws the whole batch's mask
+    and keeps its rows, ``layers.batch_share``; a user's draws its own per process, and a BatchNorm
+    normalises with its own rows' statistics.)"""
+    split = [rows for rows in tree.batch_rows if rows is not None]
+    if split and (len(set(split)) > 1 or split[0] % ranks):
+        return (f"the example inputs' batch sizes {tuple(split)} are not one size divisible by {ranks} "
+                "(give the factory a larger batch, or batch_dims)")
+    moved = next((n for n in tree.nodes if n.train_mode and n.calls), None)
+    if moved is not None:
+        return (f"{moved.path or 'the model'} ({moved.kind}: {moved.train_mode}) would see a process's rows in "
+                "training mode, and the reference the whole batch")
+    return ""

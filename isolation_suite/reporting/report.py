@@ -28,6 +28,7 @@ from isolation_suite.reporting.repro import write_repro
 from isolation_suite.spec.scenario import Scenario
 from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.technique import Technique
+from isolation_suite.techniques.library import library_modes, library_rows
 
 
 class ReportDirError(ValueError):
@@ -501,6 +502,36 @@ def _modes_html(summary: dict[str, Any]) -> str:
     return f"<h2>Verdicts per mode</h2><table><tr><th>technique</th>{head}</tr>{rows}</table>"
 
 
+def _libraries_html(summary: dict[str, Any]) -> str:
+    """The compatibility table (docs/compatibility.md): every library row, the library version
+    installed where the report was written and the one its verdicts were judged on, its declared
+    verdict per mode (``—``: not judged there), and what this run found for it, where it ran."""
+    esc = html.escape
+    rows = library_rows()
+    modes = library_modes(rows)
+    body = "".join(_library_row_html(row, modes, summary.get("modes", {}).get(row.name)) for row in rows)
+    head = "".join(f"<th>{esc(m)}</th>" for m in modes)
+    return (f"<h2>Library compatibility</h2><p>{esc(_LIBRARY_LEGEND)}</p><table><tr><th>installed</th>"
+            f"<th>judged on</th><th>technique</th>{head}<th>this run</th></tr>{body}</table>")
+
+
+def _library_row_html(row, modes: tuple[str, ...], found: dict[str, str] | None) -> str:
+    esc = html.escape
+    cells = []
+    for mode in modes:
+        verdict = row.verdict(mode)
+        css = "na" if verdict is None else "held" if verdict == "sound" else "expected"
+        cells.append(f"<td class='{css}'>{esc(verdict or '—')}</td>")
+    run = "; ".join(f"{m}: {o}" for m, o in found.items()) if found else "—"
+    return (f"<tr><td>{esc(row.library)} {esc(row.installed() or '(not installed)')}</td><td>{esc(row.judged_on)}</td>"
+            f"<td>{esc(row.name)}</td>{''.join(cells)}<td>{esc(run)}</td></tr>")
+
+
+_LIBRARY_LEGEND = ("Real libraries' recipes judged through the contract, each calling the library's own code: the "
+                   "declared verdict per execution mode (sound, or the invariants it is known to break; —: not "
+                   "judged in that mode), as docs/compatibility.md lists them.")
+
+
 def html_report(summary: dict[str, Any]) -> str:
     """One self-contained page: the matrix, each counterexample with its pictures (inline SVG) and a
     timeline of every search; no script, no external file."""
@@ -518,6 +549,7 @@ def html_report(summary: dict[str, Any]) -> str:
 <p>{esc(_LEGEND)}</p>
 <table><tr><th>technique</th><th>status</th><th>examples judged</th>{head}<th>why</th></tr>{rows}</table>
 {_modes_html(summary)}
+{_libraries_html(summary)}
 <h2>Counterexamples</h2>{details or '<p>none</p>'}
 <h2>Searches</h2>{searches or '<p>no search recorded its examples</p>'}</body></html>
 """

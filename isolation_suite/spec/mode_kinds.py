@@ -34,8 +34,9 @@ class ModeKind:
     #: and averages their gradients over the ranks (DistributedDataParallel): a parameter thawed later
     #: is never averaged, one that gets no gradient leaves its bucket unreduced
     wraps_trainable: bool = False
-    #: why a user's model (a factory) cannot run in it, after "the <kind> mode"; "" when it can
-    no_user_model: str = ""
+    #: the model's parameters are sharded (FSDP2's ``DTensor``): the optimizer steps the shards, so only
+    #: a recipe whose step runs on them is drawn (``optim_info.sharded_obstacle``)
+    shards_parameters: bool = False
     #: the dtypes a search draws in it, where asked for
     dtypes: tuple[str, ...] = ("float32", "float64")
 
@@ -61,6 +62,10 @@ def _ddp(mode: Any) -> str:
     return f"ddp(find_unused_parameters={mode.find_unused}, static_graph={mode.static_graph})"
 
 
+def _fsdp(mode: Any) -> str:
+    return f"fsdp(nested={mode.nested}, reshard_after_forward={not mode.keep_gathered})"
+
+
 MODES: tuple[ModeKind, ...] = (
     # the first row is the plain loop, every Mode's default
     ModeKind("eager", "plain eager, one process", _bare),
@@ -73,11 +78,14 @@ MODES: tuple[ModeKind, ...] = (
     ModeKind("ddp", "DistributedDataParallel over 2 CPU processes (gloo), each on half of every batch; "
              "find_unused_parameters and static_graph drawn", _ddp, flags=("find_unused", "static_graph"),
              ranks=2, wraps_trainable=True,
-             no_user_model="splits a generated model's batch between its processes; a model factory's batch "
-                           "layout and loss are its own",
              # averaging reorders sums, and a float64 mismatch has no higher precision to be confirmed on;
              # adaptive optimizers make lr-sized steps of a gradient that cancels to ~1e-9 (a
              # GroupNorm-fed embedding: 3e-5 relative apart in two summation orders)
+             dtypes=("float32",)),
+    ModeKind("fsdp", "FSDP2 fully_shard over 2 CPU processes (gloo), each on half of every batch; the "
+             "containers sharded on their own (nested) or the root only, reshard_after_forward drawn", _fsdp,
+             flags=("nested", "keep_gathered"), ranks=2, shards_parameters=True,
+             # as ddp: the reduce-scatter's average reorders sums
              dtypes=("float32",)),
 )
 BY_KIND: dict[str, ModeKind] = {row.kind: row for row in MODES}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WEIGHT_DECAYS = (0.0, 0.01, 0.1)
+NO_FUSED_RULE = "its fused kernel has no DTensor sharding rule"
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,17 @@ class OptimizerInfo:
     default_weight_decay: float = 0.0  # torch's, when weight_decay is not given
     fused_on: tuple[str, ...] = ()  # devices with a fused implementation
     lr_zero_moves: str = ""  # why a parameter group at lr=0 still moves ("" when it does not)
+    #: why its step cannot run on FSDP2's sharded (``DTensor``) parameters ("" when it can), and why
+    #: its fused implementation cannot (torch 2.13's DTensor rules): a mode that shards draws neither
+    unsharded: str = ""
+    fused_unsharded: str = ""
 
 
 OPTIMIZER_INFOS: tuple[OptimizerInfo, ...] = (
     OptimizerInfo("SGD", choices=(("momentum", (0.0, 0.9)), ("weight_decay", WEIGHT_DECAYS),
                                   ("maximize", (False, True)), ("nesterov", (False, True)),
-                                  ("dampening", (0.0, 0.5))), fused_on=("cpu", "cuda")),
+                                  ("dampening", (0.0, 0.5))), fused_on=("cpu", "cuda"),
+                  fused_unsharded=NO_FUSED_RULE),
     OptimizerInfo("Adam", choices=(("weight_decay", WEIGHT_DECAYS), ("amsgrad", (False, True))),
                   fused_on=("cpu", "cuda")),
     OptimizerInfo("AdamW", choices=(("weight_decay", (None,) + WEIGHT_DECAYS), ("amsgrad", (False, True))),
@@ -31,13 +37,15 @@ OPTIMIZER_INFOS: tuple[OptimizerInfo, ...] = (
     OptimizerInfo("RMSprop", choices=(("momentum", (0.0, 0.9)), ("centered", (False, True)),
                                       ("weight_decay", WEIGHT_DECAYS))),
     OptimizerInfo("Adagrad", choices=(("lr_decay", (0.0, 0.01)), ("weight_decay", WEIGHT_DECAYS)),
-                  fused_on=("cpu",)),  # torch's fused Adagrad is CPU-only
+                  fused_on=("cpu",), fused_unsharded=NO_FUSED_RULE),  # torch's fused Adagrad is CPU-only
     OptimizerInfo("Adamax"),
     OptimizerInfo("NAdam"),
     OptimizerInfo("RAdam"),
     OptimizerInfo("Adadelta", lrs=(1.0, 0.5)),
     OptimizerInfo("Rprop", lrs=(0.01, 0.001), choices=(),
-                  lr_zero_moves="Rprop clamps its step size to at least 1e-6, whatever the lr"),
+                  lr_zero_moves="Rprop clamps its step size to at least 1e-6, whatever the lr",
+                  unsharded="Rprop's step writes its state with an indexed in-place copy, which a sharded DTensor "
+                            "refuses ('in-place operations that require placement changes are not supported')"),
 )
 OPTIMIZER_BY_NAME = {info.name: info for info in OPTIMIZER_INFOS}
 
@@ -56,3 +64,10 @@ SCHEDULER_INFOS: tuple[SchedulerInfo, ...] = (
     SchedulerInfo("LambdaLR"),
 )
 SCHEDULER_BY_NAME = {info.name: info for info in SCHEDULER_INFOS}
+
+
+def sharded_obstacle(name: str, fused: bool) -> str:
+    """Why optimizer ``name`` (``fused``: its fused implementation) cannot step FSDP2's sharded
+    parameters ("" when it can): a mode that shards them does not draw it."""
+    info = OPTIMIZER_BY_NAME[name]
+    return info.unsharded or (info.fused_unsharded if fused else "")

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from isolation_suite.spec import kinds as _kinds
 from isolation_suite.spec import mode_kinds as _modes
-from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS
+from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, SCHEDULER_INFOS, sharded_obstacle
 
 
 #: layer kinds (``kinds.KINDS`` declares each)
@@ -436,7 +436,10 @@ class Mode:
       ``GradScaler``);
     * ``ddp``: ``DistributedDataParallel(model, find_unused_parameters=find_unused,
       static_graph=static_graph)`` over two CPU processes (gloo), each training on its half of every
-      batch (see :mod:`isolation_suite.execution.ddp`).
+      batch (see :mod:`isolation_suite.execution.ddp`);
+    * ``fsdp``: FSDP2 ``fully_shard`` over the same two processes, on the containers first where
+      ``nested``, then on the root, with ``reshard_after_forward=not keep_gathered`` (see
+      :mod:`isolation_suite.execution.fsdp`).
     """
 
     kind: str = _modes.DEFAULT
@@ -445,6 +448,10 @@ class Mode:
     backend: str = "aot_eager"
     find_unused: bool = False
     static_graph: bool = False
+    #: fsdp: every container whose parameters are its own gets a ``fully_shard`` of its own before the root's
+    nested: bool = False
+    #: fsdp: ``reshard_after_forward=False`` (the parameters stay gathered from forward to backward)
+    keep_gathered: bool = False
 
     def __post_init__(self) -> None:
         _one_of("mode", self.kind, MODE_KINDS)
@@ -506,8 +513,12 @@ class Scenario:
         _int_in("init_seed", self.init_seed, 0, 2**63 - 1)
         _require(isinstance(self.model, str), f"model={self.model!r} must be a 'pkg.module:factory' string")
         mode = self.mode.info
-        _require(not (self.model and mode.no_user_model), f"the {mode.kind} mode {mode.no_user_model}")
-        _require(self.data.batch % mode.ranks == 0,
+        if mode.shards_parameters:
+            obstacle = sharded_obstacle(self.optimizer.name, bool(self.optimizer.kwargs.get("fused")))
+            _require(not obstacle, f"the {mode.kind} mode shards the parameters, and {self.optimizer.name} cannot step "
+                                   f"them: {obstacle}")
+        # a user's model splits its own example batch (checked where it is built, ``split_obstacle``)
+        _require(bool(self.model) or self.data.batch % mode.ranks == 0,
                  f"the {mode.kind} mode splits the batch between {mode.ranks} processes: batch={self.data.batch} "
                  "must be " + ("even" if mode.ranks == 2 else f"a multiple of {mode.ranks}"))
         if self.model:

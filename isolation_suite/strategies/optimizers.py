@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS
+from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, OPTIMIZER_INFOS, sharded_obstacle
 from isolation_suite.spec.scenario import CLIPPING, OPTIMIZERS, SCHEDULERS, OptimizerRecipe
 
 from isolation_suite.strategies._validate import check_choice
@@ -39,10 +39,12 @@ def _hyper_parameters(k: Knobs, name: str, fused: tuple[str, ...] = FUSED["cpu"]
 
 @st.composite
 def optimizer_recipes(draw, names: tuple[str, ...] = OPTIMIZERS, schedulers: tuple[str, ...] = SCHEDULERS,
-                      clipping: tuple[str, ...] = CLIPPING, devices: tuple[str, ...] = ("cpu",)) -> OptimizerRecipe:
+                      clipping: tuple[str, ...] = CLIPPING, devices: tuple[str, ...] = ("cpu",),
+                      sharded: bool = False) -> OptimizerRecipe:
     """Draw an :class:`OptimizerRecipe`; shrinks toward plain SGD, no scheduler, no clipping.
 
-    ``devices``: a fused implementation is drawn only where every one of them has it.
+    ``devices``: a fused implementation is drawn only where every one of them has it. ``sharded``:
+    only what steps FSDP2's sharded parameters (``optim_info.sharded_obstacle``).
 
     >>> optimizer_recipes(names=("AdamW",))  # doctest: +ELLIPSIS
     optimizer_recipes(...)
@@ -51,7 +53,10 @@ def optimizer_recipes(draw, names: tuple[str, ...] = OPTIMIZERS, schedulers: tup
     schedulers = check_choice("schedulers", schedulers, SCHEDULERS)
     clipping = check_choice("clipping", clipping, CLIPPING)
     devices = check_choice("devices", devices, tuple(FUSED))
-    fused = tuple(n for n in OPTIMIZERS if all(n in FUSED[d] for d in devices))
+    fused = tuple(n for n in OPTIMIZERS if all(n in FUSED[d] for d in devices)
+                  and not (sharded and sharded_obstacle(n, True)))
+    if sharded:
+        names = tuple(n for n in names if not sharded_obstacle(n, False)) or names
     name = draw(st.sampled_from(names))
     kwargs = _hyper_parameters(Knobs(draw), name, fused)
     clip = draw(st.sampled_from(clipping))

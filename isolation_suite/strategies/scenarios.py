@@ -12,14 +12,17 @@ from isolation_suite.model.factory import factory_tree
 from isolation_suite.spec import kinds as layer_kinds
 from isolation_suite.spec.mode_kinds import BY_KIND as MODE_KIND
 from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
-from isolation_suite.spec.scenario import DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change, Data, Intent, Mode, Scenario
+from isolation_suite.spec import hf
+from isolation_suite.spec.scenario import (COMPILE_BACKENDS, DTYPES, LAYER_KINDS, LOSSES, MODE_KINDS, Architecture, Change,
+                                          Data, Intent, Mode, Scenario)
 from isolation_suite.technique import Capability
 from isolation_suite.model.tree import (ModelTree, architecture_tree, element_owners, freeze_targets, leaves_parameters_unused,
-                   mode_targets, pass_through_targets, reparam_targets, region_needs_gradient)
+                   mode_targets, pass_through_targets, reparam_targets, region_needs_gradient, split_obstacle)
 
 from isolation_suite.strategies._validate import check_choice, check_int
 from isolation_suite.strategies.architectures import architectures
 from isolation_suite.strategies.elements import element_indices
+from isolation_suite.strategies.hf import family_fits, hf_models
 from isolation_suite.strategies.optimizers import optimizer_recipes
 
 DEVICES = ("cpu", "cuda")
@@ -112,9 +115,14 @@ def _model_scenarios(draw, model: str, chosen: frozenset[Capability], dtypes, de
     )
 
 
+#: the modes whose ``Mode`` carries a compile backend
+BACKEND_MODES = ("compile",)
+
+
 @st.composite
 def execution_modes(draw, tree: ModelTree | Architecture, kinds: Iterable[str] = MODE_KINDS, *,
-                    input_requires_grad: bool = True, intent: Intent = Intent()) -> Mode:
+                    input_requires_grad: bool = True, intent: Intent = Intent(),
+                    backends: Iterable[str] = ("aot_eager",)) -> Mode:
     """Draw a :class:`isolation_suite.spec.scenario.Mode` of one of ``kinds`` for a model with this tree.
 
     Shrinks toward the first kind, the whole model and ``use_reentrant=False``. A reentrant
@@ -122,12 +130,18 @@ def execution_modes(draw, tree: ModelTree | Architecture, kinds: Iterable[str] =
     otherwise the region trains in no training loop at all, isolated or not. A ``ddp`` mode draws
     ``find_unused_parameters`` and ``static_graph``; where ``intent`` itself leaves a parameter
     without gradient (a module passed through at every call) one of them is True, as DDP requires
-    of any user whose model does that.
+    of any user whose model does that. An ``fsdp`` mode draws whether the containers are sharded on
+    their own and ``reshard_after_forward``. A ``compile`` mode's backend is one of ``backends``
+    (shrinking toward the first).
     """
     kinds = check_choice("modes", kinds, MODE_KINDS)
+    backends = check_choice("backends", backends, COMPILE_BACKENDS)
     tree = architecture_tree(tree) if isinstance(tree, Architecture) else tree
     kind = draw(st.sampled_from(kinds))
-    return MODE_DRAWS[kind](draw, kind, tree, input_requires_grad, intent)
+    mode = MODE_DRAWS[kind](draw, kind, tree, input_requires_grad, intent)
+    if kind in BACKEND_MODES:
+        mode = dataclasses.replace(mode, backend=draw(st.sampled_from(backends)))
+    return mode
 
 
 # --- how each mode's options are drawn: kind -> (draw, kind, tree, input_requires_grad, intent) -> Mode ---
@@ -153,8 +167,13 @@ def _ddp(draw, kind: str, tree: ModelTree, input_requires_grad: bool, intent: In
     return Mode(kind, find_unused=find_unused, static_graph=needed or draw(st.booleans()))
 
 
+def _fsdp(draw, kind: str, tree: ModelTree, input_requires_grad: bool, intent: Intent) -> Mode:
+    """Shrinks toward the root alone, resharded after forward (FSDP2's default)."""
+    return Mode(kind, nested=draw(st.booleans()), keep_gathered=draw(st.booleans()))
+
+
 MODE_DRAWS = {"eager": _no_options, "checkpoint": _checkpoint, "compile": _target, "autocast": _no_options,
-              "ddp": _ddp}
+              "ddp": _ddp, "fsdp": _fsdp}
 assert tuple(MODE_DRAWS) == MODE_KINDS, "every execution mode says how its options are drawn"
 
 
@@ -173,13 +192,18 @@ def _requirements(capabilities: frozenset[Capability]) -> frozenset[str]:
 def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] = DTYPES,
               devices: Iterable[str] = ("cpu",), *, max_blocks: int = 3, max_steps: int = 4,
               kinds: Iterable[str] = LAYER_KINDS, model: str | None = None,
-              modes: Iterable[str] = (DEFAULT_MODE,)) -> Scenario:
+              modes: Iterable[str] = (DEFAULT_MODE,), backends: Iterable[str] = ("aot_eager",),
+              real_models: bool = False) -> Scenario:
     """Draw a :class:`isolation_suite.Scenario` whose intent uses only ``capabilities``.
 
     ``devices`` restricts optimizer variants to those every listed device runs.
     Shrinks toward one small layer, one step, SGD, float32. With ``model`` (a factory,
     ``"pkg.mod:factory"``, see :mod:`isolation_suite.model.factory`) the model is the user's and only the
-    intent over its tree, the optimizer recipe, the loop and the seeds are drawn.
+    intent over its tree, the optimizer recipe, the loop and the seeds are drawn; ``model="hf:random"``
+    draws a tiny ``transformers`` configuration per example (:func:`~isolation_suite.strategies.hf.hf_models`)
+    and carries its name. ``real_models``: without ``model``, about one example in
+    ``REAL_MODEL_ODDS`` is such a configuration instead of a generated tree (shrinking toward the tree).
+    ``backends``: what a ``compile`` mode compiles with.
 
     >>> from strategies import scenarios
     >>> scenarios(capabilities=["FREEZE_MODULE"])  # doctest: +ELLIPSIS
@@ -196,15 +220,20 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
     else:
         chosen = frozenset(ordered)
     modes = check_choice("modes", modes, MODE_KINDS)
+    backends = check_choice("backends", backends, COMPILE_BACKENDS)
     # a mode of several ranks shapes the whole scenario (its batch, layers, dtype): it is drawn first
     split = tuple(m for m in modes if MODE_KIND[m].distributed)
     if split:
         kind = modes[0] if len(modes) == 1 else draw(st.sampled_from(modes))
+        if kind in split and model == hf.RANDOM:
+            raise InvalidArgument(f"the {kind} mode does not draw {hf.RANDOM}: name one configuration")
+        if kind in split and model is not None:
+            return draw(_split_model_scenarios(kind, model, chosen, dtypes, devices, max_steps))
         if kind in split:
-            if model is not None and MODE_KIND[kind].no_user_model:
-                raise InvalidArgument(f"the {kind} mode {MODE_KIND[kind].no_user_model}: it takes no model factory")
             return draw(_split_scenarios(kind, chosen, dtypes, devices, max_blocks, max_steps, kinds))
         modes = tuple(m for m in modes if m not in split)
+    if model == hf.RANDOM or (model is None and real_models and _draws_real_model(draw, chosen)):
+        model = draw(hf_models(chosen))
     if model is not None:
         scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
         tree = factory_tree(model)
@@ -215,8 +244,18 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         scenario = draw(with_freeze_schedule(tree, scenario))
     if modes == (DEFAULT_MODE,):
         return scenario
-    mode = draw(execution_modes(tree, modes, input_requires_grad=scenario.data.input_requires_grad))
+    mode = draw(execution_modes(tree, modes, input_requires_grad=scenario.data.input_requires_grad,
+                                backends=backends))
     return dataclasses.replace(scenario, mode=mode)
+
+
+#: beside generated trees, one example in this many is a random ``transformers`` configuration
+REAL_MODEL_ODDS = 4
+
+
+def _draws_real_model(draw, chosen: frozenset[Capability]) -> bool:
+    """Whether this example is a random ``transformers`` configuration (where one can host the intent)."""
+    return family_fits(chosen) and draw(st.integers(0, REAL_MODEL_ODDS - 1)) == REAL_MODEL_ODDS - 1
 
 
 #: layers that normalise with the statistics of the batch they see in training mode: a rank sees its
@@ -238,7 +277,33 @@ def _split_scenarios(draw, kind: str, chosen, dtypes, devices, max_blocks: int, 
         scenario = draw(with_freeze_schedule(architecture_tree(scenario.architecture), scenario))
     mode = draw(execution_modes(scenario.architecture, (kind,), intent=scenario.intent))
     data = dataclasses.replace(scenario.data, batch=info.ranks * scenario.data.batch)
-    return dataclasses.replace(scenario, data=data, mode=mode)
+    return dataclasses.replace(scenario, data=data, mode=mode, optimizer=draw(_mode_recipe(info, scenario, devices)))
+
+
+def _mode_recipe(info, scenario: Scenario, devices) -> st.SearchStrategy:
+    """The scenario's recipe, or, in a mode that shards the parameters, one drawn afresh among those
+    that can step them, with the same scheduler (a freeze schedule takes none)."""
+    if not info.shards_parameters:
+        return st.just(scenario.optimizer)
+    return optimizer_recipes(devices=devices, sharded=True, schedulers=(scenario.optimizer.scheduler,))
+
+
+@st.composite
+def _split_model_scenarios(draw, kind: str, model: str, chosen, dtypes, devices, max_steps: int) -> Scenario:
+    """A scenario of the user's model in a mode of several ranks: each rank trains on its share of the
+    factory's example batch (``factory.batch_dims``), in the mode's dtypes where asked for."""
+    info = MODE_KIND[kind]
+    tree = factory_tree(model)
+    obstacle = split_obstacle(tree, info.ranks)
+    if obstacle:
+        raise InvalidArgument(f"the {kind} mode splits the batch of {model} between {info.ranks} processes, "
+                              f"but {obstacle}")
+    dtypes = tuple(d for d in dtypes if d in info.dtypes) or dtypes
+    scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
+    if Capability.FREEZE_SCHEDULE in chosen:
+        scenario = draw(with_freeze_schedule(tree, scenario))
+    mode = draw(execution_modes(tree, (kind,), intent=scenario.intent))
+    return dataclasses.replace(scenario, mode=mode, optimizer=draw(_mode_recipe(info, scenario, devices)))
 
 
 @st.composite

@@ -16,7 +16,8 @@ from isolation_suite.model.factory import factory_tree, tree_of
 from isolation_suite.model.tree import (ModelTree, element_owners, freeze_targets, leaves_parameters_unused,
                                         mode_targets, pass_through_targets, reparam_targets, region_needs_gradient,
                                         upstream_of_isolation)
-from isolation_suite.spec.scenario import MODE_KINDS, Change, Data, Intent, Mode, Scenario
+from isolation_suite.spec import mode_kinds
+from isolation_suite.spec.scenario import MODE_KINDS, Change, Data, Intent, Mode, Scenario, ScenarioError
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.techniques import conditions as c
 from isolation_suite.techniques import triggers as t
@@ -100,6 +101,12 @@ def ddp_unreduced(examples: tuple[Scenario, Scenario]) -> tuple[Condition, ...]:
 
 DDP_UNREDUCED = ddp_unreduced((t.DDP_FROZEN, t.DDP_FROZEN_ONE_STEP))
 
+#: element rows whose setup hooks the parameter tensors themselves
+REPLACED_HOOKED = Condition(
+    "frozen-unchanged", "fsdp replaces every parameter after the setup: the gradient hook stays on the original "
+    "tensor, and the sharded parameter's frozen entries get their gradient", c.holds_replaced_parameters,
+    (t.ELEMENTS_SHARDED,), ("fsdp",))
+
 #: pass-through rows whose detaching is over when backward recomputes a checkpointed module they pass through
 PASS_REGION = (
     Condition("matches-reference", "the passed-through module's own forward is checkpointed (reentrant): backward "
@@ -110,8 +117,16 @@ PASS_REGION = (
 )
 
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry(FunctionalDetach, PASS_REGION),
+    CatalogEntry(FunctionalDetach, PASS_REGION + (
+        Condition("matches-reference", "the passed-through container is sharded on its own (fsdp, nested): FSDP2's "
+                  "pre-forward hook registers the gathered parameters over the detached ones functional_call put "
+                  "there, and the call trains them", c.pass_through_sharded_unit, (t.PASS_SHARDED,), ("fsdp",)),)),
     CatalogEntry(ToggleRequiresGrad, PASS_REGION + (
+        Condition("state-restored", "the passed-through container is sharded on its own and kept gathered after "
+                  "its forward (fsdp, nested, reshard_after_forward=False): requires_grad_(False) lands on the "
+                  "sharded parameters before FSDP2 gathers them, requires_grad_(True) on the gathered ones, and the "
+                  "sharded ones are left frozen", c.pass_through_gathered_unit, (t.PASS_SHARDED_GATHERED,),
+                  ("fsdp",)),
         Condition("state-restored", "a non-reentrant checkpoint's recomputation stops early inside the call "
                   "(checkpoint's early stop): requires_grad is left False", c.pass_through_recomputed_non_reentrant,
                   (), ("checkpoint",)),
@@ -180,7 +195,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     )),
     CatalogEntry(TensorHookMask, (
         Condition("frozen-unchanged", "weight decay moves an entry whose gradient is zero", c.weight_decay,
-                  (t.ELEMENTS_ADAMW,)),)),
+                  (t.ELEMENTS_ADAMW,)), REPLACED_HOOKED)),
     CatalogEntry(ForwardPreHookOverwrite, (
         Condition("frozen-unchanged", "the entry drifts after every step", lambda s: True, (t.ELEMENTS_PLAIN,)),
         Condition("no-crash", "the module is called twice: the reset edits a tensor saved for backward",
@@ -188,7 +203,10 @@ CATALOG: tuple[CatalogEntry, ...] = (
     )),
     CatalogEntry(RestoreAfterStep, (
         Condition("matches-reference", "gradient-norm clipping counts the frozen entries' gradients",
-                  c.counts_frozen_gradients, (t.ELEMENTS_CLIP_NORM,)),)),
+                  c.counts_frozen_gradients, (t.ELEMENTS_CLIP_NORM,)),
+        Condition("frozen-unchanged", "fsdp replaces every parameter after the setup: the step hook copies the "
+                  "initial entries into the original tensors it saved, which no longer train, and the sharded "
+                  "ones move", c.holds_replaced_parameters, (t.ELEMENTS_SHARDED,), ("fsdp",)),)),
     CatalogEntry(ParametrizeWhere),
     CatalogEntry(WeightDropoutDataTechnique, (
         Condition("trainable-trains", "the raw weights never get gradient", c.reparameterized,
@@ -215,8 +233,22 @@ def explicit_examples(capabilities: Iterable[Capability], mode: str = "eager",
         if row.technique.capabilities <= caps:
             for condition in row.conditions:
                 if condition.in_mode(mode):
-                    seen.update(dict.fromkeys(in_mode(example, mode) for example in condition.examples))
+                    seen.update(dict.fromkeys(moved for example in condition.examples
+                                              if (moved := movable(example, mode)) is not None))
     return tuple(seen)
+
+
+def movable(scenario: Scenario, kind: str) -> Scenario | None:
+    """``scenario`` in execution mode ``kind`` (``in_mode``), or None where the mode cannot judge it:
+    an optimizer that cannot step sharded parameters, or, in a mode of several ranks, a BatchNorm
+    that trains (each rank normalises with its own rows' statistics, the reference with the whole
+    batch's: they differ by design, whatever the technique). That trigger is not the mode's."""
+    if mode_kinds.BY_KIND[kind].distributed and c.trains_batch_statistics(scenario):
+        return None
+    try:
+        return in_mode(scenario, kind)
+    except ScenarioError:
+        return None
 
 
 def in_mode(scenario: Scenario, kind: str) -> Scenario:
@@ -256,7 +288,7 @@ def _ddp_defaults(tree: ModelTree, kind: str, data: Data, intent: Intent) -> lis
 
 PLACEMENTS: dict[str, Callable[[ModelTree, str, Data, Intent], list[Mode]]] = {
     "eager": _whole_model, "checkpoint": _checkpointed_regions, "compile": _whole_model,
-    "autocast": _whole_model, "ddp": _ddp_defaults,
+    "autocast": _whole_model, "ddp": _ddp_defaults, "fsdp": _whole_model,
 }
 assert tuple(PLACEMENTS) == MODE_KINDS, "every execution mode says where a trigger takes it"
 
@@ -288,8 +320,11 @@ def _first_analog(tree, trigger: Scenario, condition: Condition, model: str, mod
     data = Data(1, data.seed, data.input_requires_grad and tree.float_inputs, data.loss)
     for intent, schedule in _scheduled_analogs(tree, trigger):
         for placed in PLACEMENTS[mode](tree, mode, data, intent):
-            scenario = Scenario(None, intent, trigger.optimizer, data, trigger.steps, trigger.micro_batches,
-                                trigger.dtype, 0, model, placed, schedule)
+            try:
+                scenario = Scenario(None, intent, trigger.optimizer, data, trigger.steps, trigger.micro_batches,
+                                    trigger.dtype, 0, model, placed, schedule)
+            except ScenarioError:  # the mode cannot run the trigger's recipe (see ``movable``)
+                return None
             if condition.holds(scenario):
                 return scenario
     return None

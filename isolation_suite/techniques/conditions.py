@@ -12,12 +12,20 @@ from isolation_suite.spec.kinds import BATCHNORM_EFFECT
 from isolation_suite.spec.optim_info import OPTIMIZER_BY_NAME, SCHEDULER_BY_NAME
 from isolation_suite.spec.scenario import Scenario
 from isolation_suite.spec.scenario import Intent
-from isolation_suite.model.tree import region_needs_gradient, region_trains, upstream_of_isolation
+from isolation_suite.model.tree import region_needs_gradient, region_trains, shard_units, upstream_of_isolation
 
 
 def _frozen_nodes(s: Scenario):
     tree = tree_of(s)
     return [n for n in tree.nodes if n.path and s.intent.is_frozen_module(n.path)]
+
+
+def trains_batch_statistics(s: Scenario) -> bool:
+    """A called BatchNorm is outside the frozen modules at some step: it normalises with the statistics
+    of the batch it sees, which a rank of a distributed mode sees only its share of."""
+    tree = tree_of(s)
+    norms = [n.path for n in tree.nodes if n.train_mode == BATCHNORM_EFFECT and n.calls]
+    return any(not s.intent_at(step).is_frozen_module(path) for path in norms for step in range(1, s.steps + 1))
 
 
 def frozen_has_train_mode_layer(s: Scenario) -> bool:
@@ -184,3 +192,28 @@ def ddp_names_freeze_everything(s: Scenario) -> bool:
     if not s.mode.info.wraps_trainable or not names_collide(s):
         return False
     return all(any(f in p for f in s.intent.frozen_modules) for p in tree_of(s).parameters)
+
+
+def pass_through_sharded_unit(s: Scenario) -> bool:
+    """A module passed through at some call is sharded on its own (``fsdp``, ``nested``): when it is
+    called, FSDP2's pre-forward hook registers its gathered parameters on it, over whatever the
+    technique put there just before the call (``functional_call``'s detached tensors), and flags the
+    technique sets before the call land on the sharded parameters, those after it on the gathered ones."""
+    if not (s.mode.info.shards_parameters and s.mode.nested):
+        return False
+    units = shard_units(tree_of(s))
+    return any(path in units for path, _ in s.intent.pass_through)
+
+
+def pass_through_gathered_unit(s: Scenario) -> bool:
+    """As ``pass_through_sharded_unit``, with ``reshard_after_forward=False``: after the call the gathered
+    parameters stay registered, so a flag set after the call lands on them, not on the sharded ones
+    (with resharding, the call returns with the sharded ones registered again)."""
+    return pass_through_sharded_unit(s) and s.mode.keep_gathered
+
+
+def holds_replaced_parameters(s: Scenario) -> bool:
+    """The mode replaces every parameter after the technique's setup (``fsdp``: ``fully_shard`` swaps in
+    sharded ``DTensor`` parameters): whatever the setup kept of the originals (the tensors themselves,
+    hooks registered on them) no longer reaches the parameters that train."""
+    return s.mode.info.shards_parameters

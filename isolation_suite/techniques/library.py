@@ -1,4 +1,14 @@
-"""Real libraries' freezing, judged through the plug-in contract.
+"""Real libraries' recipes, judged through the plug-in contract, and the table of every library row.
+
+Every library row is a ``Technique`` that calls the library's own code, with four more class
+attributes: ``library`` (the distribution, as ``pip`` and ``importlib.metadata`` name it),
+``judged_on`` (the version its declared verdicts were verified on), ``judged_models`` (the model
+factories it was judged on; empty: generated models) and ``judged_modes`` (the execution modes its
+verdicts were verified in). :func:`library_rows` lists them with the installed version, read from the
+package metadata without importing the library; ``isolation-suite list``, ``docs/compatibility.md``
+and the HTML report show them. The rows live in this module (Lightning),
+:mod:`~isolation_suite.techniques.library_peft` (PEFT) and
+:mod:`~isolation_suite.techniques.library_transformers` (transformers' gradient checkpointing).
 
 Lightning's fine-tuning callbacks (``lightning.pytorch.callbacks.BaseFinetuning``, the base of
 ``BackboneFinetuning``) freeze a backbone with ``BaseFinetuning.freeze(modules, train_bn=...)`` and
@@ -31,8 +41,14 @@ from, and the verdict is about Lightning's freezing.
 """
 from __future__ import annotations
 
+import importlib.metadata
+from dataclasses import dataclass
+
+from isolation_suite.spec.mode_kinds import MODE_KINDS
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.techniques.freeze_module import STARVES_REENTRANT_CHECKPOINT
+from isolation_suite.techniques.library_peft import PEFT_TECHNIQUES
+from isolation_suite.techniques.library_transformers import HF_TECHNIQUES
 
 FREEZE = frozenset({Capability.FREEZE_MODULE})
 
@@ -67,6 +83,10 @@ class LightningFreeze(Technique):
     mode_violations = STARVES_REENTRANT_CHECKPOINT
     summary = "Lightning's BaseFinetuning.freeze(modules, train_bn=True); optimizer over requires_grad params"
     train_bn = True
+    library = "lightning"
+    judged_on = "2.6.6"
+    judged_models = ()  # generated models
+    judged_modes = ("eager", "checkpoint", "compile", "autocast", "ddp")
 
     def __init__(self) -> None:
         try:  # before any run: importing Lightning patches torch.compile (see the module docstring)
@@ -109,4 +129,82 @@ class LightningFreezeNoBN(LightningFreeze):
     train_bn = False
 
 
-LIBRARY_TECHNIQUES = (LightningFreeze, LightningFreezeNoBN)
+LIGHTNING_TECHNIQUES = (LightningFreeze, LightningFreezeNoBN)
+#: every library row, by library
+LIBRARY_TECHNIQUES = LIGHTNING_TECHNIQUES + PEFT_TECHNIQUES + HF_TECHNIQUES
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (from its metadata: nothing is imported), or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class LibraryRow:
+    """One library technique, as the compatibility table shows it."""
+
+    technique: type[Technique]
+
+    @property
+    def name(self) -> str:
+        return self.technique.name
+
+    @property
+    def library(self) -> str:
+        return self.technique.library
+
+    @property
+    def judged_on(self) -> str:
+        return self.technique.judged_on
+
+    @property
+    def spec(self) -> str:
+        """How to name it on the command line (``isolation-suite check SPEC``)."""
+        return f"{self.technique.__module__}:{self.technique.__qualname__}"
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(self.technique.judged_models)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return tuple(self.technique.judged_modes)
+
+    def installed(self) -> str | None:
+        return installed_version(self.library)
+
+    def expected(self, mode: str) -> frozenset[str]:
+        """``expected_in(mode)``, read off the class: constructing a Lightning row imports Lightning."""
+        return Technique.expected_in(self.technique, mode)
+
+    def verdict(self, mode: str) -> str | None:
+        """The declared verdict in ``mode``: ``"sound"`` or the expected invariants, sorted and joined;
+        None where the row was not judged in that mode."""
+        if mode not in self.modes:
+            return None
+        return ", ".join(sorted(self.expected(mode))) or "sound"
+
+    def verdict_line(self) -> str:
+        """The eager verdict, then what each other judged mode adds: ``sound; under checkpoint: ...``."""
+        eager = self.expected("eager")
+        parts = [", ".join(sorted(eager)) or "sound"]
+        for mode in self.modes:
+            extra = sorted(self.expected(mode) - eager)
+            if extra:
+                parts.append(f"under {mode}: " + ", ".join(extra))
+        return "; ".join(parts)
+
+
+def library_rows() -> tuple[LibraryRow, ...]:
+    """Every library row, in :data:`LIBRARY_TECHNIQUES` order; none is constructed and no library
+    imported."""
+    return tuple(LibraryRow(t) for t in LIBRARY_TECHNIQUES)
+
+
+def library_modes(rows: tuple[LibraryRow, ...] | None = None) -> tuple[str, ...]:
+    """The execution modes any row was judged in, in ``spec.mode_kinds`` order."""
+    judged = {m for row in (library_rows() if rows is None else rows) for m in row.modes}
+    return tuple(m for m in MODE_KINDS if m in judged) + tuple(sorted(judged - set(MODE_KINDS)))

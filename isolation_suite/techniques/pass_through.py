@@ -11,8 +11,10 @@ class FunctionalDetach(Technique):
     name = "functional_detach"
     seed = "000"
     capabilities = frozenset({Capability.PASS_THROUGH})
-    # where the module's own forward is checkpointed, the swap is over when backward recomputes it
-    mode_violations = {"checkpoint": frozenset({"matches-reference", "no-crash"})}
+    # where the module's own forward is checkpointed, the swap is over when backward recomputes it;
+    # where it is sharded on its own (fsdp), FSDP2 registers the gathered parameters over the swap
+    mode_violations = {"checkpoint": frozenset({"matches-reference", "no-crash"}),
+                       "fsdp": frozenset({"matches-reference"})}
     summary = "the seed's F.linear(x, w.detach(), b.detach()), generalised with functional_call"
 
     def call(self, module, args, role, kwargs):
@@ -28,8 +30,10 @@ class ToggleRequiresGrad(Technique):
     # not exception-safe: a non-reentrant checkpoint's recomputation that stops early inside the call
     # leaves the module with requires_grad=False (state-restored; the next step's recomputation then
     # differs from its forward: no-crash); and where the module's own forward is checkpointed, the
-    # flags are back on when backward recomputes it
-    mode_violations = {"checkpoint": frozenset({"state-restored", "no-crash", "matches-reference"})}
+    # flags are back on when backward recomputes it; where it is sharded on its own and kept gathered
+    # (fsdp), the flags land on two different tensors (the sharded parameters, then the gathered ones)
+    mode_violations = {"checkpoint": frozenset({"state-restored", "no-crash", "matches-reference"}),
+                       "fsdp": frozenset({"state-restored"})}
     summary = "requires_grad_(False) around the call, requires_grad_(True) after it"
 
     def call(self, module, args, role, kwargs):

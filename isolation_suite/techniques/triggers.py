@@ -150,3 +150,16 @@ PASS_REGION = dataclasses.replace(PASS_CONTAINER, mode=Mode("checkpoint", "blk",
 #: colliding names in the ddp mode: the substring freezes every parameter, and DDP refuses to wrap it
 DDP_NAMES_COLLIDE = dataclasses.replace(NAMES_COLLIDE, mode=Mode("ddp"),
                                         data=dataclasses.replace(NAMES_COLLIDE.data, batch=6))
+
+
+# --- the fsdp mode -----------------------------------------------------------------------
+#: a container called twice, its first call passed through, sharded on its own (``nested``): FSDP2's
+#: pre-forward hook registers the gathered parameters on it when it is called, over whatever the
+#: technique put there just before
+PASS_SHARDED = dataclasses.replace(PASS_CONTAINER, mode=Mode("fsdp", nested=True),
+                                   data=dataclasses.replace(PASS_CONTAINER.data, batch=6))
+#: the same with ``reshard_after_forward=False``: the gathered parameters stay registered after the call
+PASS_SHARDED_GATHERED = dataclasses.replace(PASS_SHARDED, mode=Mode("fsdp", nested=True, keep_gathered=True))
+#: entries of a Linear frozen under gradient-norm clipping, the model sharded after the setup
+ELEMENTS_SHARDED = dataclasses.replace(ELEMENTS_PLAIN, mode=Mode("fsdp"),
+                                       data=dataclasses.replace(ELEMENTS_PLAIN.data, batch=6))
