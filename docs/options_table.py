@@ -9,16 +9,16 @@ Each option is declared once in the code; this table is its one description for 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CLI_MD = HERE / "cli.md"
-BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
+if str(HERE) not in sys.path:  # the shared block helper, wherever this script is loaded from
+    sys.path.insert(0, str(HERE))
 
-if str(HERE.parent) not in sys.path:  # run from a checkout: document this checkout's options
-    sys.path.insert(0, str(HERE.parent))
+from generated_block import GeneratedBlock  # noqa: E402 - after the path it lives on
+
+CLI_MD = HERE / "cli.md"
 
 
 def table() -> str:
@@ -35,25 +35,12 @@ def table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def replaced(text: str) -> str:
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{table()}{END}{tail}"
+GENERATED = GeneratedBlock(CLI_MD, "options", "options_table.py", "", "the options table", table)
+replaced = GENERATED.replaced
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true")
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    text = CLI_MD.read_text()
-    if args.write:
-        CLI_MD.write_text(replaced(text))
-    elif args.check:
-        return 0 if replaced(text) == text else 1
-    else:
-        sys.stdout.write(table())
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return GENERATED.main(argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -77,11 +77,16 @@ def test_readme_links_every_docs_page():
     assert not missing, f"README.md's Documentation section does not link {missing}"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("catalog_table", DOCS / "catalog_table.py")
+def _script(name: str):
+    """The docs script ``docs/NAME.py``, loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, DOCS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _generator():
+    return _script("catalog_table")
 
 
 def test_catalog_table_is_generated_from_the_code():
@@ -100,10 +105,7 @@ def test_catalog_table_has_a_row_per_technique():
 
 
 def _compatibility_generator():
-    spec = importlib.util.spec_from_file_location("compatibility_table", DOCS / "compatibility_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("compatibility_table")
 
 
 def test_compatibility_table_is_generated_from_the_code():
@@ -147,9 +149,7 @@ def test_two_commands_are_the_ones_ci_runs():
 
 
 def test_options_table_is_generated_from_the_settings():
-    spec = importlib.util.spec_from_file_location("options_table", DOCS / "options_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("options_table")
     text = (DOCS / "cli.md").read_text()
     assert module.replaced(text) == text, "docs/cli.md's options table is stale: run python docs/options_table.py --write"
     from isolation_suite.engine.settings import OPTIONS

@@ -1,6 +1,7 @@
 """Random ``transformers`` configurations (``hf:random``): their names, the strategy that draws them,
 the factory that builds them, the search over them, and what the nightly profile draws."""
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from isolation_suite.engine.runs import plan_for
 from isolation_suite.engine.settings import CHECK, SettingError
 from isolation_suite.engine.settings import settings as read_settings
 from isolation_suite.engine.sweep import sweep
+from isolation_suite.execution import modes
 from isolation_suite.model.factory import ModelFactoryError, factory_tree, make, resolve
 from isolation_suite.model.tree import check_intent, module_tree, targets_for
 from isolation_suite.spec.kinds import DROPOUT_EFFECT
@@ -213,7 +215,23 @@ def test_only_the_nightly_profile_draws_inductor_and_real_models():
     assert profiles.DRAWS["isolation-nightly"] == profiles.Draws(("aot_eager", "inductor"), True)
 
 
-def test_without_a_cpp_compiler_inductor_is_not_drawn_and_the_profile_says_why(monkeypatch):
+@pytest.fixture
+def inductor_judged(monkeypatch):
+    """The compile mode applies the inductor settings that make its verdicts comparable."""
+    monkeypatch.setattr(modes, "INDUCTOR_CONFIG", dict(profiles.INDUCTOR_NEEDS), raising=False)
+
+
+def test_inductor_is_drawn_only_once_the_compile_mode_applies_its_settings(monkeypatch):
+    monkeypatch.delattr(modes, "INDUCTOR_CONFIG", raising=False)
+    assert profiles.draws("isolation-nightly", "cpu").backends == ("aot_eager",)
+    assert ("inductor not drawn: the compile mode does not apply fallback_random=True, compile_threads=1 to "
+            "inductor") in profiles.describe("isolation-nightly")
+    monkeypatch.setattr(modes, "INDUCTOR_CONFIG", {"fallback_random": True}, raising=False)  # one of two
+    assert profiles.draws("isolation-nightly", "cpu").backends == ("aot_eager",)
+
+
+def test_without_a_cpp_compiler_inductor_is_not_drawn_and_the_profile_says_why(monkeypatch, inductor_judged):
+    assert profiles.draws("isolation-nightly", "cpu").backends == ("aot_eager", "inductor")
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(profiles.shutil, "which", lambda name: None)
     assert profiles.draws("isolation-nightly", "cpu").backends == ("aot_eager",)
@@ -232,11 +250,10 @@ def _drawn(strategy, count: int) -> list:
     return out
 
 
-@pytest.mark.skipif(not profiles.draws("isolation-nightly").real_models
-                    or "inductor" not in profiles.draws("isolation-nightly").backends,
-                    reason="needs transformers and a C++ compiler")
+@needs_transformers
+@pytest.mark.skipif(not any(shutil.which(c) for c in profiles.CXX_NAMES), reason="needs a C++ compiler")
 @pytest.mark.parametrize("profile", ["isolation-dev", "isolation-nightly"])
-def test_the_search_draws_what_its_profile_draws(profile, monkeypatch):
+def test_the_search_draws_what_its_profile_draws(profile, monkeypatch, inductor_judged):
     monkeypatch.setenv("ISOLATION_PROFILE", profile)
     compiled = _drawn(search_strategy(frozenset({Capability.FREEZE_MODULE}), "cpu", None, "compile"), 30)
     eager = _drawn(search_strategy(frozenset({Capability.FREEZE_MODULE}), "cpu", None, "eager"), 30)

@@ -19,11 +19,12 @@ import pytest
 import isolation_suite as iso
 from isolation_suite.engine.check import failure_message, search
 from isolation_suite.spec.mode_kinds import MODE_KINDS
-from isolation_suite.spec.scenario import Data, Intent, Mode, OptimizerRecipe, Scenario
-from isolation_suite.techniques import in_mode
+from isolation_suite.spec.scenario import Change, Data, Intent, Layer, Mode, OptimizerRecipe, Scenario, chain
+from isolation_suite.techniques import in_mode, movable
 from isolation_suite.techniques import triggers as t
 from isolation_suite.techniques.library import (LIBRARY_TECHNIQUES, LIGHTNING_TECHNIQUES, LibraryRow,
-                                                installed_version, library_modes, library_rows)
+                                                LightningBackboneFinetuning, installed_version, library_modes,
+                                                library_rows)
 from isolation_suite.techniques.library_peft import (LORA_BERT, LORA_BERT_MODULES_TO_SAVE, PEFT_TECHNIQUES,
                                                      AdapterIntentError, PeftAddAdapterInference,
                                                      PeftLoadAdapterTrainable, PeftSetRequiresGrad, recipe_examples)
@@ -313,13 +314,179 @@ def test_lightning_freezing_per_mode(mode):
     """In every mode the rows are judged in: caught where a BatchNorm is frozen, with a declared
     invariant; sound on a plain frozen Linear; under checkpoint, starved by a reentrant checkpoint."""
     pytest.importorskip("lightning")
-    for row in LIGHTNING_TECHNIQUES:
+    for row in (r for r in LIGHTNING_TECHNIQUES if mode in r.judged_modes):
         caught = iso.check(row(), in_mode(t.FROZEN_BATCHNORM, mode))
         assert not caught.ok and caught.first.invariant in row().expected_in(mode), str(caught)
         assert iso.check(row(), in_mode(t.FROZEN_LINEAR, mode)).ok
     if mode == "checkpoint":
         starved = iso.check(LIGHTNING_TECHNIQUES[0](), t.CHECKPOINT_STARVED)
         assert starved.first.invariant == "trainable-trains", str(starved)
+
+
+# --- Lightning's BackboneFinetuning: a freeze schedule -----------------------------------------
+
+def _layernorm(path: str, features: int) -> Layer:
+    return Layer(path, "layernorm", (("normalized_shape", features),))
+
+
+#: a module that trained with momentum, frozen at step 2 and thawed again at step 3 (``set_to_none=True``:
+#: nothing moves it while it is frozen)
+RETHAW = dataclasses.replace(
+    t.scenario([t.linear("pre"), t.linear("enc"), t.linear("fc")], ["pre", "enc", "fc"], Intent(),
+               OptimizerRecipe("SGD", (("lr", 0.1), ("momentum", 0.9))), steps=4),
+    schedule=(Change(2, ("enc",)), Change(3, ())))
+#: the same with plain SGD: no state to carry over
+RETHAW_PLAIN = dataclasses.replace(RETHAW, optimizer=t.SGD)
+#: REFREEZE_MOMENTUM with ``zero_grad(set_to_none=True)``: the frozen module's gradient is None
+REFREEZE_TO_NONE = dataclasses.replace(t.REFREEZE_MOMENTUM, optimizer=OptimizerRecipe(
+    "SGD", (("lr", 0.1), ("momentum", 0.9))))
+_TIED_LAYERS = [t.linear("pre"), t.linear("bb.enc"), t.linear("bb.dec"), t.linear("fc")]
+#: a backbone holding both ends of a tie (an embedding and its tied decoder, say), thawed at step 2
+TIED_BACKBONE = dataclasses.replace(
+    t.THAW, intent=Intent(frozen_modules=("bb",)),
+    architecture=chain((2,), _TIED_LAYERS, ["pre", "bb.enc", "bb.dec", "fc"], ties=(("bb.dec.weight", "bb.enc.weight"),)))
+#: a thawed LayerNorm whose ones and zeros equal a trainable LayerNorm's, which has not moved: with one
+#: feature a LayerNorm's output is its bias whatever its input, so nothing upstream of it gets gradient
+EQUAL_VALUES = dataclasses.replace(
+    t.scenario([_layernorm("norm", 1), _layernorm("enc", 1), t.linear("fc", 1, 1)], ["norm", "enc", "fc"],
+               Intent(frozen_modules=("enc",)), steps=3, input_shape=(1,)),
+    schedule=(Change(2, ()),))
+
+BACKBONE_TRIGGERS = {"THAW": t.THAW, "THAW_BATCHNORM": t.THAW_BATCHNORM, "REFREEZE_MOMENTUM": t.REFREEZE_MOMENTUM,
+                     "REFREEZE_TO_NONE": REFREEZE_TO_NONE, "RETHAW": RETHAW, "RETHAW_PLAIN": RETHAW_PLAIN,
+                     "TIED_BACKBONE": TIED_BACKBONE, "EQUAL_VALUES": EQUAL_VALUES, "DDP_THAW": t.DDP_THAW,
+                     "CHECKPOINT_STARVED": t.CHECKPOINT_STARVED}
+#: where the row trains as the reference does: a thaw at the recipe's lr with fresh state, a refreeze whose
+#: gradient is None, a module thawed again with no optimizer state to carry over
+BACKBONE_SOUND = ("THAW", "REFREEZE_TO_NONE", "RETHAW_PLAIN")
+
+
+@pytest.fixture(scope="module")
+def backbone_verdicts():
+    """``(trigger name, mode, technique name) -> (scenario, verdict)``: the trigger moved into the mode
+    (``movable``: None where the mode cannot judge it), judged once per module."""
+    pytest.importorskip("lightning")
+    cache: dict = {}
+
+    def get(name: str, mode: str, technique: str = LightningBackboneFinetuning.name):
+        key = (name, mode, technique)
+        if key not in cache:
+            scenario = movable(BACKBONE_TRIGGERS[name], mode)
+            row = LightningBackboneFinetuning() if technique == LightningBackboneFinetuning.name \
+                else iso.catalog()[technique]
+            cache[key] = (scenario, None if scenario is None else iso.check(row, scenario))
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("mode", LightningBackboneFinetuning.judged_modes)
+def test_backbone_finetuning_breaks_only_what_it_declares(backbone_verdicts, mode):
+    """On every trigger, in every mode it is judged in: a verdict that fails, fails with declared
+    invariants only; the plain thaw and the refreeze without stale state hold (outside ddp)."""
+    judged = 0
+    for name in BACKBONE_TRIGGERS:
+        scenario, verdict = backbone_verdicts(name, mode)
+        if verdict is None:  # a trained BatchNorm is not judged under ddp
+            continue
+        judged += 1
+        _assert_declared(LightningBackboneFinetuning(), verdict, mode)
+        if name in BACKBONE_SOUND and mode != "ddp":
+            assert verdict.ok, f"{name} in {mode}\n{verdict}"
+    assert judged >= len(BACKBONE_TRIGGERS) - 1
+
+
+@pytest.mark.parametrize("mode", ("eager", "checkpoint", "autocast"))
+def test_backbone_finetuning_train_bn_and_refreezing(backbone_verdicts, mode):
+    """train_bn=True keeps a frozen BatchNorm training (its weight moves at step 1); a module frozen at a
+    boundary stays in the optimizer, where zero_grad(set_to_none=False) leaves it a zero gradient that
+    momentum moves at step 2 (pytorch#83769's mechanism)."""
+    _, bn = backbone_verdicts("THAW_BATCHNORM", mode)
+    assert bn.first.invariant == "frozen-unchanged" and bn.first.step == 1, str(bn)
+    assert bn.first.message.startswith("enc.bn.weight"), str(bn)
+    _, refrozen = backbone_verdicts("REFREEZE_MOMENTUM", mode)
+    assert refrozen.first.invariant == "frozen-unchanged" and refrozen.first.step == 2, str(refrozen)
+    assert refrozen.first.message.startswith("enc.weight"), str(refrozen)
+
+
+@pytest.mark.parametrize("name, invariant, needle", [
+    ("RETHAW", "matches-reference", "enc.weight"),  # the old momentum buffer, not fresh state
+    ("TIED_BACKBONE", "matches-reference", "bb.enc.weight"),  # the tie stepped twice
+    ("EQUAL_VALUES", "trainable-trains", "enc.bias never moved at step 2"),  # skipped by torch.equal
+])
+@pytest.mark.parametrize("mode", ("eager", "autocast"))
+def test_backbone_finetuning_add_param_group_faults(backbone_verdicts, name, invariant, needle, mode):
+    """What unfreeze_and_add_param_group adds, caught on its trigger with the declared invariant, where
+    unfreeze_add_param_group (the same schedule with identity-based groups and fresh state) holds."""
+    _, verdict = backbone_verdicts(name, mode)
+    assert verdict.first.invariant == invariant and needle in verdict.first.message, str(verdict)
+    assert verdict.first.step == (3 if name == "RETHAW" else 2), str(verdict)
+    _, sound = backbone_verdicts(name, mode, "unfreeze_add_param_group")
+    assert sound.ok, str(sound)
+
+
+def test_backbone_finetuning_under_checkpoint_and_ddp(backbone_verdicts):
+    """A reentrant checkpoint fed only by the frozen module starves. Under ddp a module thawed after
+    DDP wrapped the model trains unaveraged (Lightning#20340): its first step differs, whatever DDP's
+    options; a module frozen after the wrap leaves DDP waiting for its gradient (DDP's defaults or
+    static_graph: no-crash), and with find_unused_parameters=True the same refreeze holds."""
+    _, starved = backbone_verdicts("CHECKPOINT_STARVED", "checkpoint")
+    assert starved.first.invariant == "trainable-trains" and "blk.lin.weight" in starved.first.message, str(starved)
+    row = LightningBackboneFinetuning()
+    scenario, thawed = backbone_verdicts("DDP_THAW", "ddp")
+    assert thawed.first.invariant == "matches-reference" and thawed.first.step == 2, str(thawed)
+    assert thawed.first.message.startswith("enc.weight"), str(thawed)
+    for options in ({"find_unused": True}, {"static_graph": True}):
+        verdict = iso.check(row, dataclasses.replace(scenario, mode=Mode("ddp", **options)))
+        assert verdict.first.invariant == "matches-reference" and verdict.first.step == 2, str(verdict)
+    refreeze, crashed = backbone_verdicts("REFREEZE_TO_NONE", "ddp")
+    assert crashed.invariants == ("no-crash",), str(crashed)
+    assert "Expected to have finished reduction in the prior iteration" in crashed.first.message
+    assert iso.check(row, dataclasses.replace(refreeze, mode=Mode("ddp", find_unused=True))).ok
+    _assert_declared(row, crashed, "ddp")
+
+
+def test_backbone_finetuning_search_is_caught_in_every_mode():
+    """The search (trigger examples first) catches the row with a declared invariant in every mode."""
+    pytest.importorskip("lightning")
+    from isolation_suite.reporting.report import outcome
+
+    row = LightningBackboneFinetuning()
+    for mode in row.judged_modes:
+        result = search(row, max_examples=2, mode=mode, seed=0)
+        assert outcome(result, row.expected_in(mode)) == ("caught", True), failure_message(
+            result.failure, row.capabilities, result) if result.failure else f"held in {mode}"
+
+
+def test_unfreeze_and_add_param_group_behind_the_verdicts():
+    """Lightning's own calls, outside the harness: the thawed group's lr is the first group's over
+    initial_denom_lr (1.0: the recipe's; Lightning's default 10); a parameter equal in value to one in the
+    optimizer is skipped; a tie between two thawed modules lands in the group twice."""
+    pytest.importorskip("lightning")
+    import torch
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    def thaw(trainable, thawed, **kwargs):
+        BaseFinetuning.freeze(thawed)
+        optimizer = torch.optim.SGD([p for m in trainable for p in m.parameters()], lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            BaseFinetuning.unfreeze_and_add_param_group(thawed, optimizer, **kwargs)
+        return optimizer.param_groups[1:], [str(w.message) for w in caught]
+
+    torch.manual_seed(0)
+    head, backbone = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    (group,), _ = thaw([head], [backbone], initial_denom_lr=1.0)
+    assert group["lr"] == 0.1 and len(group["params"]) == 2
+    (group,), _ = thaw([torch.nn.Linear(2, 2)], [torch.nn.Linear(2, 2)])
+    assert group["lr"] == pytest.approx(0.01)  # Lightning's default initial_denom_lr=10
+    groups, messages = thaw([torch.nn.LayerNorm(2)], [torch.nn.LayerNorm(2)], initial_denom_lr=1.0)
+    assert groups == [], "filter_on_optimizer no longer compares by value: update lightning_backbone_finetuning"
+    assert any("already exist within another group" in m for m in messages), messages
+    enc, dec = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    dec.weight = enc.weight
+    (group,), messages = thaw([torch.nn.Linear(2, 2)], [enc, dec], initial_denom_lr=1.0)
+    assert sum(p is enc.weight for p in group["params"]) == 2, "a tie is no longer added twice: update the row"
+    assert any("duplicate parameters" in m for m in messages), messages
 
 
 # --- the compatibility table -------------------------------------------------------------------
@@ -387,3 +554,38 @@ def test_the_html_report_carries_the_compatibility_table():
     assert "<td>eager: held</td>" in section
     assert section.count("<td class='na'>—</td>") == sum(row.verdict(m) is None for row in library_rows()
                                                          for m in library_modes())
+
+
+# --- modes of several ranks: the user's model split between two processes ----------------------
+
+def _bert_frozen_embeddings(mode: Mode) -> Scenario:
+    return Scenario(None, Intent(frozen_modules=("model.bert.embeddings",)), OptimizerRecipe("SGD", (("lr", 0.1),)),
+                    Data(1, 0, False, "mse"), 2, 1, "float32", 0, "isolation_suite.zoo:tiny_bert", mode)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("mode, sound, starved", [
+    (Mode("ddp"), (), ("no-crash",)),
+    (Mode("ddp", static_graph=True), (), ("trainable-trains", "matches-reference")),
+    (Mode("ddp", find_unused=True), ("no-crash",), ("trainable-trains", "matches-reference")),
+    (Mode("fsdp", nested=True), (), ("trainable-trains", "matches-reference")),
+], ids=repr)
+def test_gradient_checkpointing_under_ddp_and_fsdp(hf, mode, sound, starved):
+    """BERT with frozen embeddings, its batch split between two processes. The model's own reentrant
+    checkpoints meet DDP's reducer: with find_unused_parameters=True it marks a layer's parameters
+    ready twice and raises; without input gradients the layers get none, and with DDP's defaults
+    their bucket is never reduced (the next forward raises)."""
+    scenario = _bert_frozen_embeddings(mode)
+    for row, expected in ((HFGradientCheckpointing, sound), (HFGradientCheckpointingNoInputGrads, starved)):
+        verdict = iso.check(row(), scenario)
+        assert verdict.invariants == expected, f"{row.name} in {mode}:\n{verdict}"
+        _assert_declared(row(), verdict, mode.kind)
+
+
+@pytest.mark.parametrize("row", PEFT_TECHNIQUES, ids=lambda r: r.name)
+@pytest.mark.parametrize("mode", ("ddp", "fsdp"))
+def test_peft_rows_keep_their_verdicts_with_the_batch_split(peft_verdicts, row, mode):
+    verdicts = peft_verdicts(row, LORA_BERT, mode)
+    for scenario, verdict in verdicts:
+        _assert_declared(row(), verdict, mode)
+    assert any(not v.ok for _, v in verdicts) == bool(row().expected_in(mode)), row.name

@@ -40,6 +40,11 @@ from isolation_suite.execution import ddp
 from isolation_suite.spec.scenario import Mode
 
 
+#: FSDP2's advice about a module whose output is a view (an in-place op on it would skip the
+#: all-gather): about the model's shape (a generated reshape), not what a technique does
+MODEL_WARNINGS = (r"FSDP2-wrapped module .* returned a view tensor",)
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """``tensor`` is a ``DTensor`` (a parameter ``fully_shard`` replaced, its gradient)."""
     # no DTensor exists before ``torch.distributed.tensor`` is imported: other modes never import it

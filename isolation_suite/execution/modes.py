@@ -109,6 +109,9 @@ class ModeInfo(ModeKind):
     #: its share of a run's time budget, against an eager item's 1 (a compiled check costs about 12 eager
     #: ones, a pooled ddp run about 2.5: a known-bad row's trigger examples must still run within it)
     budget_weight: float = 1.0
+    #: warnings the mode raises about the model's own shape, not the technique's doing (regexes of
+    #: their messages), silenced around the forward
+    quiet_warnings: tuple[str, ...] = ()
 
     # --- behaviours (no defaults) ---
     #: what the user does when building the model, before any isolation (enable checkpointing):
@@ -362,6 +365,19 @@ def one_process(train: Callable[[Any, Any], Any], phase: Callable[[Any], Any], t
     return train(None, None)
 
 
+@contextlib.contextmanager
+def quiet(mode: Mode) -> Iterator[None]:
+    """The mode's own warnings about the model silenced (``ModeInfo.quiet_warnings``)."""
+    patterns = info(mode).quiet_warnings
+    if not patterns:
+        yield
+        return
+    with warnings.catch_warnings():
+        for pattern in patterns:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
+
 class Precision:
     """The forward's number format and the loss scaling that goes with it (autocast only).
 
@@ -427,7 +443,7 @@ MODE_INFOS: tuple[ModeInfo, ...] = (
     # ddp's ranks and pool, FSDP2's wrap
     ModeInfo.of("fsdp", devices=("cpu",), example_share=0.25, budget_weight=3.0, same_rounding=False,
                 before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
-                grace=ddp.GRACE, wrap=fsdp.wrap, retire=False),
+                grace=ddp.GRACE, wrap=fsdp.wrap, retire=False, quiet_warnings=fsdp.MODEL_WARNINGS),
 )
 MODE_BY_KIND = {row.kind: row for row in MODE_INFOS}
 assert tuple(MODE_BY_KIND) == MODE_KINDS, "mode_kinds.MODES and MODE_INFOS must list the same modes, in order"

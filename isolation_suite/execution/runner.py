@@ -434,7 +434,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
                     x.requires_grad_(True)
             seeding.start(step, micro)
             at.enter(step, "forward")
-            with precision.forward():
+            with precision.forward(), modes.quiet(scenario.mode):
                 with router.forward():
                     out = driver.forward(forward_model, inputs)
                 loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))

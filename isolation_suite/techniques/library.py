@@ -13,8 +13,11 @@ and the HTML report show them. The rows live in this module (Lightning),
 Lightning's fine-tuning callbacks (``lightning.pytorch.callbacks.BaseFinetuning``, the base of
 ``BackboneFinetuning``) freeze a backbone with ``BaseFinetuning.freeze(modules, train_bn=...)`` and
 ask for an optimizer over the parameters that still require gradient
-(``filter(lambda p: p.requires_grad, self.parameters())``, as its docstring says). The classes here
-call Lightning's own code, so the harness judges Lightning's recipe, not a re-implementation of it.
+(``filter(lambda p: p.requires_grad, self.parameters())``, as its docstring says); at its unfreeze
+epoch ``BackboneFinetuning`` thaws the backbone with ``BaseFinetuning.unfreeze_and_add_param_group``,
+which adds the thawed parameters to the optimizer as a new group (``lightning_backbone_finetuning``, a
+``FREEZE_SCHEDULE`` row). The classes here call Lightning's own code, so the harness judges Lightning's
+recipe, not a re-implementation of it.
 
 What ``freeze`` does (lightning 2.6, ``lightning/pytorch/callbacks/finetuning.py``):
 
@@ -129,7 +132,99 @@ class LightningFreezeNoBN(LightningFreeze):
     train_bn = False
 
 
-LIGHTNING_TECHNIQUES = (LightningFreeze, LightningFreezeNoBN)
+def _thawed_modules(old, new) -> list[str]:
+    """The modules ``old`` froze that ``new`` freezes neither themselves nor inside a module it freezes."""
+    return [path for path in old.frozen_modules
+            if not any(path == f or path.startswith(f + ".") for f in new.frozen_modules)]
+
+
+class LightningBackboneFinetuning(LightningFreeze):
+    """``BackboneFinetuning``'s unfreezing recipe, through ``BaseFinetuning``'s own static methods: at the
+    start ``freeze(frozen, train_bn=True)`` and an optimizer over the ``requires_grad`` parameters (as
+    ``lightning_freeze``); at a step boundary of a freeze schedule, what ``finetune_function`` does at its
+    unfreeze epoch, ``unfreeze_and_add_param_group(thawed, optimizer, initial_denom_lr=1.0,
+    train_bn=True)`` (one call for every module thawed there, as ``BackboneFinetuning`` makes one for its
+    backbone), then ``freeze(newly frozen, train_bn=True)`` for a module the schedule freezes (what a
+    ``BaseFinetuning`` subclass calls: Lightning has no call that takes a parameter out of an optimizer).
+
+    ``train_bn=True`` is what ``BackboneFinetuning`` freezes with whatever its own ``train_bn`` says
+    (``freeze_before_training`` calls ``self.freeze(pl_module.backbone)``). The learning rate: the thawed
+    group gets ``param_groups[0]["lr"] / initial_denom_lr``; with 1.0 that is the recipe's lr, which the
+    oracle's reference gives a thawed module (``add_param_group`` with the recipe's hyper-parameters).
+    ``BackboneFinetuning`` itself passes ``lr=current_lr * backbone_initial_ratio_lr`` (0.1 by default;
+    Lightning's default ``initial_denom_lr=10`` divides the same way when no lr is given): a smaller lr by
+    design, not an isolation fault, so the row is ``BackboneFinetuning(backbone_initial_ratio_lr=1.0)``,
+    whose later epochs' ramp (``lambda_func``, aligned to the current lr by ``should_align``) then keeps
+    the lr where it is. The harness's loop has no resume: Lightning#21901 (``setup`` re-freezes modules
+    that were already unfrozen when a run resumes from a checkpoint) is not judged here.
+
+    What it breaks, judged on generated models (Lightning 2.6.6, torch 2.13):
+
+    * everything ``lightning_freeze`` breaks where a frozen module holds a BatchNorm or a Dropout, at
+      every step it is frozen: with ``train_bn=True`` the BatchNorm's weight and bias train and its
+      running stats update (``frozen-unchanged``; on ``THAW_BATCHNORM`` ``enc.bn.weight`` moves at step
+      1), and in training mode it and a Dropout compute another function than the eval-mode one the
+      oracle freezes (``matches-reference``), which can cancel or drop everything upstream
+      (``gradient-flows``; ``trainable-trains`` where a frozen Dropout drops every unit a trainable layer
+      downstream sees);
+    * a module frozen at a boundary stays in the optimizer with ``requires_grad=False``: with
+      ``zero_grad(set_to_none=False)`` it keeps a zero gradient that momentum, an adaptive optimizer or
+      weight decay still move (``frozen-unchanged``, pytorch#83769's mechanism; on
+      ``REFREEZE_MOMENTUM`` ``enc.weight`` moves at step 2). With ``set_to_none=True`` it does not move;
+    * a module thawed again after that is still in the optimizer, so ``filter_on_optimizer`` skips it
+      (with its warning "The provided params to be frozen already exist within another group"): it
+      trains on with its old group's state (momentum, Adam's moments and step count), not the fresh
+      state of a thawed module (``matches-reference``);
+    * ``filter_on_optimizer`` tests membership with ``torch.equal``, by value, not identity: a thawed
+      parameter whose values equal those of one already in the optimizer (a zero-initialised bias or a
+      LayerNorm's ones and zeros that have not moved yet) is skipped, keeps ``requires_grad=True`` and
+      never moves (``trainable-trains``; the same warning);
+    * ``filter_params`` lists ``parameters(recurse=False)`` of every module ``flatten_modules`` finds,
+      and nothing removes repeats: a parameter tied between two thawed modules (an embedding and its
+      tied decoder inside one backbone) is put in the new group twice, and the optimizer steps it twice
+      (``matches-reference``; torch warns "optimizer contains a parameter group with duplicate
+      parameters").
+
+    Under ``checkpoint``, ``requires_grad=False`` starves a reentrant checkpoint fed only by frozen
+    modules, as for every such row (``trainable-trains``; where nothing else reaches the loss it has no
+    gradient at all: ``gradient-flows``); both are already declared. Under ``ddp`` (the model wrapped
+    after ``setup``), DistributedDataParallel registered only the parameters that required gradient when
+    it was built: a module thawed later trains, but its gradient is never averaged (each rank steps on
+    its own half of the batch: ``matches-reference``, ``trainable-trains`` where that half's step is
+    none), with any ``find_unused_parameters`` or ``static_graph`` (Lightning#20340). And a module frozen
+    at a boundary is one DDP still expects a gradient for: with DDP's defaults or ``static_graph=True``
+    the next forward raises "Expected to have finished reduction in the prior iteration" (``no-crash``);
+    with ``find_unused_parameters=True`` DDP skips it. ``compile`` and ``autocast`` add nothing.
+    """
+
+    name = "lightning_backbone_finetuning"
+    # like unfreeze_add_param_group: following a schedule includes freezing (``engine.sweep.covers``)
+    capabilities = frozenset({Capability.FREEZE_SCHEDULE})
+    expected_violations = frozenset({"frozen-unchanged", "gradient-flows", "matches-reference", "trainable-trains"})
+    mode_violations = {"ddp": frozenset({"matches-reference", "no-crash"})}
+    summary = ("BackboneFinetuning's recipe: BaseFinetuning.freeze(modules, train_bn=True), optimizer over "
+               "requires_grad params; at a boundary unfreeze_and_add_param_group(thawed, optimizer, "
+               "initial_denom_lr=1.0) and freeze(newly frozen)")
+    library = "lightning"
+    judged_on = "2.6.6"
+    judged_models = ()  # generated models
+    judged_modes = ("eager", "checkpoint", "compile", "autocast", "ddp")
+    #: the thawed group's lr is the first group's divided by this (Lightning's default 10; 1.0: the recipe's lr)
+    initial_denom_lr = 1.0
+
+    def on_intent_change(self, model, optimizer, old, new):
+        finetuning = _base_finetuning()
+        thawed = _thawed_modules(old, new)
+        if thawed:  # what BackboneFinetuning.finetune_function does at its unfreeze epoch, in one call
+            finetuning.unfreeze_and_add_param_group([model.get_submodule(path) for path in thawed], optimizer,
+                                                    initial_denom_lr=self.initial_denom_lr, train_bn=self.train_bn)
+        frozen = [path for path in new.frozen_modules if path not in old.frozen_modules]
+        if frozen:
+            finetuning.freeze([model.get_submodule(path) for path in frozen], train_bn=self.train_bn)
+        return None
+
+
+LIGHTNING_TECHNIQUES = (LightningFreeze, LightningFreezeNoBN, LightningBackboneFinetuning)
 #: every library row, by library
 LIBRARY_TECHNIQUES = LIGHTNING_TECHNIQUES + PEFT_TECHNIQUES + HF_TECHNIQUES
 

@@ -45,8 +45,8 @@ from isolation_suite.technique import Capability, Technique
 FREEZE = frozenset({Capability.FREEZE_MODULE})
 LORA_BERT = "isolation_suite.zoo_peft:lora_bert"
 LORA_BERT_MODULES_TO_SAVE = "isolation_suite.zoo_peft:lora_bert_modules_to_save"
-#: the execution modes the rows' verdicts were judged in (``ddp`` runs generated models only)
-JUDGED_MODES = ("eager", "checkpoint", "compile", "autocast")
+#: the execution modes the rows' verdicts were judged in
+JUDGED_MODES = ("eager", "checkpoint", "compile", "autocast", "ddp", "fsdp")
 #: a reentrant checkpoint whose region is fed only by the frozen base (the embeddings) gets no input
 #: that needs gradient: the adapters inside get none (trainable-trains), and where nothing else reaches
 #: the loss it has no gradient at all (gradient-flows); PEFT calls ``enable_input_require_grads`` only

@@ -29,8 +29,13 @@ from torch import nn
 
 from isolation_suite.techniques.freeze_module import FreezeAndEval
 
-#: the execution modes the rows' verdicts were judged in (``ddp`` runs generated models only)
-JUDGED_MODES = ("eager", "checkpoint", "compile", "autocast")
+#: the execution modes the rows' verdicts were judged in
+JUDGED_MODES = ("eager", "checkpoint", "compile", "autocast", "ddp", "fsdp")
+#: DistributedDataParallel with ``find_unused_parameters=True`` over the model's own reentrant
+#: checkpoints: each checkpointed layer's backward runs as a backward of its own, and DDP's reducer,
+#: searching the graph for unused parameters, marks a layer's parameters ready a second time
+#: ("Expected to mark a variable ready only once"); with DDP's defaults or ``static_graph=True`` it runs
+REENTRANT_UNDER_DDP = {"ddp": frozenset({"no-crash"})}
 #: dropout-free models: on ``bert_with_mask`` the harness's per-call dropout seeding draws other masks
 #: when the model's own checkpoint recomputes a layer in backward (see docs/compatibility.md)
 JUDGED_MODELS = ("isolation_suite.zoo:tiny_bert", "isolation_suite.zoo:tiny_gpt2")
@@ -58,8 +63,9 @@ class HFGradientCheckpointing(FreezeAndEval):
     summary = ("freeze_and_eval, then the model's gradient_checkpointing_enable(use_reentrant=True); transformers "
                "5.25 enables input gradients itself")
     seed = "transformers#21381"
-    #: the checkpointing is the model's own, and its input gradients reach a region the mode checkpoints too
-    mode_violations = {}
+    #: the checkpointing is the model's own, and its input gradients reach a region the mode checkpoints too;
+    #: under ddp with find_unused_parameters=True the reentrant checkpoints crash DDP's reducer
+    mode_violations = REENTRANT_UNDER_DDP
     library = "transformers"
     judged_on = "5.25.0"
     judged_models = JUDGED_MODELS
@@ -95,7 +101,10 @@ class HFGradientCheckpointingNoInputGrads(HFGradientCheckpointing):
     Known-bad: where every embedding feeding the checkpointed layers is frozen (BERT's
     ``embeddings``; GPT-2's ``wte`` and ``wpe`` both), the reentrant checkpoints get no input that needs
     gradient and the layers' parameters get none (``trainable-trains``), so they train unlike the
-    reference's (``matches-reference``)."""
+    reference's (``matches-reference``). Under ddp with DDP's defaults the parameters that get no
+    gradient leave their bucket unreduced and the next forward raises ("Expected to have finished
+    reduction in the prior iteration": ``no-crash``), as for every row that leaves a parameter DDP
+    reduces without gradient."""
 
     name = "hf_gradient_checkpointing_no_input_grads"
     expected_violations = frozenset({"trainable-trains", "matches-reference"})
