@@ -331,3 +331,25 @@ def test_a_sweep_in_checkpoint_mode_gives_each_row_its_checkpoint_verdict():
     assert by_name["freeze_and_eval"].failure.scenario.mode == Mode("checkpoint", "blk", reentrant=True)
     assert by_name["freeze_enable_input_grads"].failure is None
     assert by_name["lr_zero_group"].failure.first.invariant in rows[2].expected_in("checkpoint")
+
+
+def test_pytorch_165068_autocast_no_longer_reuses_a_cast_made_under_no_grad():
+    """Reported: autocast's cast cache kept a weight's lower-precision copy made under ``no_grad`` and
+    served it to a later call that needs gradient, so the weight got none. On the installed torch
+    (CPU bfloat16) the later call's weight gets its gradient, so a pass-through call under
+    ``no_grad`` followed by a training call of the same module (the ``no_grad_call`` row's trigger,
+    judged in the autocast mode by the gate above) trains as in eager."""
+    lin = torch.nn.Linear(4, 4)
+    x = torch.ones(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            lin(x)
+        out = lin(x)
+    out.float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    technique = iso.catalog()["no_grad_call"]
+    # fc's first call passed through under no_grad, its second trains: the second must not get the first's cast
+    first_call = dataclasses.replace(triggers.PASS_UPSTREAM, dtype="float32", intent=Intent(pass_through=(("fc", 0),)))
+    eager = iso.check(technique, first_call)
+    autocast = iso.check(technique, in_mode(first_call, "autocast"))
+    assert autocast.invariants == eager.invariants, f"{autocast}\n{eager}"  # nothing more than its eager verdict

@@ -95,6 +95,30 @@ class Following(iso.Technique):
         return None
 
 
+def test_a_module_frozen_at_a_boundary_keeps_no_gradient_in_the_reference():
+    """A constant has no gradient: at the boundary the reference drops the newly frozen module's last
+    gradient with its optimizer state, so the loop's gradient-norm clipping (over every parameter)
+    no longer counts it. A recipe that takes the module out of the optimizer and leaves the gradient
+    there scales every other gradient by a norm that still holds it."""
+    from isolation_suite.techniques.freeze_schedule import UnfreezeAddParamGroup
+
+    class KeepsTheGradient(UnfreezeAddParamGroup):
+        name = "keeps_the_gradient"
+
+        def on_intent_change(self, model, optimizer, old, new):
+            stale = {name: p.grad for name, p in model.named_parameters()}
+            super().on_intent_change(model, optimizer, old, new)
+            for name, p in model.named_parameters():
+                if p.grad is None and stale[name] is not None:
+                    p.grad = stale[name]
+    scenario = triggers.REFREEZE_CLIP_NORM
+    reference = reference_trace(scenario)
+    assert reference.steps[1].grads["enc.weight"] is None and reference.steps[0].grads["enc.weight"] is not None
+    assert iso.check(UnfreezeAddParamGroup(), scenario).ok
+    verdict = iso.check(KeepsTheGradient(), scenario)
+    assert verdict.invariants == ("matches-reference",), str(verdict)
+
+
 def test_the_boundary_calls_on_intent_change_once_and_routes_the_new_intent():
     technique = Following()
     run(THAW, TechniqueDriver(technique))

@@ -114,8 +114,10 @@ class Reference:
                          new: Intent) -> None:
         """A freeze schedule's step boundary. A parameter that becomes trainable joins the optimizer
         in a new group with the recipe's hyper-parameters and fresh state (no momentum, step 0), as
-        ``add_param_group`` does; one that becomes frozen leaves it, state and all; the others keep
-        theirs. (The forward follows the new intent: a frozen module is a constant function again.)"""
+        ``add_param_group`` does; one that becomes frozen leaves it, state, gradient and all (a
+        constant has no gradient: the last step's must not count in the loop's gradient-norm
+        clipping, which reads every parameter's); the others keep theirs. (The forward follows the new
+        intent: a frozen module is a constant function again.)"""
         self.intent = new
         was, now = frozen_tensors(model, old)[0], frozen_tensors(model, new)[0]
         thawed = [p for p in model.parameters() if id(p) in was - now]
@@ -124,6 +126,9 @@ class Reference:
             group["params"] = [p for p in group["params"] if id(p) not in frozen]
         for p in [p for p in optimizer.state if id(p) in frozen]:
             del optimizer.state[p]
+        for p in model.parameters():
+            if id(p) in frozen:
+                p.grad = None
         if thawed:
             optimizer.add_param_group({"params": thawed})
 

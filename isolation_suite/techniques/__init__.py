@@ -101,6 +101,12 @@ def ddp_unreduced(examples: tuple[Scenario, Scenario]) -> tuple[Condition, ...]:
 
 DDP_UNREDUCED = ddp_unreduced((t.DDP_FROZEN, t.DDP_FROZEN_ONE_STEP))
 
+#: schedule rows under ddp: a module frozen after the wrap still has DDP's reducer waiting for its gradient
+DDP_REFROZEN = Condition(
+    "no-crash", "a module that trained is frozen after DDP wrapped the model (without find_unused_parameters): "
+    "DDP still expects its gradient, and the next forward raises 'Expected to have finished reduction in the "
+    "prior iteration'", c.ddp_refreezes_after_wrap, (t.DDP_REFREEZE,), ("ddp",))
+
 #: element rows whose setup hooks the parameter tensors themselves
 REPLACED_HOOKED = Condition(
     "frozen-unchanged", "fsdp replaces every parameter after the setup: the gradient hook stays on the original "
@@ -151,10 +157,11 @@ CATALOG: tuple[CatalogEntry, ...] = (
                   "set_to_none=False) leaves it a zero gradient that momentum or weight decay move, or a frozen "
                   "BatchNorm updates", lambda s: c.refreezes_into_a_moving_optimizer(s) or c.frozen_has_batchnorm(s),
                   (t.REFREEZE_MOMENTUM,)),
-    ) + TRAIN_MODE[:1] + TRAIN_MODE[2:] + STARVED),
+    ) + TRAIN_MODE[:1] + TRAIN_MODE[2:] + STARVED + (DDP_REFROZEN,)),
     CatalogEntry(UnfreezeAddParamGroup, STARVED + (
         Condition("matches-reference", "a module thawed after DDP wrapped the model: DDP never averages its "
-                  "gradient (each rank steps on its own half)", c.ddp_thaws_after_wrap, (t.DDP_THAW,), ("ddp",)),)),
+                  "gradient (each rank steps on its own half)", c.ddp_thaws_after_wrap, (t.DDP_THAW,), ("ddp",)),
+        DDP_REFROZEN)),
     CatalogEntry(FreezeAfterWrap, STARVED + DDP_UNREDUCED),
     CatalogEntry(LrZeroGroupSeed, (
         Condition("no-crash", "a parameter with more than one element meets `p not in ...`",

@@ -133,6 +133,14 @@ def refreezes_into_a_moving_optimizer(s: Scenario) -> bool:
     return refreezes and not recipe.set_to_none and bool(moves)
 
 
+def ddp_refreezes_after_wrap(s: Scenario) -> bool:
+    """A schedule freezes a module that trained before, after DistributedDataParallel wrapped the model,
+    without ``find_unused_parameters``: DDP's reducer still expects its gradient, and the next forward
+    raises 'Expected to have finished reduction in the prior iteration' (``static_graph=True``
+    does not help: the graph changed)."""
+    return s.mode.info.wraps_trainable and _boundary_changes(s)[1] and not s.mode.find_unused
+
+
 def _pass_through_in_checkpoint(s: Scenario, reentrant: bool) -> bool:
     mode = s.mode
     if not mode.info.recomputes or mode.reentrant != reentrant:

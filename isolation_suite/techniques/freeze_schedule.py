@@ -32,7 +32,8 @@ class UnfreezeFlagOnly(Technique):
     # zero_grad(set_to_none=False) leaves it a zero gradient that momentum and weight decay still
     # act on; and a frozen BatchNorm or Dropout keeps training as with requires_grad_false
     expected_violations = frozenset({"trainable-trains"}) | TRAIN_MODE_BREAKS
-    mode_violations = STARVES_REENTRANT_CHECKPOINT
+    # under ddp, a module frozen after the wrap leaves DDP's reducer waiting for its gradient
+    mode_violations = {**STARVES_REENTRANT_CHECKPOINT, "ddp": frozenset({"no-crash"})}
     summary = ("requires_grad = False, optim.SGD(filter(lambda p: p.requires_grad, ...)); at a boundary "
                "only the requires_grad flags change")
 
@@ -54,11 +55,12 @@ class UnfreezeAddParamGroup(FreezeAndEval):
     seed = "lightning:BaseFinetuning"
     capabilities = SCHEDULE
     expected_violations = frozenset()
-    # under DDP a thawed module's gradient is never averaged: DDP's reducer was built without it
-    mode_violations = {**STARVES_REENTRANT_CHECKPOINT, "ddp": frozenset({"matches-reference"})}
+    # under DDP a thawed module's gradient is never averaged: DDP's reducer was built without it; a
+    # module frozen after the wrap leaves the reducer waiting for its gradient (the next forward raises)
+    mode_violations = {**STARVES_REENTRANT_CHECKPOINT, "ddp": frozenset({"matches-reference", "no-crash"})}
     summary = ("freeze_and_eval; at a boundary a thawed module is put back in training mode and added to the "
                "optimizer as a new group (BaseFinetuning.unfreeze_and_add_param_group), a newly frozen one is "
-               "frozen the same way and leaves the optimizer with its state")
+               "frozen the same way and leaves the optimizer with its state and its gradient")
 
     def on_intent_change(self, model, optimizer, old, new):
         thawed, frozen = _changed(model, old, new)
@@ -73,6 +75,8 @@ class UnfreezeAddParamGroup(FreezeAndEval):
             group["params"] = [p for p in group["params"] if id(p) not in gone]
         for p in [p for p in optimizer.state if id(p) in gone]:
             del optimizer.state[p]
+        for p in frozen:  # no optimizer clears it now, and clip_grad_norm_(model.parameters()) would count it
+            p.grad = None
         if thawed:
             optimizer.add_param_group({"params": thawed})
         return None

@@ -190,11 +190,12 @@ class LightningBackboneFinetuning(LightningFreeze):
     gradient at all: ``gradient-flows``); both are already declared. Under ``ddp`` (the model wrapped
     after ``setup``), DistributedDataParallel registered only the parameters that required gradient when
     it was built: a module thawed later trains, but its gradient is never averaged (each rank steps on
-    its own half of the batch: ``matches-reference``, ``trainable-trains`` where that half's step is
-    none), with any ``find_unused_parameters`` or ``static_graph`` (Lightning#20340). And a module frozen
-    at a boundary is one DDP still expects a gradient for: with DDP's defaults or ``static_graph=True``
-    the next forward raises "Expected to have finished reduction in the prior iteration" (``no-crash``);
-    with ``find_unused_parameters=True`` DDP skips it. ``compile`` and ``autocast`` add nothing.
+    its own half of the batch: ``matches-reference``; ``trainable-trains`` where Rprop's sign test on a
+    rank's own gradient skips a step the average takes), with any ``find_unused_parameters`` or
+    ``static_graph`` (Lightning#20340). And a module frozen at a boundary is one DDP still expects a
+    gradient for: with DDP's defaults or ``static_graph=True`` the next forward raises "Expected to
+    have finished reduction in the prior iteration" (``no-crash``); with ``find_unused_parameters=True``
+    DDP skips it. ``compile`` and ``autocast`` add nothing.
     """
 
     name = "lightning_backbone_finetuning"

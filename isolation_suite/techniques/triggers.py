@@ -112,6 +112,11 @@ REFREEZE_MOMENTUM = dataclasses.replace(
     scenario([linear("pre"), linear("enc"), linear("fc")], ["pre", "enc", "fc"], Intent(),
              OptimizerRecipe("SGD", (("lr", 0.1), ("momentum", 0.9)), set_to_none=False), steps=3),
     schedule=(Change(2, ("enc",)),))
+#: a layer that trained is frozen at step 2, under gradient-norm clipping (its last gradient must not count)
+REFREEZE_CLIP_NORM = dataclasses.replace(
+    scenario([linear("pre"), linear("enc"), linear("fc")], ["pre", "enc", "fc"], Intent(),
+             OptimizerRecipe("SGD", (("lr", 1.0),), clip="norm", clip_value=0.1), steps=3),
+    schedule=(Change(2, ("enc",)),))
 #: a frozen BatchNorm, thawed at step 2
 THAW_BATCHNORM = dataclasses.replace(FROZEN_BATCHNORM, steps=3, schedule=(Change(2, ()),))
 
@@ -137,6 +142,10 @@ DDP_REPARAM_ONE_STEP = dataclasses.replace(DDP_REPARAM, steps=1)
 
 #: a module thawed at step 2, after DDP wrapped the model
 DDP_THAW = dataclasses.replace(THAW, mode=Mode("ddp"), data=dataclasses.replace(THAW.data, batch=6))
+
+#: a layer that trained is frozen at step 2, after DDP wrapped the model (DDP's defaults)
+DDP_REFREEZE = dataclasses.replace(REFREEZE_MOMENTUM, optimizer=SGD, mode=Mode("ddp"),
+                                   data=dataclasses.replace(REFREEZE_MOMENTUM.data, batch=6))
 
 #: a container called twice, its first call passed through, its own forward checkpointed (as a
 #: library's checkpointed layer does it: the checkpoint inside the module's call)
