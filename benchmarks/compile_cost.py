@@ -182,7 +182,8 @@ if __name__ == "__main__":
                                            "aot_eager,inductor): eager and one compiled variant each")
     parser.add_argument("--corpus-seed", type=int, default=1234, help="the corpus's Hypothesis seed")
     parser.add_argument("--inductor-as-eager", action="store_true",
-                        help="compile with inductor's settings that make its verdicts comparable (profiles.INDUCTOR_NEEDS)")
+                        help="compile with inductor's settings that make its verdicts comparable "
+                             "(profiles.INDUCTOR_NEEDS)")
     args = parser.parse_args()
     main(args.per_capability, args.backend, args.cold_children,
          [b.strip() for b in args.backends.split(",")] if args.backends else None, args.corpus_seed,

@@ -130,6 +130,9 @@ class ModeInfo(ModeKind):
     #: ``wrap(model, mode, containers) -> the module the loop calls``; ``containers``: the paths of
     #: the containers of the model's tree that can be sharded on their own (``tree.shard_units``)
     wrap: Callable[[nn.Module, Mode, tuple[str, ...]], nn.Module]
+    #: the settings a run of this mode is made under: ``settings(mode) -> context manager`` around the
+    #: whole run (compile: inductor's, ``INDUCTOR_CONFIG``)
+    settings: Callable[[Mode], contextlib.AbstractContextManager]
     #: the sandbox's child is retired after every run of this mode (none is now: a ddp run keeps its
     #: pool, and the child is retired only after one that left a group it cannot free, see ``ddp``)
     retire: bool
@@ -142,7 +145,7 @@ class ModeInfo(ModeKind):
 
 
 #: the fields every row must set itself
-BEHAVIOURS = ("before_setup", "before_training", "autocast", "launch", "grace", "wrap", "retire")
+BEHAVIOURS = ("before_setup", "before_training", "autocast", "launch", "grace", "wrap", "settings", "retire")
 
 
 def info(mode: Mode) -> ModeInfo:
@@ -349,6 +352,28 @@ def unwrapped(model: nn.Module, mode: Mode, containers: tuple[str, ...] = ()) ->
     return model
 
 
+#: what inductor compiles with in a run: dropout and other random operations drawn by torch's own
+#: generator (inductor's own draws would differ from the reference's masks), and kernels compiled in
+#: the run's own thread (a compile pool started inside a run, with a cold cache, would be a thread
+#: the run leaves behind). Without them 27 of 88 verdicts differed from aot_eager's; with them none
+#: (``benchmarks.compile_cost --backends aot_eager,inductor``).
+INDUCTOR_CONFIG = {"fallback_random": True, "compile_threads": 1}
+
+
+def as_it_is(mode: Mode) -> contextlib.AbstractContextManager:
+    """A run made under the process's settings."""
+    return contextlib.nullcontext()
+
+
+def compiler_settings(mode: Mode) -> contextlib.AbstractContextManager:
+    """Inductor's ``INDUCTOR_CONFIG`` for the run (``torch._inductor.config.patch``: put back after it);
+    ``aot_eager`` takes none."""
+    if mode.backend != "inductor":
+        return contextlib.nullcontext()
+    import torch._inductor.config
+    return torch._inductor.config.patch(INDUCTOR_CONFIG)
+
+
 def full_precision(device_type: str) -> None:
     """The forward runs in the scenario's dtype."""
     return None
@@ -428,22 +453,23 @@ class Precision:
 
 MODE_INFOS: tuple[ModeInfo, ...] = (
     ModeInfo.of("eager", before_setup=nothing, before_training=nothing, autocast=full_precision,
-                launch=one_process, grace=0.0, wrap=unwrapped, retire=False),
+                launch=one_process, grace=0.0, wrap=unwrapped, settings=as_it_is, retire=False),
     ModeInfo.of("checkpoint", same_rounding=False, before_setup=checkpoint_target, before_training=nothing,
-                autocast=full_precision, launch=one_process, grace=0.0, wrap=unwrapped, retire=False),
+                autocast=full_precision, launch=one_process, grace=0.0, wrap=unwrapped, settings=as_it_is, retire=False),
     ModeInfo.of("compile", example_share=0.1, budget_weight=4.0, same_rounding=False, before_setup=nothing,
                 before_training=compile_target, autocast=full_precision, launch=one_process, grace=0.0,
-                wrap=unwrapped, retire=False),
+                wrap=unwrapped, settings=compiler_settings, retire=False),
     ModeInfo.of("autocast", reference=True, before_setup=nothing, before_training=nothing, autocast=low_precision,
-                launch=one_process, grace=0.0, wrap=unwrapped, retire=False),
+                launch=one_process, grace=0.0, wrap=unwrapped, settings=as_it_is, retire=False),
     # the wrapping itself is the technique's order to follow (``runner``): before or after its setup
     ModeInfo.of("ddp", devices=("cpu",), example_share=0.25, budget_weight=2.0, same_rounding=False,
                 before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
-                grace=ddp.GRACE, wrap=ddp.wrap, retire=False),
+                grace=ddp.GRACE, wrap=ddp.wrap, settings=as_it_is, retire=False),
     # ddp's ranks and pool, FSDP2's wrap
     ModeInfo.of("fsdp", devices=("cpu",), example_share=0.25, budget_weight=3.0, same_rounding=False,
                 before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
-                grace=ddp.GRACE, wrap=fsdp.wrap, retire=False, quiet_warnings=fsdp.MODEL_WARNINGS),
+                grace=ddp.GRACE, wrap=fsdp.wrap, settings=as_it_is, retire=False,
+                quiet_warnings=fsdp.MODEL_WARNINGS),
 )
 MODE_BY_KIND = {row.kind: row for row in MODE_INFOS}
 assert tuple(MODE_BY_KIND) == MODE_KINDS, "mode_kinds.MODES and MODE_INFOS must list the same modes, in order"

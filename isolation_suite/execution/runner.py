@@ -266,11 +266,12 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
     # one CPU thread for every run, wherever it runs: a reduction split over another number of
     # threads rounds differently, and a sandboxed child must run single-threaded (OpenMP after fork)
     torch.set_num_threads(1)
-    with torch.random.fork_rng(devices=devices):
+    info = modes.info(scenario.mode)
+    with torch.random.fork_rng(devices=devices), info.settings(scenario.mode):
         try:
             # here, or as the mode's ranks (``ModeInfo.launch``: a shard and a phase each)
             work = Work(scenario, driver, str(device), progress, timeout, next(_SERIALS) if driver.guarded else 0)
-            return modes.info(scenario.mode).launch(work, Phase, timeout, PROGRESS)
+            return info.launch(work, Phase, timeout, PROGRESS)
         finally:
             torch.set_grad_enabled(grad_mode)
             torch.set_default_dtype(default_dtype)

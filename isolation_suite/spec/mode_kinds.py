@@ -71,7 +71,8 @@ MODES: tuple[ModeKind, ...] = (
     ModeKind("eager", "plain eager, one process", _bare),
     ModeKind("checkpoint", "a container (or the whole model) under torch.utils.checkpoint, use_reentrant drawn",
              _checkpoint, targeted=True, flags=("reentrant",), recomputes=True),
-    ModeKind("compile", "torch.compile of the model or a container (backend aot_eager), dynamic=False",
+    ModeKind("compile", "torch.compile of the model or a container (backend aot_eager; inductor too in the nightly "
+             "profile), dynamic=False",
              _compile, targeted=True),
     ModeKind("autocast", "forward and loss under torch.autocast: CPU bfloat16, CUDA float16 with a GradScaler",
              _bare),

@@ -178,6 +178,9 @@ CATALOG: tuple[CatalogEntry, ...] = (
         Condition("gradient-flows", "something upstream of the frozen module needs gradient",
                   c.upstream_needs_gradient, (t.FROZEN_LINEAR,)),
         TRAIN_MODE[1],
+        Condition("frozen-unchanged", "a frozen module's parameter is tied to a module outside it (an embedding "
+                  "and its head): that module's call, outside the no_grad region, trains it",
+                  c.frozen_tie_used_outside, (t.FROZEN_TIED_HEAD,)),
         # where the upstream parameter also reaches the loss another way (tied to a later layer, as
         # an LSTM language model ties its embedding to its decoder), no_grad leaves it a partial,
         # wrong gradient instead of none

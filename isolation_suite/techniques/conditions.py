@@ -62,6 +62,15 @@ def names_miss_a_tie(s: Scenario) -> bool:
     return any(not any(f in p for f in s.intent.frozen_modules) for p in tree.frozen_params(s.intent))
 
 
+def frozen_tie_used_outside(s: Scenario) -> bool:
+    """A frozen module holds a parameter that a module outside the frozen ones also holds (a tied
+    embedding and head): a technique that only cuts the frozen module's own call leaves the other
+    module's use to train it."""
+    tree = tree_of(s)
+    frozen = s.intent.is_frozen_module
+    return any(frozen(later.rpartition(".")[0]) != frozen(earlier.rpartition(".")[0]) for later, earlier in tree.ties)
+
+
 def upstream_needs_gradient(s: Scenario) -> bool:
     """Something before an isolated call needs gradient: the input or a trainable layer."""
     tree = tree_of(s)

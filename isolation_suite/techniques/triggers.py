@@ -73,6 +73,11 @@ FROZEN_TIE = dataclasses.replace(
     scenario([linear("enc"), linear("dec"), linear("fc")], ["enc", "dec", "fc"], Intent(frozen_modules=("dec",))),
     architecture=chain((2,), [linear("enc"), linear("dec"), linear("fc")], ["enc", "dec", "fc"],
                        ties=(("dec.weight", "enc.weight"),)))
+#: a frozen first layer whose weight a trainable head reuses (a language model's tied embedding and head)
+FROZEN_TIED_HEAD = dataclasses.replace(
+    scenario([linear("emb"), linear("fc"), linear("head")], ["emb", "fc", "head"], Intent(frozen_modules=("emb",))),
+    architecture=chain((2,), [linear("emb"), linear("fc"), linear("head")], ["emb", "fc", "head"],
+                       ties=(("head.weight", "emb.weight"),)))
 # --- PASS_THROUGH --------------------------------------------------------------------------
 #: a trainable layer and the input upstream of the pass-through call
 PASS_UPSTREAM = scenario([linear("pre"), linear("fc")], ["pre", "fc", "fc"], Intent(pass_through=(("fc", 1),)))
