@@ -31,12 +31,21 @@ def _cli(*args):
 TECHNIQUES = "no_grad_call,functional_detach,weight_dropout_data,freeze_and_eval,tensor_hook_mask"
 
 
-def _fuzz(cwd, report_dir, *extra):
-    run = subprocess.run(_cli("fuzz", "--techniques", TECHNIQUES, "--profile", "isolation-ci", "--max-examples", "5",
-                              "--budget", "120", "--workers", "1", "--devices", "cpu", "--report-dir", report_dir,
-                              *extra), capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return run
+def _fuzz_args(report_dir, *extra):
+    return _cli("fuzz", "--techniques", TECHNIQUES, "--profile", "isolation-ci", "--max-examples", "5",
+                "--budget", "120", "--workers", "1", "--devices", "cpu", "--report-dir", report_dir, *extra)
+
+
+def _fuzz_together(cwd, *runs):
+    """Several fuzz runs at once (each mostly starts processes), their completed runs in order."""
+    started = [subprocess.Popen(_fuzz_args(*run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=cwd) for run in runs]
+    done = []
+    for proc in started:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out + err
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 def _verdicts(summary):
@@ -50,8 +59,7 @@ def _summary(folder):
 
 
 def test_two_shards_and_merge_give_what_one_run_gives(tmp_path):
-    _fuzz(tmp_path, "whole")
-    shard_runs = [_fuzz(tmp_path, f"shard{i}", "--shard", f"{i}/2") for i in (1, 2)]
+    _, *shard_runs = _fuzz_together(tmp_path, ("whole",), *[(f"shard{i}", "--shard", f"{i}/2") for i in (1, 2)])
     assert "(shard 1/2 of 5 items)" in shard_runs[0].stdout and "--shard 1/2" in shard_runs[0].stdout
     # the live view, as plain lines off a terminal: one per finished item, the last one complete
     assert "progress: 1/3 items, " in shard_runs[0].stdout and "progress: 3/3 items, " in shard_runs[0].stdout
