@@ -22,10 +22,10 @@ must not move any). One torch thread, as one worker.
 With ``--backends A,B`` the variants are eager and the compiled check (as now) with each backend,
 interleaved the same way; the verdicts compared are A's and B's (a backend that rounds otherwise
 must not move a verdict either: float32 mismatches are confirmed on the float64 twin). Every catalog
-row is checked, known-bad ones too, on the corpus drawn from ``--corpus-seed``. ``--inductor-as-eager``
-sets inductor's ``profiles.INDUCTOR_NEEDS`` (random numbers drawn as eager draws them, kernels
-compiled in the run's own thread) in this process before the sandboxes fork, so every child
-compiles with them: what the ``compile`` mode must apply before inductor's verdicts can be compared.
+row is checked, known-bad ones too, on the corpus drawn from ``--corpus-seed``. The ``compile`` mode
+runs inductor with ``execution.modes.INDUCTOR_CONFIG`` (random numbers drawn as eager draws them,
+kernels compiled in the run's own thread); ``--inductor-defaults`` drops them in this process before
+the sandboxes fork, to measure what torch's defaults do to the verdicts.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.engine.profiles import INDUCTOR_NEEDS
 from isolation_suite.execution import modes
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.judging.judge import clear_reference_cache
@@ -96,14 +95,12 @@ def _outcome(verdict) -> str:
 
 
 def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: bool = False,
-         compared: list[str] | None = None, corpus_seed: int = 1234, inductor_as_eager: bool = False) -> dict:
+         compared: list[str] | None = None, corpus_seed: int = 1234, inductor_defaults: bool = False) -> dict:
     """``compared``: backends to check against each other (the variants are eager and one per backend);
     else compiled checks before and after the untraced harness frames, with ``backend``."""
     torch.set_num_threads(1)
-    if inductor_as_eager:
-        import torch._inductor.config as inductor_config
-        for name, value in INDUCTOR_NEEDS.items():
-            setattr(inductor_config, name, value)
+    if inductor_defaults:  # what the compile mode did before it applied INDUCTOR_CONFIG
+        modes.INDUCTOR_CONFIG = {}
     variants = backends(compared) if compared else before_after(backend)
     names = [v.name for v in variants]
     if not cold_children:
@@ -142,7 +139,7 @@ def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: boo
                 for sandbox in sandboxes.values():
                     sandbox.close()
     eager = seconds["eager"]
-    rows, data = [], {"backend": backend, "compared": [one.name, other.name], "inductor_as_eager": inductor_as_eager,
+    rows, data = [], {"backend": backend, "compared": [one.name, other.name], "inductor_defaults": inductor_defaults,
                       "per_capability": per_capability,
                       "corpus_seed": corpus_seed, "verdicts_moved": moved, "checks": checks,
                       "cold_children": cold_children}
@@ -166,7 +163,7 @@ def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: boo
     print(f"verdicts that differ, {one.name} / {other.name}: {len(moved)}")
     for row in moved:
         print("  ", *row)
-    out = (("compile_backends_as_eager" if inductor_as_eager else "compile_backends") if compared else
+    out = (("compile_backends_defaults" if inductor_defaults else "compile_backends") if compared else
            "compile_cost" if backend == "aot_eager" else f"compile_cost_{backend}")
     print(f"-> {write(out if corpus_seed == 1234 else f'{out}_{corpus_seed}', data)}")
     return data
@@ -181,10 +178,10 @@ if __name__ == "__main__":
     parser.add_argument("--backends", help="compare these compile backends instead (a comma list, e.g. "
                                            "aot_eager,inductor): eager and one compiled variant each")
     parser.add_argument("--corpus-seed", type=int, default=1234, help="the corpus's Hypothesis seed")
-    parser.add_argument("--inductor-as-eager", action="store_true",
-                        help="compile with inductor's settings that make its verdicts comparable "
-                             "(profiles.INDUCTOR_NEEDS)")
+    parser.add_argument("--inductor-defaults", action="store_true",
+                        help="compile with torch's default inductor settings, not the compile mode's "
+                             "INDUCTOR_CONFIG (what the mode did before it applied them)")
     args = parser.parse_args()
     main(args.per_capability, args.backend, args.cold_children,
          [b.strip() for b in args.backends.split(",")] if args.backends else None, args.corpus_seed,
-         args.inductor_as_eager)
+         args.inductor_defaults)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from isolation_suite.model.hf import HFLogits
+
 
 def _generator(seed: int) -> torch.Generator:
     # private, so drawing inputs neither reads nor advances the global RNG that draws the weights
@@ -138,17 +140,6 @@ def lstm_language_model():
 
 
 # --- Hugging Face models, built from a config (random weights, no download) ---------------
-
-
-class HFLogits(nn.Module):
-    """Calls a Hugging Face model on ``input_ids`` and returns only its logits tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
 
 
 def tiny_bert():

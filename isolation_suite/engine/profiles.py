@@ -9,7 +9,7 @@
 What a profile's searches draw beyond generated trees compiled with ``aot_eager`` is its row of
 ``DRAWS``: the nightly profile also compiles with ``inductor`` and, among the generated trees, draws
 tiny random ``transformers`` configurations (``hf:random``), each where it can be judged here
-(``missing`` says why not: inductor also waits for the compile mode to apply ``INDUCTOR_NEEDS``).
+(``missing`` says why not); inductor runs with the compile mode's ``INDUCTOR_CONFIG``.
 
 ``ISOLATION_DATABASE`` (``--database``, ``--isolation-database``) is a directory (default
 ``.hypothesis/examples``, relative to the working directory), ``none`` to keep no database, or
@@ -145,31 +145,12 @@ DRAWS = {"isolation-dev": Draws(), "isolation-ci": Draws(),
          "isolation-nightly": Draws(("aot_eager", "inductor"), real_models=True)}
 #: what inductor compiles with on the CPU (``CXX`` first, as torch's own ``cpp_builder``)
 CXX_NAMES = ("g++", "c++", "clang++")
-#: the inductor settings a compiled run must apply (``execution.modes.INDUCTOR_CONFIG``) before its
-#: verdicts mean what aot_eager's mean: random numbers drawn as eager draws them (else a compiled
-#: dropout draws other masks than the reference's: ``matches-reference`` on sound rows), and kernels
-#: compiled in the run's own thread (else inductor's compile pool, started inside a run with a cold
-#: cache, is a thread the technique left running: ``state-restored``)
-INDUCTOR_NEEDS = {"fallback_random": True, "compile_threads": 1}
-
-
-def inductor_judged() -> bool:
-    """The ``compile`` mode applies :data:`INDUCTOR_NEEDS` (``execution.modes.INDUCTOR_CONFIG``)."""
-    from isolation_suite.execution import modes
-
-    applied = getattr(modes, "INDUCTOR_CONFIG", {})
-    return all(applied.get(name) == value for name, value in INDUCTOR_NEEDS.items())
-
-
 def missing(draws: Draws, device_type: str = "cpu") -> dict[str, str]:
     """What of ``draws`` this machine cannot run, and why (one line each, keyed by what is left out)."""
     out = {}
     if "inductor" in draws.backends:
-        if not inductor_judged():
-            out["inductor"] = ("inductor not drawn: the compile mode does not apply "
-                               + ", ".join(f"{k}={v}" for k, v in INDUCTOR_NEEDS.items())
-                               + " to inductor, and without them its verdicts differ from aot_eager's")
-        elif device_type == "cuda" and importlib.util.find_spec("triton") is None:
+        # what inductor compiles with is the compile mode's (``execution.modes.INDUCTOR_CONFIG``)
+        if device_type == "cuda" and importlib.util.find_spec("triton") is None:
             out["inductor"] = "inductor not drawn: it compiles CUDA kernels with triton, which is not installed"
         elif device_type != "cuda" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "", *CXX_NAMES) if c):
             out["inductor"] = (f"inductor not drawn: it compiles CPU kernels with a C++ compiler, and none of "
