@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import strategies
+from shrunk import minimal
 from isolation_suite.cli import main
 from isolation_suite.engine import profiles
 from isolation_suite.engine.check import search, search_strategy
@@ -32,18 +33,7 @@ needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers")
 
 def _minimal(strategy, fails=lambda value: True):
     """What Hypothesis reports for a test failing when ``fails``: the shrunk minimum (derandomized)."""
-    seen = []
-
-    @settings(FAST, max_examples=100, report_multiple_bugs=False)
-    @given(strategy)
-    def probe(value):
-        if fails(value):
-            seen.append(value)
-            raise ValueError
-
-    with pytest.raises(ValueError):
-        probe()
-    return seen[-1]
+    return minimal(strategy, fails, max_examples=100)
 
 
 # --- names --------------------------------------------------------------------------------------

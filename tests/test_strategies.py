@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 import strategies
+from shrunk import minimal
 from isolation_suite.model.build import build_model, loss_fn, make_inputs
 from isolation_suite.spec.scenario import LAYER_KINDS, OPTIMIZERS, SCHEDULERS, Scenario
 from isolation_suite.technique import Capability
@@ -145,22 +146,8 @@ def test_build_is_deterministic():
 
 
 def _minimal(strategy, fails=lambda value: True):
-    """The example Hypothesis reports for a test failing when ``fails``: the shrunk minimum.
-
-    Derandomized, so the answer is the same on every run.
-    """
-    seen = []
-
-    @settings(FAST, max_examples=200, report_multiple_bugs=False)
-    @given(strategy)
-    def probe(value):
-        if fails(value):
-            seen.append(value)
-            raise ValueError
-
-    with pytest.raises(ValueError):
-        probe()
-    return seen[-1]
+    """The example Hypothesis reports for a test failing when ``fails``: the shrunk minimum."""
+    return minimal(strategy, fails)
 
 
 def _assert_small(s: Scenario, max_layers: int) -> None:
