@@ -40,17 +40,37 @@ def _code_of(technique: Technique) -> int:
     """A digest of the code a run executes besides torch: every attribute (by identity) of the
     harness's modules and of the modules defining the technique's classes, and of their classes.
     A monkeypatch of any of them after the fork (``monkeypatch.setattr(modes.ForwardState, ...)``)
-    changes it."""
-    own = {cls.__module__ for cls in type(technique).__mro__}
-    ids = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name in own or name == "isolation_suite" or name.startswith("isolation_suite.")):
-            continue
-        for value in list(vars(module).values()):
-            ids.append(id(value))
-            if isinstance(value, type) and value.__module__ == name:
-                ids.extend(id(v) for v in list(vars(value).values()))
-    return hash(tuple(ids))
+    changes it. (Each dictionary is hashed in one C-level pass, and the classes of a module whose own
+    attributes did not change are not looked for again: the digest is taken on every warm call.)"""
+    parts = []
+    for module in _code_modules(frozenset(cls.__module__ for cls in type(technique).__mro__)):
+        values = vars(module).values()
+        digest = hash(tuple(map(id, values)))
+        parts.append(digest)
+        known = _CLASSES.get(module.__name__)
+        if known is None or known[0] != digest:
+            known = _CLASSES[module.__name__] = (digest, [v for v in list(values) if isinstance(v, type)
+                                                         and v.__module__ == module.__name__])
+        parts.extend(hash(tuple(map(id, vars(cls).values()))) for cls in known[1])
+    return hash(tuple(parts))
+
+
+#: module name -> (the digest of its attributes, the classes it defines), as last seen
+_CLASSES: dict[str, tuple[int, list]] = {}
+#: (the technique's modules, how many modules were loaded) -> the modules ``_code_of`` reads
+_MODULES: dict[tuple, list] = {}
+
+
+def _code_modules(own: frozenset[str]) -> list:
+    """The harness's modules and ``own``, found again only when a module was loaded or replaced."""
+    key = (own, len(sys.modules))
+    found = _MODULES.get(key)
+    if found is None or any(sys.modules.get(name) is not module for name, module in found):
+        found = [(name, module) for name, module in list(sys.modules.items()) if module is not None and (
+            name in own or name == "isolation_suite" or name.startswith("isolation_suite."))]
+        _MODULES.clear()
+        _MODULES[key] = found
+    return [module for _, module in found]
 
 
 def _forked_with(technique: Technique, timeout: float | None) -> tuple[Any, ...]:
@@ -59,7 +79,7 @@ def _forked_with(technique: Technique, timeout: float | None) -> tuple[Any, ...]
     technique."""
     attributes = tuple(sorted((name, id(value)) for name, value in vars(technique).items()))
     state = snapshot()
-    namespaces = hash(tuple((name, id(value)) for ns in state["namespaces"].values() for name, value in ns.items()))
+    namespaces = hash(tuple((tuple(ns), tuple(map(id, ns.values()))) for ns in state["namespaces"].values()))
     return (type(technique), attributes, timeout, tuple(sorted(state["flags"].items())), namespaces,
             _code_of(technique))
 
