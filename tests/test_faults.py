@@ -242,6 +242,20 @@ def _python(code: str, extra_env: dict | None = None, **kwargs) -> subprocess.Po
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, **kwargs)
 
 
+def _dies_with(parent: subprocess.Popen, pid_file) -> int:
+    """Kill ``parent`` (SIGKILL) once the process it started has written its pid to ``pid_file``;
+    assert that process is gone within 3 s; its pid."""
+    try:
+        pid = int(_wait_for_file(pid_file))
+        parent.kill()
+        parent.wait()
+        assert _wait_gone(pid, 3.0)
+        return pid
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 @pytest.mark.parametrize("fallback", [False, True], ids=["prctl", "polling"])
 def test_a_process_that_asked_to_dies_with_its_parent(fallback, tmp_path):
     pid_file = tmp_path / "child"
@@ -260,14 +274,7 @@ def test_a_process_that_asked_to_dies_with_its_parent(fallback, tmp_path):
         subprocess.Popen([sys.executable, {str(child)!r}])
         time.sleep(60)
     """)
-    try:
-        pid = int(_wait_for_file(pid_file))
-        parent.kill()
-        parent.wait()
-        assert _wait_gone(pid, 3.0)
-    finally:
-        parent.kill()
-        parent.wait()
+    _dies_with(parent, pid_file)
 
 
 def test_a_sandbox_child_dies_with_the_process_that_forked_it(tmp_path):
@@ -289,15 +296,7 @@ def test_a_sandbox_child_dies_with_the_process_that_forked_it(tmp_path):
 
         Sandbox(Hangs(), timeout=60).run(PASS_UPSTREAM, "cpu")
     """)
-    try:
-        child = int(_wait_for_file(pid_file))
-        assert child != parent.pid
-        parent.kill()
-        parent.wait()
-        assert _wait_gone(child, 3.0)
-    finally:
-        parent.kill()
-        parent.wait()
+    assert _dies_with(parent, pid_file) != parent.pid
 
 
 def _busy_test(tmp_path):

@@ -196,7 +196,7 @@ class Shard:
         return out
 
 
-def wrap(model: nn.Module, mode: Mode, containers: tuple[str, ...] = ()) -> nn.Module:
+def wrap(model: nn.Module, mode: Mode, tree: Any = None) -> nn.Module:
     """``DistributedDataParallel`` over ``model`` with the mode's options, on the pool's group
     (broadcasts rank 0's parameters and buffers, builds a fresh reducer)."""
     return hold(nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode.find_unused,

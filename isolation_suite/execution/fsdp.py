@@ -30,19 +30,33 @@ reorders sums: float32 mismatches are confirmed on the float64 twin, and the mod
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
+import warnings
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from isolation_suite.execution import ddp
+from isolation_suite.model.tree import ModelTree, shard_units
 from isolation_suite.spec.scenario import Mode
 
 
 #: FSDP2's advice about a module whose output is a view (an in-place op on it would skip the
 #: all-gather): about the model's shape (a generated reshape), not what a technique does
 MODEL_WARNINGS = (r"FSDP2-wrapped module .* returned a view tensor",)
+
+
+@contextlib.contextmanager
+def without_model_warnings(mode: Mode) -> Iterator[None]:
+    """A run with :data:`MODEL_WARNINGS` silenced (the mode's ``ModeInfo.settings``)."""
+    with warnings.catch_warnings():
+        for pattern in MODEL_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -67,15 +81,16 @@ def whole_all(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     splits it, one dtype): each rank sends its shards flattened into one buffer, padded to the
     longest rank's, and every tensor is joined from the ranks' pieces. Any other layout: ``whole``
     one by one. (A gather per tensor was about 40 % of an fsdp check.)"""
-    sharded = [t for t in tensors if t is not None and is_sharded(t)]
-    if not sharded:
+    at = [i for i, t in enumerate(tensors) if t is not None and is_sharded(t)]
+    if not at:
         return list(tensors)
+    sharded = [tensors[i] for i in at]
     world = dist.get_world_size()
     layouts = [_row_chunks(t, world) for t in sharded]
     if any(layout is None for layout in layouts) or len({t.dtype for t in sharded}) > 1:
         return [None if t is None else whole(t) for t in tensors]
     rank = dist.get_rank()
-    per_rank = [[rows[r] * _row_numel(t) for t, rows in zip(sharded, layouts)] for r in range(world)]
+    per_rank = [[rows[r] * math.prod(t.shape[1:]) for t, rows in zip(sharded, layouts)] for r in range(world)]
     longest = max(sum(sizes) for sizes in per_rank)
     with torch.no_grad():
         mine = torch.cat([t.to_local().reshape(-1) for t in sharded])
@@ -85,16 +100,13 @@ def whole_all(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         # torch 2.13 renamed ``all_gather_into_tensor`` (deprecated, warning) to ``all_gather_single``
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(gathered, padded)
     assert mine.numel() == sum(per_rank[rank]), "a shard's size is not torch.chunk's"
-    joined = []
-    for i, t in enumerate(sharded):
+    out = list(tensors)
+    for i, (where, t) in enumerate(zip(at, sharded)):
         pieces = []
         for r in range(world):
             start = r * longest + sum(per_rank[r][:i])
             pieces.append(gathered[start:start + per_rank[r][i]].view(layouts[i][r], *t.shape[1:]))
-        joined.append(torch.cat(pieces).view(t.shape))
-    out, found = [], iter(joined)
-    for t in tensors:
-        out.append(next(found) if t is not None and is_sharded(t) else t)
+        out[where] = torch.cat(pieces).view(t.shape)
     return out
 
 
@@ -111,28 +123,21 @@ def _row_chunks(tensor: torch.Tensor, world: int) -> list[int] | None:
     return rows if rows[dist.get_rank()] == tensor.to_local().shape[0] else None
 
 
-def _row_numel(tensor: torch.Tensor) -> int:
-    out = 1
-    for d in tensor.shape[1:]:
-        out *= d
-    return out
-
-
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a sharded ``DTensor``; any other tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def wrap(model: nn.Module, mode: Mode, containers: tuple[str, ...]) -> nn.Module:
+def wrap(model: nn.Module, mode: Mode, tree: ModelTree) -> nn.Module:
     """``fully_shard`` the model on the pool's group: where ``mode.nested``, first the modules now at
-    ``containers`` (``tree.shard_units`` of the model's tree: the user's own containers, not what a
+    the paths of ``shard_units(tree)`` (the model's tree: the user's own containers, not what a
     technique added); the model itself, sharded in place, is what the loop calls."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
     reshard = not mode.keep_gathered
     if mode.nested:
-        for path in containers:
+        for path in shard_units(tree):
             fully_shard(model.get_submodule(path), mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     ddp.hold(model)  # freed with the run's wrappers (see ``ddp``)

@@ -109,9 +109,6 @@ class ModeInfo(ModeKind):
     #: its share of a run's time budget, against an eager item's 1 (a compiled check costs about 12 eager
     #: ones, a pooled ddp run about 2.5: a known-bad row's trigger examples must still run within it)
     budget_weight: float = 1.0
-    #: warnings the mode raises about the model's own shape, not the technique's doing (regexes of
-    #: their messages), silenced around the forward
-    quiet_warnings: tuple[str, ...] = ()
 
     # --- behaviours (no defaults) ---
     #: what the user does when building the model, before any isolation (enable checkpointing):
@@ -127,11 +124,12 @@ class ModeInfo(ModeKind):
     #: seconds the sandbox waits beyond the run's timeout (a ddp rank 0 reports its rank 1's hang itself)
     grace: float
     #: how a rank wraps the model, where the technique's ``ddp_wrap`` says (modes of several ranks only):
-    #: ``wrap(model, mode, containers) -> the module the loop calls``; ``containers``: the paths of
-    #: the containers of the model's tree that can be sharded on their own (``tree.shard_units``)
-    wrap: Callable[[nn.Module, Mode, tuple[str, ...]], nn.Module]
-    #: the settings a run of this mode is made under: ``settings(mode) -> context manager`` around the
-    #: whole run (compile: inductor's, ``INDUCTOR_CONFIG``)
+    #: ``wrap(model, mode, tree) -> the module the loop calls``; ``tree``: the model's tree, as built
+    #: (before the technique changed anything)
+    wrap: Callable[[nn.Module, Mode, Any], nn.Module]
+    #: the settings a run of this mode is made under: ``settings(mode) -> context manager`` around each
+    #: rank's whole run (compile: inductor's, ``INDUCTOR_CONFIG``; fsdp: FSDP2's advice about the
+    #: model's shape silenced)
     settings: Callable[[Mode], contextlib.AbstractContextManager]
     #: the sandbox's child is retired after every run of this mode (none is now: a ddp run keeps its
     #: pool, and the child is retired only after one that left a group it cannot free, see ``ddp``)
@@ -347,7 +345,7 @@ def compile_target(model: nn.Module, mode: Mode) -> None:
     target.compile(backend=mode.backend, dynamic=False)
 
 
-def unwrapped(model: nn.Module, mode: Mode, containers: tuple[str, ...] = ()) -> nn.Module:
+def unwrapped(model: nn.Module, mode: Mode, tree: Any = None) -> nn.Module:
     """One process: nothing wraps the model."""
     return model
 
@@ -388,19 +386,6 @@ def one_process(train: Callable[[Any, Any], Any], phase: Callable[[Any], Any], t
                 progress_struct: Any) -> Any:
     """Train here, as the only process: no shard, the caller's own phase."""
     return train(None, None)
-
-
-@contextlib.contextmanager
-def quiet(mode: Mode) -> Iterator[None]:
-    """The mode's own warnings about the model silenced (``ModeInfo.quiet_warnings``)."""
-    patterns = info(mode).quiet_warnings
-    if not patterns:
-        yield
-        return
-    with warnings.catch_warnings():
-        for pattern in patterns:
-            warnings.filterwarnings("ignore", message=pattern)
-        yield
 
 
 class Precision:
@@ -468,8 +453,7 @@ MODE_INFOS: tuple[ModeInfo, ...] = (
     # ddp's ranks and pool, FSDP2's wrap
     ModeInfo.of("fsdp", devices=("cpu",), example_share=0.25, budget_weight=3.0, same_rounding=False,
                 before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
-                grace=ddp.GRACE, wrap=fsdp.wrap, settings=as_it_is, retire=False,
-                quiet_warnings=fsdp.MODEL_WARNINGS),
+                grace=ddp.GRACE, wrap=fsdp.wrap, settings=fsdp.without_model_warnings, retire=False),
 )
 MODE_BY_KIND = {row.kind: row for row in MODE_INFOS}
 assert tuple(MODE_BY_KIND) == MODE_KINDS, "mode_kinds.MODES and MODE_INFOS must list the same modes, in order"

@@ -23,7 +23,7 @@ from isolation_suite.execution.trace import PROGRESS, Phase, StepRecord, Trace, 
 from isolation_suite.model.factory import Built, build
 from isolation_suite.spec.scenario import Intent, OptimizerRecipe, Scenario
 from isolation_suite.technique import Role, Technique, module_param_name
-from isolation_suite.model.tree import CallSite, Router, check_intent, roles, shard_units
+from isolation_suite.model.tree import CallSite, Router, check_intent, roles
 
 
 class Driver(Protocol):
@@ -266,12 +266,11 @@ def run(scenario: Scenario, driver: Driver, device: str = "cpu", *, progress=Non
     # one CPU thread for every run, wherever it runs: a reduction split over another number of
     # threads rounds differently, and a sandboxed child must run single-threaded (OpenMP after fork)
     torch.set_num_threads(1)
-    info = modes.info(scenario.mode)
-    with torch.random.fork_rng(devices=devices), info.settings(scenario.mode):
+    with torch.random.fork_rng(devices=devices):
         try:
             # here, or as the mode's ranks (``ModeInfo.launch``: a shard and a phase each)
             work = Work(scenario, driver, str(device), progress, timeout, next(_SERIALS) if driver.guarded else 0)
-            return info.launch(work, Phase, timeout, PROGRESS)
+            return modes.info(scenario.mode).launch(work, Phase, timeout, PROGRESS)
         finally:
             torch.set_grad_enabled(grad_mode)
             torch.set_default_dtype(default_dtype)
@@ -314,14 +313,15 @@ class Work:
 def _run(scenario: Scenario, driver: Driver, device: str, at: Phase, timeout: float | None,
          shard=None) -> Trace:
     trace = Trace(device)
-    try:
-        _train(scenario, driver, device, trace, at, shard)
-    except BaseException as exc:  # noqa: BLE001 - whatever the technique raises is a verdict, not our error
-        if not driver.guarded or at.name is None:
-            raise
-        if isinstance(exc, KeyboardInterrupt) and user_interrupted():
-            raise  # the user's Ctrl-C, not the technique's
-        trace.crash = at.crash(exc, timeout)
+    with modes.info(scenario.mode).settings(scenario.mode):  # on every rank
+        try:
+            _train(scenario, driver, device, trace, at, shard)
+        except BaseException as exc:  # noqa: BLE001 - whatever the technique raises is a verdict, not our error
+            if not driver.guarded or at.name is None:
+                raise
+            if isinstance(exc, KeyboardInterrupt) and user_interrupted():
+                raise  # the user's Ctrl-C, not the technique's
+            trace.crash = at.crash(exc, timeout)
     return trace
 
 
@@ -366,12 +366,11 @@ def _setup_and_wrap(scenario, driver, model, tree, at, shard) -> tuple[nn.Module
     wrap replaced (``replacements``)."""
     wrapped, replaced = model, {}
     before = shard is not None and getattr(driver, "ddp_wrap", "after_setup") == "before_setup"
-    containers = tuple(shard_units(tree)) if shard is not None else ()  # the user's own, not the technique's
 
     def wrap() -> nn.Module:
         at.enter(0, "wrap")
         params = dict(model.named_parameters(remove_duplicate=False))
-        out = modes.info(scenario.mode).wrap(model, scenario.mode, containers)
+        out = modes.info(scenario.mode).wrap(model, scenario.mode, tree)
         replaced.update(replacements(params, model))
         return out
     if before:
@@ -435,7 +434,7 @@ def _loop(scenario, driver, device, trace, at, built, originals, original_buffer
                     x.requires_grad_(True)
             seeding.start(step, micro)
             at.enter(step, "forward")
-            with precision.forward(), modes.quiet(scenario.mode):
+            with precision.forward():
                 with router.forward():
                     out = driver.forward(forward_model, inputs)
                 loss = built.loss(out, site_seed(data.seed, step, micro, LOSS_SITE))

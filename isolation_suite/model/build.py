@@ -134,19 +134,25 @@ def make_inputs(scenario: Scenario) -> list[list[torch.Tensor]]:
     return batches
 
 
-def loss_fn(kind: str, out: torch.Tensor, seed: int, share: tuple[int, int] | None = None) -> torch.Tensor:
-    """The scenario's loss; the target is drawn on the CPU from ``seed`` so it is device-independent.
-
-    With ``share`` (rank, world: a ``ddp`` rank's rows of the batch) the target is the whole batch's,
-    restricted to those rows: the loss of that share, mean-reduced over its rows."""
+def target_like(out: torch.Tensor, seed: int, share: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The fixed random target for one output tensor, drawn on the CPU from ``seed`` so it is
+    device-independent. With ``share`` (rank, world, batch dimension: a rank's rows of the batch) the
+    whole batch's target is drawn and the rank's rows kept."""
     generator = torch.Generator().manual_seed(seed)
     if share is None:
-        target = torch.randn(out.shape, generator=generator)
-    else:
-        rank, world = share
-        n = out.shape[0]
-        target = torch.randn((n * world,) + tuple(out.shape[1:]), generator=generator)[rank * n:(rank + 1) * n]
-    target = target.to(device=out.device, dtype=out.dtype)
+        return torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
+    rank, world, dim = share
+    shape = list(out.shape)
+    n = shape[dim]
+    shape[dim] = n * world
+    whole = torch.randn(shape, generator=generator)
+    return whole.narrow(dim, rank * n, n).to(device=out.device, dtype=out.dtype)
+
+
+def loss_fn(kind: str, out: torch.Tensor, seed: int, share: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The scenario's loss against ``target_like(out, seed, share)``: with ``share`` (a rank's rows of
+    the batch) the loss of that share, mean-reduced over its rows."""
+    target = target_like(out, seed, share)
     if kind == "mse":
         return torch.nn.functional.mse_loss(out, target)
     if kind == "smooth_l1":

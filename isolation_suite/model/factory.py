@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from isolation_suite.model import hf
-from isolation_suite.model.build import build_model, loss_fn, make_inputs
+from isolation_suite.model.build import build_model, loss_fn, make_inputs, target_like
 from isolation_suite.spec import hf as hf_spec
 from isolation_suite.spec.objects import import_object
 from isolation_suite.spec.scenario import Scenario, ScenarioError
@@ -260,21 +260,6 @@ def tree_of(scenario: Scenario) -> ModelTree:
 
 # --- what a run needs -------------------------------------------------------------------------
 
-def target_like(out: torch.Tensor, seed: int, share: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The fixed random target for one output tensor, drawn on the CPU so it is device-independent.
-    With ``share`` (rank, world, batch dimension: a rank's rows of the batch) the whole batch's
-    target is drawn and the rank's rows kept."""
-    generator = torch.Generator().manual_seed(seed)
-    if share is None:
-        return torch.randn(out.shape, generator=generator).to(device=out.device, dtype=out.dtype)
-    rank, world, dim = share
-    shape = list(out.shape)
-    n = shape[dim]
-    shape[dim] = n * world
-    whole = torch.randn(shape, generator=generator)
-    return whole.narrow(dim, rank * n, n).to(device=out.device, dtype=out.dtype)
-
-
 def _leaves(out: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(dict(out) if isinstance(out, dict) else out)
             if isinstance(x, torch.Tensor) and x.is_floating_point()]
@@ -318,7 +303,7 @@ def build(scenario: Scenario, device: str = "cpu") -> Built:
     dtype = DTYPES[scenario.dtype]
     if not scenario.model:
         return Built(build_model(scenario, device), [[(x,) for x in step] for step in make_inputs(scenario)],
-                     lambda out, seed, share=None: loss_fn(scenario.data.loss, out, seed, share and share[:2]),
+                     lambda out, seed, share=None: loss_fn(scenario.data.loss, out, seed, share),
                      architecture_tree(scenario.architecture), (0,))
     tree = factory_tree(scenario.model)
     made = make(scenario.model, scenario.init_seed)

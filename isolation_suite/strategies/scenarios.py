@@ -227,10 +227,8 @@ def scenarios(draw, capabilities: Iterable | None = None, dtypes: Iterable[str] 
         kind = modes[0] if len(modes) == 1 else draw(st.sampled_from(modes))
         if kind in split and model == hf.RANDOM:
             raise InvalidArgument(f"the {kind} mode does not draw {hf.RANDOM}: name one configuration")
-        if kind in split and model is not None:
-            return draw(_split_model_scenarios(kind, model, chosen, dtypes, devices, max_steps))
         if kind in split:
-            return draw(_split_scenarios(kind, chosen, dtypes, devices, max_blocks, max_steps, kinds))
+            return draw(_split_scenarios(kind, model, chosen, dtypes, devices, max_blocks, max_steps, kinds))
         modes = tuple(m for m in modes if m not in split)
     if model == hf.RANDOM or (model is None and real_models and _draws_real_model(draw, chosen)):
         model = draw(hf_models(chosen))
@@ -265,18 +263,31 @@ BATCH_STATISTICS_KINDS = layer_kinds.BATCH_STATISTICS_KINDS
 
 
 @st.composite
-def _split_scenarios(draw, kind: str, chosen, dtypes, devices, max_blocks: int, max_steps: int, kinds) -> Scenario:
-    """A scenario in a mode of several ranks (``ddp``): no BatchNorm (a BatchNorm inside a frozen module
-    is judged by the trigger examples), the mode's dtypes (``ModeKind.dtypes``: ddp's float32) where
-    asked for, and the drawn batch times the ranks, so each rank trains on what one process would."""
+def _split_scenarios(draw, kind: str, model: str | None, chosen, dtypes, devices, max_blocks: int, max_steps: int,
+                     kinds) -> Scenario:
+    """A scenario in a mode of several ranks (``ddp``, ``fsdp``), in the mode's dtypes
+    (``ModeKind.dtypes``: float32) where asked for. A generated model draws no BatchNorm (a BatchNorm
+    inside a frozen module is judged by the trigger examples) and the drawn batch times the ranks, so
+    each rank trains on what one process would; a user's model (``model``) splits its own example
+    batch (``factory.batch_dims``), where it can (``tree.split_obstacle``)."""
     info = MODE_KIND[kind]
-    kinds = tuple(k for k in kinds if k not in BATCH_STATISTICS_KINDS)
     dtypes = tuple(d for d in dtypes if d in info.dtypes) or dtypes
-    scenario = _generated(draw, chosen, dtypes, devices, max_blocks, max_steps, kinds)
+    if model is None:
+        scenario = _generated(draw, chosen, dtypes, devices, max_blocks, max_steps,
+                              tuple(k for k in kinds if k not in BATCH_STATISTICS_KINDS))
+        tree, batch = architecture_tree(scenario.architecture), info.ranks * scenario.data.batch
+    else:
+        tree = factory_tree(model)
+        obstacle = split_obstacle(tree, info.ranks)
+        if obstacle:
+            raise InvalidArgument(f"the {kind} mode splits the batch of {model} between {info.ranks} processes, "
+                                  f"but {obstacle}")
+        scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
+        batch = scenario.data.batch
     if Capability.FREEZE_SCHEDULE in chosen:
-        scenario = draw(with_freeze_schedule(architecture_tree(scenario.architecture), scenario))
-    mode = draw(execution_modes(scenario.architecture, (kind,), intent=scenario.intent))
-    data = dataclasses.replace(scenario.data, batch=info.ranks * scenario.data.batch)
+        scenario = draw(with_freeze_schedule(tree, scenario))
+    mode = draw(execution_modes(tree, (kind,), intent=scenario.intent))
+    data = dataclasses.replace(scenario.data, batch=batch)
     return dataclasses.replace(scenario, data=data, mode=mode, optimizer=draw(_mode_recipe(info, scenario, devices)))
 
 
@@ -286,24 +297,6 @@ def _mode_recipe(info, scenario: Scenario, devices) -> st.SearchStrategy:
     if not info.shards_parameters:
         return st.just(scenario.optimizer)
     return optimizer_recipes(devices=devices, sharded=True, schedulers=(scenario.optimizer.scheduler,))
-
-
-@st.composite
-def _split_model_scenarios(draw, kind: str, model: str, chosen, dtypes, devices, max_steps: int) -> Scenario:
-    """A scenario of the user's model in a mode of several ranks: each rank trains on its share of the
-    factory's example batch (``factory.batch_dims``), in the mode's dtypes where asked for."""
-    info = MODE_KIND[kind]
-    tree = factory_tree(model)
-    obstacle = split_obstacle(tree, info.ranks)
-    if obstacle:
-        raise InvalidArgument(f"the {kind} mode splits the batch of {model} between {info.ranks} processes, "
-                              f"but {obstacle}")
-    dtypes = tuple(d for d in dtypes if d in info.dtypes) or dtypes
-    scenario = draw(_model_scenarios(model, chosen, dtypes, devices, max_steps))
-    if Capability.FREEZE_SCHEDULE in chosen:
-        scenario = draw(with_freeze_schedule(tree, scenario))
-    mode = draw(execution_modes(tree, (kind,), intent=scenario.intent))
-    return dataclasses.replace(scenario, mode=mode, optimizer=draw(_mode_recipe(info, scenario, devices)))
 
 
 @st.composite
