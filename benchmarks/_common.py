@@ -43,7 +43,7 @@ def bare_loop(scenario, driver: Driver) -> None:
     recipe = scenario.optimizer
     built = build(scenario)
     model = built.model
-    router = Router(model, roles(built.tree, scenario.intent), driver.call)
+    router = Router(model, roles(built.tree, scenario.intent), driver.call, driver.keywords)
     driver.setup(model, scenario.intent)
     optimizer = driver.make_optimizer(model, scenario.intent, optimizer_builder(recipe))
     scheduler = make_scheduler(recipe, optimizer, scenario.steps)

@@ -1,17 +1,20 @@
-"""Where a sweep's time goes, per check (technique x scenario), sandboxed and in-process.
+"""Where a sweep's time goes, per check (technique x scenario), sandboxed and in-process, in CPU time.
 
-    python -m benchmarks.sweep_profile
+    python -m benchmarks.sweep_profile [--size 60]
 
-The corpus and the judging order are those of ``benchmarks.throughput``'s sweep (each scenario's
-reference computed once, then every technique of the capability judged on it). Each check's time
-is split into: its share of the reference; the technique's training run (sandboxed: the loop in
-the child, and the round trip around it: sending the scenario, the child's state checks and trace
-conversion, the trace back); the invariants; the float64 twin confirmations (the twin's runs and
-comparison, for a float32 mismatch); and the rest of ``judge``. The floor's two bare loops are
-timed interleaved with them, scenario by scenario.
+The corpus and the batches are those of ``benchmarks.throughput``'s sweep (``sweep.judge_batch``:
+each technique's child is sent a batch of scenarios and runs them back to back while this process
+computes their references and judges the previous technique's runs). A check's CPU time is split
+into, in this process: its share of the references, the invariants, the float64 twin confirmations
+(the twin reference, the comparison) and the rest of judging (receiving and converting the trace, the
+verdict); and in the technique's child (sandboxed; in-process these are this process's too): the
+training loop, and the rest of the child's time (reading the request, its state checks around each
+run, sending the trace). The wall-clock time per check and the physical floor (the technique's bare
+loop and 1/k of the reference's) are timed batch by batch beside them.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import time
@@ -19,116 +22,117 @@ import time
 import torch
 
 from isolation_suite import catalog
-from isolation_suite.judging import judge as judge_mod
-from isolation_suite.judging.judge import SharedReference, clear_reference_cache, judge
+from isolation_suite.engine.sweep import MAX_BATCH, judge_batch
+from isolation_suite.execution import sandbox as sandbox_mod
+from isolation_suite.execution.reference import Reference
 from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
+from isolation_suite.judging import judge as judge_mod
+from isolation_suite.judging.judge import SharedReference, clear_reference_cache
 
-from ._common import bare_pair, corpus, table, write
-from .throughput import _by_capability
+from ._common import bare_loop, corpus, table, write
+from .throughput import _bare_technique_loop, _by_capability
 
-PARTS = ("reference share", "technique run", "round trip", "invariants", "float64 twin", "rest of judge")
+PARTS = ("reference share", "invariants", "float64 twin", "rest of judging", "technique loop", "child's rest")
 
 
 class Clock:
-    """Seconds spent inside a few of ``judge``'s steps, wrapped for the duration of a profile."""
+    """This process's CPU seconds inside a few functions, wrapped for the duration of a profile
+    (a function called inside another wrapped one counts for the outer one only)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.depth = 0  # inside a twin confirmation: its runs count as the twin's
+        self.depth = 0
 
     def wrap(self, owner, name: str, part: str):
         real = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            twin = name == "_confirmed"
-            self.depth += twin
-            start = time.perf_counter()
+            self.depth += 1
+            start = time.process_time()
             try:
                 return real(*args, **kwargs)
             finally:
-                self.depth -= twin
-                if twin or not self.depth:
-                    self.seconds[part] += time.perf_counter() - start
+                self.depth -= 1
+                if not self.depth:
+                    self.seconds[part] += time.process_time() - start
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, real)
 
 
 def profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
-    """ms per check for each of ``PARTS``, and the floor's."""
+    """CPU ms per check for each of ``PARTS``, the wall-clock ms per check and the physical floor's."""
     previous = os.environ.get(SANDBOX_ENV)
     os.environ[SANDBOX_ENV] = "on" if sandboxed else "off"
     clock = Clock()
-    sandboxes = [Sandbox(t) for t in techniques]
-    undo = []
-    floor = total = reference = 0.0
+    boxes = [Sandbox(t) for t in techniques]
+    undo, wall, cpu, floor = [], 0.0, 0.0, 0.0
+    loop_seconds = collections.Counter()
     try:
-        for technique, sandbox in zip(techniques, sandboxes):  # start the children before the clock
-            judge(technique, scenarios[0], sandbox=sandbox)
-            sandbox.run = _timed_run(sandbox, clock, sandboxed)  # the technique's own runs, not the twin's
-        undo = [clock.wrap(judge_mod, "evaluate", "invariants"), clock.wrap(judge_mod, "divergence", "invariants"),
+        judge_batch([(t, box, scenarios[:1]) for t, box in zip(techniques, boxes)])  # start the children
+        undo = [clock.wrap(judge_mod, "_reference", "reference share"),
+                clock.wrap(judge_mod, "evaluate", "invariants"), clock.wrap(judge_mod, "divergence", "invariants"),
                 clock.wrap(judge_mod, "_confirmed", "float64 twin")]
-        clear_reference_cache()
-        for scenario in scenarios:
+        if not sandboxed:  # the technique's loop runs here: timed as the child's is
+            undo.append(clock.wrap(sandbox_mod, "run", "technique loop"))
+        child_cpu = sum(box.child_cpu for box in boxes)
+        child_loop = sum(box.child_seconds for box in boxes)
+        for first in range(0, len(scenarios), MAX_BATCH):
+            batch = scenarios[first:first + MAX_BATCH]
+            clear_reference_cache()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            judge_batch([(t, box, batch) for t, box in zip(techniques, boxes)],
+                        references={id(s): SharedReference(s) for s in batch})
+            wall += time.perf_counter() - start
+            cpu += time.process_time() - start_cpu
+            start = time.process_time()
             for technique in techniques:
-                start = time.perf_counter()
-                bare_pair(technique, scenario)
-                floor += time.perf_counter() - start
-            start = time.perf_counter()
-            shared = SharedReference(scenario)
-            shared.trace
-            reference += time.perf_counter() - start
-            for technique, sandbox in zip(techniques, sandboxes):
-                start = time.perf_counter()
-                judge(technique, scenario, sandbox=sandbox, reference=shared)
-                total += time.perf_counter() - start
+                for scenario in batch:
+                    _bare_technique_loop(technique, scenario)
+            loop_seconds["technique"] += time.process_time() - start
+            start = time.process_time()
+            for scenario in batch:
+                bare_loop(scenario, Reference())
+            loop_seconds["reference"] += time.process_time() - start
+        child_cpu = sum(box.child_cpu for box in boxes) - child_cpu
+        child_loop = sum(box.child_seconds for box in boxes) - child_loop
     finally:
         for restore in undo:
             restore()
-        for sandbox in sandboxes:
-            sandbox.close()
-        if previous is None:
-            os.environ.pop(SANDBOX_ENV, None)
-        else:
-            os.environ[SANDBOX_ENV] = previous
+        for box in boxes:
+            box.close()
+        os.environ.pop(SANDBOX_ENV, None) if previous is None else os.environ.update({SANDBOX_ENV: previous})
     checks = len(techniques) * len(scenarios)
-    parts = {"reference share": reference, **{p: clock.seconds[p] for p in PARTS[1:5]}}
-    parts["rest of judge"] = total - sum(parts[p] for p in PARTS[1:5])
+    parts = {p: clock.seconds[p] for p in PARTS[:3]}
+    if sandboxed:
+        parts["technique loop"], parts["child's rest"] = child_loop, child_cpu - child_loop
+        parts["rest of judging"] = cpu - sum(parts[p] for p in PARTS[:3])
+    else:
+        parts["technique loop"], parts["child's rest"] = clock.seconds["technique loop"], 0.0
+        parts["rest of judging"] = cpu - sum(parts[p] for p in PARTS[:3]) - parts["technique loop"]
     out = {p: 1000 * parts[p] / checks for p in PARTS}
-    out["check"] = 1000 * (total + reference) / checks
-    out["floor"] = 1000 * floor / checks
+    out["cpu"] = 1000 * sum(parts.values()) / checks
+    out["wall"] = 1000 * wall / checks
+    out["floor"] = 1000 * (loop_seconds["technique"] + loop_seconds["reference"]) / checks
     return out
 
 
-def _timed_run(sandbox: Sandbox, clock: Clock, sandboxed: bool):
-    """``sandbox.run``, timed: in the child's training loop, and the round trip around it (in-process
-    runs have no round trip: their state checks count as the run)."""
-    real = sandbox.run
-
-    def run(*args):
-        child, start = sandbox.child_seconds, time.perf_counter()
-        try:
-            return real(*args)
-        finally:
-            if not clock.depth:
-                wall = time.perf_counter() - start
-                inside = sandbox.child_seconds - child if sandboxed else wall
-                clock.seconds["technique run"] += inside
-                clock.seconds["round trip"] += wall - inside
-    return run
-
-
 def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=60, help="scenarios per capability")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     data, rows = {}, []
     for capability, names in _by_capability().items():
-        scenarios = corpus(capability, 60)
+        scenarios = corpus(capability, args.size)
         techniques = [catalog()[name] for name in names]
         for mode, sandboxed in (("sandboxed", True), ("in-process", False)):
             ms = profile(techniques, scenarios, sandboxed)
             data[f"{capability.value} {mode}"] = ms
-            rows.append([capability.value, mode, len(techniques), f"{ms['floor']:.2f}", f"{ms['check']:.2f}",
-                         *(f"{ms[p]:.2f}" for p in PARTS), f"{ms['floor'] / ms['check']:.2f}x"])
-    print(table(rows, ["capability", "mode", "techniques", "floor ms", "check ms", *PARTS, "over floor"]))
+            rows.append([capability.value, mode, len(techniques), f"{ms['floor']:.2f}", f"{ms['wall']:.2f}",
+                         f"{ms['cpu']:.2f}", *(f"{ms[p]:.2f}" for p in PARTS),
+                         f"{ms['floor'] / ms['wall']:.0%}", f"{ms['floor'] / ms['cpu']:.0%}"])
+    print(table(rows, ["capability", "mode", "techniques", "floor ms", "wall ms", "cpu ms", *PARTS,
+                       "of floor (wall)", "of floor (cpu)"]))
     print(f"-> {write('sweep_profile', data)}")
     return data
 

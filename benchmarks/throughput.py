@@ -1,160 +1,212 @@
-"""Checks per second per worker on a fixed corpus; generation timed separately; the sweep beside it.
+"""Checks per second per worker on a fixed corpus, against their floors, measured interleaved.
 
-    python -m benchmarks.throughput
+    python -m benchmarks.throughput [--size 60]
 
-Each check runs the technique (in the sandbox's child process, one per technique as in a
-search; ``ISOLATION_SANDBOX=off`` measures the in-process path) and the reference (one
-training loop each), judges the invariants and, for a float32 ``matches-reference``
-mismatch, re-runs both in float64.
-The "floor" column is what a worker would do if the harness cost nothing: the two
-bare training loops alone (``benchmarks._common.bare_pair``).
+**Per-technique checks** (what a search does per example): each check runs the technique (in its
+sandbox child, one per technique as in a search) and the reference (one training loop each), judges
+the invariants and, for a float32 ``matches-reference`` mismatch, re-runs both in float64. The same
+check in-process (``ISOLATION_SANDBOX=off``) and the *two-loop floor* (the two bare training loops a
+check needs, ``benchmarks._common.bare_pair``, with no harness at all) are timed scenario by scenario
+beside it, so all three see the machine at the same speed.
 
-The sweep (``isolation_suite.engine.sweep``) judges every technique of a capability on each scenario
-against one reference computed once: a check is one technique x scenario, and each row is charged
-its own judging plus its share of the scenario's reference. It is measured in the same run, both
-sandboxed (one child per technique) and in-process, interleaved scenario by scenario with the
-floor's two bare loops (the "sweep: floor" column), so all three see the machine at the same speed.
+**The sweep** (``isolation_suite.engine.sweep``) judges every technique of a capability on each
+scenario against one reference computed once, in batches (``sweep.judge_batch``): a check is one
+technique x scenario. Its *physical floor* is each technique's own bare loop plus its share (1/k, for
+k techniques) of one bare reference loop per scenario: nothing that runs every technique's code and
+the reference can do less. Sandboxed and in-process are timed batch by batch beside the floor.
+
+Wall-clock and CPU time are both reported: a sandboxed check's child runs while this process computes
+the reference (or judges another technique's runs), so on a machine with a spare core the wall-clock
+rate can exceed the single-threaded floor; the CPU time (this process's and its children's) is the
+work done, and the two-loop and physical floors are single-threaded work too.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
 import torch
 
 from isolation_suite import catalog, check
-from isolation_suite.judging.judge import SharedReference, clear_reference_cache, judge
+from isolation_suite.engine.sweep import MAX_BATCH, judge_batch
+from isolation_suite.execution.reference import Reference
+from isolation_suite.execution.runner import TechniqueDriver
 from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
+from isolation_suite.judging.judge import SharedReference, clear_reference_cache
 
-from ._common import bare_pair, corpus, table, timed, write
+from ._common import bare_loop, bare_pair, corpus, median, table, timed, write
 
-TARGET = 1.5  # sweep checks/s per technique over the floor's
+TARGET_SEARCH = 0.8  # per-technique checks, sandboxed: share of the two-loop floor
+TARGET_SWEEP = 0.7  # the sweep, sandboxed: share of its physical floor, for every capability
+
+
+class Clock:
+    """Wall-clock and CPU seconds (this process's and the given sandboxes' children's) of ``with`` blocks."""
+
+    def __init__(self, sandboxes=()):
+        self.sandboxes, self.wall, self.cpu = list(sandboxes), 0.0, 0.0
+
+    def now(self) -> tuple[float, float]:
+        return time.perf_counter(), time.process_time() + sum(s.child_cpu for s in self.sandboxes)
+
+    def __enter__(self):
+        self._start = self.now()
+        return self
+
+    def __exit__(self, *exc):
+        wall, cpu = self.now()
+        self.wall, self.cpu = self.wall + wall - self._start[0], self.cpu + cpu - self._start[1]
+
+
+def _sandbox_env(value: str) -> None:
+    os.environ[SANDBOX_ENV] = value
+
+
+def per_technique(technique, scenarios) -> dict:
+    """One technique's checks on ``scenarios``, sandboxed and in-process, and the two-loop floor."""
+    with Sandbox(technique) as box, Sandbox(technique) as own:
+        _sandbox_env("on")
+        check(technique, scenarios[0], sandbox=box)  # the child started before the clock
+        sandboxed, in_process, floor = Clock([box]), Clock(), Clock()
+        worst = 0.0
+        for scenario in scenarios:
+            _sandbox_env("on")
+            clear_reference_cache()  # every check pays for its reference, as in a search
+            before = sandboxed.wall
+            with sandboxed:
+                check(technique, scenario, sandbox=box)
+            worst = max(worst, sandboxed.wall - before)
+            _sandbox_env("off")
+            clear_reference_cache()
+            with in_process:
+                check(technique, scenario, sandbox=own)
+            with floor:
+                bare_pair(technique, scenario)
+    n = len(scenarios)
+    return {"checks": n, "floor_cpu_s": floor.cpu, "floor_wall_s": floor.wall, "worst_check_ms": 1000 * worst,
+            **{f"{name}_{kind}_s": getattr(clock, kind) for name, clock in
+               (("sandboxed", sandboxed), ("in_process", in_process)) for kind in ("wall", "cpu")}}
+
+
+def sweep_group(techniques, scenarios) -> dict:
+    """The sweep over one capability's techniques, batch by batch: sandboxed, in-process, and the floors."""
+    k = len(techniques)
+    children = [Sandbox(t) for t in techniques]  # one child per technique, as a sweep keeps
+    own = [Sandbox(t) for t in techniques]  # the same without children (used while ISOLATION_SANDBOX=off)
+    sandboxed, in_process, loops, reference_loops = Clock(children), Clock(), Clock(), Clock()
+    try:
+        _sandbox_env("on")
+        judge_batch([(t, box, scenarios[:1]) for t, box in zip(techniques, children)])  # start the children
+        for first in range(0, len(scenarios), MAX_BATCH):
+            batch = scenarios[first:first + MAX_BATCH]
+            for env, boxes, clock in (("on", children, sandboxed), ("off", own, in_process)):
+                _sandbox_env(env)
+                clear_reference_cache()
+                with clock:
+                    judge_batch([(t, box, batch) for t, box in zip(techniques, boxes)],
+                                references={id(s): SharedReference(s) for s in batch})
+            with loops:
+                for technique in techniques:
+                    for scenario in batch:
+                        _bare_technique_loop(technique, scenario)
+            with reference_loops:
+                for scenario in batch:
+                    bare_loop(scenario, Reference())
+    finally:
+        for box in children + own:
+            box.close()
+    checks = k * len(scenarios)
+    physical = {kind: getattr(loops, kind) + getattr(reference_loops, kind) for kind in ("wall", "cpu")}
+    two_loop = {kind: getattr(loops, kind) + k * getattr(reference_loops, kind) for kind in ("wall", "cpu")}
+    return {"techniques": k, "checks": checks,
+            **{f"physical_floor_{kind}_s": physical[kind] for kind in physical},
+            **{f"two_loop_floor_{kind}_s": two_loop[kind] for kind in two_loop},
+            **{f"{name}_{kind}_s": getattr(clock, kind) for name, clock in
+               (("sandboxed", sandboxed), ("in_process", in_process)) for kind in ("wall", "cpu")}}
+
+
+def _bare_technique_loop(technique, scenario) -> None:
+    try:
+        bare_loop(scenario, TechniqueDriver(technique))
+    except Exception:  # noqa: BLE001 - a known-bad technique may crash; the run stops there too
+        pass
 
 
 def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=60, help="scenarios per capability")
+    args = parser.parse_args()
     torch.set_num_threads(1)  # one worker = one thread, as under xdist
-    rows, data, sweeps = [], {}, {}
-    for capability, names in _by_capability().items():
-        scenarios, gen_seconds = timed(corpus, capability, 60)
-        techniques = [catalog()[name] for name in names]
-        for technique in techniques:
-            name = technique.name
-            clear_reference_cache()
-            # one sandbox (one child process) for the corpus, as a search keeps one for all its examples
-            with Sandbox(technique) as sandbox:
-                _, cold = timed(lambda: [check(technique, s, sandbox=sandbox) for s in scenarios])
-                _, warm = timed(lambda: [check(technique, s, sandbox=sandbox) for s in scenarios])  # cached reference
-            _, bare = timed(lambda: [bare_pair(technique, s) for s in scenarios])
-            n = len(scenarios)
-            data[name] = {"capability": capability.value, "scenarios": n, "checks_per_s_cold": n / cold,
-                          "checks_per_s_cached_reference": n / warm, "floor_checks_per_s": n / bare,
-                          "share_of_floor": bare / cold, "generation_ms_per_scenario": 1000 * gen_seconds / n}
-        timings = _sweep(techniques, scenarios)
-        checks = len(scenarios) * len(techniques)
-        floor_seconds = sum(timings["floor"].values())
-        for name, seconds in timings["floor"].items():
-            data[name]["sweep_floor_checks_per_s"] = len(scenarios) / seconds
-        for mode in ("sandboxed", "in-process"):
-            for name, seconds in timings[mode].items():
-                data[name][f"sweep_checks_per_s_{mode}"] = len(scenarios) / seconds
-            sweeps.setdefault(mode, {})[capability.value] = {
-                "techniques": len(techniques), "checks": checks,
-                "checks_per_s": checks / sum(timings[mode].values()), "floor_checks_per_s": checks / floor_seconds,
-                "over_floor": floor_seconds / sum(timings[mode].values()),
-                # where a check's time goes, in ms: the floor's two bare loops, and the sweep's share of
-                # the reference plus the technique's own judging (its run, the round trip, the invariants)
-                "ms_per_check": {"floor": 1000 * floor_seconds / checks,
-                                 "reference_share": 1000 * timings["reference"][mode] / checks,
-                                 "judging": 1000 * (sum(timings[mode].values()) - timings["reference"][mode]) / checks}}
-    for name, v in data.items():
-        rows.append([name, v["capability"], v["scenarios"], f"{v['checks_per_s_cold']:.1f}",
-                     f"{v['checks_per_s_cached_reference']:.1f}", f"{v['floor_checks_per_s']:.1f}",
-                     f"{v['share_of_floor']:.0%}", f"{v['sweep_floor_checks_per_s']:.1f}",
-                     f"{v['sweep_checks_per_s_sandboxed']:.1f}",
-                     f"{v['sweep_checks_per_s_sandboxed'] / v['sweep_floor_checks_per_s']:.2f}x",
-                     f"{v['sweep_checks_per_s_in-process']:.1f}",
-                     f"{v['sweep_checks_per_s_in-process'] / v['sweep_floor_checks_per_s']:.2f}x",
-                     f"{v['generation_ms_per_scenario']:.1f}"])
-    cold = [v["checks_per_s_cold"] for v in data.values()]
-    total_checks = sum(v["scenarios"] for v in data.values())
-    total_seconds = sum(v["scenarios"] / v["checks_per_s_cold"] for v in data.values())
-    floor_seconds = sum(v["scenarios"] / v["floor_checks_per_s"] for v in data.values())
-    summary = {"min_checks_per_s_cold": min(cold), "mean_checks_per_s_cold": sum(cold) / len(cold),
-               "catalog_checks_per_s": total_checks / total_seconds,
-               "catalog_floor_checks_per_s": total_checks / floor_seconds, "target": 50,
-               "sweep_target_over_floor": TARGET}
-    for mode, groups in sweeps.items():
-        seconds = sum(g["checks"] / g["checks_per_s"] for g in groups.values())
-        rates = {name: v[f"sweep_checks_per_s_{mode}"] / v["sweep_floor_checks_per_s"] for name, v in data.items()}
-        sweep_floor_seconds = sum(v["scenarios"] / v["sweep_floor_checks_per_s"] for v in data.values())
-        worst_row = min(rates, key=rates.get)
-        worst_group = min(groups, key=lambda c: groups[c]["over_floor"])
-        summary[f"sweep_{mode}"] = {
-            "catalog_checks_per_s": total_checks / seconds, "floor_checks_per_s": total_checks / sweep_floor_seconds,
-            "over_floor": sweep_floor_seconds / seconds,
-            "worst_group": worst_group, "worst_group_over_floor": groups[worst_group]["over_floor"],
-            "worst_row": worst_row, "worst_row_over_floor": rates[worst_row], "groups": groups}
-    data["_summary"] = summary
-    print(table(rows, ["technique", "capability", "scenarios", "checks/s", "checks/s (ref cached)", "floor checks/s",
-                       "floor share", "sweep: floor", "sandboxed", "/floor", "in-process", "/floor",
-                       "gen ms/scenario"]))
-    s = data["_summary"]
-    print(f"\nper-technique search: whole catalog {s['catalog_checks_per_s']:.1f} checks/s per worker (floor "
-          f"{s['catalog_floor_checks_per_s']:.1f}); per row min {min(cold):.1f}, mean {sum(cold) / len(cold):.1f} "
-          f"(target >= 50)")
-    for mode in ("sandboxed", "in-process"):
-        w = s[f"sweep_{mode}"]
-        groups = ", ".join(f"{c} {g['over_floor']:.2f}x ({g['techniques']} techniques; ms per check: floor "
-                           f"{ms['floor']:.1f}, reference share {ms['reference_share']:.1f}, "
-                           f"judging {ms['judging']:.1f})"
-                           for c, g in w["groups"].items() for ms in (g["ms_per_check"],))
-        print(f"sweep, {mode}: whole catalog {w['catalog_checks_per_s']:.1f} checks/s per worker = "
-              f"{w['over_floor']:.2f}x the floor of {w['floor_checks_per_s']:.1f} (target >= {TARGET}x); "
-              f"worst group {w['worst_group']} "
-              f"{w['worst_group_over_floor']:.2f}x, worst row {w['worst_row']} {w['worst_row_over_floor']:.2f}x; "
-              f"per group: {groups}")
+    previous = os.environ.get(SANDBOX_ENV)
+    rows, group_rows, data, groups = [], [], {}, {}
+    try:
+        for capability, names in _by_capability().items():
+            scenarios, gen_seconds = timed(corpus, capability, args.size)
+            techniques = [catalog()[name] for name in names]
+            for technique in techniques:
+                d = data[technique.name] = {"capability": capability.value, **per_technique(technique, scenarios),
+                                            "generation_ms_per_scenario": 1000 * gen_seconds / len(scenarios)}
+                rows.append([technique.name, capability.value, d["checks"],
+                             f"{d['checks'] / d['floor_cpu_s']:.1f}",
+                             f"{d['checks'] / d['sandboxed_wall_s']:.1f}", f"{d['floor_wall_s'] / d['sandboxed_wall_s']:.0%}",
+                             f"{d['floor_cpu_s'] / d['sandboxed_cpu_s']:.0%}",
+                             f"{d['checks'] / d['in_process_wall_s']:.1f}", f"{d['floor_cpu_s'] / d['in_process_cpu_s']:.0%}",
+                             f"{d['worst_check_ms']:.0f}", f"{d['generation_ms_per_scenario']:.1f}"])
+            g = groups[capability.value] = sweep_group(techniques, scenarios)
+            group_rows.append([capability.value, g["techniques"], g["checks"],
+                               f"{g['checks'] / g['physical_floor_cpu_s']:.1f}",
+                               f"{g['checks'] / g['sandboxed_wall_s']:.1f}",
+                               f"{g['physical_floor_wall_s'] / g['sandboxed_wall_s']:.0%}",
+                               f"{g['physical_floor_cpu_s'] / g['sandboxed_cpu_s']:.0%}",
+                               f"{g['checks'] / g['in_process_wall_s']:.1f}",
+                               f"{g['physical_floor_cpu_s'] / g['in_process_cpu_s']:.0%}",
+                               f"{g['two_loop_floor_cpu_s'] / g['sandboxed_cpu_s']:.2f}x"])
+    finally:
+        os.environ.pop(SANDBOX_ENV, None) if previous is None else _sandbox_env(previous)
+    summary = _summary(data, groups)
+    data["_sweep"], data["_summary"] = groups, summary
+    print(table(rows, ["technique", "capability", "checks", "floor checks/s", "sandboxed checks/s",
+                       "of floor (wall)", "of floor (cpu)", "in-process checks/s", "of floor (cpu)",
+                       "worst ms", "gen ms/scenario"]))
+    print()
+    print(table(group_rows, ["sweep: capability", "techniques", "checks", "physical floor checks/s",
+                             "sandboxed checks/s", "of floor (wall)", "of floor (cpu)", "in-process checks/s",
+                             "of floor (cpu)", "two-loop floor / sandboxed (cpu)"]))
+    s = summary
+    print(f"\nper-technique checks, whole catalog: sandboxed {s['search_sandboxed_wall']:.0%} of the two-loop floor "
+          f"by the clock, {s['search_sandboxed_cpu']:.0%} by CPU time; in-process {s['search_in_process_cpu']:.0%} "
+          f"(target >= {TARGET_SEARCH:.0%} sandboxed); worst row {s['worst_row']} {s['worst_row_share']:.0%} (wall); "
+          f"rows within target: {s['rows_within']:.0%} (wall)")
+    print(f"sweep: sandboxed, worst capability {s['sweep_worst_group']} {s['sweep_worst_wall']:.0%} of its physical "
+          f"floor by the clock, {s['sweep_worst_cpu']:.0%} by CPU time; whole catalog {s['sweep_sandboxed_wall']:.0%} "
+          f"(wall), {s['sweep_sandboxed_cpu']:.0%} (cpu); in-process {s['sweep_in_process_cpu']:.0%} "
+          f"(target >= {TARGET_SWEEP:.0%} for every capability)")
     print(f"-> {write('throughput', data)}")
     return data
 
 
-def _sweep(techniques, scenarios) -> dict[str, dict[str, float]]:
-    """Seconds per technique for the corpus: ``floor`` (its two bare loops per scenario) and the sweep
-    ``sandboxed`` and ``in-process`` (its own judging plus an equal share of each scenario's
-    reference, computed once, as ``sweep.judge_shared`` does). The three are interleaved scenario by
-    scenario, so a change in the machine's speed during the run hits them alike."""
-    seconds = {mode: {t.name: 0.0 for t in techniques} for mode in ("floor", "sandboxed", "in-process")}
-    seconds["reference"] = {"sandboxed": 0.0, "in-process": 0.0}  # what the shares add up to
-    previous = os.environ.get(SANDBOX_ENV)
-    children = [Sandbox(t) for t in techniques]  # one child per technique, as a sweep keeps
-    own = [Sandbox(t) for t in techniques]  # the same without children (ISOLATION_SANDBOX=off while used)
-    try:
-        for technique, sandbox in zip(techniques, children):  # start the children before the clock
-            judge(technique, scenarios[0], sandbox=sandbox)
-        for scenario in scenarios:
-            for technique in techniques:
-                start = time.perf_counter()
-                bare_pair(technique, scenario)
-                seconds["floor"][technique.name] += time.perf_counter() - start
-            for mode, sandboxes, env in (("sandboxed", children, "on"), ("in-process", own, "off")):
-                os.environ[SANDBOX_ENV] = env
-                clear_reference_cache()
-                start = time.perf_counter()
-                shared = SharedReference(scenario)
-                shared.trace
-                seconds["reference"][mode] += time.perf_counter() - start
-                share = (time.perf_counter() - start) / len(techniques)
-                for technique, sandbox in zip(techniques, sandboxes):
-                    start = time.perf_counter()
-                    judge(technique, scenario, sandbox=sandbox, reference=shared)
-                    seconds[mode][technique.name] += time.perf_counter() - start + share
-    finally:
-        for sandbox in children + own:
-            sandbox.close()
-        if previous is None:
-            os.environ.pop(SANDBOX_ENV, None)
-        else:
-            os.environ[SANDBOX_ENV] = previous
-    return seconds
+def _summary(data: dict, groups: dict) -> dict:
+    rows = {name: d for name, d in data.items() if not name.startswith("_")}
+    total = lambda key, of=rows: sum(d[key] for d in of.values())  # noqa: E731
+    shares = {name: d["floor_wall_s"] / d["sandboxed_wall_s"] for name, d in rows.items()}
+    worst_row = min(shares, key=shares.get)
+    sweep_share = {c: g["physical_floor_wall_s"] / g["sandboxed_wall_s"] for c, g in groups.items()}
+    worst_group = min(sweep_share, key=sweep_share.get)
+    return {"search_sandboxed_wall": total("floor_wall_s") / total("sandboxed_wall_s"),
+            "search_sandboxed_cpu": total("floor_cpu_s") / total("sandboxed_cpu_s"),
+            "search_in_process_cpu": total("floor_cpu_s") / total("in_process_cpu_s"),
+            "catalog_checks_per_s_sandboxed": total("checks") / total("sandboxed_wall_s"),
+            "catalog_floor_checks_per_s": total("checks") / total("floor_cpu_s"),
+            "worst_row": worst_row, "worst_row_share": shares[worst_row],
+            "median_row_share": median(list(shares.values())),
+            "rows_within": sum(v >= TARGET_SEARCH for v in shares.values()) / len(shares),
+            "sweep_worst_group": worst_group, "sweep_worst_wall": sweep_share[worst_group],
+            "sweep_worst_cpu": groups[worst_group]["physical_floor_cpu_s"] / groups[worst_group]["sandboxed_cpu_s"],
+            "sweep_sandboxed_wall": total("physical_floor_wall_s", groups) / total("sandboxed_wall_s", groups),
+            "sweep_sandboxed_cpu": total("physical_floor_cpu_s", groups) / total("sandboxed_cpu_s", groups),
+            "sweep_in_process_cpu": total("physical_floor_cpu_s", groups) / total("in_process_cpu_s", groups),
+            "targets": {"search": TARGET_SEARCH, "sweep": TARGET_SWEEP}}
 
 
 def _by_capability():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from hypothesis import Phase, event, given, settings, target
+from hypothesis import strategies as st
 from hypothesis import seed as hypothesis_seed
 from hypothesis.control import current_build_context
 from hypothesis.database import choices_to_bytes
@@ -204,38 +205,128 @@ def judge_shared(judges: Sequence[tuple[Technique, Sandbox]], scenario: Scenario
     here (its float64 twin too, when a float32 mismatch needs it): the same verdicts as
     :func:`~isolation_suite.judging.judge.judge` gives each technique alone."""
     shared = SharedReference(scenario, device)
-    return [judge(technique, scenario, device, sandbox=sandbox, reference=shared)
-            for technique, sandbox in judges], shared
+    verdicts = judge_batch([(technique, sandbox, [scenario]) for technique, sandbox in judges], device,
+                           references={id(scenario): shared})
+    return [v for (v,) in verdicts], shared
 
 
-def _judge_all(members: Sequence[_Member], scenario: Scenario, device: str, out: SweepResult,
-               found_by: str, started: float) -> list[tuple[_Member, Verdict]]:
-    """Judge every active member that fits ``scenario`` against one shared reference."""
-    fitting = [m for m in members if m.active and m.fits(scenario)]
-    if not fitting:
-        return []
-    verdicts, shared = judge_shared([(m.technique, m.sandbox) for m in fitting], scenario, device)
-    out.references += 1
-    out.checks += len(fitting)
-    for m, verdict in zip(fitting, verdicts):
-        result = m.result
-        for v in verdict.violations:
-            result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
-        if found_by == "explicit":
-            result.explicit += 1
-        elif found_by == "coverage":
-            result.coverage_examples += 1
-        else:
-            result.examples += 1
-        if m.coverage is not None:
-            m.coverage.note(scenario)
-            result.coverage = m.coverage.counts()
-        if not verdict.ok:
-            result.first_failure_at = result.explicit + result.coverage_examples + result.examples
-            result.seconds_to_first_failure = time.monotonic() - started
-            result.found_by = found_by
-            result.failure = verdict  # the smallest seen so far; a generated one is shrunk below
-    return list(zip(fitting, verdicts))
+def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]], device: str = "cpu", *,
+                references: dict[int, SharedReference] | None = None,
+                on_verdict: Callable[[int, Scenario, Verdict], bool] | None = None) -> list[list[Verdict]]:
+    """Judge each ``(technique, its sandbox, its scenarios)`` against one reference per scenario
+    (``references``, by ``id`` of the scenario, or computed here); per judge, its verdicts in order.
+
+    Each technique's child is sent its scenarios in one request (``Sandbox.prefetch``) and runs them
+    back to back: this process computes the references meanwhile, and judges one technique's runs
+    while the next technique's child runs its own, so at most one child runs beside this process.
+    ``on_verdict(judge's index, scenario, verdict)`` returning False judges that technique on none
+    of its later scenarios. The verdicts are those :func:`~isolation_suite.judging.judge.judge` gives
+    each technique alone on each scenario."""
+    references = {} if references is None else references
+    judges = [(i, technique, sandbox, list(mine)) for i, (technique, sandbox, mine) in enumerate(judges)]
+    queue = [j for j in judges if j[3]]
+    if queue:
+        queue[0][2].prefetch(queue[0][3], device)
+    for _, _, _, mine in queue:
+        for scenario in mine:
+            references.setdefault(id(scenario), SharedReference(scenario, device))
+    for _, _, _, mine in queue:
+        for scenario in mine:
+            references[id(scenario)].trace  # before any verdict (a scenario the reference cannot run raises)
+    out: list[list[Verdict]] = [[] for _ in judges]
+    for n, (i, technique, sandbox, mine) in enumerate(queue):
+        sandbox.settle()
+        if n + 1 < len(queue):
+            queue[n + 1][2].prefetch(queue[n + 1][3], device)
+        for scenario in mine:
+            verdict = judge(technique, scenario, device, sandbox=sandbox, reference=references[id(scenario)])
+            out[i].append(verdict)
+            if on_verdict is not None and not on_verdict(i, scenario, verdict):
+                break
+    return out
+
+
+#: the most scenarios a technique's child is sent in one request
+MAX_BATCH = 8
+#: a batch is sized to be judged in about this long at the pace seen so far (and within the budget)
+BATCH_SECONDS = 1.0
+
+
+class _Pace:
+    """How many scenarios the next batch takes: one at first (a known-bad row is usually caught on its
+    first trigger example, and runs sent after a failure are wasted), then as many as are judged in
+    about ``BATCH_SECONDS`` at the pace seen so far, never more than what is left of the budget."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline, self.scenarios, self.seconds = deadline, 0, 0.0
+
+    def size(self) -> int:
+        if not self.scenarios or not self.seconds:
+            return 1
+        per_scenario = self.seconds / self.scenarios
+        fits = BATCH_SECONDS / per_scenario
+        if self.deadline is not None:
+            fits = min(fits, (self.deadline - time.monotonic()) / per_scenario)
+        return max(1, min(MAX_BATCH, int(fits)))
+
+    def note(self, scenarios: int, seconds: float) -> None:
+        self.scenarios, self.seconds = self.scenarios + scenarios, self.seconds + seconds
+
+
+def _judge_batch(members: Sequence[_Member], batch: Sequence[tuple[Scenario, str]], device: str, out: SweepResult,
+                 started: float, pace: _Pace) -> list[list[tuple[_Member, Verdict]]]:
+    """Judge every active member on each scenario of ``batch`` (with how it was found) that it fits
+    (``judge_batch``); per scenario, the members' verdicts. The verdicts, counts and first failures
+    are those of judging the scenarios one by one in order: a member is judged on no scenario after
+    its first failure."""
+    begun = time.monotonic()
+    scenarios = [scenario for scenario, _ in batch]
+    found_by = {id(scenario): how for scenario, how in batch}
+    queue = [(m, [s for s in scenarios if m.fits(s)]) for m in members if m.active]
+    queue = [(m, mine) for m, mine in queue if mine]
+    out.references += len({id(s) for _, mine in queue for s in mine})
+    judged: dict[int, list[tuple[_Member, Verdict]]] = {id(s): [] for s in scenarios}
+
+    def note(i: int, scenario: Scenario, verdict: Verdict) -> bool:
+        m = queue[i][0]
+        _record(m, scenario, verdict, found_by[id(scenario)], out, started)
+        judged[id(scenario)].append((m, verdict))
+        return verdict.ok
+
+    judge_batch([(m.technique, m.sandbox, mine) for m, mine in queue], device, on_verdict=note)
+    pace.note(len(scenarios), time.monotonic() - begun)
+    return [judged[id(s)] for s in scenarios]
+
+
+def _reached(judged: list[list[tuple[_Member, Verdict]]], active: Sequence[_Member]) -> int:
+    """How many scenarios of a batch judged one by one would have been reached: all of them, but
+    those after the last first failure when every member ``active`` at its start failed in it."""
+    if any(m.active for m in active):
+        return len(judged)
+    return 1 + max((i for i, verdicts in enumerate(judged) for _, verdict in verdicts if not verdict.ok), default=-1)
+
+
+def _record(m: _Member, scenario: Scenario, verdict: Verdict, found_by: str, out: SweepResult,
+            started: float) -> None:
+    """Count one judgement in ``m``'s result (its first failure too)."""
+    out.checks += 1
+    result = m.result
+    for v in verdict.violations:
+        result.invariant_counts[v.invariant] = result.invariant_counts.get(v.invariant, 0) + 1
+    if found_by == "explicit":
+        result.explicit += 1
+    elif found_by == "coverage":
+        result.coverage_examples += 1
+    else:
+        result.examples += 1
+    if m.coverage is not None:
+        m.coverage.note(scenario)
+        result.coverage = m.coverage.counts()
+    if not verdict.ok:
+        result.first_failure_at = result.explicit + result.coverage_examples + result.examples
+        result.seconds_to_first_failure = time.monotonic() - started
+        result.found_by = found_by
+        result.failure = verdict  # the smallest seen so far; a generated one is shrunk below
 
 
 def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_settings: settings,
@@ -252,16 +343,19 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
 
     # 1. the trigger examples, minimal by construction, then (on a user's model) every target once
     # (``isolation_suite.judging.coverage``): a failure there is the technique's result
+    pace = _Pace(deadline)
     triggers = (moved_examples(model, caps, mode) if model else explicit_examples(caps, mode)) if explicit else ()
     covering = coverage_examples(model, factory_tree(model), caps, mode) \
         if explicit and model and not is_family(model) else ()
-    for scenario, found_by in [(s, "explicit") for s in triggers] + [(s, "coverage") for s in covering]:
+    todo = [(s, "explicit") for s in triggers] + [(s, "coverage") for s in covering]
+    while todo:
         if not any(m.active for m in members):
             return
         if spent():
             return budget_reached()
-        out.explicit += 1
-        _judge_all(members, scenario, device, out, found_by, started)
+        size, active = pace.size(), [m for m in members if m.active]
+        batch, todo = todo[:size], todo[size:]
+        out.explicit += _reached(_judge_batch(members, batch, device, out, started, pace), active)
 
     # 2. what each technique's own search would replay first: its failures kept in the example database
     for m in members:
@@ -272,33 +366,55 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
                     None if deadline is None else max(0.0, deadline - time.monotonic()), False, m.sandbox, model,
                     mode, generate=False)
 
-    # 3. generated scenarios, each judged by every technique it fits
+    # 3. generated scenarios, each judged by every technique it fits. An example draws a batch of them
+    # one by one from the scenario strategy (so each one's own choices replay it in a technique's
+    # search); it always draws MAX_BATCH (Hypothesis replays the same choices to the same draws), and
+    # judges as many of them as the pace and the budget allow.
+    strategy = search_strategy(caps, device, model, mode)
+
     @settings(run_settings, database=None, phases=[p for p in run_settings.phases if p != Phase.shrink])
-    @given(search_strategy(caps, device, model, mode))
-    def probe(scenario: Scenario) -> None:
+    @given(st.data())
+    def probe(data) -> None:
+        drawing = current_build_context().data
+        drawn: list[tuple[Scenario, int, int]] = []
+        for _ in range(MAX_BATCH):  # first: an example that stops the generation draws what the others do
+            first = len(drawing.choices)
+            scenario = data.draw(strategy)
+            drawn.append((scenario, first, len(drawing.choices)))
         if not any(m.active for m in members):
             raise _AllDecided()
         if spent():
             raise _BudgetSpent()
         if out.scenarios >= run_settings.max_examples:
             raise _ExamplesSpent()
-        out.scenarios += 1
-        verdicts = _judge_all(members, scenario, device, out, "search", started)
-        choices = None
-        for m, verdict in verdicts:
-            for v in verdict.violations:
-                event(v.invariant)
-            target(min(verdict.divergence, 1e6), label=f"{m.technique.name}: divergence from the reference")
-            if not verdict.ok and TIMEOUT not in verdict.invariants:
-                if choices is None:  # the draw that made this scenario, for the technique's own shrinker
-                    choices = choices_to_bytes(current_build_context().data.choices)
-                m.found = Start(verdict, choices)
+        choices = drawing.choices
+        unique = [d for i, d in enumerate(drawn) if all(d[0] != e[0] for e in drawn[:i])]  # the simplest, B times
+        drawn = unique[:min(pace.size(), run_settings.max_examples - out.scenarios)]
+        active = [m for m in members if m.active]
+        judged = _judge_batch(members, [(scenario, "search") for scenario, _, _ in drawn], device, out, started, pace)
+        out.scenarios += _reached(judged, active)
+        divergence: dict[str, float] = {}
+        for (_, first, end), verdicts in zip(drawn, judged):
+            for m, verdict in verdicts:
+                for v in verdict.violations:
+                    event(v.invariant)
+                name = m.technique.name
+                divergence[name] = max(divergence.get(name, 0.0), min(verdict.divergence, 1e6))
+                if not verdict.ok and TIMEOUT not in verdict.invariants:
+                    # the draw that made this scenario, for the technique's own shrinker
+                    m.found = Start(verdict, choices_to_bytes(choices[first:end]))
+        for name, score in divergence.items():
+            target(score, label=f"{name}: divergence from the reference")
 
     if out.seed is not None:
         probe = hypothesis_seed(out.seed)(probe)
     probe.hypothesis.inner_test._hypothesis_internal_add_digest = (
         f"sweep|{sorted(c.value for c in caps)}|{device}" + (f"|{model}" if model else "")
         + ("" if mode == DEFAULT_MODE else f"|{mode}")).encode()
+    if not any(m.active for m in members) or out.scenarios >= run_settings.max_examples:
+        return
+    if spent():
+        return budget_reached()
     try:
         probe()
     except _BudgetSpent:
@@ -324,4 +440,4 @@ def _shrink_failures(members: list[_Member], caps: frozenset[Capability], device
                 fits=m.fits if caps != m.caps else None)
 
 
-__all__ = ["sweep", "SweepResult", "judge_shared", "intent_capabilities"]
+__all__ = ["sweep", "SweepResult", "judge_shared", "judge_batch", "intent_capabilities"]

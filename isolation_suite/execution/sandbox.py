@@ -26,8 +26,10 @@ a process exit. The README says so.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import faulthandler
+import fcntl
 import mmap
 import os
 import pickle
@@ -36,7 +38,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -107,15 +109,35 @@ def _write(fd: int, data: bytes) -> None:
     write_frame(fd, data)
 
 
-#: the last request pickled, with the scenario it was pickled from (held, so its id stays its own): a
-#: sweep sends one scenario to every technique's child, and pickles it once
-_LAST_REQUEST: list = [None, None, b""]
+#: the last request pickled, with the scenarios it was pickled from (held, so their ids stay their own):
+#: a sweep sends the same scenarios to every technique's child, and pickles them once
+_LAST_REQUEST: list = [(), None, b""]
 
 
-def _request(scenario, device: str) -> bytes:
-    if _LAST_REQUEST[0] is not scenario or _LAST_REQUEST[1] != device:
-        _LAST_REQUEST[:] = [scenario, device, pickle.dumps((scenario, device), protocol=pickle.HIGHEST_PROTOCOL)]
+def _request(scenarios: Sequence, device: str) -> bytes:
+    held, held_device, _ = _LAST_REQUEST
+    if held_device != device or len(held) != len(scenarios) or any(a is not b for a, b in zip(held, scenarios)):
+        runs = [(scenario, device) for scenario in scenarios]
+        _LAST_REQUEST[:] = [tuple(scenarios), device, pickle.dumps(runs, protocol=pickle.HIGHEST_PROTOCOL)]
     return _LAST_REQUEST[2]
+
+
+def _widen(fd: int) -> None:
+    """A pipe of 1 MiB where the system allows it: a child sent several runs rarely waits for this
+    process to read a trace before starting the next run, nor this process for the child to read."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (AttributeError, OSError):
+        pass
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """A run sent to the child (``Sandbox.prefetch``), and its trace once the child's reply is read."""
+
+    scenario: Any
+    device: str
+    trace: Trace | None = None
 
 
 def _receive(fd: int, deadline: float | None = None) -> Any:
@@ -160,7 +182,11 @@ class Sandbox:
         self.progress = mmap.mmap(-1, PROGRESS.size)  # shared with the child: where it is now
         # where a child's runs spend their time (benchmarks read it): runs answered, seconds from
         # request to trace here, and seconds of those inside the training loop in the child
-        self.runs, self.seconds, self.child_seconds = 0, 0.0, 0.0
+        self.runs, self.child_seconds = 0, 0.0
+        # the child's CPU seconds over its runs (its own clock, summed over the children it had)
+        self.child_cpu, self._cpu_seen = 0.0, 0.0
+        self.ahead: collections.deque[_Ahead] = collections.deque()  # runs sent, in the order sent
+        self._since = 0.0  # when the child last started a run, at the latest
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -168,34 +194,94 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def prefetch(self, scenarios: Sequence, device: str, *, keep: bool = False) -> None:
+        """Send ``scenarios`` to the child now, in one request: it runs them back to back while this
+        process does other work (computing the reference), and ``run`` answers each of them from what
+        came back, in any order. What was sent before is first read back (so the pipe never holds two
+        requests) and dropped unless ``keep``. A run that crashed, hung or leaked is answered as
+        ``run`` would answer it, and the runs sent after it go to a fresh child when asked for.
+        In-process (CUDA runs, no fork) nothing is sent ahead."""
+        self.settle()
+        if not keep:
+            self.ahead.clear()
+        device = str(device)
+        if not scenarios or device.startswith("cuda") or (self.pid is None and not (fork_available()
+                                                                                   and self._start())):
+            return
+        if not self._send(scenarios, device):  # the child ended between runs (a thread the technique left)
+            self.ahead.append(_Ahead(scenarios[0], device, self._lost(device, timed_out=False)))
+            return
+        self.ahead.extend(_Ahead(scenario, device) for scenario in scenarios)
+
     def run(self, scenario, device: str) -> Trace:
-        if str(device).startswith("cuda") or (self.pid is None and not (fork_available() and self._start())):
+        device = str(device)
+        sent = next((entry for entry in self.ahead if entry.scenario is scenario and entry.device == device), None)
+        if sent is not None:
+            self._answer_through(sent)
+            if sent in self.ahead:
+                self.ahead.remove(sent)
+                return sent.trace
+        self.settle()  # another run: the child first answers what it was sent
+        if device.startswith("cuda") or (self.pid is None and not (fork_available() and self._start())):
             return run_in_process(self.technique, scenario, device, self.timeout)
-        PROGRESS.pack_into(self.progress, 0, 0, -1)
-        started = time.perf_counter()
-        # a ddp run's rank 0 reports a hang of its rank 1 itself, after the timeout: it gets a grace
-        grace = mode_info(scenario.mode).grace
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout + grace
-        try:
-            _write(self.to_child, _request(scenario, str(device)))
-        except BrokenPipeError:  # the child ended between runs (a thread the technique left behind)
+        if not self._send([scenario], device):
             return self._lost(device, timed_out=False)
+        entry = _Ahead(scenario, device)
+        self._answer(entry)
+        return entry.trace
+
+    def _send(self, scenarios: Sequence, device: str) -> bool:
+        """One request for ``scenarios``; False when the child is gone."""
+        PROGRESS.pack_into(self.progress, 0, 0, -1)
+        try:
+            _write(self.to_child, _request(scenarios, device))
+        except BrokenPipeError:
+            return False
+        self._since = time.monotonic()
+        return True
+
+    def _answer(self, entry: "_Ahead") -> bool:
+        """Read the child's reply for ``entry``, the first run sent and not yet answered; True when
+        the child is gone after it (lost or retired): it answers no later run."""
+        # the child starts a run once it has sent the previous reply, which is before this process
+        # read it: the timeout counts from then on at the latest, never short of a whole run
+        grace = mode_info(entry.scenario.mode).grace  # a ddp run's rank 0 reports its rank 1's hang itself
+        deadline = None if self.timeout is None else self._since + self.timeout + grace
         try:
             reply = _receive(self.from_child, deadline)
         except TimeoutError:
-            return self._lost(device, timed_out=True)
-        if reply is _EOF:
-            return self._lost(device, timed_out=False)
-        kind, payload, retire, in_child = reply
+            reply = None
+        self._since = time.monotonic()
+        if reply is None or reply is _EOF:
+            entry.trace = self._lost(entry.device, timed_out=reply is None)
+            return True
+        kind, payload, retire, in_child, cpu = reply
         if retire:
             self._reap()
         self.runs, self.child_seconds = self.runs + 1, self.child_seconds + in_child
+        self.child_cpu, self._cpu_seen = self.child_cpu + max(0.0, cpu - self._cpu_seen), cpu
         if kind == "error":
+            self.ahead.clear()
             self.close()
             raise SandboxError(payload)
-        trace = _map_arrays(payload, _to_tensor)
-        self.seconds += time.perf_counter() - started
-        return trace
+        entry.trace = _map_arrays(payload, _to_tensor)
+        return bool(retire)
+
+    def _answer_through(self, last: "_Ahead") -> None:
+        """Read the replies owed, in the order sent, up to ``last``'s; a child gone before it answers
+        none of the later runs: they are dropped (``last`` too, if it was one), to run afresh."""
+        for i, entry in enumerate(list(self.ahead)):
+            if entry.trace is None and self._answer(entry):
+                while len(self.ahead) > i + 1:
+                    self.ahead.pop()
+                return
+            if entry is last:
+                return
+
+    def settle(self) -> None:
+        """Read every reply still owed, keeping the traces for the runs asked for later."""
+        if self.ahead:
+            self._answer_through(self.ahead[-1])
 
     def _start(self) -> bool:
         """Fork the child; False (and every later run of this process in-process) when a child
@@ -224,6 +310,9 @@ class Sandbox:
         os.close(output_w)
         self.output.start(output_r)
         self.pid, self.to_child, self.from_child = pid, to_child_w, from_child_r
+        self._cpu_seen = 0.0
+        _widen(from_child_r)
+        _widen(to_child_w)
         try:
             hello = _receive(self.from_child, time.monotonic() + 120)
         except TimeoutError:
@@ -272,6 +361,7 @@ class Sandbox:
             self.output.join()  # everything it printed is shown before its trace is used
 
     def close(self) -> None:
+        self.ahead.clear()
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -306,32 +396,36 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             probe = torch.ones(1, requires_grad=True)
             (probe * 2).sum().backward()
         except RuntimeError as exc:
-            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True, 0.0))
+            _send(replies, ("unavailable", (str(exc).strip().splitlines() or [""])[0], True, 0.0, 0.0))
             return
-        _send(replies, ("ready", None, False, 0.0))
+        _send(replies, ("ready", None, False, 0.0, 0.0))
         before = snapshot()
-        while True:
+        serving = True
+        while serving:
             request = _receive(requests)
             if request is _EOF:
                 break
-            scenario, device = request
-            started = time.perf_counter()
-            try:
-                trace = run(scenario, _driver(technique), device, progress=progress, timeout=timeout)
-            except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
-                _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0))
-                break
-            seconds = time.perf_counter() - started
-            # the state after this run is the state before the next: only reading the next request
-            # (the harness's own code) happens in between, so one snapshot serves both
-            after = snapshot()
-            leaks = changes(before, after)
-            before = after
-            trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
-            retire = bool(leaks) or mode_info(scenario.mode).retire or unfreed() > 0
-            _send(replies, ("trace", _map_arrays(trace, _to_numpy), retire, seconds))
-            if retire:
-                break  # isolated: the next run gets a fresh copy of the parent
+            for scenario, device in request:  # one run, or several sent ahead: back to back
+                PROGRESS.pack_into(progress, 0, 0, -1)
+                started = time.perf_counter()
+                try:
+                    trace = run(scenario, _driver(technique), device, progress=progress, timeout=timeout)
+                except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
+                    _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0, time.process_time()))
+                    serving = False
+                    break
+                seconds = time.perf_counter() - started
+                # the state after this run is the state before the next: only reading the next request
+                # (the harness's own code) happens in between, so one snapshot serves both
+                after = snapshot()
+                leaks = changes(before, after)
+                before = after
+                trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
+                retire = bool(leaks) or mode_info(scenario.mode).retire or unfreed() > 0
+                _send(replies, ("trace", _map_arrays(trace, _to_numpy), retire, seconds, time.process_time()))
+                if retire:  # isolated: the runs after this one go to a fresh copy of the parent
+                    serving = False
+                    break
     except BaseException:  # noqa: BLE001 - the parent reads a lost child as a crash
         code = 70
     finally:

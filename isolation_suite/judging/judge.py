@@ -113,6 +113,15 @@ class SharedReference:
         self._twin: Trace | None = None
 
     @property
+    def computed(self) -> bool:
+        """Whether the reference's trace was computed already."""
+        return self._trace is not None
+
+    @property
+    def twin_computed(self) -> bool:
+        return self._twin is not None
+
+    @property
     def trace(self) -> Trace:
         if self._trace is None:
             self._trace = _reference(self.scenario, self.device)
@@ -149,7 +158,11 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
         reference = SharedReference(scenario, device)
     elif (reference.scenario is not scenario and reference.scenario != scenario) or reference.device != device:
         raise ValueError("the shared reference is another scenario's or another device's")
-    expected = reference.trace  # first: a scenario the reference cannot run is no scenario to judge
+    if not reference.computed:  # the technique's child runs while this process computes the reference
+        sandbox.prefetch([scenario], device)
+    # a scenario the reference cannot run is no scenario to judge (its technique run, sent ahead, is
+    # read back and dropped by the sandbox's next request)
+    expected = reference.trace
     trace = sandbox.run(scenario, device)
     other = sandbox.run(scenario, "cpu") if device.startswith("cuda") and trace.crash is None \
         and not tree_of(scenario).device_random else None
@@ -208,6 +221,9 @@ def _confirmed(violation: Violation, ctx: Context, sandbox: Sandbox, device: str
     if violation.invariant not in (MATCHES_REFERENCE, DEVICE_PARITY) or scenario.dtype != "float32":
         return violation
     twin = dataclasses.replace(scenario, dtype="float64")
+    if not reference.twin_computed:  # the technique's twin runs while this process computes the reference's
+        sandbox.prefetch([twin], device, keep=True)
+    reference.twin
     trace = sandbox.run(twin, device)
     other = sandbox.run(twin, "cpu") if violation.invariant == DEVICE_PARITY else None
     twin_ctx = Context(twin, trace, reference.twin, other)

@@ -1,0 +1,178 @@
+"""Runs sent ahead to a sandbox child (``Sandbox.prefetch``) and the sweep's batches (``judge_batch``):
+each run is answered as a run asked for alone would be, in any order, and whatever ends, hangs or
+poisons the child in the middle of a batch costs that run's verdict only."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import isolation_suite as iso
+from isolation_suite.engine.sweep import MAX_BATCH, judge_batch, sweep
+from isolation_suite.execution.runner import TechniqueDriver, run
+from isolation_suite.execution.sandbox import Sandbox
+from isolation_suite.judging.judge import SharedReference, judge
+from isolation_suite.model.factory import build
+from isolation_suite.techniques.triggers import PASS_UPSTREAM
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hostile  # noqa: E402
+from test_sweep import _equal_traces  # noqa: E402
+
+#: four scenarios told apart by their models' first weight
+BATCH = [dataclasses.replace(PASS_UPSTREAM, init_seed=seed) for seed in range(4)]
+
+
+def _first_weight(model) -> float:
+    return float(next(iter(model.parameters())).detach().flatten()[0])
+
+
+class _OnOneScenario(hostile._Detaches):
+    """Sound, but for one scenario (told by its model's first weight), on which ``act`` runs."""
+
+    def __init__(self, scenario):
+        self.marker = _first_weight(build(scenario).model)
+
+    def setup(self, model, intent):
+        if _first_weight(model) == self.marker:
+            self.act()
+
+    def act(self):
+        raise NotImplementedError
+
+
+class ExitsOnOne(_OnOneScenario):
+    name = "hostile.exits_on_one"
+
+    def act(self):
+        os._exit(5)
+
+
+class SegfaultsOnOne(_OnOneScenario):
+    name = "hostile.segfaults_on_one"
+
+    def act(self):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+class SleepsOnOne(_OnOneScenario):
+    name = "hostile.sleeps_on_one"
+
+    def act(self):
+        time.sleep(600)
+
+
+class FlipsFlagOnOne(_OnOneScenario):
+    name = "hostile.flips_flag_on_one"
+
+    def act(self):
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+
+
+@pytest.fixture(autouse=True)
+def _forked():
+    hostile.require_fork_sandbox()
+
+
+def _sound():
+    return iso.catalog()["functional_detach"]
+
+
+def test_runs_sent_ahead_are_answered_in_any_order_by_one_child_as_runs_asked_for_alone():
+    technique = _sound()
+    with Sandbox(technique) as box:
+        box.prefetch(BATCH, "cpu")
+        pid = box.pid
+        order = [2, 0, 3, 1]
+        traces = {i: box.run(BATCH[i], "cpu") for i in order}
+        assert box.pid == pid and box.runs == len(BATCH) and not box.ahead
+    for i, scenario in enumerate(BATCH):
+        assert _equal_traces(traces[i], run(scenario, TechniqueDriver(technique)))
+    assert not _equal_traces(traces[0], traces[1])  # the four are told apart
+
+
+def test_a_run_not_sent_ahead_waits_for_the_batch_and_keeps_its_answers():
+    technique = _sound()
+    other = dataclasses.replace(PASS_UPSTREAM, init_seed=9)
+    with Sandbox(technique) as box:
+        box.prefetch(BATCH[:3], "cpu")
+        alone = box.run(other, "cpu")  # as a float64 twin is asked for in the middle of a batch
+        traces = [box.run(s, "cpu") for s in BATCH[:3]]
+        assert box.runs == 4  # nothing run twice
+    assert _equal_traces(alone, run(other, TechniqueDriver(technique)))
+    assert all(_equal_traces(t, run(s, TechniqueDriver(technique))) for t, s in zip(traces, BATCH))
+
+
+def test_the_next_batch_drops_what_was_not_asked_for_and_a_dropped_run_runs_afresh():
+    with Sandbox(_sound()) as box:
+        box.prefetch(BATCH[:2], "cpu")
+        box.run(BATCH[0], "cpu")
+        box.prefetch(BATCH[2:3], "cpu")
+        assert [e.scenario for e in box.ahead] == [BATCH[2]]
+        box.run(BATCH[1], "cpu")
+        assert box.runs == 4
+
+
+@pytest.mark.parametrize("technique, invariant, message", [
+    (ExitsOnOne, "no-crash", "the process exited with code 5"),
+    (SegfaultsOnOne, "no-crash", "the process was killed by signal SIGSEGV"),
+    (SleepsOnOne, "timeout", "the run took longer than 2s"),
+    (FlipsFlagOnOne, "state-restored", "torch.backends.cudnn.benchmark changed"),
+], ids=["exit", "segfault", "hang", "leak"])
+def test_what_ends_hangs_or_poisons_the_child_mid_batch_costs_that_runs_verdict_only(technique, invariant, message):
+    hostile_row = technique(BATCH[1])
+    flag = torch.backends.cudnn.benchmark
+    with Sandbox(hostile_row, timeout=2.0) as box:
+        (verdicts,) = judge_batch([(hostile_row, box, BATCH)])
+    assert [v.ok for v in verdicts] == [True, False, True, True]
+    assert verdicts[1].invariants == (invariant,), str(verdicts[1])
+    assert message in verdicts[1].first.message, verdicts[1].first.message
+    if invariant != "state-restored":  # the phase of the run that was lost, not of the one before it
+        assert "during setup" in verdicts[1].first.message, verdicts[1].first.message
+    assert torch.backends.cudnn.benchmark == flag  # the parent's own state untouched
+    # the runs after it ran on a fresh child: the verdicts each one gets alone
+    for scenario, verdict in zip(BATCH, verdicts):
+        if verdict.ok:
+            assert not judge(hostile_row, scenario, timeout=2.0).violations
+
+
+def test_a_batch_judges_as_scenario_by_scenario_and_stops_a_technique_at_its_first_failure():
+    rows = [iso.catalog()[name] for name in ("functional_detach", "no_grad_call", "toggle_requires_grad")]
+    boxes = [Sandbox(t) for t in rows]
+    seen = []
+    try:
+        batched = judge_batch([(t, box, BATCH) for t, box in zip(rows, boxes)],
+                              on_verdict=lambda i, s, v: seen.append((i, s)) or v.ok)
+    finally:
+        for box in boxes:
+            box.close()
+    assert [len(v) for v in batched] == [4, 1, 4]  # no_grad_call fails on the first and is judged no more
+    assert seen == [(0, s) for s in BATCH] + [(1, BATCH[0])] + [(2, s) for s in BATCH]
+    for technique, verdicts in zip(rows, batched):
+        for scenario, verdict in zip(BATCH, verdicts):
+            alone = judge(technique, scenario, reference=SharedReference(scenario))
+            assert (alone.violations, alone.divergence) == (verdict.violations, verdict.divergence)
+
+
+def test_in_process_nothing_is_sent_ahead_and_the_verdicts_are_the_same(monkeypatch):
+    monkeypatch.setenv("ISOLATION_SANDBOX", "off")
+    technique = iso.catalog()["no_grad_call"]
+    with Sandbox(technique) as box:
+        box.prefetch(BATCH, "cpu")
+        assert box.pid is None and not box.ahead
+        (verdicts,) = judge_batch([(technique, box, BATCH)])
+    assert all(v.first.invariant == "gradient-flows" for v in verdicts)
+
+
+def test_a_sweep_judges_generated_scenarios_in_batches_with_the_counts_of_one_by_one():
+    rows = [iso.catalog()[name] for name in ("functional_detach", "toggle_requires_grad")]
+    swept = sweep(rows, {iso.Capability.PASS_THROUGH}, max_examples=3 * MAX_BATCH, explicit=False, seed=5)
+    assert swept.scenarios == 3 * MAX_BATCH
+    assert all(r.ok and r.examples == swept.scenarios for r in swept.results)
+    assert swept.references == swept.scenarios and swept.checks == 2 * swept.scenarios
