@@ -116,10 +116,10 @@ def profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
     return out
 
 
-def main() -> dict:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=60, help="scenarios per capability")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data, rows = {}, []
     for capability, names in _by_capability().items():

@@ -23,6 +23,7 @@ work done, and the two-loop and physical floors are single-threaded work too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -63,9 +64,19 @@ def _sandbox_env(value: str) -> None:
     os.environ[SANDBOX_ENV] = value
 
 
+@contextlib.contextmanager
+def sandbox_env_restored():
+    """``ISOLATION_SANDBOX`` as it was before, whatever the block set it to."""
+    previous = os.environ.get(SANDBOX_ENV)
+    try:
+        yield
+    finally:
+        os.environ.pop(SANDBOX_ENV, None) if previous is None else _sandbox_env(previous)
+
+
 def per_technique(technique, scenarios) -> dict:
     """One technique's checks on ``scenarios``, sandboxed and in-process, and the two-loop floor."""
-    with Sandbox(technique) as box, Sandbox(technique) as own:
+    with sandbox_env_restored(), Sandbox(technique) as box, Sandbox(technique) as own:
         _sandbox_env("on")
         check(technique, scenarios[0], sandbox=box)  # the child started before the clock
         sandboxed, in_process, floor = Clock([box]), Clock(), Clock()
@@ -91,6 +102,11 @@ def per_technique(technique, scenarios) -> dict:
 
 def sweep_group(techniques, scenarios) -> dict:
     """The sweep over one capability's techniques, batch by batch: sandboxed, in-process, and the floors."""
+    with sandbox_env_restored():
+        return _sweep_group(techniques, scenarios)
+
+
+def _sweep_group(techniques, scenarios) -> dict:
     k = len(techniques)
     children = [Sandbox(t) for t in techniques]  # one child per technique, as a sweep keeps
     own = [Sandbox(t) for t in techniques]  # the same without children (used while ISOLATION_SANDBOX=off)
@@ -133,14 +149,13 @@ def _bare_technique_loop(technique, scenario) -> None:
         pass
 
 
-def main() -> dict:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=60, help="scenarios per capability")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one thread, as under xdist
-    previous = os.environ.get(SANDBOX_ENV)
     rows, group_rows, data, groups = [], [], {}, {}
-    try:
+    with sandbox_env_restored():
         for capability, names in _by_capability().items():
             scenarios, gen_seconds = timed(corpus, capability, args.size)
             techniques = [catalog()[name] for name in names]
@@ -162,8 +177,6 @@ def main() -> dict:
                                f"{g['checks'] / g['in_process_wall_s']:.1f}",
                                f"{g['physical_floor_cpu_s'] / g['in_process_cpu_s']:.0%}",
                                f"{g['two_loop_floor_cpu_s'] / g['sandboxed_cpu_s']:.2f}x"])
-    finally:
-        os.environ.pop(SANDBOX_ENV, None) if previous is None else _sandbox_env(previous)
     summary = _summary(data, groups)
     data["_sweep"], data["_summary"] = groups, summary
     print(table(rows, ["technique", "capability", "checks", "floor checks/s", "sandboxed checks/s",

@@ -1,6 +1,7 @@
 """The ``compile`` mode's cost cuts change no trace and no verdict: the harness's operation-free frames
 run untraced (``modes.OPERATION_FREE_FRAMES``), and every run still starts from a fresh Dynamo cache,
 so what a run compiles never depends on the runs before it."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -169,3 +170,38 @@ def test_a_verdict_does_not_depend_on_the_compiled_runs_before_it(spec):
     assert not alone.ok  # a verdict with numbers in it
     assert after.violations == alone.violations and after.divergence == alone.divergence
     assert after.steps == alone.steps
+
+
+@pytest.mark.parametrize("index", [2, 4, 6], ids=lambda i: str(TECHNIQUES[i]).split(" ")[0])
+def test_unread_diagnostics_change_no_trace_and_no_graph(index):
+    """A compiled run skips Dynamo's guard-latency measurement and graph-break stacks
+    (``modes.unread_diagnostics``, inside the ``compile`` mode's settings): bitwise the same trace and
+    graphs as a run that computes them, and torch's own functions are back in place after the run."""
+    guards = pytest.importorskip("torch._dynamo.guards")
+    real = guards.profile_guard_manager
+    measured = []
+
+    def counted(*args):
+        measured.append(1)
+        return real(*args)
+
+    scenario, spec = SCENARIOS[index], TECHNIQUES[index]
+    guards.profile_guard_manager = counted  # what the run finds without the settings' patch
+    try:
+        saved, modes.unread_diagnostics = modes.unread_diagnostics, contextlib.nullcontext
+        try:
+            with_latency, graphs_with, _ = compiled_run(scenario, spec)
+        finally:
+            modes.unread_diagnostics = saved
+        assert measured and graphs_with >= 1  # Dynamo did measure its guards
+        measured.clear()
+        translator = pytest.importorskip("torch._dynamo.symbolic_convert").InstructionTranslatorBase
+        log_graph_break = translator.log_graph_break
+        without, graphs_without, _ = compiled_run(scenario, spec)
+        assert not measured and guards.profile_guard_manager is counted
+        assert translator.log_graph_break is log_graph_break
+    finally:
+        guards.profile_guard_manager = real
+    assert with_latency.crash is None
+    assert_same(flat(with_latency), flat(without))
+    assert graphs_without == graphs_with

@@ -30,6 +30,7 @@ import collections
 import dataclasses
 import faulthandler
 import fcntl
+import importlib
 import mmap
 import os
 import pickle
@@ -60,12 +61,15 @@ class SandboxError(RuntimeError):
     """The harness's own code failed in the child (never the technique's): a bug to report."""
 
 
-def settle_lazy_imports() -> None:
+def settle_lazy_imports(scenarios: Sequence = ()) -> None:
     """Import what torch imports lazily and that rewrites torch's own namespace when it loads
     (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
-    it happens once in the parent, before any snapshot and before any child is forked."""
+    it happens once in the parent, before any snapshot and before any child is forked; and what the
+    modes of ``scenarios`` load on first use (``ModeInfo.inherited_imports``), for the child to inherit."""
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401 - the ddp mode's, before any child is forked
+    for name in {name for scenario in scenarios for name in mode_info(scenario.mode).inherited_imports}:
+        importlib.import_module(name)
 
 
 # --- the user's Ctrl-C, told apart from a technique raising KeyboardInterrupt ----------------
@@ -206,7 +210,7 @@ class Sandbox:
             self.ahead.clear()
         device = str(device)
         if not scenarios or device.startswith("cuda") or (self.pid is None and not (fork_available()
-                                                                                   and self._start())):
+                                                                                   and self._start(scenarios))):
             return
         if not self._send(scenarios, device):  # the child ended between runs (a thread the technique left)
             self.ahead.append(_Ahead(scenarios[0], device, self._lost(device, timed_out=False)))
@@ -222,7 +226,7 @@ class Sandbox:
                 self.ahead.remove(sent)
                 return sent.trace
         self.settle()  # another run: the child first answers what it was sent
-        if device.startswith("cuda") or (self.pid is None and not (fork_available() and self._start())):
+        if device.startswith("cuda") or (self.pid is None and not (fork_available() and self._start([scenario]))):
             return run_in_process(self.technique, scenario, device, self.timeout)
         if not self._send([scenario], device):
             return self._lost(device, timed_out=False)
@@ -283,11 +287,11 @@ class Sandbox:
         if self.ahead:
             self._answer_through(self.ahead[-1])
 
-    def _start(self) -> bool:
+    def _start(self, scenarios: Sequence) -> bool:
         """Fork the child; False (and every later run of this process in-process) when a child
         cannot run autograd: on a CUDA build, autograd's device threads, started by the parent's
         first backward, do not survive fork."""
-        settle_lazy_imports()
+        settle_lazy_imports(scenarios)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         output_r, output_w = os.pipe()
