@@ -122,20 +122,21 @@ def main(argv=None) -> dict:
         if not technique.expected_in(args.mode):
             continue
         default = detect(technique, args.seeds, budget, explicit=True, mode=args.mode)
-        random_only = default if args.default_only else detect(technique, args.seeds, budget, explicit=False,
-                                                               mode=args.mode)
+        random_only = None if args.default_only else detect(technique, args.seeds, budget, explicit=False,
+                                                            mode=args.mode)
         data[entry.name] = {"default": default, "random_only": random_only}
         rows.append([entry.name, f"{default['caught']}/{args.seeds}", default["worst_examples"],
                      f"{default['worst_seconds']:.2f}" if default["worst_seconds"] is not None else "-",
-                     f"{random_only['caught']}/{args.seeds}", random_only["median_examples"],
-                     random_only["worst_examples"],
-                     f"{random_only['worst_seconds']:.2f}" if random_only["worst_seconds"] is not None else "-"])
+                     *(["-"] * 4 if args.default_only else
+                       [f"{random_only['caught']}/{args.seeds}", random_only["median_examples"],
+                        random_only["worst_examples"],
+                        f"{random_only['worst_seconds']:.2f}" if random_only["worst_seconds"] is not None else "-"])])
     worst_share = min(v["default"]["caught"] for v in data.values()) / args.seeds
     data["_summary"] = {"seeds": args.seeds, "budget_s": budget, "mode": args.mode,
                         "target": f"{args.seeds}/{args.seeds}",
                         "worst_share_caught_default": worst_share,
-                        "worst_share_caught_random_only": min(v["random_only"]["caught"]
-                                                              for v in data.values()) / args.seeds}
+                        "worst_share_caught_random_only": None if args.default_only else min(
+                            v["random_only"]["caught"] for v in data.values()) / args.seeds}
     print(table(rows, ["known-bad technique", "caught (default)", "worst examples", "worst s",
                        "caught (random only)", "median examples", "worst examples", "worst s"]))
     name = "detection" if args.mode == "eager" else f"detection_{args.mode}"

@@ -33,46 +33,25 @@ def _first_weight(model) -> float:
     return float(next(iter(model.parameters())).detach().flatten()[0])
 
 
-class _OnOneScenario(hostile._Detaches):
-    """Sound, but for one scenario (told by its model's first weight), on which ``act`` runs."""
+#: what a hostile run does, by name
+ACTS = {
+    "exit": lambda: os._exit(5),
+    "segfault": lambda: os.kill(os.getpid(), signal.SIGSEGV),
+    "hang": lambda: time.sleep(600),
+    "leak": lambda: setattr(torch.backends.cudnn, "benchmark", not torch.backends.cudnn.benchmark),
+}
 
-    def __init__(self, scenario):
+
+class OnOneScenario(hostile._Detaches):
+    """Sound, but for one scenario (told by its model's first weight), on which it does ``ACTS[act]``."""
+
+    def __init__(self, scenario, act: str):
+        self.name, self.act = f"hostile.{act}_on_one", ACTS[act]
         self.marker = _first_weight(build(scenario).model)
 
     def setup(self, model, intent):
         if _first_weight(model) == self.marker:
             self.act()
-
-    def act(self):
-        raise NotImplementedError
-
-
-class ExitsOnOne(_OnOneScenario):
-    name = "hostile.exits_on_one"
-
-    def act(self):
-        os._exit(5)
-
-
-class SegfaultsOnOne(_OnOneScenario):
-    name = "hostile.segfaults_on_one"
-
-    def act(self):
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
-class SleepsOnOne(_OnOneScenario):
-    name = "hostile.sleeps_on_one"
-
-    def act(self):
-        time.sleep(600)
-
-
-class FlipsFlagOnOne(_OnOneScenario):
-    name = "hostile.flips_flag_on_one"
-
-    def act(self):
-        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
 
 
 @pytest.fixture(autouse=True)
@@ -119,14 +98,14 @@ def test_the_next_batch_drops_what_was_not_asked_for_and_a_dropped_run_runs_afre
         assert box.runs == 4
 
 
-@pytest.mark.parametrize("technique, invariant, message", [
-    (ExitsOnOne, "no-crash", "the process exited with code 5"),
-    (SegfaultsOnOne, "no-crash", "the process was killed by signal SIGSEGV"),
-    (SleepsOnOne, "timeout", "the run took longer than 2s"),
-    (FlipsFlagOnOne, "state-restored", "torch.backends.cudnn.benchmark changed"),
-], ids=["exit", "segfault", "hang", "leak"])
-def test_what_ends_hangs_or_poisons_the_child_mid_batch_costs_that_runs_verdict_only(technique, invariant, message):
-    hostile_row = technique(BATCH[1])
+@pytest.mark.parametrize("act, invariant, message", [
+    ("exit", "no-crash", "the process exited with code 5"),
+    ("segfault", "no-crash", "the process was killed by signal SIGSEGV"),
+    ("hang", "timeout", "the run took longer than 2s"),
+    ("leak", "state-restored", "torch.backends.cudnn.benchmark changed"),
+])
+def test_what_ends_hangs_or_poisons_the_child_mid_batch_costs_that_runs_verdict_only(act, invariant, message):
+    hostile_row = OnOneScenario(BATCH[1], act)
     flag = torch.backends.cudnn.benchmark
     with Sandbox(hostile_row, timeout=2.0) as box:
         (verdicts,) = judge_batch([(hostile_row, box, BATCH)])
