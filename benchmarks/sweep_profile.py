@@ -4,7 +4,7 @@
 
 The corpus and the batches are those of ``benchmarks.throughput``'s sweep (``sweep.judge_batch``:
 each technique's child is sent a batch of scenarios and runs them back to back while this process
-computes their references and judges the previous technique's runs). A check's CPU time is split
+computes their references and judges each run while the child runs the next). A check's CPU time is split
 into, in this process: its share of the references, the invariants, the float64 twin confirmations
 (the twin reference, the comparison) and the rest of judging (receiving and converting the trace, the
 verdict); and in the technique's child (sandboxed; in-process these are this process's too): the

@@ -89,13 +89,36 @@ def test_a_run_not_sent_ahead_waits_for_the_batch_and_keeps_its_answers():
 
 
 def test_the_next_batch_drops_what_was_not_asked_for_and_a_dropped_run_runs_afresh():
-    with Sandbox(_sound()) as box:
-        box.prefetch(BATCH[:2], "cpu")
+    technique = _sound()
+    with Sandbox(technique) as box:
+        box.prefetch(BATCH[:3], "cpu")
         box.run(BATCH[0], "cpu")
-        box.prefetch(BATCH[2:3], "cpu")
-        assert [e.scenario for e in box.ahead] == [BATCH[2]]
-        box.run(BATCH[1], "cpu")
-        assert box.runs == 4
+        first = box.pid
+        box.prefetch(BATCH[3:], "cpu")  # BATCH[1:3] dropped: their child is ended, not waited for
+        assert [e.scenario for e in box.ahead] == [BATCH[3]] and box.pid != first
+        again = box.run(BATCH[1], "cpu")  # not the dropped answer: a run of its own
+        assert box.runs == 3
+    assert _equal_traces(again, run(BATCH[1], TechniqueDriver(technique)))
+
+
+class NoGradHangsOnOne(OnOneScenario):
+    """Known-bad everywhere (the pass-through call under ``no_grad``), and it hangs on one scenario."""
+
+    def call(self, module, args, role):
+        if role is iso.Role.PASS_THROUGH:
+            with torch.no_grad():
+                return module(*args)
+        return module(*args)
+
+
+def test_runs_after_a_techniques_failure_are_not_waited_for():
+    hostile_row = NoGradHangsOnOne(BATCH[2], "hang")
+    started = time.monotonic()
+    with Sandbox(hostile_row, timeout=60.0) as box:
+        (verdicts,) = judge_batch([(hostile_row, box, BATCH)], on_verdict=lambda i, s, v: v.ok)
+        assert not box.ahead and box.pid is None  # the child, hanging on BATCH[2], was ended
+    assert len(verdicts) == 1 and verdicts[0].first.invariant == "gradient-flows"
+    assert time.monotonic() - started < 30  # not the hang's 60 s timeout
 
 
 @pytest.mark.parametrize("act, invariant, message", [

@@ -217,11 +217,12 @@ def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]],
     (``references``, by ``id`` of the scenario, or computed here); per judge, its verdicts in order.
 
     Each technique's child is sent its scenarios in one request (``Sandbox.prefetch``) and runs them
-    back to back: this process computes the references meanwhile, and judges one technique's runs
-    while the next technique's child runs its own, so at most one child runs beside this process.
-    ``on_verdict(judge's index, scenario, verdict)`` returning False judges that technique on none
-    of its later scenarios. The verdicts are those :func:`~isolation_suite.judging.judge.judge` gives
-    each technique alone on each scenario."""
+    back to back, one technique after another: this process computes the references while the first
+    child runs, and judges each run while the child runs the next, so at most one child runs beside
+    this process. ``on_verdict(judge's index, scenario, verdict)`` returning False judges that
+    technique on none of its later scenarios (its child, still running them, is ended rather than
+    waited for). The verdicts are those :func:`~isolation_suite.judging.judge.judge` gives each
+    technique alone on each scenario."""
     references = {} if references is None else references
     judges = [(i, technique, sandbox, list(mine)) for i, (technique, sandbox, mine) in enumerate(judges)]
     queue = [j for j in judges if j[3]]
@@ -235,14 +236,14 @@ def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]],
             references[id(scenario)].trace  # before any verdict (a scenario the reference cannot run raises)
     out: list[list[Verdict]] = [[] for _ in judges]
     for n, (i, technique, sandbox, mine) in enumerate(queue):
-        sandbox.settle()
-        if n + 1 < len(queue):
-            queue[n + 1][2].prefetch(queue[n + 1][3], device)
+        if n:
+            sandbox.prefetch(mine, device)
         for scenario in mine:
             verdict = judge(technique, scenario, device, sandbox=sandbox, reference=references[id(scenario)])
             out[i].append(verdict)
             if on_verdict is not None and not on_verdict(i, scenario, verdict):
                 break
+        sandbox.drop_ahead()
     return out
 
 

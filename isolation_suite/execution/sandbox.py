@@ -199,15 +199,14 @@ class Sandbox:
         self.close()
 
     def prefetch(self, scenarios: Sequence, device: str, *, keep: bool = False) -> None:
-        """Send ``scenarios`` to the child now, in one request: it runs them back to back while this
-        process does other work (computing the reference), and ``run`` answers each of them from what
-        came back, in any order. What was sent before is first read back (so the pipe never holds two
-        requests) and dropped unless ``keep``. A run that crashed, hung or leaked is answered as
-        ``run`` would answer it, and the runs sent after it go to a fresh child when asked for.
-        In-process (CUDA runs, no fork) nothing is sent ahead."""
-        self.settle()
+        """Send ``scenarios`` to the child now, in one request: it runs them back to back (after what
+        it was sent before) while this process does other work (computing the reference), and ``run``
+        answers each of them from what came back, in any order. What was sent before and not asked
+        for is kept with ``keep``, and dropped otherwise (``drop_ahead``). A run that crashed, hung or
+        leaked is answered as ``run`` would answer it, and the runs sent after it go to a fresh child
+        when asked for. In-process (CUDA runs, no fork) nothing is sent ahead."""
         if not keep:
-            self.ahead.clear()
+            self.drop_ahead()
         device = str(device)
         if not scenarios or device.startswith("cuda") or (self.pid is None and not (fork_available()
                                                                                    and self._start(scenarios))):
@@ -216,6 +215,14 @@ class Sandbox:
             self.ahead.append(_Ahead(scenarios[0], device, self._lost(device, timed_out=False)))
             return
         self.ahead.extend(_Ahead(scenario, device) for scenario in scenarios)
+
+    def drop_ahead(self) -> None:
+        """Forget the runs sent ahead and not asked for. A child still owing one of them is ended
+        rather than waited for (a run nobody wants could hang until its timeout): the next run forks
+        a fresh child."""
+        if any(entry.trace is None for entry in self.ahead):
+            self.close()
+        self.ahead.clear()
 
     def run(self, scenario, device: str) -> Trace:
         device = str(device)
@@ -236,11 +243,13 @@ class Sandbox:
 
     def _send(self, scenarios: Sequence, device: str) -> bool:
         """One request for ``scenarios``; False when the child is gone."""
-        PROGRESS.pack_into(self.progress, 0, 0, -1)
+        if not self.ahead or all(entry.trace is not None for entry in self.ahead):
+            PROGRESS.pack_into(self.progress, 0, 0, -1)  # (else the child is still on an earlier run)
         try:
             _write(self.to_child, _request(scenarios, device))
         except BrokenPipeError:
             return False
+        # the next reply's run started by now at the latest: a deadline counted from here is never short
         self._since = time.monotonic()
         return True
 
