@@ -178,3 +178,36 @@ def test_a_sweep_judges_generated_scenarios_in_batches_with_the_counts_of_one_by
     assert swept.scenarios == 3 * MAX_BATCH
     assert all(r.ok and r.examples == swept.scenarios for r in swept.results)
     assert swept.references == swept.scenarios and swept.checks == 2 * swept.scenarios
+
+
+def test_a_failure_deep_in_a_generated_batch_replays_from_its_own_choices(monkeypatch):
+    """An example draws a batch of scenarios one by one; the failing one's own slice of the choices is
+    what its technique's search replays and shrinks: decoded, the slice draws that very scenario."""
+    from hypothesis.control import BuildContext
+    from hypothesis.database import choices_from_bytes
+    from hypothesis.internal.conjecture.data import ConjectureData
+
+    from isolation_suite.engine import sweep as sweep_mod
+    from isolation_suite.engine.check import Start, search_strategy
+    from test_sweep import FREEZE, BrokenOnConvolutions
+
+    starts, positions, judge_real = [], [], sweep_mod._judge_batch
+
+    def judged(members, batch, *args, **kwargs):
+        out = judge_real(members, batch, *args, **kwargs)
+        positions.extend(i for i, verdicts in enumerate(out) for _, v in verdicts if not v.ok)
+        return out
+    monkeypatch.setattr(sweep_mod, "_judge_batch", judged)
+    monkeypatch.setattr(sweep_mod, "Start", lambda verdict, choices: starts.append((verdict, choices)) or
+                        Start(verdict, choices))
+    swept = sweep([BrokenOnConvolutions()], {FREEZE}, max_examples=60, explicit=False, seed=9)
+    assert positions and positions[0] > 0  # the failure was not the first scenario its example drew
+    (verdict, choices), = starts
+    data = ConjectureData.for_choices(choices_from_bytes(choices))
+    with BuildContext(data, wrapped_test=None):  # the strategy notes and draws as inside a test
+        replayed = data.draw(search_strategy(frozenset({FREEZE}), "cpu", None, "eager"))
+    assert replayed == verdict.scenario
+    result = swept.results[0]
+    assert result.shrink_examples > 0 and result.failure.first.invariant == "frozen-unchanged"
+    shrunk, found = result.failure.scenario, verdict.scenario
+    assert len(shrunk.architecture.layers) <= len(found.architecture.layers) and shrunk.steps <= found.steps
