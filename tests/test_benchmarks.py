@@ -7,7 +7,7 @@ import os
 import pytest
 
 import isolation_suite as iso
-from benchmarks import check_loop, sweep_profile, throughput
+from benchmarks import check_loop, sweep_profile, targets, throughput
 from benchmarks._common import corpus
 
 PASS = iso.Capability.PASS_THROUGH
@@ -50,3 +50,19 @@ def test_the_check_loop_times_warm_in_process_and_fresh_children():
     for how in ("on", "off", "fresh"):
         rate, cpu, slowest = check_loop._loop(_rows()[0], scenarios, how)
         assert rate > 0 and cpu > 0 and slowest > 0
+
+
+def test_a_target_is_met_only_where_every_repeat_met_it():
+    def measured(loop_ratio, sweep_share):
+        loop = {"median_ratio": loop_ratio, "median_cpu_ratio": 0.8, "worst_ratio": loop_ratio - 0.1}
+        flows = {"search_sandboxed_wall": 0.9, "search_sandboxed_cpu": 0.5, "worst_row": "r", "worst_row_share": 0.6,
+                 "sweep_worst_wall": sweep_share, "sweep_worst_cpu": 0.4, "sweep_worst_group": "G"}
+        costs = {m: {"relative_to_eager": 3.0, "cpu_relative_to_eager": 2.0, "median_check_ratio": 2.5,
+                     "worst_check_ratio": 9.0} for m in ("compile", "ddp")}
+        return targets._targets(loop, flows, costs)
+    rows = {r[0]: r for r in targets.combine([measured(1.3, 0.72), measured(0.7, 0.75)])}
+    loop = rows["iso.check in a loop: sandboxed / in-process rate"]
+    assert loop[2] == "1.30, 0.70" and loop[5] is False  # missed once: not met
+    sweep = rows["sweep: share of the physical floor, every capability"]
+    assert sweep[2] == "72%, 75%" and sweep[5] is True
+    assert rows["compile: a check over an eager one (total)"][5] is True  # 3x <= 10x in both
