@@ -389,7 +389,8 @@ def _run(members: list[_Member], caps: frozenset[Capability], device: str, run_s
         if out.scenarios >= run_settings.max_examples:
             raise _ExamplesSpent()
         choices = drawing.choices
-        unique = [d for i, d in enumerate(drawn) if all(d[0] != e[0] for e in drawn[:i])]  # the simplest, B times
+        # a repeat is judged once (Hypothesis's first example draws the simplest scenario MAX_BATCH times)
+        unique = [d for i, d in enumerate(drawn) if all(d[0] != e[0] for e in drawn[:i])]
         drawn = unique[:min(pace.size(), run_settings.max_examples - out.scenarios)]
         active = [m for m in members if m.active]
         judged = _judge_batch(members, [(scenario, "search") for scenario, _, _ in drawn], device, out, started, pace)
