@@ -1,6 +1,7 @@
 """A fixed, seeded corpus of scenarios and small helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -73,6 +74,22 @@ def bare_pair(technique, scenario) -> None:
     except Exception:  # noqa: BLE001 - a known-bad technique may crash; the run stops there too
         pass
     bare_loop(scenario, Reference())
+
+
+@contextlib.contextmanager
+def env_restored(name: str, value: str | None = None):
+    """The environment variable ``name`` set to ``value`` (when given) for the block, and as it was
+    before after it, whatever the block set it to."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def timed(fn, *args, **kwargs):

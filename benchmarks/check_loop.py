@@ -12,15 +12,14 @@ and the share of rounds within the target.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from isolation_suite import Capability, catalog, check
-from isolation_suite.execution.sandbox import Sandbox
+from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
 from isolation_suite.execution.warm import children_cpu, retire_all
 from isolation_suite.judging.judge import clear_reference_cache
 
-from ._common import corpus, median, table, write
+from ._common import corpus, env_restored, median, table, write
 
 TARGET = 0.8
 TECHNIQUE = "functional_detach"
@@ -30,11 +29,9 @@ def _loop(technique, scenarios, sandbox: str) -> tuple[float, float, float]:
     """(checks per second, CPU seconds per check, slowest check in seconds) over ``scenarios``;
     ``sandbox``: ``on`` (the warm child), ``off`` (in-process), or ``fresh`` (a new child per call, as
     before warm children). The CPU time is this process's and the children's."""
-    previous = os.environ.get("ISOLATION_SANDBOX")
-    os.environ["ISOLATION_SANDBOX"] = "off" if sandbox == "off" else "on"
     slowest, children = 0.0, 0.0
     started, cpu = time.perf_counter(), time.process_time() + children_cpu()
-    try:
+    with env_restored(SANDBOX_ENV, "off" if sandbox == "off" else "on"):
         for scenario in scenarios:
             clear_reference_cache()  # every check pays for its reference, as a user's loop does
             one = time.perf_counter()
@@ -45,9 +42,6 @@ def _loop(technique, scenarios, sandbox: str) -> tuple[float, float, float]:
             else:
                 check(technique, scenario)
             slowest = max(slowest, time.perf_counter() - one)
-    finally:
-        os.environ.pop("ISOLATION_SANDBOX", None) if previous is None else os.environ.update(
-            ISOLATION_SANDBOX=previous)
     cpu = time.process_time() + children_cpu() + children - cpu
     return len(scenarios) / (time.perf_counter() - started), cpu / len(scenarios), slowest
 

@@ -40,7 +40,7 @@ from isolation_suite.judging.judge import clear_reference_cache
 from isolation_suite.spec.scenario import Mode, Scenario
 from isolation_suite.techniques import explicit_examples
 
-from ._common import table, write
+from ._common import env_restored, table, write
 
 TARGET = 4.0
 WAYS = ("eager", "ddp", "ddp-no-pool")
@@ -61,16 +61,10 @@ def ddp_corpus(technique, size: int, corpus_seed: int = 1234) -> list[Scenario]:
     return drawn[:size]
 
 
-@contextlib.contextmanager
 def pool_off():
     """``ISOLATION_DDP_POOL=off`` while a check runs: its sandbox forks its child (every run, as the
     child is retired after each) with it."""
-    previous = os.environ.get(ddp.POOL_ENV)
-    os.environ[ddp.POOL_ENV] = "off"
-    try:
-        yield
-    finally:
-        os.environ.pop(ddp.POOL_ENV, None) if previous is None else os.environ.update({ddp.POOL_ENV: previous})
+    return env_restored(ddp.POOL_ENV, "off")
 
 
 def main(size: int = 10, rounds: int = 3, technique_name: str = "freeze_and_eval", source: str = "drawn") -> dict:

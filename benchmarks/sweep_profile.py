@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import time
 
 import torch
@@ -24,18 +23,17 @@ import torch
 from isolation_suite import catalog
 from isolation_suite.engine.sweep import MAX_BATCH, judge_batch
 from isolation_suite.execution import sandbox as sandbox_mod
-from isolation_suite.execution.reference import Reference
 from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
 from isolation_suite.judging import judge as judge_mod
 from isolation_suite.judging.judge import SharedReference, clear_reference_cache
 
-from ._common import bare_loop, corpus, table, write
-from .throughput import _bare_technique_loop, _by_capability
+from ._common import corpus, env_restored, table, write
+from .throughput import Clock, _by_capability, time_floor
 
 PARTS = ("reference share", "invariants", "float64 twin", "rest of judging", "technique loop", "child's rest")
 
 
-class Clock:
+class PartClock:
     """This process's CPU seconds inside a few functions, wrapped for the duration of a profile
     (a function called inside another wrapped one counts for the outer one only)."""
 
@@ -61,12 +59,15 @@ class Clock:
 
 def profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
     """CPU ms per check for each of ``PARTS``, the wall-clock ms per check and the physical floor's."""
-    previous = os.environ.get(SANDBOX_ENV)
-    os.environ[SANDBOX_ENV] = "on" if sandboxed else "off"
-    clock = Clock()
+    with env_restored(SANDBOX_ENV, "on" if sandboxed else "off"):
+        return _profile(techniques, scenarios, sandboxed)
+
+
+def _profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
+    clock = PartClock()
     boxes = [Sandbox(t) for t in techniques]
-    undo, wall, cpu, floor = [], 0.0, 0.0, 0.0
-    loop_seconds = collections.Counter()
+    undo, wall, cpu = [], 0.0, 0.0
+    loops, reference_loops = Clock(), Clock()
     try:
         judge_batch([(t, box, scenarios[:1]) for t, box in zip(techniques, boxes)])  # start the children
         undo = [clock.wrap(judge_mod, "_reference", "reference share"),
@@ -84,15 +85,7 @@ def profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
                         references={id(s): SharedReference(s) for s in batch})
             wall += time.perf_counter() - start
             cpu += time.process_time() - start_cpu
-            start = time.process_time()
-            for technique in techniques:
-                for scenario in batch:
-                    _bare_technique_loop(technique, scenario)
-            loop_seconds["technique"] += time.process_time() - start
-            start = time.process_time()
-            for scenario in batch:
-                bare_loop(scenario, Reference())
-            loop_seconds["reference"] += time.process_time() - start
+            time_floor(techniques, batch, loops, reference_loops)
         child_cpu = sum(box.child_cpu for box in boxes) - child_cpu
         child_loop = sum(box.child_seconds for box in boxes) - child_loop
     finally:
@@ -100,7 +93,6 @@ def profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
             restore()
         for box in boxes:
             box.close()
-        os.environ.pop(SANDBOX_ENV, None) if previous is None else os.environ.update({SANDBOX_ENV: previous})
     checks = len(techniques) * len(scenarios)
     parts = {p: clock.seconds[p] for p in PARTS[:3]}
     if sandboxed:
@@ -112,7 +104,7 @@ def profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
     out = {p: 1000 * parts[p] / checks for p in PARTS}
     out["cpu"] = 1000 * sum(parts.values()) / checks
     out["wall"] = 1000 * wall / checks
-    out["floor"] = 1000 * (loop_seconds["technique"] + loop_seconds["reference"]) / checks
+    out["floor"] = 1000 * (loops.cpu + reference_loops.cpu) / checks
     return out
 
 

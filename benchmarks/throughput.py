@@ -23,7 +23,6 @@ work done, and the two-loop and physical floors are single-threaded work too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -36,7 +35,7 @@ from isolation_suite.execution.runner import TechniqueDriver
 from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
 from isolation_suite.judging.judge import SharedReference, clear_reference_cache
 
-from ._common import bare_loop, bare_pair, corpus, median, table, timed, write
+from ._common import bare_loop, bare_pair, corpus, env_restored, median, table, timed, write
 
 TARGET_SEARCH = 0.8  # per-technique checks, sandboxed: share of the two-loop floor
 TARGET_SWEEP = 0.7  # the sweep, sandboxed: share of its physical floor, for every capability
@@ -64,19 +63,9 @@ def _sandbox_env(value: str) -> None:
     os.environ[SANDBOX_ENV] = value
 
 
-@contextlib.contextmanager
-def sandbox_env_restored():
-    """``ISOLATION_SANDBOX`` as it was before, whatever the block set it to."""
-    previous = os.environ.get(SANDBOX_ENV)
-    try:
-        yield
-    finally:
-        os.environ.pop(SANDBOX_ENV, None) if previous is None else _sandbox_env(previous)
-
-
 def per_technique(technique, scenarios) -> dict:
     """One technique's checks on ``scenarios``, sandboxed and in-process, and the two-loop floor."""
-    with sandbox_env_restored(), Sandbox(technique) as box, Sandbox(technique) as own:
+    with env_restored(SANDBOX_ENV), Sandbox(technique) as box, Sandbox(technique) as own:
         _sandbox_env("on")
         check(technique, scenarios[0], sandbox=box)  # the child started before the clock
         sandboxed, in_process, floor = Clock([box]), Clock(), Clock()
@@ -102,7 +91,7 @@ def per_technique(technique, scenarios) -> dict:
 
 def sweep_group(techniques, scenarios) -> dict:
     """The sweep over one capability's techniques, batch by batch: sandboxed, in-process, and the floors."""
-    with sandbox_env_restored():
+    with env_restored(SANDBOX_ENV):
         return _sweep_group(techniques, scenarios)
 
 
@@ -122,13 +111,7 @@ def _sweep_group(techniques, scenarios) -> dict:
                 with clock:
                     judge_batch([(t, box, batch) for t, box in zip(techniques, boxes)],
                                 references={id(s): SharedReference(s) for s in batch})
-            with loops:
-                for technique in techniques:
-                    for scenario in batch:
-                        _bare_technique_loop(technique, scenario)
-            with reference_loops:
-                for scenario in batch:
-                    bare_loop(scenario, Reference())
+            time_floor(techniques, batch, loops, reference_loops)
     finally:
         for box in children + own:
             box.close()
@@ -140,6 +123,18 @@ def _sweep_group(techniques, scenarios) -> dict:
             **{f"two_loop_floor_{kind}_s": two_loop[kind] for kind in two_loop},
             **{f"{name}_{kind}_s": getattr(clock, kind) for name, clock in
                (("sandboxed", sandboxed), ("in_process", in_process)) for kind in ("wall", "cpu")}}
+
+
+def time_floor(techniques, batch, loops: Clock, reference_loops: Clock) -> None:
+    """The physical floor's parts for ``batch``: each technique's bare loop on each scenario (timed on
+    ``loops``) and one bare reference loop per scenario (on ``reference_loops``)."""
+    with loops:
+        for technique in techniques:
+            for scenario in batch:
+                _bare_technique_loop(technique, scenario)
+    with reference_loops:
+        for scenario in batch:
+            bare_loop(scenario, Reference())
 
 
 def _bare_technique_loop(technique, scenario) -> None:
@@ -155,7 +150,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one thread, as under xdist
     rows, group_rows, data, groups = [], [], {}, {}
-    with sandbox_env_restored():
+    with env_restored(SANDBOX_ENV):
         for capability, names in _by_capability().items():
             scenarios, gen_seconds = timed(corpus, capability, args.size)
             techniques = [catalog()[name] for name in names]

@@ -229,11 +229,8 @@ def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]],
     if queue:
         queue[0][2].prefetch(queue[0][3], device)
     for _, _, _, mine in queue:
-        for scenario in mine:
-            references.setdefault(id(scenario), SharedReference(scenario, device))
-    for _, _, _, mine in queue:
-        for scenario in mine:
-            references[id(scenario)].trace  # before any verdict (a scenario the reference cannot run raises)
+        for scenario in mine:  # before any verdict (a scenario the reference cannot run raises)
+            references.setdefault(id(scenario), SharedReference(scenario, device)).trace
     out: list[list[Verdict]] = [[] for _ in judges]
     for n, (i, technique, sandbox, mine) in enumerate(queue):
         if n:

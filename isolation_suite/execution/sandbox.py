@@ -184,8 +184,8 @@ class Sandbox:
         self.pid: int | None = None
         self.output = _Output(technique.name)
         self.progress = mmap.mmap(-1, PROGRESS.size)  # shared with the child: where it is now
-        # where a child's runs spend their time (benchmarks read it): runs answered, seconds from
-        # request to trace here, and seconds of those inside the training loop in the child
+        # where a child's runs spend their time (benchmarks read it): runs answered, and seconds
+        # inside the training loop in the child
         self.runs, self.child_seconds = 0, 0.0
         # the child's CPU seconds over its runs (its own clock, summed over the children it had)
         self.child_cpu, self._cpu_seen = 0.0, 0.0
@@ -226,20 +226,20 @@ class Sandbox:
 
     def run(self, scenario, device: str) -> Trace:
         device = str(device)
-        sent = next((entry for entry in self.ahead if entry.scenario is scenario and entry.device == device), None)
-        if sent is not None:
-            self._answer_through(sent)
-            if sent in self.ahead:
-                self.ahead.remove(sent)
-                return sent.trace
-        self.settle()  # another run: the child first answers what it was sent
-        if device.startswith("cuda") or (self.pid is None and not (fork_available() and self._start([scenario]))):
-            return run_in_process(self.technique, scenario, device, self.timeout)
-        if not self._send([scenario], device):
-            return self._lost(device, timed_out=False)
-        entry = _Ahead(scenario, device)
-        self._answer(entry)
-        return entry.trace
+        sent = self._sent(scenario, device)
+        if sent is None:  # not sent ahead: sent now, after what the child still owes (those answers kept)
+            self.prefetch([scenario], device, keep=True)
+            sent = self._sent(scenario, device)
+            if sent is None:  # in-process (CUDA runs, no fork)
+                return run_in_process(self.technique, scenario, device, self.timeout)
+        self._answer_through(sent)
+        if sent not in self.ahead:  # its child was gone before it: a fresh child runs it
+            return self.run(scenario, device)
+        self.ahead.remove(sent)
+        return sent.trace
+
+    def _sent(self, scenario, device: str) -> "_Ahead | None":
+        return next((entry for entry in self.ahead if entry.scenario is scenario and entry.device == device), None)
 
     def _send(self, scenarios: Sequence, device: str) -> bool:
         """One request for ``scenarios``; False when the child is gone."""
@@ -290,11 +290,6 @@ class Sandbox:
                 return
             if entry is last:
                 return
-
-    def settle(self) -> None:
-        """Read every reply still owed, keeping the traces for the runs asked for later."""
-        if self.ahead:
-            self._answer_through(self.ahead[-1])
 
     def _start(self, scenarios: Sequence) -> bool:
         """Fork the child; False (and every later run of this process in-process) when a child

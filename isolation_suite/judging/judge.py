@@ -161,7 +161,7 @@ def judge(technique: Technique | type[Technique], scenario: Scenario, device: st
     if not reference.computed:  # the technique's child runs while this process computes the reference
         sandbox.prefetch([scenario], device)
     # a scenario the reference cannot run is no scenario to judge (its technique run, sent ahead, is
-    # read back and dropped by the sandbox's next request)
+    # dropped by the sandbox's next request: ``Sandbox.drop_ahead``)
     expected = reference.trace
     trace = sandbox.run(scenario, device)
     other = sandbox.run(scenario, "cpu") if device.startswith("cuda") and trace.crash is None \
