@@ -1,13 +1,14 @@
-"""The cost of a ``compile`` check against an eager one, before and after the harness's operation-free
-frames stopped being traced (``modes.UNTRACED_HARNESS_FRAMES``).
+"""The cost of a ``compile`` check against an eager one, before and after a cost cut: Dynamo's cache
+kept across runs (``modes.CACHE_ACROSS_RUNS``, the default) or the harness's operation-free frames
+left untraced (``--before untraced``: ``modes.UNTRACED_HARNESS_FRAMES``).
 
-    python -m benchmarks.compile_cost [--per-capability N] [--backend aot_eager|inductor]
+    python -m benchmarks.compile_cost [--per-capability N] [--backend aot_eager|inductor] [--before cache|untraced]
     python -m benchmarks.compile_cost --backends aot_eager,inductor [--per-capability N] [--corpus-seed S]
 
 For every capability, ``N`` scenarios of the fixed corpus are checked with each of the capability's
 catalog rows three ways, interleaved scenario by scenario (the order rotating, so that drift and
-warm caches favour none): eager; compiled as before (every frame traced: a sandbox child forked with
-``UNTRACED_HARNESS_FRAMES = False``); compiled as now. Every variant has its own sandbox per row,
+warm caches favour none): eager; compiled as before (a sandbox child forked with the cut's flag
+off: every run from an empty cache, or every frame traced); compiled as now. Every variant has its own sandbox per row,
 as a search keeps one, warmed by one untimed check. A process's first compiled graph imports what
 AOT autograd's partitioner needs (``torch._inductor.pattern_matcher``: 1.5-2.7 s, once per sandbox
 child, not per check); the benchmark's parent imports it before forking, so the children inherit it
@@ -48,15 +49,20 @@ from ._common import corpus, table, timed, write
 @dataclass(frozen=True)
 class Variant:
     """One way to check a scenario: eager (no backend), or compiled with ``backend``, its harness
-    frames traced or not."""
+    frames traced or not, its Dynamo cache kept across runs or not."""
 
     name: str
     backend: str | None = None
     untraced: bool = True
+    cached: bool = True
 
 
-def before_after(backend: str) -> tuple[Variant, ...]:
-    return (Variant("eager"), Variant("compile before", backend, untraced=False), Variant("compile after", backend))
+#: the cost cuts a before/after run can take away: ``--before`` -> the variant without it
+CUTS = {"cache": {"cached": False}, "untraced": {"untraced": False}}
+
+
+def before_after(backend: str, cut: str = "cache") -> tuple[Variant, ...]:
+    return (Variant("eager"), Variant("compile before", backend, **CUTS[cut]), Variant("compile after", backend))
 
 
 def backends(names: list[str]) -> tuple[Variant, ...]:
@@ -74,13 +80,14 @@ def _rows() -> dict:
 
 def _check(variant: Variant, technique, scenario, sandbox: Sandbox):
     """One check of ``variant``: its sandbox's child is forked (first, or again after a retirement)
-    with ``UNTRACED_HARNESS_FRAMES`` set for it, and keeps the value it was forked with."""
-    saved = modes.UNTRACED_HARNESS_FRAMES
-    modes.UNTRACED_HARNESS_FRAMES = variant.untraced
+    with ``UNTRACED_HARNESS_FRAMES`` and ``CACHE_ACROSS_RUNS`` set for it, and keeps the values it was
+    forked with."""
+    saved = modes.UNTRACED_HARNESS_FRAMES, modes.CACHE_ACROSS_RUNS
+    modes.UNTRACED_HARNESS_FRAMES, modes.CACHE_ACROSS_RUNS = variant.untraced, variant.cached
     try:
         return check(technique, scenario, sandbox=sandbox)
     finally:
-        modes.UNTRACED_HARNESS_FRAMES = saved
+        modes.UNTRACED_HARNESS_FRAMES, modes.CACHE_ACROSS_RUNS = saved
 
 
 def _in_variant(variant: Variant, scenario):
@@ -95,13 +102,14 @@ def _outcome(verdict) -> str:
 
 
 def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: bool = False,
-         compared: list[str] | None = None, corpus_seed: int = 1234, inductor_defaults: bool = False) -> dict:
+         compared: list[str] | None = None, corpus_seed: int = 1234, inductor_defaults: bool = False,
+         cut: str = "cache") -> dict:
     """``compared``: backends to check against each other (the variants are eager and one per backend);
-    else compiled checks before and after the untraced harness frames, with ``backend``."""
+    else compiled checks before and after the cost cut ``cut`` (``CUTS``), with ``backend``."""
     torch.set_num_threads(1)
     if inductor_defaults:  # what the compile mode did before it applied INDUCTOR_CONFIG
         modes.INDUCTOR_CONFIG = {}
-    variants = backends(compared) if compared else before_after(backend)
+    variants = backends(compared) if compared else before_after(backend, cut)
     names = [v.name for v in variants]
     if not cold_children:
         for module in ("torch._functorch.partitioners", "torch._inductor.pattern_matcher"):
@@ -139,7 +147,7 @@ def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: boo
                 for sandbox in sandboxes.values():
                     sandbox.close()
     eager = seconds["eager"]
-    rows, data = [], {"backend": backend, "compared": [one.name, other.name], "inductor_defaults": inductor_defaults,
+    rows, data = [], {"backend": backend, "cut": None if compared else cut, "compared": [one.name, other.name], "inductor_defaults": inductor_defaults,
                       "per_capability": per_capability,
                       "corpus_seed": corpus_seed, "verdicts_moved": moved, "checks": checks,
                       "cold_children": cold_children}
@@ -164,7 +172,8 @@ def main(per_capability: int = 4, backend: str = "aot_eager", cold_children: boo
     for row in moved:
         print("  ", *row)
     out = (("compile_backends_defaults" if inductor_defaults else "compile_backends") if compared else
-           "compile_cost" if backend == "aot_eager" else f"compile_cost_{backend}")
+           ("compile_cost" if backend == "aot_eager" else f"compile_cost_{backend}")
+           + ("" if cut == "cache" else f"_{cut}"))
     print(f"-> {write(out if corpus_seed == 1234 else f'{out}_{corpus_seed}', data)}")
     return data
 
@@ -181,7 +190,9 @@ if __name__ == "__main__":
     parser.add_argument("--inductor-defaults", action="store_true",
                         help="compile with torch's default inductor settings, not the compile mode's "
                              "INDUCTOR_CONFIG (what the mode did before it applied them)")
+    parser.add_argument("--before", choices=sorted(CUTS), default="cache",
+                        help="the cost cut the 'before' variant goes without (default: the cache kept across runs)")
     args = parser.parse_args()
     main(args.per_capability, args.backend, args.cold_children,
          [b.strip() for b in args.backends.split(",")] if args.backends else None, args.corpus_seed,
-         args.inductor_defaults)
+         args.inductor_defaults, args.before)

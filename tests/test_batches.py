@@ -16,9 +16,11 @@ import torch
 import isolation_suite as iso
 from isolation_suite.engine.sweep import MAX_BATCH, judge_batch, sweep
 from isolation_suite.execution.runner import TechniqueDriver, run
+from isolation_suite.execution import sandbox as sandbox_mod
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.judging.judge import SharedReference, judge
 from isolation_suite.model.factory import build
+from isolation_suite.techniques import in_mode
 from isolation_suite.techniques.triggers import PASS_UPSTREAM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,6 +87,28 @@ def test_a_run_not_sent_ahead_waits_for_the_batch_and_keeps_its_answers():
         traces = [box.run(s, "cpu") for s in BATCH[:3]]
         assert box.runs == 4  # nothing run twice
     assert _equal_traces(alone, run(other, TechniqueDriver(technique)))
+    assert all(_equal_traces(t, run(s, TechniqueDriver(technique))) for t, s in zip(traces, BATCH))
+
+
+def test_a_child_forked_before_the_compile_preparation_is_replaced_for_a_compiled_run(monkeypatch):
+    """A child forked for eager runs lacks what the judging process prepares for compiled runs (the
+    imports and the warm-up compile, ``ModeInfo.prepares_parent``): a compiled run goes to a fresh,
+    prepared child, once the first has answered what it owes, and those answers are kept."""
+    monkeypatch.setattr(sandbox_mod, "_PREPARED", set())  # this process prepared for no mode yet
+    technique = _sound()
+    compiled = in_mode(BATCH[3], "compile")
+    with Sandbox(technique) as box:
+        box.prefetch(BATCH[:2], "cpu")
+        first = box.pid
+        assert "compile" not in box.prepared
+        alone = box.run(compiled, "cpu")
+        assert box.pid != first and "compile" in box.prepared and box.runs == 3
+        second = box.pid
+        traces = [box.run(s, "cpu") for s in BATCH[:2]]
+        assert box.runs == 3  # answered by the first child, not run again
+        box.run(in_mode(BATCH[2], "compile"), "cpu")
+        assert box.pid == second and box.runs == 4  # the prepared child serves the next compiled run
+    assert _equal_traces(alone, run(compiled, TechniqueDriver(technique)))
     assert all(_equal_traces(t, run(s, TechniqueDriver(technique))) for t, s in zip(traces, BATCH))
 
 

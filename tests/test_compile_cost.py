@@ -1,6 +1,7 @@
 """The ``compile`` mode's cost cuts change no trace and no verdict: the harness's operation-free frames
-run untraced (``modes.OPERATION_FREE_FRAMES``), and every run still starts from a fresh Dynamo cache,
-so what a run compiles never depends on the runs before it."""
+run untraced (``modes.OPERATION_FREE_FRAMES``), and Dynamo's cache is kept across runs without what
+would make a run depend on the runs before it (``modes.CACHE_ACROSS_RUNS``): Dynamo's per-code
+decisions are undone after each run and no recompile limit is reached."""
 import contextlib
 import dataclasses
 
@@ -78,11 +79,14 @@ def assert_same(a, b, where="trace"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def compiled_run(scenario, spec, skip: bool = True):
-    """One run in this process; ``skip``: ``UNTRACED_HARNESS_FRAMES``. Returns the trace, the
-    graphs Dynamo compiled and which of :data:`WATCHED` it was handed a frame of."""
+def compiled_run(scenario, spec, skip: bool = True, fresh: bool = True):
+    """One run in this process; ``skip``: ``UNTRACED_HARNESS_FRAMES``; ``fresh``: from an empty Dynamo
+    cache, else with what the runs before it compiled. Returns the trace, the graphs Dynamo compiled
+    and which of :data:`WATCHED` it was handed a frame of (in this run only where ``fresh``)."""
     saved = modes.UNTRACED_HARNESS_FRAMES
     modes.UNTRACED_HARNESS_FRAMES = skip
+    if fresh:
+        torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
         trace = run(scenario, TechniqueDriver(technique(spec)))
@@ -138,17 +142,74 @@ def test_the_technique_code_is_still_compiled():
 
 
 def test_a_compiled_run_is_the_same_after_other_compiled_runs_in_the_process():
-    """Order independence, bitwise: a scenario run right after ``torch._dynamo.reset()`` and again after
-    compiled runs of other scenarios and techniques (``PerRunFactor`` with other factors among them)
-    in the same process records the same trace."""
-    target, spec = SCENARIOS[2], PerRunFactor()
+    """Order independence, bitwise: every scenario run from an empty Dynamo cache records the same
+    trace as when it runs with the cache the runs before it left, in one order and in the other
+    (``PerRunFactor`` with other factors among them: a graph reused from another run would scale by
+    that run's factor)."""
+    runs = list(zip(SCENARIOS, TECHNIQUES)) + [(SCENARIOS[2], TECHNIQUES[2])]  # PerRunFactor, another factor
+    alone = [compiled_run(scenario, spec)[0] for scenario, spec in runs]
     torch._dynamo.reset()
-    alone, _, _ = compiled_run(target, spec)
-    for scenario, other in zip(SCENARIOS, TECHNIQUES):
-        compiled_run(scenario, other)
-    compiled_run(SCENARIOS[0], spec)  # the same technique object, another factor
-    again, _, _ = compiled_run(target, spec)
-    assert_same(flat(alone), flat(again))
+    after_others = [compiled_run(scenario, spec, fresh=False)[0] for scenario, spec in runs]
+    in_reverse = [compiled_run(scenario, spec, fresh=False)[0] for scenario, spec in reversed(runs)][::-1]
+    assert all(trace.crash is None for trace in alone)
+    for i, trace in enumerate(alone):
+        assert_same(flat(trace), flat(after_others[i]), f"run {i} after the others")
+        assert_same(flat(trace), flat(in_reverse[i]), f"run {i} in reverse")
+
+
+def scale(x, factor):
+    return x * factor
+
+
+def compiled_scale(*args):
+    """One compiled "run" of :func:`scale` under the ``compile`` mode's settings."""
+    with modes.compiler_settings(Mode("compile")):
+        return torch.compile(scale, backend="aot_eager", dynamic=False)(*args)
+
+
+def entries(code) -> int:
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+
+@pytest.mark.parametrize("forgotten", [True, False], ids=["decisions undone", "decisions kept"])
+def test_a_decision_dynamo_makes_for_a_code_in_one_run_does_not_hold_in_the_next(forgotten, monkeypatch):
+    """Dynamo marks a code object to run untraced when a frame of it holds no tensor, whatever later
+    frames hold: a run that calls ``scale`` on numbers marks it. The next run, on a tensor, still
+    compiles it, as it would from an empty cache; with the marks kept (the check's teeth) it would not."""
+    if not forgotten:
+        monkeypatch.setattr(modes, "run_decisions_forgotten", contextlib.nullcontext)
+    torch._dynamo.reset()
+    assert compiled_scale(3, 2) == 6 and entries(scale.__code__) == 0  # marked: nothing compiled
+    torch.testing.assert_close(compiled_scale(torch.ones(2), 2), torch.full((2,), 2.0))
+    assert entries(scale.__code__) == (1 if forgotten else 0)
+
+
+@pytest.mark.parametrize("lifted", [True, False], ids=["limits lifted", "torch's limits"])
+def test_no_frame_falls_back_to_eager_because_of_the_variants_earlier_runs_compiled(lifted, monkeypatch):
+    """Twelve runs with twelve shapes: each compiles its own variant of ``scale``. Under torch's recompile
+    limit (8, the check's teeth) the runs after the eighth would run it eagerly, because of the runs
+    before them; under ``RECOMPILE_LIMITS`` every run compiles it."""
+    if not lifted:
+        monkeypatch.setattr(modes, "RECOMPILE_LIMITS", {})
+    torch._dynamo.reset()
+    for n in range(1, 13):
+        compiled_scale(torch.ones(n), 2.0)
+    assert entries(scale.__code__) == (12 if lifted else torch._dynamo.config.recompile_limit)
+
+
+def test_the_cache_starts_empty_in_a_new_process_and_past_its_bound(monkeypatch):
+    """A kept cache is this process's own compiled runs' (a forked child starts empty), holds at most
+    ``KEPT_ENTRIES`` (the next run starts empty past it), and is never kept with caching off."""
+    compiled_run(SCENARIOS[2], "requires_grad_false", fresh=False)
+    assert modes._cache_entries() > 0 and not modes._fresh_cache_due()
+    monkeypatch.setattr(modes, "_cache_kept_by", [-1])
+    assert modes._fresh_cache_due()
+    monkeypatch.undo()
+    monkeypatch.setattr(modes, "KEPT_ENTRIES", modes._cache_entries() - 1)
+    assert modes._fresh_cache_due()
+    monkeypatch.undo()
+    monkeypatch.setattr(modes, "CACHE_ACROSS_RUNS", False)
+    assert modes._fresh_cache_due()
 
 
 @pytest.mark.parametrize("spec", ["requires_grad_false", "per_run_factor"])

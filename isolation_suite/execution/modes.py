@@ -37,19 +37,16 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   layers run eagerly (Dynamo traces their ``forward`` as a frame of its own only where the layer has
   hooks); what is compiled is the code between module calls: a technique's ``call``, hooks and
   parametrizations, containers' glue (a residual add), the generated dropout, a user model's own
-  ``forward`` code. Every run starts from a fresh Dynamo cache
-  (``torch._dynamo.reset()``); nothing compiled is reused from another run, because Dynamo's
-  cache is not a function of the run alone: a frame whose recompile limit earlier runs used up runs
-  eagerly (its callees too), and a decision to skip a frame holds for its code object whatever the
-  inputs, so a kept cache would make a run's compiled code depend on the runs before it (measured:
-  after eight architectures the containers' frames fell back to eager). What a run saves instead
-  is tracing frames that compile to nothing (``untraced_codes``): the harness's operation-free
-  frames, for which Dynamo compiled empty graphs, and ``Block.forward`` where Dynamo gives it up
-  anyway. Same graphs, bitwise the same traces, about a sixth of the time per compiled check
-  (``tests/test_compile_cost.py``, ``benchmarks/compile_cost.py``); only a model with many child
-  calls, whose child-calling frame met its recompile limit within one run (the calls below it then
-  ran uncompiled), is now compiled throughout. Nor does a run compute Dynamo's diagnostics that no
-  log reads (``unread_diagnostics``: the guard-latency measurement, the graph-break message's
+  ``forward`` code. Dynamo's cache is kept across a process's runs (``CACHE_ACROSS_RUNS``): an
+  entry is reused where its guards hold, and is then what a fresh compile would give. What would
+  make a run's compiled code depend on the runs before it is not kept: Dynamo's per-code decisions
+  (a frame given up marks its code object for every later call, whatever the inputs) are undone
+  after each run (``run_decisions_forgotten``), and no recompile limit is ever reached
+  (``RECOMPILE_LIMITS``). A run also saves tracing frames that compile to nothing
+  (``untraced_codes``): the harness's operation-free frames, for which Dynamo compiled empty graphs,
+  and ``Block.forward`` where Dynamo gives it up anyway. Same graphs, bitwise the same traces
+  (``tests/test_compile_cost.py``, ``benchmarks/compile_cost.py``). Nor does a run compute Dynamo's
+  diagnostics that no log reads (``unread_diagnostics``: the guard-latency measurement, the graph-break message's
   stack): about a quarter of a compiled run, with the same guards and code. With ``inductor``, torch's own
   content-addressed caches (AOT autograd, FX graph) serve a graph compiled before, in this process or
   an earlier one: keyed by the graph and its inputs, a hit is what a fresh compile would give.
@@ -75,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -85,6 +83,7 @@ from torch.utils import _pytree as pytree
 
 from isolation_suite.execution import ddp, fsdp
 from isolation_suite.model.build import Block
+from isolation_suite.model.layers import SeededDropout
 from isolation_suite.spec import mode_kinds
 from isolation_suite.spec.mode_kinds import ModeKind
 from isolation_suite.spec.scenario import MODE_KINDS, Mode, ScenarioError
@@ -118,6 +117,9 @@ class ModeInfo(ModeKind):
     inherited_imports: tuple[str, ...] = ()
 
     # --- behaviours (no defaults) ---
+    #: what the judging process does once, before it forks a sandbox child, so that no child pays for
+    #: it (compile: one small compile, ``compile_warm_up``): ``()``
+    warm_up: Callable[[], None]
     #: what the user does when building the model, before any isolation (enable checkpointing):
     #: ``(model, mode, ForwardState)``
     before_setup: Callable[[nn.Module, Mode, ForwardState], None]
@@ -148,9 +150,15 @@ class ModeInfo(ModeKind):
         declared = mode_kinds.BY_KIND[kind]
         return cls(**{f.name: getattr(declared, f.name) for f in dataclasses.fields(ModeKind)}, **how)
 
+    @property
+    def prepares_parent(self) -> bool:
+        """A sandbox child must be forked after this mode's preparation of the judging process
+        (``inherited_imports``, ``warm_up``) to inherit it."""
+        return bool(self.inherited_imports) or self.warm_up is not nothing
+
 
 #: the fields every row must set itself
-BEHAVIOURS = ("before_setup", "before_training", "autocast", "launch", "grace", "wrap", "settings", "retire")
+BEHAVIOURS = ("warm_up", "before_setup", "before_training", "autocast", "launch", "grace", "wrap", "settings", "retire")
 
 
 def info(mode: Mode) -> ModeInfo:
@@ -333,23 +341,143 @@ def untraced_codes(model: nn.Module) -> list:
     return operation_free_codes() + ([Block.forward.__code__] if calls_in_every_loop(model) else [])
 
 
+#: False: every compiled run starts from an empty Dynamo cache (``benchmarks.compile_cost``'s "before";
+#: a sandbox's child keeps the value it was forked with)
+CACHE_ACROSS_RUNS = True
+#: the most compiled entries kept across runs; past it, the next run starts from an empty cache
+#: (every call of a frame looks through its entries, so a long search would slow down; speed only)
+KEPT_ENTRIES = 512
+#: Dynamo's recompile limits inside a compiled run: never reached, so that no frame falls back to
+#: eager because of the variants other runs (or this run's other calls) compiled
+RECOMPILE_LIMITS = {"recompile_limit": 1 << 20, "accumulated_recompile_limit": 1 << 20}
+#: the process whose compiled runs the kept cache holds (a process that inherited another's, or that
+#: compiled nothing yet under these rules, starts empty)
+_cache_kept_by: list[int] = []
+
+
 def compile_target(model: nn.Module, mode: Mode) -> None:
-    """Compile the mode's target, with a fresh Dynamo cache: what a run compiles never depends on
-    the runs before it (a kept cache would: a frame whose recompile limit earlier runs used up runs
-    eagerly, and Dynamo's decision to give up a frame holds for its code object, whatever the
-    inputs). The harness frames of ``untraced_codes`` run untraced: what is compiled is the same."""
+    """Compile the mode's target. What earlier runs compiled is kept (``CACHE_ACROSS_RUNS``): an entry
+    is reused only where its guards hold, and is then what a fresh compile of the frame would give;
+    the decisions that would make a run depend on the runs before it are not kept
+    (``run_decisions_forgotten``, ``RECOMPILE_LIMITS``). The harness frames of ``untraced_codes``
+    run untraced: what is compiled is the same."""
     target = target_module(model, mode)
-    torch._dynamo.reset()
+    if _fresh_cache_due():
+        torch._dynamo.reset()
+        _cache_kept_by[:] = [os.getpid()]
     frames = torch._dynamo.eval_frame
     if hasattr(frames, "skip_code") and hasattr(frames, "reset_code"):  # else all traced: slower, the same
-        # ``reset`` leaves these alone (Dynamo never handled them): a run marks them afresh, so one
-        # that keeps ``Block.forward`` traced (or ``UNTRACED_HARNESS_FRAMES`` off) inherits no mark
+        # a run marks them afresh, so one that keeps ``Block.forward`` traced (or
+        # ``UNTRACED_HARNESS_FRAMES`` off) inherits no mark
         for code in operation_free_codes() + [Block.forward.__code__]:
             frames.reset_code(code)
         if UNTRACED_HARNESS_FRAMES:
             for code in untraced_codes(model):
                 frames.skip_code(code)
     target.compile(backend=mode.backend, dynamic=False)
+
+
+#: the process that made its warm-up compile (``compile_warm_up``)
+_warmed_up_in: list[int] = []
+
+
+def compile_warm_up() -> None:
+    """One small compiled forward and backward (a hooked torch layer, a generated dropout), once per
+    process, before it forks a sandbox child: what Dynamo and AOT autograd build on a process's first
+    compile (lookup tables, lazily imported modules; about 0.3 s here) is inherited, not built again
+    by every child. Its cache is emptied after it, and the random number generator left as it was:
+    no run sees it."""
+    if _warmed_up_in == [os.getpid()]:
+        return
+    _warmed_up_in[:] = [os.getpid()]
+    layer = nn.Linear(2, 2)
+    layer.register_forward_hook(_doubled)
+    model = nn.Sequential(layer, SeededDropout(0.5))
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), compiler_settings(Mode("compile")):
+        torch.compile(model, backend="aot_eager", dynamic=False)(torch.ones(1, 2, requires_grad=True)).sum().backward()
+    torch._dynamo.reset()
+    _cache_kept_by.clear()
+
+
+def _doubled(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output * 2
+
+
+def _fresh_cache_due() -> bool:
+    """Start from an empty cache: caching is off, this process holds no cache of its own compiled
+    runs yet, the cache is over ``KEPT_ENTRIES``, or this torch's decisions cannot be undone."""
+    if not CACHE_ACROSS_RUNS or _cache_kept_by != [os.getpid()] or _decision_hooks() is None:
+        return True
+    return _cache_entries() > KEPT_ENTRIES
+
+
+def _cache_entries() -> int:
+    """How many compiled entries Dynamo holds, over every code object it was handed (past any bound
+    where this torch cannot count them)."""
+    try:
+        from torch._dynamo.convert_frame import input_codes
+        from torch._dynamo.eval_frame import _get_total_cache_entry_count
+    except ImportError:
+        return KEPT_ENTRIES + 1
+    return sum(_get_total_cache_entry_count(code) for ref in list(input_codes.seen) if (code := ref()) is not None)
+
+
+@contextlib.contextmanager
+def run_decisions_forgotten() -> Iterator[None]:
+    """Dynamo's per-code-object decisions made during the run are undone after it.
+
+    Where Dynamo gives a frame up (a graph break in a loop, no operation to compile, a torch layer's
+    ``forward`` without hooks, a dispatch mode on the stack), it marks the frame's code object to run
+    without tracing from then on, whatever the inputs: the first call of a code in a run decides for
+    its later calls. Kept into the next run, that mark would decide there too, before that run's own
+    first call. The codes marked during the run (what Dynamo's frame callback returned for them) get
+    the default strategy back after it, so each run decides for itself, as from an empty cache; what
+    they compiled before the mark stays, reused only where its guards hold. Marks made otherwise
+    (``torch.compiler.disable``, the harness's untraced frames) stay."""
+    hooks = _decision_hooks()
+    if hooks is None:  # another torch: the cache is not kept either (``_fresh_cache_due``)
+        yield
+        return
+    CatchErrorsWrapper, set_code_exec_strategy, FrameAction, FrameExecStrategy = hooks
+    real = CatchErrorsWrapper.__call__
+    default = (FrameAction.DEFAULT, FrameAction.DEFAULT)
+    marked: list = []
+
+    def frame_callback(self, frame, *args, **kwargs):
+        result = real(self, frame, *args, **kwargs)
+        strategy = getattr(result, "frame_exec_strategy", None)
+        if getattr(result, "apply_to_code", False) and strategy is not None \
+                and (strategy.cur_action, strategy.recursive_action) != default \
+                and not _skipped_by_code_alone(frame.f_code):
+            marked.append(frame.f_code)
+        return result
+    CatchErrorsWrapper.__call__ = frame_callback
+    try:
+        yield
+    finally:
+        CatchErrorsWrapper.__call__ = real
+        for code in marked:
+            set_code_exec_strategy(code, FrameExecStrategy(*default))
+
+
+def _decision_hooks() -> tuple | None:
+    """What ``run_decisions_forgotten`` needs of Dynamo (None: this torch lacks it)."""
+    try:
+        from torch._dynamo.convert_frame import CatchErrorsWrapper
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:
+        return None
+    return CatchErrorsWrapper, set_code_exec_strategy, FrameAction, FrameExecStrategy
+
+
+def _skipped_by_code_alone(code) -> bool:
+    """Dynamo skips every frame of ``code`` whatever its inputs: its file is on Dynamo's skip list
+    (``trace_rules.check`` on the code alone), and it is not a ``forward``, which Dynamo traces for a
+    torch layer that has hooks. Such a mark is the same in every run and is kept (undoing it would
+    only have the next run decide it again, at about 0.4 ms a frame)."""
+    from torch._dynamo import trace_rules
+    return code.co_name != "forward" and trace_rules.check(code)
 
 
 def unwrapped(model: nn.Module, mode: Mode, tree: Any = None) -> nn.Module:
@@ -373,11 +501,16 @@ def as_it_is(mode: Mode) -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def compiler_settings(mode: Mode) -> Iterator[None]:
     """Inductor's ``INDUCTOR_CONFIG`` for the run (``torch._inductor.config.patch``: put back after it;
-    ``aot_eager`` takes none), without Dynamo's diagnostics that nobody reads (``unread_diagnostics``)."""
+    ``aot_eager`` takes none), without Dynamo's diagnostics that nobody reads (``unread_diagnostics``),
+    under ``RECOMPILE_LIMITS``, and with the run's per-code decisions undone after it
+    (``run_decisions_forgotten``)."""
+    import torch._dynamo.config
+    import torch._inductor.config
     with contextlib.ExitStack() as stack:
         stack.enter_context(unread_diagnostics())
+        stack.enter_context(torch._dynamo.config.patch(RECOMPILE_LIMITS))
+        stack.enter_context(run_decisions_forgotten())
         if mode.backend == "inductor":
-            import torch._inductor.config
             stack.enter_context(torch._inductor.config.patch(INDUCTOR_CONFIG))
         yield
 
@@ -501,24 +634,24 @@ class Precision:
 
 
 MODE_INFOS: tuple[ModeInfo, ...] = (
-    ModeInfo.of("eager", before_setup=nothing, before_training=nothing, autocast=full_precision,
+    ModeInfo.of("eager", warm_up=nothing, before_setup=nothing, before_training=nothing, autocast=full_precision,
                 launch=one_process, grace=0.0, wrap=unwrapped, settings=as_it_is, retire=False),
-    ModeInfo.of("checkpoint", same_rounding=False, before_setup=checkpoint_target, before_training=nothing,
+    ModeInfo.of("checkpoint", same_rounding=False, warm_up=nothing, before_setup=checkpoint_target, before_training=nothing,
                 autocast=full_precision, launch=one_process, grace=0.0, wrap=unwrapped, settings=as_it_is, retire=False),
     ModeInfo.of("compile", example_share=0.1, budget_weight=4.0, same_rounding=False,
                 inherited_imports=("torch._functorch.partitioners", "torch._inductor.pattern_matcher"),
-                before_setup=nothing,
+                warm_up=compile_warm_up, before_setup=nothing,
                 before_training=compile_target, autocast=full_precision, launch=one_process, grace=0.0,
                 wrap=unwrapped, settings=compiler_settings, retire=False),
-    ModeInfo.of("autocast", reference=True, before_setup=nothing, before_training=nothing, autocast=low_precision,
+    ModeInfo.of("autocast", reference=True, warm_up=nothing, before_setup=nothing, before_training=nothing, autocast=low_precision,
                 launch=one_process, grace=0.0, wrap=unwrapped, settings=as_it_is, retire=False),
     # the wrapping itself is the technique's order to follow (``runner``): before or after its setup
     ModeInfo.of("ddp", devices=("cpu",), example_share=0.25, budget_weight=2.0, same_rounding=False,
-                before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
+                warm_up=nothing, before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
                 grace=ddp.GRACE, wrap=ddp.wrap, settings=as_it_is, retire=False),
     # ddp's ranks and pool, FSDP2's wrap
     ModeInfo.of("fsdp", devices=("cpu",), example_share=0.25, budget_weight=3.0, same_rounding=False,
-                before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
+                warm_up=nothing, before_setup=nothing, before_training=nothing, autocast=full_precision, launch=ddp.run,
                 grace=ddp.GRACE, wrap=fsdp.wrap, settings=fsdp.without_model_warnings, retire=False),
 )
 MODE_BY_KIND = {row.kind: row for row in MODE_INFOS}

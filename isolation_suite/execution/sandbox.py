@@ -65,11 +65,25 @@ def settle_lazy_imports(scenarios: Sequence = ()) -> None:
     """Import what torch imports lazily and that rewrites torch's own namespace when it loads
     (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
     it happens once in the parent, before any snapshot and before any child is forked; and what the
-    modes of ``scenarios`` load on first use (``ModeInfo.inherited_imports``), for the child to inherit."""
+    modes of ``scenarios`` load or build on first use (``ModeInfo.inherited_imports``,
+    ``ModeInfo.warm_up``), for the child to inherit."""
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401 - the ddp mode's, before any child is forked
-    for name in {name for scenario in scenarios for name in mode_info(scenario.mode).inherited_imports}:
+    rows = {mode_info(scenario.mode) for scenario in scenarios}
+    for name in {name for row in rows for name in row.inherited_imports}:
         importlib.import_module(name)
+    for row in rows:
+        row.warm_up()
+    _PREPARED.update(row.kind for row in rows if row.prepares_parent)
+
+
+#: the modes this process was prepared for (``settle_lazy_imports``): a child forked since inherits that
+_PREPARED: set[str] = set()
+
+
+def _unprepared(scenarios: Sequence, prepared: frozenset[str]) -> bool:
+    """Some of ``scenarios`` run in a mode whose preparation a child forked with ``prepared`` lacks."""
+    return any(row.prepares_parent and row.kind not in prepared for row in map(mode_info, (s.mode for s in scenarios)))
 
 
 # --- the user's Ctrl-C, told apart from a technique raising KeyboardInterrupt ----------------
@@ -190,6 +204,7 @@ class Sandbox:
         # the child's CPU seconds over its runs (its own clock, summed over the children it had)
         self.child_cpu, self._cpu_seen = 0.0, 0.0
         self.ahead: collections.deque[_Ahead] = collections.deque()  # runs sent, in the order sent
+        self.prepared: frozenset[str] = frozenset()  # the modes the child was forked prepared for
         self._since = 0.0  # when the child last started a run, at the latest
 
     def __enter__(self) -> "Sandbox":
@@ -208,6 +223,8 @@ class Sandbox:
         if not keep:
             self.drop_ahead()
         device = str(device)
+        if self.pid is not None and _unprepared(scenarios, self.prepared):
+            self._retire_unprepared()
         if not scenarios or device.startswith("cuda") or (self.pid is None and not (fork_available()
                                                                                    and self._start(scenarios))):
             return
@@ -223,6 +240,18 @@ class Sandbox:
         if any(entry.trace is None for entry in self.ahead):
             self.close()
         self.ahead.clear()
+
+    def _retire_unprepared(self) -> None:
+        """End a child forked before this process prepared for a mode it is now sent runs of (a
+        compiled run after eager ones: the imports and the warm-up compile, about 2 s that every run's
+        child would otherwise pay itself), once it has answered what it owes; the next run forks a
+        prepared one. The answers stay."""
+        owed = [entry for entry in self.ahead if entry.trace is None]
+        if owed:
+            self._answer_through(owed[-1])
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            self._reap()
 
     def run(self, scenario, device: str) -> Trace:
         device = str(device)
@@ -296,6 +325,7 @@ class Sandbox:
         cannot run autograd: on a CUDA build, autograd's device threads, started by the parent's
         first backward, do not survive fork."""
         settle_lazy_imports(scenarios)
+        self.prepared = frozenset(_PREPARED)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         output_r, output_w = os.pipe()
