@@ -106,9 +106,9 @@ class ModeInfo(ModeKind):
     #: noise is its own, and an entry whose gradient is zero up to rounding in both runs has no
     #: direction to compare (see ``invariants.Context.rounding``)
     same_rounding: bool = True
-    #: the share of a search's examples judged in this mode (a compiled check costs about 12 eager ones)
+    #: the share of a search's examples judged in this mode (a compiled check costs about 8 eager ones)
     example_share: float = 1.0
-    #: its share of a run's time budget, against an eager item's 1 (a compiled check costs about 12 eager
+    #: its share of a run's time budget, against an eager item's 1 (a compiled check costs about 8 eager
     #: ones, a pooled ddp run about 2.5: a known-bad row's trigger examples must still run within it)
     budget_weight: float = 1.0
     #: modules a run of this mode loads on first use, imported in the judging process before it forks
