@@ -37,8 +37,9 @@ What "the same trace" means per mode, and the tolerance each is judged with:
   layers run eagerly (Dynamo traces their ``forward`` as a frame of its own only where the layer has
   hooks); what is compiled is the code between module calls: a technique's ``call``, hooks and
   parametrizations, containers' glue (a residual add), the generated dropout, a user model's own
-  ``forward`` code. Dynamo's cache is kept across a process's runs (``CACHE_ACROSS_RUNS``): an
-  entry is reused where its guards hold, and is then what a fresh compile would give. What would
+  ``forward`` code. A sandbox child keeps Dynamo's cache across its runs (``CACHE_ACROSS_RUNS``,
+  ``own_compile_cache``; an in-process run starts from an empty one): an entry is reused where its
+  guards hold, and is then what a fresh compile would give. What would
   make a run's compiled code depend on the runs before it is not kept: Dynamo's per-code decisions
   (a frame given up marks its code object for every later call, whatever the inputs) are undone
   after each run (``run_decisions_forgotten``), and no recompile limit is ever reached
@@ -350,9 +351,19 @@ KEPT_ENTRIES = 512
 #: Dynamo's recompile limits inside a compiled run: never reached, so that no frame falls back to
 #: eager because of the variants other runs (or this run's other calls) compiled
 RECOMPILE_LIMITS = {"recompile_limit": 1 << 20, "accumulated_recompile_limit": 1 << 20}
-#: the process whose compiled runs the kept cache holds (a process that inherited another's, or that
-#: compiled nothing yet under these rules, starts empty)
+#: the process whose Dynamo activity is the harness's runs alone, and may keep its cache (a sandbox
+#: child: ``own_compile_cache``); in any other process (the judging process, which is the user's too,
+#: where other code may compile between runs) every compiled run starts from an empty cache
+_cache_owner: list[int] = []
+#: the process whose kept cache started empty under these rules (a forked child inherits its parent's
+#: Dynamo state: it empties it at its first compiled run)
 _cache_kept_by: list[int] = []
+
+
+def own_compile_cache() -> None:
+    """This process runs nothing but the harness's runs (a sandbox child): its compiled runs keep
+    Dynamo's cache (``CACHE_ACROSS_RUNS``)."""
+    _cache_owner[:] = [os.getpid()]
 
 
 def compile_target(model: nn.Module, mode: Mode) -> None:
@@ -404,9 +415,11 @@ def _doubled(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor
 
 
 def _fresh_cache_due() -> bool:
-    """Start from an empty cache: caching is off, this process holds no cache of its own compiled
-    runs yet, the cache is over ``KEPT_ENTRIES``, or this torch's decisions cannot be undone."""
-    if not CACHE_ACROSS_RUNS or _cache_kept_by != [os.getpid()] or _decision_hooks() is None:
+    """Start from an empty cache: caching is off, other code may compile in this process (it is not
+    ``own_compile_cache``'s), its cache did not start empty yet, the cache is over ``KEPT_ENTRIES``,
+    or this torch's decisions cannot be undone."""
+    pid = [os.getpid()]
+    if not CACHE_ACROSS_RUNS or _cache_owner != pid or _cache_kept_by != pid or _decision_hooks() is None:
         return True
     return _cache_entries() > KEPT_ENTRIES
 

@@ -48,6 +48,7 @@ from isolation_suite.execution.ddp import remove_stores, unfreed
 from isolation_suite.execution.state import RUN_END, changes, restore, snapshot
 from isolation_suite.execution.lifetime import exit_with_parent, harness_thread
 from isolation_suite.execution.modes import info as mode_info
+from isolation_suite.execution.modes import own_compile_cache
 from isolation_suite.execution.pipes import read_frame, write_frame
 from isolation_suite.execution.runner import TechniqueDriver, run
 from isolation_suite.execution.trace import PHASES, PROGRESS, Crash, ExampleTimeout, Trace
@@ -430,6 +431,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
         # OpenMP's thread pool does not survive fork: a parent that ran parallel kernels leaves the
         # child's pool deadlocked on its first parallel region. One thread never enters the pool.
         torch.set_num_threads(1)
+        own_compile_cache()  # only the technique's runs compile here: Dynamo's cache is kept across them
         try:  # can this copy run autograd at all?
             probe = torch.ones(1, requires_grad=True)
             (probe * 2).sum().backward()
