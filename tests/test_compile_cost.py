@@ -247,3 +247,59 @@ def test_a_sandbox_child_keeps_its_cache_and_the_judging_process_does_not(capfd,
     monkeypatch.setattr(modes, "_cache_owner", [])  # this process, as it is outside this module's tests
     not_owned = [compiled_run(SCENARIOS[0], "requires_grad_false", fresh=False)[1] for _ in range(2)]
     assert owned[1] == 0 and not_owned[0] >= 1 and not_owned[1] == not_owned[0]  # compiled again
+
+
+@pytest.mark.parametrize("spec", ["requires_grad_false", "per_run_factor"])
+def test_a_verdict_does_not_depend_on_the_compiled_runs_before_it(spec):
+    """Order independence, judged: the same scenario in a fresh sandbox child and in one that judged
+    other compiled scenarios first gives the same verdict, every number in it included."""
+    tech = PerRunFactor() if spec == "per_run_factor" else iso.catalog()[spec]
+    # float32, so that a mismatch goes to the float64 twin too; Adam amplifies any difference
+    target = dataclasses.replace(SCENARIOS[1], dtype="float32", steps=3)
+    others = [SCENARIOS[0], SCENARIOS[2], dataclasses.replace(SCENARIOS[2], intent=Intent(frozen_modules=("pre",)),
+                                                              optimizer=OptimizerRecipe("Adam", (("lr", 0.05),)))]
+    clear_reference_cache()
+    with Sandbox(tech) as fresh:
+        alone = judge(tech, target, sandbox=fresh)
+    with Sandbox(tech) as used:
+        for other in others:
+            judge(tech, other, sandbox=used)
+        after = judge(tech, target, sandbox=used)
+    assert not alone.ok  # a verdict with numbers in it
+    assert after.violations == alone.violations and after.divergence == alone.divergence
+    assert after.steps == alone.steps
+
+
+@pytest.mark.parametrize("index", [2, 4, 6], ids=lambda i: str(TECHNIQUES[i]).split(" ")[0])
+def test_unread_diagnostics_change_no_trace_and_no_graph(index):
+    """A compiled run skips Dynamo's guard-latency measurement and graph-break stacks
+    (``modes.unread_diagnostics``, inside the ``compile`` mode's settings): bitwise the same trace and
+    graphs as a run that computes them, and torch's own functions are back in place after the run."""
+    guards = pytest.importorskip("torch._dynamo.guards")
+    real = guards.profile_guard_manager
+    measured = []
+
+    def counted(*args):
+        measured.append(1)
+        return real(*args)
+
+    scenario, spec = SCENARIOS[index], TECHNIQUES[index]
+    guards.profile_guard_manager = counted  # what the run finds without the settings' patch
+    try:
+        saved, modes.unread_diagnostics = modes.unread_diagnostics, contextlib.nullcontext
+        try:
+            with_latency, graphs_with, _ = compiled_run(scenario, spec)
+        finally:
+            modes.unread_diagnostics = saved
+        assert measured and graphs_with >= 1  # Dynamo did measure its guards
+        measured.clear()
+        translator = pytest.importorskip("torch._dynamo.symbolic_convert").InstructionTranslatorBase
+        log_graph_break = translator.log_graph_break
+        without, graphs_without, _ = compiled_run(scenario, spec)
+        assert not measured and guards.profile_guard_manager is counted
+        assert translator.log_graph_break is log_graph_break
+    finally:
+        guards.profile_guard_manager = real
+    assert with_latency.crash is None
+    assert_same(flat(with_latency), flat(without))
+    assert graphs_without == graphs_with
