@@ -303,3 +303,16 @@ def test_unread_diagnostics_change_no_trace_and_no_graph(index):
     assert with_latency.crash is None
     assert_same(flat(with_latency), flat(without))
     assert graphs_without == graphs_with
+
+
+def test_a_warm_up_compile_that_fails_leaves_it_to_the_runs(monkeypatch):
+    """Where torch cannot compile, the judging process's warm-up compile (``compile_warm_up``, before it
+    forks a child) raises nothing: each compiled run meets the failure itself and reports it as its crash."""
+    def unable(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(modes, "_warmed_up_in", [])
+    monkeypatch.setattr(torch, "compile", unable)
+    modes.compile_warm_up()
+    assert modes._warmed_up_in == [os.getpid()]
+    trace = run(SCENARIOS[0], TechniqueDriver(iso.catalog()["requires_grad_false"]))
+    assert trace.crash is not None and trace.crash.phase == "compile" and "no compiler here" in trace.crash.error
