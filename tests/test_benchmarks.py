@@ -7,7 +7,7 @@ import os
 import pytest
 
 import isolation_suite as iso
-from benchmarks import check_loop, sweep_profile, targets, throughput
+from benchmarks import check_loop, compile_cost, sweep_profile, targets, throughput
 from benchmarks._common import corpus
 
 PASS = iso.Capability.PASS_THROUGH
@@ -50,6 +50,26 @@ def test_the_check_loop_times_warm_in_process_and_fresh_children():
     for how in ("on", "off", "fresh"):
         rate, cpu, slowest = check_loop._loop(_rows()[0], scenarios, how)
         assert rate > 0 and cpu > 0 and slowest > 0
+
+
+def test_the_compile_cost_variants_each_check_and_leave_the_flags_as_they_were():
+    """``compile_cost``'s "before" goes without one cut (``--before cache|untraced``: that flag off for
+    the child it forks); each variant checks a scenario in its own mode, and the flags are this
+    process's own again after each check."""
+    from isolation_suite.execution import modes
+    from isolation_suite.execution.sandbox import Sandbox
+    from isolation_suite.techniques import in_mode
+    from isolation_suite.techniques.triggers import FROZEN_DROPOUT
+    assert [v.cached for v in compile_cost.before_after("aot_eager")] == [True, False, True]
+    assert [v.untraced for v in compile_cost.before_after("aot_eager", "untraced")] == [True, False, True]
+    technique = iso.catalog()["freeze_and_eval"]  # sound: every variant's verdict holds
+    flags = modes.UNTRACED_HARNESS_FRAMES, modes.CACHE_ACROSS_RUNS
+    for variant in compile_cost.before_after("aot_eager"):
+        with Sandbox(technique) as sandbox:
+            scenario = compile_cost._in_variant(variant, FROZEN_DROPOUT)
+            assert scenario.mode.kind == ("eager" if variant.backend is None else "compile")
+            assert compile_cost._check(variant, technique, scenario, sandbox).ok
+        assert (modes.UNTRACED_HARNESS_FRAMES, modes.CACHE_ACROSS_RUNS) == flags
 
 
 def test_a_target_is_met_only_where_every_repeat_met_it():
