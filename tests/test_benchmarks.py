@@ -58,7 +58,6 @@ def test_the_compile_cost_variants_each_check_and_leave_the_flags_as_they_were()
     process's own again after each check."""
     from isolation_suite.execution import modes
     from isolation_suite.execution.sandbox import Sandbox
-    from isolation_suite.techniques import in_mode
     from isolation_suite.techniques.triggers import FROZEN_DROPOUT
     assert [v.cached for v in compile_cost.before_after("aot_eager")] == [True, False, True]
     assert [v.untraced for v in compile_cost.before_after("aot_eager", "untraced")] == [True, False, True]

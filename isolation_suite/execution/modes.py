@@ -468,11 +468,10 @@ def run_decisions_forgotten() -> Iterator[None]:
                 and not _skipped_by_code_alone(frame.f_code):
             marked.append(frame.f_code)
         return result
-    CatchErrorsWrapper.__call__ = frame_callback
     try:
-        yield
+        with _replaced(CatchErrorsWrapper, "__call__", frame_callback):
+            yield
     finally:
-        CatchErrorsWrapper.__call__ = real
         for code in marked:
             set_code_exec_strategy(code, FrameExecStrategy(*default))
 
@@ -521,14 +520,14 @@ def compiler_settings(mode: Mode) -> Iterator[None]:
     ``aot_eager`` takes none), without Dynamo's diagnostics that nobody reads (``unread_diagnostics``),
     under ``RECOMPILE_LIMITS``, and with the run's per-code decisions undone after it
     (``run_decisions_forgotten``)."""
-    import torch._dynamo.config
-    import torch._inductor.config
+    from torch._dynamo import config as dynamo_config
     with contextlib.ExitStack() as stack:
         stack.enter_context(unread_diagnostics())
-        stack.enter_context(torch._dynamo.config.patch(RECOMPILE_LIMITS))
+        stack.enter_context(dynamo_config.patch(RECOMPILE_LIMITS))
         stack.enter_context(run_decisions_forgotten())
         if mode.backend == "inductor":
-            stack.enter_context(torch._inductor.config.patch(INDUCTOR_CONFIG))
+            from torch._inductor import config as inductor_config
+            stack.enter_context(inductor_config.patch(INDUCTOR_CONFIG))
         yield
 
 
@@ -568,22 +567,27 @@ def unread_diagnostics() -> Iterator[None]:
     guard-latency measurement (about 15 ms per compiled frame here) and the graph-break message's stack
     (about 8 ms per graph break). The guards, the graph breaks and the compiled code are the same
     (bitwise the same traces: ``tests/test_compile_cost.py``); everything is put back after the run."""
-    undo = []
-    try:
+    with contextlib.ExitStack() as stack:
         for module_name, owner_name, name, replace in _UNREAD_DIAGNOSTICS:
             try:
                 module = importlib.import_module(module_name)
                 owner = module if owner_name is None else getattr(module, owner_name)
-                real = getattr(owner, name)
-                replacement = replace(real)
+                replacement = replace(getattr(owner, name))
             except (ImportError, AttributeError):  # another torch: nothing to skip there
                 continue
-            setattr(owner, name, replacement)
-            undo.append((owner, name, real))
+            stack.enter_context(_replaced(owner, name, replacement))
+        yield
+
+
+@contextlib.contextmanager
+def _replaced(owner: Any, name: str, replacement: Any) -> Iterator[None]:
+    """``owner.name`` is ``replacement`` for the block, and what it was again after it."""
+    real = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
         yield
     finally:
-        for owner, name, real in reversed(undo):
-            setattr(owner, name, real)
+        setattr(owner, name, real)
 
 
 def full_precision(device_type: str) -> None:
