@@ -52,6 +52,7 @@ from isolation_suite.execution.modes import own_compile_cache
 from isolation_suite.execution.pipes import read_frame, write_frame
 from isolation_suite.execution.runner import TechniqueDriver, run
 from isolation_suite.execution.trace import PHASES, PROGRESS, Crash, ExampleTimeout, Trace
+from isolation_suite.model.layers import warm_up_kernels
 from isolation_suite.technique import Technique
 
 SANDBOX_ENV = "ISOLATION_SANDBOX"
@@ -67,9 +68,11 @@ def settle_lazy_imports(scenarios: Sequence = ()) -> None:
     (``torch._dynamo`` wraps ``torch.manual_seed``; optimizers load it on their first step), so
     it happens once in the parent, before any snapshot and before any child is forked; and what the
     modes of ``scenarios`` load or build on first use (``ModeInfo.inherited_imports``,
-    ``ModeInfo.warm_up``), for the child to inherit."""
+    ``ModeInfo.warm_up``), for the child to inherit; and what torch's CPU kernels build on first use
+    (``warm_up_kernels``)."""
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401 - the ddp mode's, before any child is forked
+    warm_up_kernels()
     rows = {mode_info(scenario.mode) for scenario in scenarios}
     for name in {name for row in rows for name in row.inherited_imports}:
         importlib.import_module(name)

@@ -5,6 +5,7 @@ when the kind's training-mode effect is live in a module.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -88,23 +89,32 @@ class LayerInfo:
     family: tuple[type[nn.Module], str] | None = None
     #: the kind's training-mode effect (``KindInfo.train_mode``) is live in this module
     live: Callable[[nn.Module], bool] = _always
+    #: a tiny instance's arguments and the shape of its input (``warm_up_kernels``), as PyTorch's
+    #: ``ModuleInfo`` declares sample inputs; a convolution's is grouped (oneDNN's path)
+    example: tuple[dict, tuple[int, ...]] = ({}, ())
 
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, "batchnorm")
+_RECURRENT_EXAMPLE = ({"input_size": 2, "hidden_size": 2}, (2, 2, 2))
+_CONV_EXAMPLE = {"in_channels": 4, "out_channels": 4, "kernel_size": 2, "groups": 2}  # grouped, not depthwise
 LAYERS: tuple[LayerInfo, ...] = (
-    LayerInfo("linear", nn.Linear, nn.Linear),
-    LayerInfo("conv1d", nn.Conv1d, nn.Conv1d),
-    LayerInfo("conv2d", nn.Conv2d, nn.Conv2d),
-    LayerInfo("embedding", nn.Embedding, nn.Embedding),
-    LayerInfo("lstm", nn.LSTM, _batch_first(nn.LSTM)),
-    LayerInfo("gru", nn.GRU, _batch_first(nn.GRU)),
-    LayerInfo("rnn", nn.RNN, _batch_first(nn.RNN)),
-    LayerInfo("layernorm", nn.LayerNorm, nn.LayerNorm),
-    LayerInfo("batchnorm1d", nn.BatchNorm1d, nn.BatchNorm1d, _BATCHNORM, _tracks_or_trains),
-    LayerInfo("batchnorm2d", nn.BatchNorm2d, nn.BatchNorm2d, _BATCHNORM, _tracks_or_trains),
-    LayerInfo("groupnorm", nn.GroupNorm, nn.GroupNorm),
-    LayerInfo("mha", nn.MultiheadAttention, _batch_first(nn.MultiheadAttention)),
-    LayerInfo("dropout", nn.Dropout, SeededDropout, (nn.modules.dropout._DropoutNd, "dropout"), _drops),
+    LayerInfo("linear", nn.Linear, nn.Linear, example=({"in_features": 2, "out_features": 2}, (2, 2))),
+    LayerInfo("conv1d", nn.Conv1d, nn.Conv1d, example=(_CONV_EXAMPLE, (2, 4, 3))),
+    LayerInfo("conv2d", nn.Conv2d, nn.Conv2d, example=(_CONV_EXAMPLE, (2, 4, 3, 3))),
+    LayerInfo("embedding", nn.Embedding, nn.Embedding, example=({"num_embeddings": 3, "embedding_dim": 2}, (2, 2))),
+    LayerInfo("lstm", nn.LSTM, _batch_first(nn.LSTM), example=_RECURRENT_EXAMPLE),
+    LayerInfo("gru", nn.GRU, _batch_first(nn.GRU), example=_RECURRENT_EXAMPLE),
+    LayerInfo("rnn", nn.RNN, _batch_first(nn.RNN), example=_RECURRENT_EXAMPLE),
+    LayerInfo("layernorm", nn.LayerNorm, nn.LayerNorm, example=({"normalized_shape": 2}, (2, 2))),
+    LayerInfo("batchnorm1d", nn.BatchNorm1d, nn.BatchNorm1d, _BATCHNORM, _tracks_or_trains,
+              example=({"num_features": 2}, (2, 2))),
+    LayerInfo("batchnorm2d", nn.BatchNorm2d, nn.BatchNorm2d, _BATCHNORM, _tracks_or_trains,
+              example=({"num_features": 2}, (2, 2, 2, 2))),
+    LayerInfo("groupnorm", nn.GroupNorm, nn.GroupNorm, example=({"num_groups": 1, "num_channels": 2}, (2, 2, 2))),
+    LayerInfo("mha", nn.MultiheadAttention, _batch_first(nn.MultiheadAttention),
+              example=({"embed_dim": 2, "num_heads": 1}, (2, 2, 2))),
+    LayerInfo("dropout", nn.Dropout, SeededDropout, (nn.modules.dropout._DropoutNd, "dropout"), _drops,
+              example=({"p": 0.5}, (2, 2))),
 )
 BY_KIND: dict[str, LayerInfo] = {row.kind: row for row in LAYERS}
 assert tuple(BY_KIND) == LAYER_KINDS, "every kind has its torch class, in the table's order"
@@ -148,3 +158,38 @@ def train_mode_effect(module: nn.Module) -> str:
 
 def build_layer(kind: str, kwargs: dict) -> nn.Module:
     return BY_KIND[kind].make(**kwargs)
+
+
+#: this process ran ``warm_up_kernels`` (a child forked after it inherits what it built)
+_KERNELS_WARM: list[bool] = []
+
+
+def warm_up_kernels() -> None:
+    """One training-mode forward and backward of every kind's ``example``, once per process, on the CPU.
+
+    What torch's CPU kernels build on their first use in a process is then built here, and a sandbox
+    child forked after this inherits it instead of building it again in every child: oneDNN's
+    set-up at a process's first grouped convolution or recurrent layer alone takes about 65 ms, paid
+    by each technique's child in a sweep. Speed only: the random number generator is left as it was,
+    and a failure leaves the kernels to the runs."""
+    if _KERNELS_WARM:
+        return
+    _KERNELS_WARM.append(True)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for row in LAYERS:
+                _example_step(row)
+    except Exception:  # noqa: BLE001 - a kernel this torch lacks: each run meets that itself
+        pass
+
+
+def _example_step(row: LayerInfo) -> None:
+    arguments, shape = row.example
+    layer = row.make(**arguments).train()
+    if KIND[row.kind].takes_tokens:
+        x = torch.zeros(shape, dtype=torch.long)
+    else:
+        x = torch.ones(shape, dtype=torch.float32, requires_grad=True)
+    out = layer(*([x] * len(KIND[row.kind].called_with.split(","))))
+    (out[0] if KIND[row.kind].returns_tuple else out).sum().backward()
