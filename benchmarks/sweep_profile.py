@@ -1,6 +1,6 @@
 """Where a sweep's time goes, per check (technique x scenario), sandboxed and in-process, in CPU time.
 
-    python -m benchmarks.sweep_profile [--size 60]
+    python -m benchmarks.sweep_profile [--size 60] [--children-at-once N]
 
 The corpus and the batches are those of ``benchmarks.throughput``'s sweep (``sweep.judge_batch``:
 each technique's child is sent a batch of scenarios and runs them back to back while this process
@@ -10,7 +10,8 @@ into, in this process: its share of the references, the invariants, the float64 
 verdict); and in the technique's child (sandboxed; in-process these are this process's too): the
 training loop, and the rest of the child's time (reading the request, its state checks around each
 run, sending the trace). The wall-clock time per check and the physical floor (the technique's bare
-loop and 1/k of the reference's) are timed batch by batch beside them.
+loop and 1/k of the reference's) are timed batch by batch beside them. ``--children-at-once 1``
+judges with one technique's child running at a time (``sweep.CHILDREN_AT_ONCE``; 2 by default).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 import torch
 
 from isolation_suite import catalog
+from isolation_suite.engine import sweep
 from isolation_suite.engine.sweep import MAX_BATCH, judge_batch
 from isolation_suite.execution import sandbox as sandbox_mod
 from isolation_suite.execution.sandbox import SANDBOX_ENV, Sandbox
@@ -111,8 +113,11 @@ def _profile(techniques, scenarios, sandboxed: bool) -> dict[str, float]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=60, help="scenarios per capability")
+    parser.add_argument("--children-at-once", type=int, default=sweep.CHILDREN_AT_ONCE,
+                        help="techniques' children running at once in a batch (sweep.CHILDREN_AT_ONCE)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    sweep.CHILDREN_AT_ONCE = args.children_at_once
     data, rows = {}, []
     for capability, names in _by_capability().items():
         scenarios = corpus(capability, args.size)

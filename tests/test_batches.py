@@ -186,6 +186,36 @@ def test_a_batch_judges_as_scenario_by_scenario_and_stops_a_technique_at_its_fir
             assert (alone.violations, alone.divergence) == (verdict.violations, verdict.divergence)
 
 
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_the_next_techniques_child_runs_its_batch_while_one_is_judged(monkeypatch, at_once):
+    from isolation_suite.engine import sweep as sweep_mod
+    monkeypatch.setattr(sweep_mod, "CHILDREN_AT_ONCE", at_once)
+    rows = [iso.catalog()[name] for name in ("functional_detach", "toggle_requires_grad")]
+    boxes = [Sandbox(t) for t in rows]
+    sent_ahead = []  # at each verdict of the first technique: runs the second's child was sent
+    try:
+        batched = judge_batch([(t, box, BATCH) for t, box in zip(rows, boxes)],
+                              on_verdict=lambda i, s, v: (i or sent_ahead.append(len(boxes[1].ahead))) or True)
+    finally:
+        for box in boxes:
+            box.close()
+    assert sent_ahead == ([len(BATCH)] * len(BATCH) if at_once == 2 else [0] * len(BATCH))
+    for technique, verdicts in zip(rows, batched):
+        assert [v.ok for v in verdicts] == [True] * len(BATCH)
+
+
+def test_a_technique_judged_twice_in_a_batch_keeps_its_runs_for_their_turn(monkeypatch):
+    """Its child is sent its second share only once the first is judged: the runs sent ahead for the
+    first are not dropped (one child serves both, forked once)."""
+    technique = iso.catalog()["no_grad_call"]
+    forks, start = [], Sandbox._start
+    monkeypatch.setattr(Sandbox, "_start", lambda self, scenarios: forks.append(1) or start(self, scenarios))
+    with Sandbox(technique) as box:
+        batched = judge_batch([(technique, box, BATCH[:2]), (technique, box, BATCH[2:])])
+    assert len(forks) == 1
+    assert all(v.first.invariant == "gradient-flows" for verdicts in batched for v in verdicts)
+
+
 def test_in_process_nothing_is_sent_ahead_and_the_verdicts_are_the_same(monkeypatch):
     monkeypatch.setenv("ISOLATION_SANDBOX", "off")
     technique = iso.catalog()["no_grad_call"]

@@ -276,3 +276,34 @@ def test_no_late_imports_of_the_package_in_the_tables_and_strategies():
                     if any(n.startswith("isolation_suite") for n in names) or getattr(node, "level", 0):
                         late.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not late, f"function-level imports of the package: {late}"
+
+
+@pytest.mark.parametrize("row", layers.LAYERS, ids=lambda row: row.kind)
+def test_every_kind_has_a_tiny_example_that_trains(row):
+    """``warm_up_kernels`` runs these, and swallows a failure (speed only): a broken example would
+    silently warm nothing, so each is run here."""
+    arguments, shape = row.example
+    assert arguments and shape, f"{row.kind} has no example"
+    layers._example_step(row)
+
+
+def test_the_kernel_warm_up_runs_every_example_once_per_process_and_leaves_the_process_as_it_was(monkeypatch):
+    ran = []
+    real = layers._example_step
+    monkeypatch.setattr(layers, "_KERNELS_WARM", [])
+    monkeypatch.setattr(layers, "_example_step", lambda row: ran.append(row.kind) or real(row))
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        layers.warm_up_kernels()
+        layers.warm_up_kernels()
+        assert not torch.is_grad_enabled()
+    assert ran == [row.kind for row in layers.LAYERS]
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_sandbox_child_is_forked_after_the_kernel_warm_up(monkeypatch):
+    from isolation_suite.execution import sandbox
+    called = []
+    monkeypatch.setattr(sandbox, "warm_up_kernels", lambda: called.append(1))
+    sandbox.settle_lazy_imports()
+    assert called

@@ -217,31 +217,54 @@ def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]],
     (``references``, by ``id`` of the scenario, or computed here); per judge, its verdicts in order.
 
     Each technique's child is sent its scenarios in one request (``Sandbox.prefetch``) and runs them
-    back to back, one technique after another: this process computes the references while the first
-    child runs, and judges each run while the child runs the next, so at most one child runs beside
-    this process. ``on_verdict(judge's index, scenario, verdict)`` returning False judges that
-    technique on none of its later scenarios (its child, still running them, is ended rather than
-    waited for). The verdicts are those :func:`~isolation_suite.judging.judge.judge` gives each
-    technique alone on each scenario."""
+    back to back: this process computes the references while the first children run, and judges each
+    run of one technique while its child runs the next and the next technique's child
+    (``CHILDREN_AT_ONCE``) runs its own. ``on_verdict(judge's index, scenario, verdict)`` returning False
+    judges that technique on none of its later scenarios (its child, still running them, is ended
+    rather than waited for). The verdicts are those :func:`~isolation_suite.judging.judge.judge` gives
+    each technique alone on each scenario: each child runs its own technique only."""
     references = {} if references is None else references
     judges = [(i, technique, sandbox, list(mine)) for i, (technique, sandbox, mine) in enumerate(judges)]
     queue = [j for j in judges if j[3]]
-    if queue:
-        queue[0][2].prefetch(queue[0][3], device)
+    sent = _Sender(queue, device)
+    sent.through(CHILDREN_AT_ONCE - 1)
     for _, _, _, mine in queue:
         for scenario in mine:  # before any verdict (a scenario the reference cannot run raises)
             references.setdefault(id(scenario), SharedReference(scenario, device)).trace
     out: list[list[Verdict]] = [[] for _ in judges]
     for n, (i, technique, sandbox, mine) in enumerate(queue):
-        if n:
-            sandbox.prefetch(mine, device)
+        sent.through(n + CHILDREN_AT_ONCE - 1)
         for scenario in mine:
             verdict = judge(technique, scenario, device, sandbox=sandbox, reference=references[id(scenario)])
             out[i].append(verdict)
             if on_verdict is not None and not on_verdict(i, scenario, verdict):
                 break
         sandbox.drop_ahead()
+        sent.done = n + 1
     return out
+
+
+#: the techniques' children that run at once beside this process in ``judge_batch``: the one being
+#: judged and the next, so that both cores work while this process judges (its own work per run is
+#: a fraction of a child's); 1: one child at a time
+CHILDREN_AT_ONCE = 2
+
+
+class _Sender:
+    """Sends each technique's scenarios to its child (``Sandbox.prefetch``) in the queue's order, at
+    most ``CHILDREN_AT_ONCE`` techniques ahead of the one being judged, and never to a sandbox that
+    still owes runs of an earlier entry (the same technique twice: its runs wait for their turn)."""
+
+    def __init__(self, queue: list, device: str):
+        self.queue, self.device, self.sent, self.done = queue, device, 0, 0
+
+    def through(self, last: int) -> None:
+        while self.sent <= min(last, len(self.queue) - 1):
+            sandbox, mine = self.queue[self.sent][2], self.queue[self.sent][3]
+            if self.sent > self.done and any(sandbox is q[2] for q in self.queue[self.done:self.sent]):
+                return
+            sandbox.prefetch(mine, self.device)
+            self.sent += 1
 
 
 #: the most scenarios a technique's child is sent in one request
