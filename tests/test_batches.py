@@ -179,29 +179,39 @@ def test_a_batch_judges_as_scenario_by_scenario_and_stops_a_technique_at_its_fir
         for box in boxes:
             box.close()
     assert [len(v) for v in batched] == [4, 1, 4]  # no_grad_call fails on the first and is judged no more
-    assert seen == [(0, s) for s in BATCH] + [(1, BATCH[0])] + [(2, s) for s in BATCH]
+    # each technique's scenarios in order; one run of each technique in flight in turn
+    assert [s for i, s in seen if i != 1] == [s for s in BATCH for _ in (0, 2)] and (1, BATCH[0]) in seen
+    assert seen[:3] == [(0, BATCH[0]), (1, BATCH[0]), (2, BATCH[0])]
     for technique, verdicts in zip(rows, batched):
         for scenario, verdict in zip(BATCH, verdicts):
             alone = judge(technique, scenario, reference=SharedReference(scenario))
             assert (alone.violations, alone.divergence) == (verdict.violations, verdict.divergence)
 
 
-@pytest.mark.parametrize("at_once", [1, 2])
-def test_the_next_techniques_child_runs_its_batch_while_one_is_judged(monkeypatch, at_once):
+@pytest.mark.parametrize("at_once", [1, 2, None])
+def test_the_children_in_flight_run_their_batches_while_one_run_of_each_is_judged_in_turn(monkeypatch, at_once):
     from isolation_suite.engine import sweep as sweep_mod
     monkeypatch.setattr(sweep_mod, "CHILDREN_AT_ONCE", at_once)
-    rows = [iso.catalog()[name] for name in ("functional_detach", "toggle_requires_grad")]
+    rows = [iso.catalog()[name] for name in ("functional_detach", "toggle_requires_grad", "no_grad_call")]
     boxes = [Sandbox(t) for t in rows]
-    sent_ahead = []  # at each verdict of the first technique: runs the second's child was sent
+    seen, sent = [], []  # the order of the verdicts; at the first: how many runs each child was sent
+
+    def note(i, scenario, verdict):
+        if not sent:
+            sent.append([len(box.ahead) for box in boxes])
+        seen.append((i, BATCH.index(scenario)))
+        return True
     try:
-        batched = judge_batch([(t, box, BATCH) for t, box in zip(rows, boxes)],
-                              on_verdict=lambda i, s, v: (i or sent_ahead.append(len(boxes[1].ahead))) or True)
+        batched = judge_batch([(t, box, BATCH[:2]) for t, box in zip(rows, boxes)], on_verdict=note)
     finally:
         for box in boxes:
             box.close()
-    assert sent_ahead == ([len(BATCH)] * len(BATCH) if at_once == 2 else [0] * len(BATCH))
-    for technique, verdicts in zip(rows, batched):
-        assert [v.ok for v in verdicts] == [True] * len(BATCH)
+    flying = {1: 1, 2: 2, None: 3}[at_once]
+    assert sent == [[1] + [2] * (flying - 1) + [0] * (3 - flying)]  # the first's first run is answered
+    assert seen == {1: [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)],
+                    2: [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (2, 1)],
+                    None: [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]}[at_once]
+    assert [[v.ok for v in verdicts] for verdicts in batched] == [[True, True], [True, True], [False, False]]
 
 
 def test_a_technique_judged_twice_in_a_batch_keeps_its_runs_for_their_turn(monkeypatch):

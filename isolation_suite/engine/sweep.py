@@ -217,54 +217,73 @@ def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]],
     (``references``, by ``id`` of the scenario, or computed here); per judge, its verdicts in order.
 
     Each technique's child is sent its scenarios in one request (``Sandbox.prefetch``) and runs them
-    back to back: this process computes the references while the first children run, and judges each
-    run of one technique while its child runs the next and the next technique's child
-    (``CHILDREN_AT_ONCE``) runs its own. ``on_verdict(judge's index, scenario, verdict)`` returning False
-    judges that technique on none of its later scenarios (its child, still running them, is ended
-    rather than waited for). The verdicts are those :func:`~isolation_suite.judging.judge.judge` gives
-    each technique alone on each scenario: each child runs its own technique only."""
+    back to back, ``CHILDREN_AT_ONCE`` techniques' children at once: this process computes the
+    references while they run, then judges one run of each of them in turn (the first scenario of
+    each, then the second, ...) while they run their next ones; a technique whose runs are all judged
+    makes room for the next technique's child. ``on_verdict(judge's index, scenario, verdict)``
+    returning False judges that technique on none of its later scenarios (its child, still running
+    them, is ended rather than waited for). The verdicts are those
+    :func:`~isolation_suite.judging.judge.judge` gives each technique alone on each scenario: each
+    child runs its own technique only, and each technique's scenarios are judged in order."""
     references = {} if references is None else references
-    judges = [(i, technique, sandbox, list(mine)) for i, (technique, sandbox, mine) in enumerate(judges)]
-    queue = [j for j in judges if j[3]]
-    sent = _Sender(queue, device)
-    sent.through(CHILDREN_AT_ONCE - 1)
-    for _, _, _, mine in queue:
-        for scenario in mine:  # before any verdict (a scenario the reference cannot run raises)
+    flights = _Flights([_Flight(i, technique, sandbox, list(mine))
+                        for i, (technique, sandbox, mine) in enumerate(judges) if mine], device)
+    for flight in flights.flying + flights.waiting:
+        for scenario in flight.scenarios:  # before any verdict (a scenario the reference cannot run raises)
             references.setdefault(id(scenario), SharedReference(scenario, device)).trace
     out: list[list[Verdict]] = [[] for _ in judges]
-    for n, (i, technique, sandbox, mine) in enumerate(queue):
-        sent.through(n + CHILDREN_AT_ONCE - 1)
-        for scenario in mine:
-            verdict = judge(technique, scenario, device, sandbox=sandbox, reference=references[id(scenario)])
-            out[i].append(verdict)
-            if on_verdict is not None and not on_verdict(i, scenario, verdict):
-                break
-        sandbox.drop_ahead()
-        sent.done = n + 1
+    while flights.flying:
+        for flight in list(flights.flying):  # one run of each, in the order they were sent
+            scenario = flight.scenarios[len(out[flight.index])]
+            verdict = judge(flight.technique, scenario, device, sandbox=flight.sandbox,
+                            reference=references[id(scenario)])
+            out[flight.index].append(verdict)
+            stop = on_verdict is not None and not on_verdict(flight.index, scenario, verdict)
+            if stop or len(out[flight.index]) == len(flight.scenarios):
+                flights.land(flight)
     return out
 
 
-#: the techniques' children that run at once beside this process in ``judge_batch``: the one being
-#: judged and the next, so that both cores work while this process judges (its own work per run is
-#: a fraction of a child's); 1: one child at a time
-CHILDREN_AT_ONCE = 2
+#: how many techniques' children run their batches at once in ``judge_batch`` (None: every
+#: technique's). This process's work per run (the invariants, the float64 twin's reference, judging)
+#: is a fraction of a child's: with one child at a time a core sat idle, and a batch's last technique
+#: ran alone. On two cores (``benchmarks.sweep_profile --children-at-once``), the worst capability's
+#: median share of the physical floor was 51 % with 1, 75 % with 2, 80 % with 3, and with all of a
+#: capability's 9 techniques at once 72 %: each more child is more processes taking turns on the cores.
+CHILDREN_AT_ONCE: int | None = 3
 
 
-class _Sender:
-    """Sends each technique's scenarios to its child (``Sandbox.prefetch``) in the queue's order, at
-    most ``CHILDREN_AT_ONCE`` techniques ahead of the one being judged, and never to a sandbox that
-    still owes runs of an earlier entry (the same technique twice: its runs wait for their turn)."""
+@dataclass
+class _Flight:
+    """One technique's share of a batch: its child is sent the scenarios when it takes off."""
 
-    def __init__(self, queue: list, device: str):
-        self.queue, self.device, self.sent, self.done = queue, device, 0, 0
+    index: int
+    technique: Technique
+    sandbox: Sandbox
+    scenarios: list
 
-    def through(self, last: int) -> None:
-        while self.sent <= min(last, len(self.queue) - 1):
-            sandbox, mine = self.queue[self.sent][2], self.queue[self.sent][3]
-            if self.sent > self.done and any(sandbox is q[2] for q in self.queue[self.done:self.sent]):
-                return
-            sandbox.prefetch(mine, self.device)
-            self.sent += 1
+
+class _Flights:
+    """The batch's shares, sent to their children (``Sandbox.prefetch``) in order, at most
+    ``CHILDREN_AT_ONCE`` flying at once, and never to a sandbox still flying an earlier share (a
+    technique named twice: its second share waits for the first to land)."""
+
+    def __init__(self, shares: list[_Flight], device: str):
+        self.device, self.waiting, self.flying = device, list(shares), []
+        self.take_off()
+
+    def take_off(self) -> None:
+        while self.waiting and (CHILDREN_AT_ONCE is None or len(self.flying) < CHILDREN_AT_ONCE) \
+                and not any(f.sandbox is self.waiting[0].sandbox for f in self.flying):
+            flight = self.waiting.pop(0)
+            flight.sandbox.prefetch(flight.scenarios, self.device)
+            self.flying.append(flight)
+
+    def land(self, flight: _Flight) -> None:
+        """``flight`` is judged (or stopped): runs it was sent and nobody asked for are dropped."""
+        flight.sandbox.drop_ahead()
+        self.flying.remove(flight)
+        self.take_off()
 
 
 #: the most scenarios a technique's child is sent in one request
