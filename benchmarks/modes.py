@@ -4,7 +4,10 @@
 
 For every capability, ``N`` scenarios of the fixed corpus are moved into each mode (the way the
 search moves its trigger examples: ``techniques.in_mode``) and checked with the capability's sound
-catalog rows, each in its own sandbox as a search keeps it. A check runs the technique and the
+catalog rows, each row in each mode in its own sandbox, as a search keeps one per item (an item is one
+technique in one mode: a ddp search's pool of ranks then serves all its runs, where runs of other modes
+in the same child would make it fork rank 1 again; ``--one-sandbox-per-row``: one child serves a row's
+checks in every mode, as before). A check runs the technique and the
 reference (the reference's trace is cached across modes that it does not share: eager serves
 checkpoint and compile), so "per check" is what a search pays per example. Reported per mode: the
 median and the worst check, the ratio of the mode's total to eager's by the clock and in CPU time
@@ -42,7 +45,7 @@ def _sound_rows() -> dict:
     return out
 
 
-def main(per_capability: int = 8, modes: list[str] | None = None) -> dict:
+def main(per_capability: int = 8, modes: list[str] | None = None, one_sandbox_per_row: bool = False) -> dict:
     torch.set_num_threads(1)
     modes = modes or [m.kind for m in MODE_INFOS]
     if "eager" not in modes:
@@ -56,11 +59,14 @@ def main(per_capability: int = 8, modes: list[str] | None = None) -> dict:
             continue
         for name in names:
             technique = catalog()[name]
-            with Sandbox(technique) as sandbox:
+            shared = Sandbox(technique) if one_sandbox_per_row else None
+            boxes = {mode: shared or Sandbox(technique) for mode in modes}
+            try:
                 for mode in modes:  # untimed: the first check in a process pays for imports and warm-up
-                    check(technique, movable(scenarios[0], mode), sandbox=sandbox)
+                    check(technique, movable(scenarios[0], mode), sandbox=boxes[mode])
                 for mode in modes:
                     clear_reference_cache()
+                    sandbox = boxes[mode]
                     for scenario in scenarios:
                         moved = movable(scenario, mode)
                         cpu = time.process_time() + sandbox.child_cpu
@@ -69,6 +75,9 @@ def main(per_capability: int = 8, modes: list[str] | None = None) -> dict:
                         cpu_seconds[mode].append(time.process_time() + sandbox.child_cpu - cpu)
                         # a violation this row is known for in this mode is its verdict, not a false alarm
                         failures[mode] += not verdict.ok and verdict.first.invariant not in technique.expected_in(mode)
+            finally:
+                for box in set(boxes.values()):
+                    box.close()
     eager_total, eager_cpu = sum(seconds["eager"]), sum(cpu_seconds["eager"])
     rows, data = [], {}
     for mode in modes:
@@ -93,5 +102,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-capability", type=int, default=8)
     parser.add_argument("--modes", default=None, help="a comma list (default: every mode); eager is always timed")
+    parser.add_argument("--one-sandbox-per-row", action="store_true",
+                        help="one sandbox child serves a row's checks in every mode (not one per mode, as a search)")
     args = parser.parse_args()
-    main(args.per_capability, args.modes.split(",") if args.modes else None)
+    main(args.per_capability, args.modes.split(",") if args.modes else None, args.one_sandbox_per_row)

@@ -292,3 +292,21 @@ def test_a_child_forked_from_a_process_with_a_pool_forgets_it_and_makes_its_own(
         assert sandbox.run(FROZEN, "cpu").crash is None
     assert run_in_process(here, FROZEN, "cpu", 60).crash is None  # this process's rank 1 was left alone
     assert len(set(here.rank_ones())) == 1 and len(set(there.rank_ones())) == 1
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/schedstat"), reason="reads /proc/PID/schedstat")
+def test_a_ddp_runs_cpu_time_counts_its_rank_one_live_and_reaped(tmp_path, monkeypatch):
+    """What a sandbox child reports as its CPU time (benchmarks add it up) includes its ranks':
+    the pool's rank 1 while it lives, and once it is retired and reaped."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    probe = Probe(tmp_path)
+    ddp.retire_pool()
+    before = ddp.ranks_cpu()
+    assert run_in_process(probe, FROZEN, "cpu", 60).crash is None
+    (rank_one,) = set(probe.rank_ones())
+    with open(f"/proc/{rank_one}/schedstat") as stat:
+        its_own = int(stat.read().split()[0]) / 1e9
+    assert its_own > 0 and ddp.ranks_cpu() - before >= its_own - 1e-6
+    ddp.retire_pool()
+    assert ddp.ranks_cpu() - before >= its_own - 0.01  # moved into the reaped children's, not lost

@@ -97,6 +97,7 @@ import random
 import select
 import shutil
 import signal
+import resource
 import sys
 import tempfile
 import threading
@@ -142,6 +143,22 @@ _INHERITED: list[Any] = []
 def pooling() -> bool:
     """Whether ddp runs share a pool (``ISOLATION_DDP_POOL``, on by default)."""
     return os.environ.get(POOL_ENV, "on").strip().lower() not in ("off", "0", "no", "false")
+
+
+def ranks_cpu() -> float:
+    """The CPU seconds of this process's children: the pool's rank 1 while it lives (from
+    ``/proc/PID/schedstat``; nothing where that cannot be read) and every child reaped since the
+    process started (``RUSAGE_CHILDREN``: retired ranks among them). A sandbox child adds it to its
+    own, so that a ddp run's CPU time counts both ranks."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = used.ru_utime + used.ru_stime
+    if _POOL is not None and _POOL.pid is not None and _POOL.owner == os.getpid():
+        try:
+            with open(f"/proc/{_POOL.pid}/schedstat") as stat:
+                total += int(stat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 def unfreed() -> int:

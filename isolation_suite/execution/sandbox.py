@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from isolation_suite.execution.ddp import remove_stores, unfreed
+from isolation_suite.execution.ddp import ranks_cpu, remove_stores, unfreed
 from isolation_suite.execution.state import RUN_END, changes, restore, snapshot
 from isolation_suite.execution.lifetime import exit_with_parent, harness_thread
 from isolation_suite.execution.modes import info as mode_info
@@ -454,7 +454,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
                 try:
                     trace = run(scenario, _driver(technique), device, progress=progress, timeout=timeout)
                 except BaseException as exc:  # noqa: BLE001 - the harness's own failure, reported upstairs
-                    _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0, time.process_time()))
+                    _send(replies, ("error", f"{type(exc).__name__}: {exc}", True, 0.0, _cpu_so_far()))
                     serving = False
                     break
                 seconds = time.perf_counter() - started
@@ -465,7 +465,7 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
                 before = after
                 trace.state_leaks.extend((RUN_END, leak) for leak in leaks)
                 retire = bool(leaks) or mode_info(scenario.mode).retire or unfreed() > 0
-                _send(replies, ("trace", _map_arrays(trace, _to_numpy), retire, seconds, time.process_time()))
+                _send(replies, ("trace", _map_arrays(trace, _to_numpy), retire, seconds, _cpu_so_far()))
                 if retire:  # isolated: the runs after this one go to a fresh copy of the parent
                     serving = False
                     break
@@ -478,6 +478,12 @@ def _child_main(technique: Technique, requests: int, replies: int, progress: mma
             except BaseException:  # noqa: BLE001 - the technique replaced or closed it
                 pass
         os._exit(code)
+
+
+def _cpu_so_far() -> float:
+    """This child's CPU seconds with its ranks' (a ddp run's rank 1): a check's whole work, as the
+    benchmarks count it (``Sandbox.child_cpu``)."""
+    return time.process_time() + ranks_cpu()
 
 
 def _capture_output(fd: int) -> None:
