@@ -316,3 +316,16 @@ def test_a_warm_up_compile_that_fails_leaves_it_to_the_runs(monkeypatch):
     assert modes._warmed_up_in == [os.getpid()]
     trace = run(SCENARIOS[0], TechniqueDriver(iso.catalog()["requires_grad_false"]))
     assert trace.crash is not None and trace.crash.phase == "compile" and "no compiler here" in trace.crash.error
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_the_warm_up_compile_runs_a_backward_only_where_no_accelerator_is_visible(monkeypatch, accelerator):
+    """With a GPU visible, autograd's first backward starts device threads that a child forked after
+    it cannot use: the judging process's warm-up, right before a fork, then compiles the forward only."""
+    backward = []
+    real = torch.autograd.backward
+    monkeypatch.setattr(modes, "_warmed_up_in", [])
+    monkeypatch.setattr(modes, "accelerator_visible", lambda: accelerator)
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backward.append(1) or real(*a, **k))
+    modes.compile_warm_up()
+    assert bool(backward) is not accelerator

@@ -284,19 +284,21 @@ def test_every_kind_has_a_tiny_example_that_trains(row):
     silently warm nothing, so each is run here."""
     arguments, shape = row.example
     assert arguments and shape, f"{row.kind} has no example"
-    layers._example_step(row)
+    layers._example_forward(row).sum().backward()
 
 
 def test_the_kernel_warm_up_runs_every_example_once_per_process_and_leaves_the_process_as_it_was(monkeypatch):
-    ran = []
-    real = layers._example_step
+    """... and runs no backward: on a machine with a GPU, autograd's first backward starts device
+    threads that a child forked after it cannot use."""
+    ran, backward = [], []
+    real = layers._example_forward
     monkeypatch.setattr(layers, "_KERNELS_WARM", [])
-    monkeypatch.setattr(layers, "_example_step", lambda row: ran.append(row.kind) or real(row))
+    monkeypatch.setattr(layers, "_example_forward", lambda row: ran.append(row.kind) or real(row))
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backward.append(1))
     rng = torch.get_rng_state()
-    with torch.no_grad():
-        layers.warm_up_kernels()
-        layers.warm_up_kernels()
-        assert not torch.is_grad_enabled()
+    layers.warm_up_kernels()
+    layers.warm_up_kernels()
+    assert torch.is_grad_enabled() and not backward
     assert ran == [row.kind for row in layers.LAYERS]
     assert torch.equal(torch.get_rng_state(), rng)
 

@@ -165,31 +165,34 @@ _KERNELS_WARM: list[bool] = []
 
 
 def warm_up_kernels() -> None:
-    """One training-mode forward and backward of every kind's ``example``, once per process, on the CPU.
+    """One training-mode forward of every kind's ``example``, once per process, on the CPU.
 
     What torch's CPU kernels build on their first use in a process is then built here, and a sandbox
     child forked after this inherits it instead of building it again in every child: oneDNN's
     set-up at a process's first grouped convolution or recurrent layer alone takes about 65 ms, paid
-    by each technique's child in a sweep. Speed only: the random number generator is left as it was,
-    and a failure leaves the kernels to the runs."""
+    by each technique's child in a sweep (after a forward here, about 3 ms). No backward: on a
+    machine with a GPU, autograd's first backward starts device threads that a forked child cannot
+    use, and the first child is forked right after this. Speed only: the random number generator
+    is left as it was, and a failure leaves the kernels to the runs."""
     if _KERNELS_WARM:
         return
     _KERNELS_WARM.append(True)
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), warnings.catch_warnings():
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for row in LAYERS:
-                _example_step(row)
+                _example_forward(row)
     except Exception:  # noqa: BLE001 - a kernel this torch lacks: each run meets that itself
         pass
 
 
-def _example_step(row: LayerInfo) -> None:
+def _example_forward(row: LayerInfo) -> torch.Tensor:
+    """The kind's example layer, in training mode, called on its example input: its output."""
     arguments, shape = row.example
     layer = row.make(**arguments).train()
     if KIND[row.kind].takes_tokens:
         x = torch.zeros(shape, dtype=torch.long)
     else:
-        x = torch.ones(shape, dtype=torch.float32, requires_grad=True)
+        x = torch.ones(shape, dtype=torch.float32, requires_grad=torch.is_grad_enabled())
     out = layer(*([x] * len(KIND[row.kind].called_with.split(","))))
-    (out[0] if KIND[row.kind].returns_tuple else out).sum().backward()
+    return out[0] if KIND[row.kind].returns_tuple else out
