@@ -94,10 +94,10 @@ import mmap
 import os
 import pickle
 import random
+import resource
 import select
 import shutil
 import signal
-import resource
 import sys
 import tempfile
 import threading
