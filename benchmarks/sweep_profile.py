@@ -11,7 +11,7 @@ verdict); and in the technique's child (sandboxed; in-process these are this pro
 training loop, and the rest of the child's time (reading the request, its state checks around each
 run, sending the trace). The wall-clock time per check and the physical floor (the technique's bare
 loop and 1/k of the reference's) are timed batch by batch beside them. ``--children-at-once 1``
-judges with one technique's child running at a time (``sweep.CHILDREN_AT_ONCE``; 2 by default).
+judges with one technique's child running at a time (``sweep.CHILDREN_AT_ONCE``; 3 by default).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import isolation_suite as iso
-from isolation_suite.execution import modes
+from isolation_suite.execution import devices, modes
 from isolation_suite.execution.runner import TechniqueDriver, run
 from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import Trace
@@ -325,7 +325,7 @@ def test_the_warm_up_compile_runs_a_backward_only_where_no_accelerator_is_visibl
     backward = []
     real = torch.autograd.backward
     monkeypatch.setattr(modes, "_warmed_up_in", [])
-    monkeypatch.setattr(modes, "accelerator_visible", lambda: accelerator)
+    monkeypatch.setattr(devices, "accelerator_visible", lambda: accelerator)
     monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: backward.append(1) or real(*a, **k))
     modes.compile_warm_up()
     assert bool(backward) is not accelerator

@@ -303,7 +303,7 @@ def test_the_kernel_warm_up_runs_every_example_once_per_process_and_leaves_the_p
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_a_sandbox_child_is_forked_after_the_kernel_warm_up(monkeypatch):
+def test_settling_the_process_before_a_fork_runs_the_kernel_warm_up(monkeypatch):
     from isolation_suite.execution import sandbox
     called = []
     monkeypatch.setattr(sandbox, "warm_up_kernels", lambda: called.append(1))

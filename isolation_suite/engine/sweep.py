@@ -226,9 +226,9 @@ def judge_batch(judges: Sequence[tuple[Technique, Sandbox, Sequence[Scenario]]],
     :func:`~isolation_suite.judging.judge.judge` gives each technique alone on each scenario: each
     child runs its own technique only, and each technique's scenarios are judged in order."""
     references = {} if references is None else references
-    flights = _Flights([_Flight(i, technique, sandbox, list(mine))
-                        for i, (technique, sandbox, mine) in enumerate(judges) if mine], device)
-    for flight in flights.flying + flights.waiting:
+    shares = [_Flight(i, technique, sandbox, list(mine)) for i, (technique, sandbox, mine) in enumerate(judges) if mine]
+    flights = _Flights(shares, device)  # the first children run while the references are computed
+    for flight in shares:
         for scenario in flight.scenarios:  # before any verdict (a scenario the reference cannot run raises)
             references.setdefault(id(scenario), SharedReference(scenario, device)).trace
     out: list[list[Verdict]] = [[] for _ in judges]

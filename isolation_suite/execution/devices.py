@@ -18,6 +18,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def accelerator_visible() -> bool:
+    """A GPU (or another accelerator) is visible: autograd's first backward in a process then starts
+    a thread per device, which a child forked after it cannot use (its own backward raises), so the
+    judging process runs none before it forks."""
+    accelerator = getattr(torch, "accelerator", None)
+    try:
+        return bool(accelerator.is_available()) if accelerator is not None else cuda_available()
+    except Exception:  # noqa: BLE001 - a broken accelerator runtime: as if one were there
+        return True
+
+
 def normalize(device: str | torch.device) -> str:
     """``'cpu'``, ``'cuda'`` or ``'cuda:N'``; raises :class:`DeviceError` naming the bad value."""
     text = str(device).strip().lower()

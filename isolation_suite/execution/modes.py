@@ -82,7 +82,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from isolation_suite.execution import ddp, fsdp
+from isolation_suite.execution import ddp, devices, fsdp
 from isolation_suite.model.build import Block
 from isolation_suite.model.layers import SeededDropout
 from isolation_suite.spec import mode_kinds
@@ -394,7 +394,7 @@ _warmed_up_in: list[int] = []
 
 def compile_warm_up() -> None:
     """One small compiled forward and backward (a hooked torch layer, a generated dropout; the forward
-    only where an accelerator is visible: ``accelerator_visible``), once per process, before it forks
+    only where an accelerator is visible: ``devices.accelerator_visible``), once per process, before it forks
     a sandbox child: what Dynamo and AOT autograd build on a process's first
     compile (lookup tables, lazily imported modules; about 0.3 s here) is inherited, not built again
     by every child. Its cache is emptied after it, and the random number generator left as it was:
@@ -408,24 +408,13 @@ def compile_warm_up() -> None:
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), compiler_settings(Mode("compile")):
             out = torch.compile(model, backend="aot_eager", dynamic=False)(torch.ones(1, 2, requires_grad=True))
-            if not accelerator_visible():  # else autograd's device threads, started here, fail every child
+            if not devices.accelerator_visible():  # else autograd's device threads, started here, fail every child
                 out.sum().backward()
     except Exception:  # noqa: BLE001 - a torch that cannot compile here: each run meets that itself, as its crash
         pass
     finally:
         torch._dynamo.reset()
         _cache_kept_by.clear()
-
-
-def accelerator_visible() -> bool:
-    """A GPU (or another accelerator) is visible: autograd's first backward in a process then starts
-    a thread per device, which a child forked after it cannot use (its own backward raises), so the
-    judging process runs none before it forks."""
-    accelerator = getattr(torch, "accelerator", None)
-    try:
-        return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 - a broken accelerator runtime: as if one were there
-        return True
 
 
 def _doubled(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
