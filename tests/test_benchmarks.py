@@ -85,3 +85,19 @@ def test_a_target_is_met_only_where_every_repeat_met_it():
     sweep = rows["sweep: share of the physical floor, every capability"]
     assert sweep[2] == "72%, 75%" and sweep[5] is True
     assert rows["compile: a check over an eager one (total)"][5] is True  # 3x <= 10x in both
+
+
+def test_the_compile_breakdown_counts_graphs_and_phases(tmp_path):
+    """``compile_breakdown`` keeps Dynamo's cache in the process it runs in, so it runs in its own."""
+    import json
+    import subprocess
+    import sys
+    env = {**os.environ, "ISOLATION_BENCH_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "benchmarks.compile_breakdown", "--per-capability", "1",
+                    "--floor-shapes", "2"], check=True, env=env, capture_output=True, timeout=300)
+    data = json.loads((tmp_path / "compile_breakdown.json").read_text())
+    assert data["checks"] >= len(iso.Capability)  # one scenario per capability and sound row at least
+    assert data["floor_ms"]["eager"] > 0 and data["floor_ms"]["aot_eager"] > 0
+    # every scenario is new to the process: its compiled checks compile graphs, in Dynamo's phases
+    assert data["graphs_per_check"] > 0 and data["frames_per_check"] >= data["graphs_per_check"]
+    assert 0 < data["phase_share"]["_compile.compile_inner"] <= 1
