@@ -20,10 +20,8 @@ themselves. One torch thread, as one worker.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from unittest import mock
 
 import torch
 
@@ -32,7 +30,7 @@ from isolation_suite.execution import modes
 from isolation_suite.execution.sandbox import SANDBOX_ENV
 from isolation_suite.techniques import movable
 
-from ._common import corpus, table, timed, write
+from ._common import corpus, env_restored, table, timed, write
 
 #: torch's compile phases reported, in the order printed (a phase this torch does not time is left out)
 PHASES = (
@@ -80,7 +78,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--floor-shapes", type=int, default=30)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    with mock.patch.dict(os.environ, {SANDBOX_ENV: "off"}):  # this process plays the child: its counters
+    with env_restored(SANDBOX_ENV, "off"):  # this process plays the child: its counters are read here
         return _measure(args.per_capability, args.floor_shapes)
 
 
