@@ -72,19 +72,23 @@ def test_the_compile_cost_variants_each_check_and_leave_the_flags_as_they_were()
 
 
 def test_a_target_is_met_only_where_every_repeat_met_it():
-    def measured(loop_ratio, sweep_share):
+    def measured(loop_ratio, sweep_share, graph_floor=None):
         loop = {"median_ratio": loop_ratio, "median_cpu_ratio": 0.8, "worst_ratio": loop_ratio - 0.1}
         flows = {"search_sandboxed_wall": 0.9, "search_sandboxed_cpu": 0.5, "worst_row": "r", "worst_row_share": 0.6,
                  "sweep_worst_wall": sweep_share, "sweep_worst_cpu": 0.4, "sweep_worst_group": "G"}
         costs = {m: {"relative_to_eager": 3.0, "cpu_relative_to_eager": 2.0, "median_check_ratio": 2.5,
                      "worst_check_ratio": 9.0} for m in ("compile", "ddp")}
-        return targets._targets(loop, flows, costs)
+        return targets._targets(loop, flows, costs, graph_floor)
     rows = {r[0]: r for r in targets.combine([measured(1.3, 0.72), measured(0.7, 0.75)])}
     loop = rows["iso.check in a loop: sandboxed / in-process rate"]
     assert loop[2] == "1.30, 0.70" and loop[5] is False  # missed once: not met
     sweep = rows["sweep: share of the physical floor, every capability"]
     assert sweep[2] == "72%, 75%" and sweep[5] is True
     assert rows["compile: a check over an eager one (total)"][5] is True  # 3x <= 10x in both
+    # the compile row's tail says what one new graph costs, where it was measured; ddp's does not
+    tails = {r[0]: r[4] for r in measured(1.3, 0.72, graph_floor=10.4)}
+    assert tails["compile: a check over an eager one (total)"].endswith("one new graph: 10.4 eager checks")
+    assert "graph" not in tails["ddp: a check over an eager one (total)"]
 
 
 def test_the_compile_breakdown_counts_graphs_and_phases(tmp_path):
