@@ -59,7 +59,7 @@ def _work(per_capability: int, corpus_seed: int, besides: list | None = None) ->
     leaving out the scenarios of ``besides`` (both corpora start with the same simplest scenarios)."""
     seen = {s for _, scenarios in besides or [] for s in scenarios}
     out = []
-    for name, technique in sorted(catalog().items()):
+    for _, technique in sorted(catalog().items()):
         if technique.sound:
             for capability in sorted(technique.capabilities, key=lambda c: c.value):
                 out.append((technique, [s for s in corpus(capability, per_capability, corpus_seed)
