@@ -234,6 +234,44 @@ def test_a_factory_returning_meta_tensors_is_one_line(factory, what):
     assert str(info.value) == f"model factory {name!r} returned {what} on the meta device; give real tensors"
 
 
+class _TwoLayers(torch.nn.Module):
+    """Two layers whose output ``finish`` turns into what a broken model returns."""
+
+    def __init__(self, finish):
+        super().__init__()
+        self.a, self.b, self.finish = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3), finish
+
+    def forward(self, x):
+        return self.finish(self.b(torch.tanh(self.a(x))))
+
+
+def _two(finish, loss=None):
+    def factory():
+        made = (_TwoLayers(finish), (torch.randn(2, 3),))
+        return made if loss is None else (*made, loss)
+    return factory
+
+
+@pytest.mark.parametrize("factory, says", [
+    (_two(lambda y: y.argmax(-1)), "does not run on its example inputs: ValueError: the model's output has no "
+                                   "floating-point tensor to train on (Tensor)"),
+    (_two(lambda y: {"label": "cat"}), "no floating-point tensor to train on (dict)"),
+    (_two(lambda y: y, loss=lambda out, target: 1 / 0), "does not run on its example inputs: ZeroDivisionError"),
+    (_two(lambda y: y, loss=lambda out, target: 3.0), "the loss of its example inputs is float; expected a "
+                                                       "floating-point tensor with one element"),
+    (_two(lambda y: y, loss=lambda out, target: (out - target[0]) ** 2), "the loss of its example inputs is a "
+                                                                         "torch.float32 tensor of shape [2, 3]"),
+    (_two(lambda y: y * float("nan")), "the loss of its example inputs is nan before any training"),
+])
+def test_a_model_whose_output_or_loss_cannot_be_trained_on_is_one_line(factory, says):
+    """Before any search: a run of such a model fails in the reference too, and an output of NaN would
+    match the reference's NaN, so every verdict would hold."""
+    name = factory_name(factory)
+    with pytest.raises(ModelFactoryError) as info:
+        factory_tree(name)
+    assert says in str(info.value) and "\n" not in str(info.value)
+
+
 # --- 7 and 8. nothing outlives the process that started it --------------------------------------
 
 def _python(code: str, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:

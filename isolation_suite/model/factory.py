@@ -247,11 +247,29 @@ def _probe(spec: str, limit: float | None) -> ModelTree:
     made = make(spec, 0, limit)
     rows = tuple(None if d is None else x.shape[d] for x, d in zip(made.inputs, made.batch_dims))
     try:
-        return dataclasses.replace(module_tree(made.model, made.inputs), batch_rows=rows)
+        tree = dataclasses.replace(module_tree(made.model, made.inputs), batch_rows=rows)
+        loss = _example_loss(made)
     except Exception as exc:  # noqa: BLE001 - the model not running on its own inputs is the user's error
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ModelFactoryError(f"model {spec!r} does not run on its example inputs: "
                                 f"{type(exc).__name__}: {first}") from None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        what = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a {loss.dtype} tensor of shape {list(loss.shape)}"
+        raise ModelFactoryError(f"model {spec!r}: the loss of its example inputs is {what}; "
+                                "expected a floating-point tensor with one element")
+    if not torch.isfinite(loss).all():
+        # every run's values would be NaN or infinite, and NaN matches NaN: no verdict would mean anything
+        raise ModelFactoryError(f"model {spec!r}: the loss of its example inputs is {loss.item()} "
+                                "before any training; give a model whose output and loss are finite")
+    return tree
+
+
+def _example_loss(made: Made) -> Any:
+    """The loss of the model's output on its example inputs, as a run's first micro-batch computes it
+    (the factory's loss, else MSE over the output's floating-point tensors), on the throwaway build."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return scenario_loss("mse", made.model(*made.inputs), 0, made.loss)
 
 
 def tree_of(scenario: Scenario) -> ModelTree:
