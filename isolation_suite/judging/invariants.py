@@ -320,7 +320,8 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
             if hit:
                 idx, after, was = hit
                 return Violation(FROZEN_UNCHANGED, f"buffer {path}{_index(idx)} changed {_moved(was, after)} "
-                                 f"at step {step} (the frozen module ran in training mode)", step)
+                                 f"at step {step} (the frozen module ran in training mode, or its forward changes "
+                                 "the buffer in eval mode too, which the reference does not let it)", step)
         before.update(record.params)
         buffers_before.update(record.buffers)
     return None
