@@ -204,6 +204,22 @@ def test_trainable_trains_fires_when_a_parameter_never_moves():
     assert f"fc.bias[0] {b0:.6g} -> {b1:.6g}" in v.message
 
 
+def test_trainable_trains_names_what_the_reference_trains_most_not_a_rounding_move():
+    """Of the parameters that never moved in a step, the message names the one the reference moved
+    most: a bias before a BatchNorm whose reference moved it by one rounding step is not the evidence."""
+    s, technique, reference = good("module")
+    reference = copy.deepcopy(reference)
+    before = reference.initial_params["pre.bias"]
+    reference.steps[0].params["pre.bias"] = torch.nextafter(before, torch.full_like(before, 1.0))  # one ulp
+    for path in ("pre.bias", "fc.weight"):  # first in order, then the one that really trains
+        technique.steps[0].params[path] = technique.initial_params[path].clone()
+    v = fire("trainable-trains", s, technique, reference)
+    assert "fc.weight never moved at step 1" in v.message, v.message
+    moves = (reference.steps[0].params["fc.weight"] - reference.initial_params["fc.weight"]).abs()
+    i, j = divmod(int(moves.argmax()), moves.shape[1])
+    assert f"fc.weight[{i}, {j}]" in v.message  # its largest move, not its first
+
+
 def test_trainable_trains_reports_requires_grad_false():
     s, technique, reference = good("module")
     technique.steps[1].grads["fc.bias"] = torch.zeros(2, dtype=torch.float64)

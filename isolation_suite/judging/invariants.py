@@ -208,6 +208,16 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | Non
     return idx, float(a[idx]), float(b[idx])
 
 
+def _largest_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None):
+    """Index and values of the entry where ``a`` and ``b`` differ most, else None."""
+    differ = _differ(a, b, mask)
+    if differ is None:
+        return None
+    gap = torch.where(differ, (a.double() - b.double()).abs().nan_to_num(float("inf")), -1.0)
+    idx = tuple(int(i) for i in torch.unravel_index(gap.reshape(-1).argmax(), differ.shape))
+    return idx, float(a[idx]), float(b[idx])
+
+
 def _dtype(ctx: Context) -> torch.dtype:
     return DTYPES[ctx.scenario.dtype]
 
@@ -336,14 +346,21 @@ def trainable_trains(ctx: Context) -> Violation | None:
                              "after setup: nothing can train it")
     prev_t, prev_r = dict(tech.initial_params), dict(ref.initial_params)
     for step, (ts, rs) in enumerate(zip(tech.steps, ref.steps), start=1):
+        # every parameter that fails this step, then the one the reference trains most is named: an
+        # entry whose reference gradient is rounding (a bias before a BatchNorm) is not the evidence
+        ungraded: list[tuple[float, Violation]] = []
+        unmoved: list[tuple[float, Violation]] = []
         for path in ctx.trainable_at(step):
             free = ctx.free_masks.get(path)  # only the entries that train count
             rg, tg = rs.grads.get(path), ts.grads.get(path)
             if not _nonzero(tg, free) and ctx.reference_nonzero(rg, free):
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 flag = "" if ts.requires_grad.get(path, True) else " (requires_grad=False)"
-                return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} got {got}{flag} at step {step}, but it "
-                                 f"trains in the reference (max |grad| {_fmt(rg.abs().max())})", step)
+                largest = float(rg.abs().max())
+                ungraded.append((largest, Violation(
+                    TRAINABLE_TRAINS, f"{_name(ctx, path)} got {got}{flag} at step {step}, but it trains in the "
+                    f"reference (max |grad| {_fmt(largest)})", step)))
+                continue
             if path not in ts.params:
                 continue
             if ctx.rounding:
@@ -354,10 +371,13 @@ def trainable_trains(ctx: Context) -> Violation | None:
                     free = ~aimless.to(rs.params[path].device) if free is None else free & ~aimless.to(free.device)
             if _differ(ts.params[path], prev_t[path], free) is None \
                     and ctx.reference_moved(rs.params[path], prev_r[path], free):
-                idx, after, before = _first_difference(rs.params[path], prev_r[path], free)
-                return Violation(TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference "
-                                 f"moved {path}{_index(idx)} {_moved(before, after)} "
-                                 f"({recipe_context(ctx.scenario.optimizer)})", step)
+                idx, after, before = _largest_difference(rs.params[path], prev_r[path], free)
+                unmoved.append((abs(after - before), Violation(
+                    TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference moved "
+                    f"{path}{_index(idx)} {_moved(before, after)} ({recipe_context(ctx.scenario.optimizer)})", step)))
+        failing = ungraded or unmoved
+        if failing:
+            return max(failing, key=lambda pair: pair[0])[1]
         prev_t = {**prev_t, **ts.params}
         prev_r = {**prev_r, **rs.params}
     return None
