@@ -5,6 +5,7 @@ counts is where and when a difference shows up in each precision, never how one 
 """
 import dataclasses
 
+import pytest
 import torch
 
 import isolation_suite as iso
@@ -157,3 +158,12 @@ def test_a_twin_gap_orders_of_magnitude_smaller_is_noise_and_one_of_the_same_siz
                        for dt in (torch.float32, torch.float64)})
     v = confirmed_on_twin(*_contexts(same, FLOAT32))
     assert v is not None and "fc.bias[0]" in v.message and "after step 1" in v.message
+
+
+def test_the_api_takes_a_technique_by_its_spec_as_the_command_line_does():
+    by_spec = iso.check("freeze_and_eval", FROZEN_LINEAR)
+    assert by_spec.technique == "freeze_and_eval" and by_spec.invariants == iso.check(FreezeAndEval, FROZEN_LINEAR).invariants
+    with pytest.raises(iso.TechniqueLoadError, match="unknown technique 'no_such_row'"):
+        iso.check("no_such_row", FROZEN_LINEAR)
+    with pytest.raises(TypeError, match="expected an isolation_suite.Technique"):
+        iso.check(42, FROZEN_LINEAR)

@@ -21,12 +21,13 @@ from hypothesis.internal.reflection import function_digest
 from isolation_suite.execution import devices as devices_mod
 from isolation_suite.execution import modes as modes_mod
 from isolation_suite.judging.invariants import TIMEOUT
-from isolation_suite.judging.judge import Verdict, as_technique, judge, reference_trace
+from isolation_suite.judging.judge import Verdict, judge, reference_trace
 from isolation_suite.judging.coverage import Coverage, coverage_examples, coverage_line
 from isolation_suite.model.factory import factory_name, factory_tree, is_family, members, model_trees
 from isolation_suite.model.tree import split_obstacle, targets_for
 from isolation_suite.engine.database import stats_since
 from isolation_suite import strategies
+from isolation_suite.engine.loading import technique_of
 from isolation_suite.engine.profiles import active_profile, check_database_spec, draws, example_timeout
 from isolation_suite.techniques import explicit_examples, model_examples
 from isolation_suite.execution.sandbox import Sandbox
@@ -36,8 +37,10 @@ from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.spec.scenario import Scenario
 from isolation_suite.technique import Capability, Technique
 
-#: ``iso.check(technique, scenario, device)``: judge one scenario (see :func:`isolation_suite.judging.judge.judge`)
-check = judge
+def check(technique: "str | Technique | type[Technique]", scenario: Scenario, device: str = "cpu", **options) -> Verdict:
+    """``iso.check(technique, scenario, device)``: judge one scenario (see
+    :func:`isolation_suite.judging.judge.judge`); ``technique`` may also be its spec, as on the command line."""
+    return judge(technique_of(technique), scenario, device, **options)
 
 
 # --- the search ---------------------------------------------------------------------------
@@ -155,7 +158,7 @@ def mode_settings(run_settings: settings, mode: str, max_examples: int | None) -
     return settings(run_settings, max_examples=max(1, math.ceil(run_settings.max_examples * info.example_share)))
 
 
-def search(technique: Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
+def search(technique: str | Technique | type[Technique], capabilities: Iterable[Capability] | None = None,
            device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
            seed: int | None = None, shrink: bool = True, explicit: bool = True,
            timeout: float | None = None, model: str | Callable | None = None, mode: str = "eager") -> SearchResult:
@@ -179,7 +182,7 @@ def search(technique: Technique | type[Technique], capabilities: Iterable[Capabi
     draws where it applies, and a mode whose runs cost more judges a share of the examples
     (``ModeInfo.example_share``).
     """
-    technique = as_technique(technique)
+    technique = technique_of(technique)
     mode_info = modes_mod.MODE_BY_KIND.get(mode)
     if mode_info is None:
         raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(modes_mod.MODE_BY_KIND)}")
@@ -474,7 +477,7 @@ def seed_text(seed: int | None) -> str:
     return "derandomized (the profile's fixed seed)" if seed is None else f"seed {seed}"
 
 
-def check_technique(technique: Technique | type[Technique], devices: str | Iterable[str] | None = None,
+def check_technique(technique: str | Technique | type[Technique], devices: str | Iterable[str] | None = None,
                     max_examples: int | None = None, *, seed: int | None = None,
                     timeout: float | None = None, model: str | Callable | None = None,
                     modes: str | Iterable[str] = ("eager",)) -> list[SearchResult]:
@@ -486,7 +489,7 @@ def check_technique(technique: Technique | type[Technique], devices: str | Itera
     ``model`` (a zero-argument factory returning ``(model, example_inputs[, loss])``, or its
     ``"pkg.mod:factory"`` name) the technique is judged on that model.
     """
-    technique = as_technique(technique)
+    technique = technique_of(technique)
     device_list = devices_mod.resolve(devices)
     mode_list = modes_for(modes, device_list)
     results = []

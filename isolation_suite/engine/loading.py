@@ -1,6 +1,7 @@
 """``load_technique("pkg.module:attr")``: a user's technique, or one clear error."""
 from __future__ import annotations
 
+from isolation_suite.judging.judge import as_technique
 from isolation_suite.spec.objects import import_object
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.techniques import catalog
@@ -8,6 +9,12 @@ from isolation_suite.techniques import catalog
 
 class TechniqueLoadError(ValueError):
     """The spec does not name a loadable technique; the message says why in one line."""
+
+
+def technique_of(technique: "str | Technique | type[Technique]") -> Technique:
+    """A technique given any way the API takes one: an instance, a subclass, or its spec (a catalog
+    name or ``pkg.module:attr``, as on the command line)."""
+    return load_technique(technique) if isinstance(technique, str) else as_technique(technique)
 
 
 def load_technique(spec: str) -> Technique:

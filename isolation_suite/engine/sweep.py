@@ -27,9 +27,10 @@ from isolation_suite.execution import devices as devices_mod
 from isolation_suite.engine.check import (DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings,
                                           moved_examples, search_settings, search_strategy)
 from isolation_suite.judging.invariants import TIMEOUT
-from isolation_suite.judging.judge import SharedReference, Verdict, as_technique, judge
+from isolation_suite.judging.judge import SharedReference, Verdict, judge
 from isolation_suite.judging.coverage import Coverage, coverage_examples
 from isolation_suite.model.factory import factory_name, factory_tree, is_family, model_trees
+from isolation_suite.engine.loading import technique_of
 from isolation_suite.engine.profiles import example_timeout
 from isolation_suite.techniques import explicit_examples
 from isolation_suite.execution.sandbox import Sandbox
@@ -120,7 +121,7 @@ class _Member:
         return covers(self.caps, scenario_capabilities(scenario))
 
 
-def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Iterable[Capability] | None = None,
+def sweep(techniques: Iterable[str | Technique | type[Technique]], capabilities: Iterable[Capability] | None = None,
           device: str = "cpu", max_examples: int | None = None, budget: float | None = None, *,
           seed: int | None = None, shrink: bool = True, explicit: bool = True, timeout: float | None = None,
           model: str | Callable | None = None, mode: str = "eager") -> SweepResult:
@@ -137,7 +138,7 @@ def sweep(techniques: Iterable[Technique | type[Technique]], capabilities: Itera
     computed once, here, before any technique runs on it. ``seed``, ``timeout``, ``model``: as for
     :func:`~isolation_suite.engine.check.search`; ``mode``: the execution mode every scenario runs in.
     """
-    members_in = [as_technique(t) for t in techniques]
+    members_in = [technique_of(t) for t in techniques]
     names = [t.name for t in members_in]
     if len(set(names)) != len(names):
         raise ValueError(f"technique names must be unique in a sweep, got {names}")
