@@ -14,9 +14,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import isolation_suite as iso
-from isolation_suite.engine.check import failure_message, search
+from isolation_suite.engine.check import failure_message, search, search_line
 from isolation_suite.model.factory import ModelFactoryError
 from isolation_suite.techniques import CATALOG, conditions, entry, model_examples
 from isolation_suite.techniques import triggers as t
@@ -145,6 +146,63 @@ def test_a_wrong_factory_is_one_clear_error(factory, needle):
     message = str(info.value)
     assert needle in message and "\n" not in message and "second line" not in message
     assert message.startswith("model factory ")
+
+
+class _SparseNet(torch.nn.Module):
+    """An embedding with sparse gradients: Rprop, Adam and the others cannot step it, SGD can."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def _sparse():
+    return _SparseNet(), (torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(0)),)
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this layer cannot be trained")
+
+
+def _untrainable():
+    # last: every gradient the loop asks for goes through it
+    return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2), _Apply(_NoBackward.apply)), \
+        (torch.randn(4, 3),)
+
+
+class _Apply(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def test_scenarios_the_reference_cannot_train_the_model_in_are_left_out_and_said():
+    """A recipe the user's model does not support (Rprop on sparse gradients) fails in the reference:
+    such a scenario judges nothing, so it is left out and counted; the others are judged."""
+    result = search(entry("freeze_and_eval").technique(), max_examples=10, model=_sparse, seed=0)
+    assert result.failure is None and result.unrunnable > 0 and result.examples > 0
+    assert "does not support sparse gradients" in result.unrunnable_why
+    assert f"{result.unrunnable} left out: the reference cannot train the model that way" in search_line(result)
+
+
+def test_a_model_the_reference_can_train_in_no_scenario_is_one_clear_error():
+    with pytest.raises(ModelFactoryError) as info:
+        search(entry("freeze_and_eval").technique(), max_examples=5, model=_untrainable, seed=0)
+    message = str(info.value)
+    assert "the reference could not train it in any of the" in message and "cannot be trained" in message
+    assert "\n" not in message
 
 
 # --- the command line and the plug-in, in an empty folder -------------------------------------

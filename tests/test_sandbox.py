@@ -81,6 +81,23 @@ def test_backend_flags_are_reported_and_put_back(sandbox, monkeypatch):
     assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == flags
 
 
+def test_the_class_cache_a_first_copy_writes_is_not_a_patch_but_a_new_tensor_method_is():
+    """``copyreg`` caches ``__slotnames__`` on ``torch.Tensor`` the first time a process pickles a
+    tensor (a sandbox child sends a sparse gradient as one): the runs after it leaked nothing."""
+    import pickle
+    if "__slotnames__" in vars(torch.Tensor):
+        del torch.Tensor.__slotnames__
+    before = snapshot()
+    pickle.dumps(torch.ones(2))
+    assert "__slotnames__" in vars(torch.Tensor) and changes(before, snapshot()) == []
+    torch.Tensor.isolation_probe = lambda self: self
+    try:
+        assert changes(before, snapshot()) == ["torch.Tensor.isolation_probe was replaced"]
+    finally:
+        restore(before, snapshot())
+    assert not hasattr(torch.Tensor, "isolation_probe") and "__slotnames__" in vars(torch.Tensor)
+
+
 def test_snapshot_sees_each_kind_of_global_and_restore_puts_it_back():
     before = snapshot()
     original_relu, original_add = torch.relu, torch.Tensor.add

@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from hypothesis import HealthCheck, Phase, event, given, settings, target
+from hypothesis import HealthCheck, Phase, event, given, reject, settings, target
 from hypothesis.statistics import collector, describe_statistics
 from hypothesis.database import ExampleDatabase
 from hypothesis import seed as hypothesis_seed
+from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 from hypothesis.internal.reflection import function_digest
 
 from isolation_suite.execution import devices as devices_mod
@@ -23,7 +24,8 @@ from isolation_suite.execution import modes as modes_mod
 from isolation_suite.judging.invariants import TIMEOUT
 from isolation_suite.judging.judge import Verdict, judge, reference_trace
 from isolation_suite.judging.coverage import Coverage, coverage_examples, coverage_line
-from isolation_suite.model.factory import factory_name, factory_tree, is_family, members, model_trees
+from isolation_suite.model.factory import (ModelFactoryError, factory_name, factory_tree, is_family, members,
+                                           model_trees)
 from isolation_suite.model.tree import split_obstacle, targets_for
 from isolation_suite.engine.database import stats_since
 from isolation_suite import strategies
@@ -34,7 +36,7 @@ from isolation_suite.execution.sandbox import Sandbox
 from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
 from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
-from isolation_suite.spec.scenario import Scenario
+from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.technique import Capability, Technique
 
 def check(technique: "str | Technique | type[Technique]", scenario: Scenario, device: str = "cpu", **options) -> Verdict:
@@ -44,6 +46,10 @@ def check(technique: "str | Technique | type[Technique]", scenario: Scenario, de
 
 
 # --- the search ---------------------------------------------------------------------------
+
+class _Unrunnable(Exception):
+    """The reference could not train the user's model in this scenario (``SearchResult.unrunnable``)."""
+
 
 class BudgetSpent(BaseException):
     """Stops a search when its time budget is spent (a BaseException, so Hypothesis lets it through)."""
@@ -120,6 +126,10 @@ class SearchResult:
     coverage_examples: int = 0  # one per target of a user's model, judged after the trigger examples
     #: on a user's model: what each capability's judged examples reached, ``{"freeze targets": (14, 14)}``
     coverage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: on a user's model: scenarios the reference itself could not train it in (an optimizer that
+    #: takes no sparse gradient), left out unjudged, and the first one's reason
+    unrunnable: int = 0
+    unrunnable_why: str = ""
 
     def note_example(self, example: JudgedExample) -> None:
         if len(self.history) < HISTORY_CAP:
@@ -309,7 +319,18 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             raise BudgetSpent()
 
     def judged(scenario: Scenario, found_by: str, phase: str) -> Verdict:
-        verdict = judge(technique, scenario, device, sandbox=sandbox)
+        try:
+            verdict = judge(technique, scenario, device, sandbox=sandbox)
+        except ScenarioError as exc:
+            # a generated scenario the reference cannot run is the harness's bug, a factory's failure
+            # the user's: both shown
+            if not model or isinstance(exc, ModelFactoryError):
+                raise
+            # the user's model cannot be trained this way at all (Rprop on sparse gradients): not a
+            # scenario to judge a technique on
+            result.unrunnable += 1
+            result.unrunnable_why = result.unrunnable_why or str(exc)
+            raise _Unrunnable() from None
         result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
         if coverage is not None:
             coverage.note(scenario)
@@ -328,14 +349,22 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         for scenario in examples:
             spent()
             result.explicit += 1
-            verdict = judged(scenario, "explicit", "trigger")
+            try:
+                verdict = judged(scenario, "explicit", "trigger")
+            except _Unrunnable:
+                result.explicit -= 1
+                continue
             if not verdict.ok:  # a trigger example is minimal by construction: nothing to shrink
                 result.failure = verdict
                 return
         for scenario in coverage_examples(model, tree, caps, mode) if explicit and tree is not None else ():
             spent()
             result.coverage_examples += 1
-            verdict = judged(scenario, "coverage", "coverage")
+            try:
+                verdict = judged(scenario, "coverage", "coverage")
+            except _Unrunnable:
+                result.coverage_examples -= 1
+                continue
             if not verdict.ok:  # one target, the plainest loop: as small as a trigger example
                 result.failure = verdict
                 return
@@ -355,7 +384,14 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             raise ExamplesSpent()  # what is said is what is run, whatever the database replays
         else:
             result.examples += 1
-        verdict = judged(scenario, "search", "shrinking" if smallest else "generated")
+        try:
+            verdict = judged(scenario, "search", "shrinking" if smallest else "generated")
+        except _Unrunnable:
+            if smallest:
+                result.shrink_examples -= 1
+            else:
+                result.examples -= 1
+            reject()
         for v in verdict.violations:
             event(v.invariant)
         # steer toward failures: runs that drift further from the reference are more interesting
@@ -396,8 +432,15 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         result.failure = hang.verdict
     except ExamplesSpent:
         pass
+    except (Unsatisfiable, FailedHealthCheck):  # most or every draw left out (``_Unrunnable``): said below
+        if not result.unrunnable:
+            raise
     if result.failure is None and start is not None:  # the replay did not fail again: keep what was found
         result.failure = start.verdict
+    if result.unrunnable and result.failure is None \
+            and not result.explicit + result.coverage_examples + result.examples + result.shrink_examples:
+        raise ModelFactoryError(f"model {model!r}: the reference could not train it in any of the "
+                                f"{result.unrunnable} scenarios drawn: {result.unrunnable_why}")
 
 
 def search_strategy(caps: frozenset[Capability], device: str, model: str | None, mode: str):
@@ -457,6 +500,9 @@ def search_line(result: SearchResult) -> str:
     parts.append(f"{result.examples} generated (max {result.max_examples})")
     if result.shrink_examples:
         parts.append(f"{result.shrink_examples} while shrinking")
+    if result.unrunnable:
+        parts.append(f"{result.unrunnable} left out: the reference cannot train the model that way "
+                     f"({result.unrunnable_why})")
     if result.budget_reached:
         parts.append(f"budget of {result.budget:g}s reached")
     where = f"; technique code ran {result.sandbox}" if result.sandbox.startswith("in-process") else ""

@@ -34,6 +34,9 @@ _NAMESPACES = {"torch": torch, "torch.nn.functional": F, "torch.Tensor": torch.T
 #: where a new attribute is a patch too (``torch.Tensor.add = ...`` shadows the inherited method);
 #: modules gain attributes legitimately (lazy submodule imports), so only replacements count there
 _CLOSED = ("torch.Tensor",)
+#: what Python itself caches on a class, not a patch: ``copyreg`` writes ``__slotnames__`` the first
+#: time an object of the class is pickled (a sandbox child sends a sparse gradient as a tensor)
+_RUNTIME_CACHES = frozenset({"__slotnames__"})
 #: torch's global module hooks (``torch.nn.modules.module.register_module_forward_hook`` and
 #: friends): the dict that holds them -> what one is called in a leak's line
 _GLOBAL_HOOKS = {
@@ -83,7 +86,7 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             elif now[attr] is not value:
                 out.append(f"{name}.{attr} was replaced")
         if name in _CLOSED:
-            out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs)
+            out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs and attr not in _RUNTIME_CACHES)
     return out + _hook_changes(before["hooks"], after["hooks"]) \
         + _thread_changes(before["threads"], after["threads"])
 
@@ -143,7 +146,7 @@ def restore(before: dict[str, Any], after: dict[str, Any]) -> None:
             if now.get(attr, _MISSING) is not value:
                 setattr(namespace, attr, value)
         if name in _CLOSED:
-            for attr in [a for a in now if a not in attrs]:
+            for attr in [a for a in now if a not in attrs and a not in _RUNTIME_CACHES]:
                 delattr(namespace, attr)
     for name, (held, hooks) in before["hooks"].items():
         # the same dict, refilled in place: every hook's handle holds the dict it removes itself from
