@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import unittest
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,37 @@ def test_on_a_users_model_a_capability_it_has_no_place_for_is_not_applicable_and
     assert "no place for PASS_THROUGH" in passed.not_applicable and passed.explicit == passed.examples == 0
     assert swept.capabilities == {FREEZE} and frozen.examples == 2 and frozen.failure is None
     assert drawn and all(intent_capabilities(s.intent) == {FREEZE} for s in drawn)
+
+
+def test_a_sweep_with_an_empty_example_database_judges_every_technique(example_database):
+    """Nothing kept to replay for any technique: Hypothesis runs no example in the replay step, which
+    must not end the sweep (it used to, and ``fuzz --sweep`` then skipped every item as passed)."""
+    assert not any(example_database.rglob("*"))
+    try:
+        swept = sweep([FreezeAndEval(), iso.catalog()["requires_grad_false"]], {FREEZE}, max_examples=3, seed=0)
+    except unittest.SkipTest as skip:  # under pytest a skip, not a failure: made one here
+        pytest.fail(f"the sweep ended in Hypothesis's skip: {skip}")
+    sound, bad = swept.results
+    assert sound.failure is None and sound.explicit >= 1 and sound.examples == 3
+    assert bad.failure is not None and bad.failure.first.invariant in iso.catalog()[bad.technique].expected_violations
+
+
+class _SparseNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def _sparse():
+    return _SparseNet(), (torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(0)),)
+
+
+def test_on_a_users_model_a_scenario_the_reference_cannot_train_it_in_is_left_out_for_every_technique():
+    swept = sweep([FreezeAndEval(), iso.catalog()["freeze_enable_input_grads"]], {FREEZE}, max_examples=6,
+                  model=_sparse, seed=0)
+    for result in swept.results:
+        assert result.failure is None and result.unrunnable > 0 and result.explicit + result.examples > 0
+        assert "does not support sparse gradients" in result.unrunnable_why

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+import unittest
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -434,6 +435,9 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
         pass
     except (Unsatisfiable, FailedHealthCheck):  # most or every draw left out (``_Unrunnable``): said below
         if not result.unrunnable:
+            raise
+    except unittest.SkipTest:  # Hypothesis ran nothing: a replay with nothing kept for this search
+        if generate or start is not None:
             raise
     if result.failure is None and start is not None:  # the replay did not fail again: keep what was found
         result.failure = start.verdict

@@ -29,7 +29,7 @@ from isolation_suite.engine.check import (DEVICE_RANDOM, _NO_TARGET_WHY, SearchR
 from isolation_suite.judging.invariants import TIMEOUT
 from isolation_suite.judging.judge import SharedReference, Verdict, judge
 from isolation_suite.judging.coverage import Coverage, coverage_examples
-from isolation_suite.model.factory import factory_name, factory_tree, is_family, model_trees
+from isolation_suite.model.factory import ModelFactoryError, factory_name, factory_tree, is_family, model_trees
 from isolation_suite.engine.loading import technique_of
 from isolation_suite.engine.profiles import example_timeout
 from isolation_suite.techniques import explicit_examples
@@ -38,7 +38,7 @@ from isolation_suite.execution.trace import watch_user_interrupts
 from isolation_suite.execution.sandbox import mode as sandbox_mode
 from isolation_suite.spec.mode_kinds import BY_KIND as MODE_KIND
 from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
-from isolation_suite.spec.scenario import Intent, Scenario
+from isolation_suite.spec.scenario import Intent, Scenario, ScenarioError
 from isolation_suite.technique import Capability, Technique
 from isolation_suite.model.tree import targets_for
 
@@ -321,7 +321,8 @@ def _judge_batch(members: Sequence[_Member], batch: Sequence[tuple[Scenario, str
     are those of judging the scenarios one by one in order: a member is judged on no scenario after
     its first failure."""
     begun = time.monotonic()
-    scenarios = [scenario for scenario, _ in batch]
+    references: dict[int, SharedReference] = {}
+    scenarios = [scenario for scenario, _ in batch if _trainable(scenario, device, references, members)]
     found_by = {id(scenario): how for scenario, how in batch}
     queue = [(m, [s for s in scenarios if m.fits(s)]) for m in members if m.active]
     queue = [(m, mine) for m, mine in queue if mine]
@@ -334,9 +335,32 @@ def _judge_batch(members: Sequence[_Member], batch: Sequence[tuple[Scenario, str
         judged[id(scenario)].append((m, verdict))
         return verdict.ok
 
-    judge_batch([(m.technique, m.sandbox, mine) for m, mine in queue], device, on_verdict=note)
+    judge_batch([(m.technique, m.sandbox, mine) for m, mine in queue], device, references=references,
+                on_verdict=note)
     pace.note(len(scenarios), time.monotonic() - begun)
-    return [judged[id(s)] for s in scenarios]
+    return [judged.get(id(s), []) for s, _ in batch]  # no verdict for one left out (``_trainable``)
+
+
+def _trainable(scenario: Scenario, device: str, references: dict[int, SharedReference],
+               members: Sequence[_Member]) -> bool:
+    """A scenario on a user's model is judged only where the reference can train the model in it
+    (as in a search: ``SearchResult.unrunnable``); its reference is then computed here, before the
+    technique's children run. A generated scenario always is (its reference is computed beside them)."""
+    if not scenario.model:
+        return True
+    shared = references[id(scenario)] = SharedReference(scenario, device)
+    try:
+        shared.trace
+    except ScenarioError as exc:
+        if isinstance(exc, ModelFactoryError):
+            raise
+        del references[id(scenario)]
+        for m in members:
+            if m.active and m.fits(scenario):
+                m.result.unrunnable += 1
+                m.result.unrunnable_why = m.result.unrunnable_why or str(exc)
+        return False
+    return True
 
 
 def _reached(judged: list[list[tuple[_Member, Verdict]]], active: Sequence[_Member]) -> int:

@@ -92,7 +92,8 @@ def reason(status: str, result: SearchResult, expected: Iterable[str]) -> str:
     """Why an item passed or failed, in one line a reader can act on."""
     if status == "n/a":
         return f"not applicable: {result.not_applicable}"
-    judged = f"{result.explicit} trigger{coverage_text(result)} and {result.examples} generated examples"
+    judged = f"{result.explicit} trigger{coverage_text(result)} and {result.examples} generated examples" + (
+        f" ({result.unrunnable} left out: the reference cannot train the model that way)" if result.unrunnable else "")
     if status == "missed":
         return (f"expected violation ({', '.join(sorted(expected))}) not found in {judged} "
                 f"({seed_text(result.seed)})")
@@ -130,6 +131,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
         "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
         "coverage_examples": result.coverage_examples,
+        "unrunnable": result.unrunnable, "unrunnable_why": result.unrunnable_why,
         "coverage": {name: list(counts) for name, counts in result.coverage.items()},
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
