@@ -40,6 +40,7 @@ from isolation_suite.spec.mode_kinds import DEFAULT as DEFAULT_MODE
 from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.technique import Capability, Technique
 
+
 def check(technique: "str | Technique | type[Technique]", scenario: Scenario, device: str = "cpu", **options) -> Verdict:
     """``iso.check(technique, scenario, device)``: judge one scenario (see
     :func:`isolation_suite.judging.judge.judge`); ``technique`` may also be its spec, as on the command line."""
@@ -131,6 +132,11 @@ class SearchResult:
     #: takes no sparse gradient), left out unjudged, and the first one's reason
     unrunnable: int = 0
     unrunnable_why: str = ""
+
+    def leave_out(self, why: str) -> None:
+        """One scenario the reference could not train the user's model in (``unrunnable``)."""
+        self.unrunnable += 1
+        self.unrunnable_why = self.unrunnable_why or why
 
     def note_example(self, example: JudgedExample) -> None:
         if len(self.history) < HISTORY_CAP:
@@ -329,8 +335,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
                 raise
             # the user's model cannot be trained this way at all (Rprop on sparse gradients): not a
             # scenario to judge a technique on
-            result.unrunnable += 1
-            result.unrunnable_why = result.unrunnable_why or str(exc)
+            result.leave_out(str(exc))
             raise _Unrunnable() from None
         result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
         if coverage is not None:

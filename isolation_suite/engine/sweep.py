@@ -357,8 +357,7 @@ def _trainable(scenario: Scenario, device: str, references: dict[int, SharedRefe
         del references[id(scenario)]
         for m in members:
             if m.active and m.fits(scenario):
-                m.result.unrunnable += 1
-                m.result.unrunnable_why = m.result.unrunnable_why or str(exc)
+                m.result.leave_out(str(exc))
         return False
     return True
 

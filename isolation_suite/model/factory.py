@@ -254,7 +254,8 @@ def _probe(spec: str, limit: float | None) -> ModelTree:
         raise ModelFactoryError(f"model {spec!r} does not run on its example inputs: "
                                 f"{type(exc).__name__}: {first}") from None
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        what = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a {loss.dtype} tensor of shape {list(loss.shape)}"
+        what = f"a {loss.dtype} tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) \
+            else type(loss).__name__
         raise ModelFactoryError(f"model {spec!r}: the loss of its example inputs is {what}; "
                                 "expected a floating-point tensor with one element")
     if not torch.isfinite(loss).all():
