@@ -112,7 +112,8 @@ def _measure(per_capability: int, floor_shapes: int) -> dict:
                 ["one new graph of x * 2, backend", "ms", "eager checks (median)"]))
     print()
     print(table([["eager", n, f"{1000 * eager_median:.1f}", f"{eager_total:.2f}", "1.00x", "-", "-"],
-                 ["compile", n, f"{data['compile_median_ms']:.1f}", f"{total:.2f}", f"{data['compile_over_eager']:.2f}x",
+                 ["compile", n, f"{data['compile_median_ms']:.1f}", f"{total:.2f}",
+                  f"{data['compile_over_eager']:.2f}x",
                   f"{data['frames_per_check']:.1f}", f"{data['graphs_per_check']:.2f}"]],
                 ["mode", "checks", "median ms", "total s", "over eager", "frames/check", "graphs/check"]))
     print()

@@ -162,7 +162,8 @@ def test_a_twin_gap_orders_of_magnitude_smaller_is_noise_and_one_of_the_same_siz
 
 def test_the_api_takes_a_technique_by_its_spec_as_the_command_line_does():
     by_spec = iso.check("freeze_and_eval", FROZEN_LINEAR)
-    assert by_spec.technique == "freeze_and_eval" and by_spec.invariants == iso.check(FreezeAndEval, FROZEN_LINEAR).invariants
+    assert by_spec.technique == "freeze_and_eval"
+    assert by_spec.invariants == iso.check(FreezeAndEval, FROZEN_LINEAR).invariants
     with pytest.raises(iso.TechniqueLoadError, match="unknown technique 'no_such_row'"):
         iso.check("no_such_row", FROZEN_LINEAR)
     with pytest.raises(TypeError, match="expected an isolation_suite.Technique"):

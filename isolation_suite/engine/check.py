@@ -41,7 +41,8 @@ from isolation_suite.spec.scenario import Scenario, ScenarioError
 from isolation_suite.technique import Capability, Technique
 
 
-def check(technique: "str | Technique | type[Technique]", scenario: Scenario, device: str = "cpu", **options) -> Verdict:
+def check(technique: "str | Technique | type[Technique]", scenario: Scenario, device: str = "cpu",
+          **options) -> Verdict:
     """``iso.check(technique, scenario, device)``: judge one scenario (see
     :func:`isolation_suite.judging.judge.judge`); ``technique`` may also be its spec, as on the command line."""
     return judge(technique_of(technique), scenario, device, **options)

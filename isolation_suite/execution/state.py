@@ -86,7 +86,8 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             elif now[attr] is not value:
                 out.append(f"{name}.{attr} was replaced")
         if name in _CLOSED:
-            out.extend(f"{name}.{attr} was replaced" for attr in now if attr not in attrs and attr not in _RUNTIME_CACHES)
+            out.extend(f"{name}.{attr} was replaced" for attr in now
+                       if attr not in attrs and attr not in _RUNTIME_CACHES)
     return out + _hook_changes(before["hooks"], after["hooks"]) \
         + _thread_changes(before["threads"], after["threads"])
 
