@@ -13,7 +13,7 @@ from torch import nn
 import isolation_suite as iso
 from isolation_suite.engine.check import search, search_line
 from isolation_suite.judging.coverage import Coverage, coverage_examples, targets
-from isolation_suite.model.factory import factory_tree
+from isolation_suite.model.factory import factory_name, factory_tree
 from isolation_suite.spec.scenario import Data, Intent, OptimizerRecipe, Scenario
 from isolation_suite.techniques import entry
 from isolation_suite.model.tree import module_tree, reparam_targets
@@ -101,6 +101,23 @@ def test_a_layer_whose_weight_is_read_outside_its_call_is_no_reparameterization_
             return self.b(self.a(x))
     plain = module_tree(Plain(), (torch.randn(1, 2),))
     assert not any(n.read_outside for n in plain.nodes) and reparam_targets(plain) == ["a", "b"]
+
+
+def _weight_normed():
+    from torch.nn.utils import parametrizations
+    return nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)), \
+        (torch.randn(4, 3),)
+
+
+def test_a_layer_whose_weight_is_a_parametrization_already_is_no_reparameterization_target():
+    """A wrapper (WeightDropout) cannot replace a parametrized weight (``del module.weight`` fails), as
+    it cannot keep a read outside the call working: every catalog wrapper would crash there."""
+    name = factory_name(_weight_normed)
+    tree = factory_tree(name)
+    assert tree.node("0").weight_parametrized and reparam_targets(tree) == ["2"]
+    for row in ("weight_dropout", "parametrize_dropconnect"):
+        (result,) = iso.check_technique(row, devices="cpu", max_examples=3, model=name, seed=0)
+        assert result.failure is None and result.coverage["reparameterized layers"] == (1, 1)
 
 
 def test_gradient_flows_judges_each_input_of_a_two_input_model():

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from isolation_suite.spec import kinds
 from isolation_suite.model.build import param_shapes, train_mode
 from isolation_suite.model.layers import SeededDropout, kind_of, train_mode_effect
 from isolation_suite.spec.scenario import Architecture, Intent, ScenarioError
-from isolation_suite.technique import Capability, Role
+from isolation_suite.technique import Capability, Role, reparam_param_name
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Node:
     #: one of its own parameters is read where no module holding it is running (``F.linear(h,
     #: self.wte.weight)`` in the parent's forward): a wrapper that replaces the module breaks that read
     read_outside: bool = False
+    #: the weight a reparameterization wraps (``technique.reparam_param_name``) is a parametrization
+    #: already (``weight_norm``, ``orthogonal``): a wrapper cannot replace it (``del module.weight`` fails)
+    weight_parametrized: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,8 @@ def module_tree(model: nn.Module, inputs: tuple) -> ModelTree:
         # a module that calls a functional dropout in training mode (LLaMA's attention) drops units too
         effect = train_mode_effect(module) or (kinds.DROPOUT_EFFECT if id(module) in reads.drops else "")
         nodes.append(Node(path, kind, own, uses.get(path, 0), effect,
-                          bool(path) and id(module) in reads.outside))
+                          bool(path) and id(module) in reads.outside,
+                          parametrize.is_parametrized(module, reparam_param_name(module))))
     floats = any(isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs)
     device_random = (bool(reads.drops) or any(n.kind in kinds.RANDOM_KINDS and n.train_mode and n.calls
                                               for n in nodes)) and not any(
@@ -260,11 +265,12 @@ def pass_through_targets(tree: ModelTree) -> list[str]:
 
 
 def reparam_targets(tree: ModelTree, claimed=()) -> list[str]:
-    """Called layers a reparameterization can wrap: untied, and with no parameter read outside their
-    own calls (a wrapper replaces the module, so such a read would find the wrapper's attributes)."""
+    """Called layers a reparameterization can wrap: untied, with no parameter read outside their own
+    calls (a wrapper replaces the module, so such a read would find the wrapper's attributes), and
+    whose wrapped weight is not a parametrization already (a wrapper cannot replace that weight)."""
     tied = tied_modules(tree)
     return [n.path for n in tree.nodes if n.kind in REPARAM_KINDS and n.calls and n.path not in tied
-            and not n.read_outside and not _overlaps(n.path, claimed)]
+            and not n.read_outside and not n.weight_parametrized and not _overlaps(n.path, claimed)]
 
 
 def element_owners(tree: ModelTree, claimed=()) -> list[str]:
