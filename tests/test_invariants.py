@@ -204,9 +204,9 @@ def test_trainable_trains_fires_when_a_parameter_never_moves():
     assert f"fc.bias[0] {b0:.6g} -> {b1:.6g}" in v.message
 
 
-def test_trainable_trains_names_what_the_reference_trains_most_not_a_rounding_move():
-    """Of the parameters that never moved in a step, the message names the one the reference moved
-    most: a bias before a BatchNorm whose reference moved it by one rounding step is not the evidence."""
+def test_trainable_trains_names_a_parameter_the_reference_really_trains_not_a_rounding_move():
+    """Of the parameters that never moved in a step, the message names the first whose reference move
+    is not rounding next to the others': a bias before a BatchNorm moved one ulp is not the evidence."""
     s, technique, reference = good("module")
     reference = copy.deepcopy(reference)
     before = reference.initial_params["pre.bias"]
@@ -215,9 +215,9 @@ def test_trainable_trains_names_what_the_reference_trains_most_not_a_rounding_mo
         technique.steps[0].params[path] = technique.initial_params[path].clone()
     v = fire("trainable-trains", s, technique, reference)
     assert "fc.weight never moved at step 1" in v.message, v.message
-    moves = (reference.steps[0].params["fc.weight"] - reference.initial_params["fc.weight"]).abs()
-    i, j = divmod(int(moves.argmax()), moves.shape[1])
-    assert f"fc.weight[{i}, {j}]" in v.message  # its largest move, not its first
+    # where the rounding move is all there is, it is named (a real difference from the reference)
+    technique.steps[0].params["fc.weight"] = reference.steps[0].params["fc.weight"].clone()
+    assert "pre.bias never moved at step 1" in fire("trainable-trains", s, technique, reference).message
 
 
 def test_trainable_trains_reports_requires_grad_false():

@@ -337,7 +337,15 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             # the user's model cannot be trained this way at all (Rprop on sparse gradients): not a
             # scenario to judge a technique on
             result.leave_out(str(exc))
-            raise _Unrunnable() from None
+            if found_by != "search":
+                raise _Unrunnable() from None
+            # a drawn one is not an example: Hypothesis draws another (``probe`` is left as it was,
+            # its source is part of the derandomized search's seed)
+            if phase == "shrinking":
+                result.shrink_examples -= 1
+            else:
+                result.examples -= 1
+            reject()
         result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
         if coverage is not None:
             coverage.note(scenario)
@@ -391,14 +399,7 @@ def _search(technique: Technique, caps: frozenset[Capability], device: str, run_
             raise ExamplesSpent()  # what is said is what is run, whatever the database replays
         else:
             result.examples += 1
-        try:
-            verdict = judged(scenario, "search", "shrinking" if smallest else "generated")
-        except _Unrunnable:
-            if smallest:
-                result.shrink_examples -= 1
-            else:
-                result.examples -= 1
-            reject()
+        verdict = judged(scenario, "search", "shrinking" if smallest else "generated")
         for v in verdict.violations:
             event(v.invariant)
         # steer toward failures: runs that drift further from the reference are more interesting

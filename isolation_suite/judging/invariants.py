@@ -208,14 +208,11 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | Non
     return idx, float(a[idx]), float(b[idx])
 
 
-def _largest_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None):
-    """Index and values of the entry where ``a`` and ``b`` differ most, else None."""
-    differ = _differ(a, b, mask)
-    if differ is None:
-        return None
-    gap = torch.where(differ, (a.double() - b.double()).abs().nan_to_num(float("inf")), -1.0)
-    idx = tuple(int(i) for i in torch.unravel_index(gap.reshape(-1).argmax(), differ.shape))
-    return idx, float(a[idx]), float(b[idx])
+def _largest_move(after: torch.Tensor, before: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The largest ``|after - before|`` over the entries of ``mask`` (all: None)."""
+    gap = (after.double() - before.double()).abs().nan_to_num(float("inf"))
+    gap = gap if mask is None else gap[mask.to(gap.device)]
+    return float(gap.max()) if gap.numel() else 0.0
 
 
 def _dtype(ctx: Context) -> torch.dtype:
@@ -337,6 +334,11 @@ def frozen_unchanged(ctx: Context) -> Violation | None:
     return None
 
 
+#: trainable-trains names the first parameter failing a step whose reference gradient or move is at
+#: least this share of the strongest one's: one a million times weaker is rounding, not the evidence
+EVIDENCE_SHARE = 1e-6
+
+
 def trainable_trains(ctx: Context) -> Violation | None:
     tech, ref = ctx.technique, ctx.reference
     trainable = ctx.trainable
@@ -346,8 +348,8 @@ def trainable_trains(ctx: Context) -> Violation | None:
                              "after setup: nothing can train it")
     prev_t, prev_r = dict(tech.initial_params), dict(ref.initial_params)
     for step, (ts, rs) in enumerate(zip(tech.steps, ref.steps), start=1):
-        # every parameter that fails this step, then the one the reference trains most is named: an
-        # entry whose reference gradient is rounding (a bias before a BatchNorm) is not the evidence
+        # every parameter that fails this step, then the first named whose reference evidence is not
+        # rounding next to the others' (a bias before a BatchNorm, moved one ulp by the reference)
         ungraded: list[tuple[float, Violation]] = []
         unmoved: list[tuple[float, Violation]] = []
         for path in ctx.trainable_at(step):
@@ -371,13 +373,14 @@ def trainable_trains(ctx: Context) -> Violation | None:
                     free = ~aimless.to(rs.params[path].device) if free is None else free & ~aimless.to(free.device)
             if _differ(ts.params[path], prev_t[path], free) is None \
                     and ctx.reference_moved(rs.params[path], prev_r[path], free):
-                idx, after, before = _largest_difference(rs.params[path], prev_r[path], free)
-                unmoved.append((abs(after - before), Violation(
+                idx, after, before = _first_difference(rs.params[path], prev_r[path], free)
+                unmoved.append((_largest_move(rs.params[path], prev_r[path], free), Violation(
                     TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference moved "
                     f"{path}{_index(idx)} {_moved(before, after)} ({recipe_context(ctx.scenario.optimizer)})", step)))
         failing = ungraded or unmoved
         if failing:
-            return max(failing, key=lambda pair: pair[0])[1]
+            strongest = max(evidence for evidence, _ in failing)
+            return next(v for evidence, v in failing if evidence >= strongest * EVIDENCE_SHARE)
         prev_t = {**prev_t, **ts.params}
         prev_r = {**prev_r, **rs.params}
     return None
