@@ -1,6 +1,7 @@
 """``load_technique("pkg.module:attr")``: a user's technique, or one clear error."""
 from __future__ import annotations
 
+from isolation_suite.judging.invariants import INVARIANTS
 from isolation_suite.judging.judge import as_technique
 from isolation_suite.spec.objects import import_object
 from isolation_suite.technique import Capability, Technique
@@ -48,7 +49,23 @@ def load_technique(spec: str) -> Technique:
     if bad:
         raise TechniqueLoadError(f"{spec} declares capabilities {bad!r}: use isolation_suite.Capability members, "
                                  f"e.g. Capability.FREEZE_MODULE")
+    declared = [*technique.expected_violations, *(i for ids in technique.mode_violations.values() for i in ids)]
+    unknown = sorted({i for i in declared if i not in INVARIANTS})
+    if unknown:  # a misspelt id would never match: the known-bad technique could never be "caught"
+        raise TechniqueLoadError(f"{spec} expects violations of {', '.join(map(repr, unknown))}, which are not "
+                                 f"invariant ids: choose from {', '.join(INVARIANTS)}")
     return technique
+
+
+def unique_names(techniques: "dict[str, Technique]") -> None:
+    """Each technique of a run has a name of its own: its records and report rows are keyed by it."""
+    by_name: dict[str, list[str]] = {}
+    for spec, technique in techniques.items():
+        by_name.setdefault(technique.name, []).append(spec)
+    for name, specs in by_name.items():
+        if len(specs) > 1:
+            raise TechniqueLoadError(f"{' and '.join(specs)} are both named {name!r}: a run keys its records "
+                                     "and report rows by technique name; give each its own name")
 
 
 def _call(factory, spec: str) -> Technique:

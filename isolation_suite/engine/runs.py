@@ -15,7 +15,7 @@ from isolation_suite.engine import profiles
 from isolation_suite.engine.check import (SearchResult, failure_message, modes_for, run_seed, search, search_settings,
                                           seed_text)
 from isolation_suite.engine.database import DatabaseSpecError, parse_spec
-from isolation_suite.engine.loading import TechniqueLoadError, load_technique
+from isolation_suite.engine.loading import TechniqueLoadError, load_technique, unique_names
 from isolation_suite.engine.plan import Item, Plan, PlanError, make_plan
 from isolation_suite.engine.settings import OPTION, Settings
 from isolation_suite.engine.sweep import SweepResult, sweep
@@ -60,7 +60,9 @@ def _check_database_folder(spec: str | None) -> None:
 def load_techniques(specs) -> dict[str, Technique]:
     """spec -> technique (the whole catalog when ``specs`` is empty); loading fails fast, in one line."""
     specs = list(specs) or [entry.name for entry in CATALOG]
-    return {spec: load_technique(spec) for spec in specs}
+    techniques = {spec: load_technique(spec) for spec in specs}
+    unique_names(techniques)
+    return techniques
 
 
 def plan_for(settings: Settings, surface: str) -> tuple[Plan, dict[str, Technique]]:
