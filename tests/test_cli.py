@@ -42,6 +42,13 @@ PLUGIN = textwrap.dedent('''
     class StringCapabilities(iso.Technique):
         name = "mine.strings"
         capabilities = frozenset({"FREEZE_MODULE"})
+
+    class CatalogName(Sound):
+        name = "functional_detach"
+
+    class Misspelt(Broken):
+        name = "mine.misspelt"
+        expected_violations = frozenset({"gradient-flow"})
 ''')
 
 
@@ -84,6 +91,9 @@ def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
     (["fuzz", "--budget", "-5"], "must be positive"),
     (["fuzz", "--workers", "zero"], "--workers"),
     (["fuzz", "--techniques", "bogus"], "unknown technique 'bogus'"),
+    (["fuzz", "--techniques", "mytech:CatalogName,functional_detach"],
+     "mytech:CatalogName and functional_detach are both named 'functional_detach'"),
+    (["check", "mytech:Misspelt"], "expects violations of 'gradient-flow', which are not invariant ids"),
     (["repro", "does-not-exist.json", "--technique", "mytech:Sound"], "cannot read does-not-exist.json"),
     (["check", "mytech:Sound", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
     (["fuzz", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
