@@ -325,8 +325,39 @@ def _fail_lines(failed: list[dict]) -> None:
 COMMANDS = {"list": cmd_list, "check": cmd_check, "fuzz": cmd_fuzz, "repro": cmd_repro, "merge": cmd_merge}
 
 
+class _ReaderMayLeave:
+    """Standard output whose reader may leave early (``isolation-suite check ... | head -1``): from
+    then on what is written goes nowhere, and the command goes on to its own exit status (a violation
+    piped into ``head`` still exits 1)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     saved = dict(os.environ)  # a command sets the database and profile for its workers; not for its caller
+    stdout, sys.stdout = sys.stdout, _ReaderMayLeave(sys.stdout)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -336,10 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("isolation-suite: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `isolation-suite list | head`: the reader left, nothing to say
+    except BrokenPipeError:  # a pipe other than standard output: the status is unknown, never a pass
         sys.stderr.close()
-        return EXIT_OK
+        return EXIT_VIOLATION
     finally:
+        sys.stdout = stdout
         os.environ.clear()
         os.environ.update(saved)
 
