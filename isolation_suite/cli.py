@@ -251,7 +251,7 @@ def cmd_fuzz(args) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     failed = _failed(summary)
     _line(f"report: {run_dir}/report.html ({_status(summary)}{'' if summary['complete'] else ', incomplete'}); "
-          f"{len(summary['results'])} of {items} items judged, {len(failed)} failed; {seed_text(plan.seed)}")
+          f"{_judged_text(summary['results'], items)}, {len(failed)} failed; {seed_text(plan.seed)}")
     _fail_lines(failed)
     for key, label in (("running", "running when it stopped"), ("not_started", "never started")):
         names = (summary.get("items") or {}).get(key)
@@ -306,6 +306,12 @@ def cmd_merge(args) -> int:
         _line(f"  INCOMPLETE: {problem}")
     _fail_lines(failed)
     return EXIT_OK if summary["ok"] else EXIT_VIOLATION
+
+
+def _judged_text(results: list[dict], items: int) -> str:
+    """``12 of 14 items judged, 2 not applicable``: an item reported n/a judged nothing."""
+    na = sum(1 for r in results if r.get("outcome") == "n/a")
+    return f"{len(results) - na} of {items} items judged" + (f", {na} not applicable" if na else "")
 
 
 def _failed(summary: dict) -> list[dict]:

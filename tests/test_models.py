@@ -254,6 +254,7 @@ def test_fuzz_on_the_users_model_reports_what_it_cannot_judge_as_n_a(tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "--model mymodel:factory" in run.stdout  # the replay line keeps the model
+    assert "(PASS); 2 of 3 items judged, 1 not applicable, 0 failed" in run.stdout  # n/a judged nothing
     run_dir = tmp_path / "reports" / (tmp_path / "reports" / "LATEST").read_text().strip()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ok"] and summary["complete"]
