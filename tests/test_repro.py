@@ -7,7 +7,7 @@ import pytest
 
 import isolation_suite as iso
 from isolation_suite.engine.check import search
-from isolation_suite.reporting.report import record
+from isolation_suite.reporting.report import _run_line, record
 
 # Runs a script with hypothesis, strategies and the installed isolation_suite made unimportable.
 # The script's own embedded finder goes in front of this blocker, so only what it embeds loads.
@@ -97,3 +97,11 @@ def test_a_cuda_repro_on_a_machine_without_cuda_exits_2(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "could not run: DeviceError" in run.stderr and "CUDA is not available" in run.stderr
+
+
+def test_the_reports_run_line_says_whose_budget_it_gives():
+    """fuzz's budget is the whole run's, shared out among its items; check's and the plug-in's is each
+    item's: the report's header says which (it used to call a run's 90 s "per search")."""
+    assert "budget 90s for the run (up to 8s per item)" in _run_line({"budget": 90.0, "item_budget": 8.0})
+    assert "budget 30s per item" in _run_line({"budget": 30.0, "item_budget": 30.0})
+    assert "no time budget" in _run_line({"budget": None})

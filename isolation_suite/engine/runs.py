@@ -178,6 +178,7 @@ def run_meta(plan: Plan, extra: Mapping[str, Any] | None = None) -> dict[str, An
     return environment({"devices": list(plan.devices), "modes": list(plan.modes), "techniques": list(plan.specs),
                         "model": plan.model, "profile": plan.profile, "database": profiles.describe_database(),
                         "seed": plan.seed, "seed_text": seed_text(plan.seed), "budget": plan.budget,
+                        "item_budget": plan.item_budget,
                         "max_examples": search_settings(plan.max_examples).max_examples,
                         "shard": str(plan.shard) if plan.shard else None, "sweep": plan.sweep,
                         "plan": plan.summary(), **(extra or {})})

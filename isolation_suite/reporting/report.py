@@ -353,10 +353,15 @@ def _short_scenario(data: dict[str, Any] | None) -> str:
 def _run_line(meta: dict[str, Any]) -> str:
     """What ran: versions, devices, profile, seed, budget, example cap."""
     seed = meta.get("seed_text") or f"seed {meta.get('seed')}"
-    budget = meta.get("budget")
+    budget, per_item = meta.get("budget"), meta.get("item_budget")
+    if not budget:
+        budgeted = "no time budget"
+    elif per_item and abs(per_item - budget) > 1e-9:  # fuzz: the whole run's, shared out among its items
+        budgeted = f"budget {budget:.3g}s for the run (up to {per_item:.3g}s per item)"
+    else:
+        budgeted = f"budget {budget:.3g}s per item"
     return (f"torch {meta.get('torch')}, hypothesis {meta.get('hypothesis')}, devices {meta.get('devices')}, "
-            f"profile {meta.get('profile')}, {seed}, "
-            + (f"budget {budget:.3g}s per search" if budget else "no time budget")
+            f"profile {meta.get('profile')}, {seed}, {budgeted}"
             + f", at most {meta.get('max_examples')} generated examples per search")
 
 
