@@ -183,11 +183,13 @@ def cmd_repro(args) -> int:
         raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise UsageError(f"{args.file} is not JSON: {exc}") from None
-    spec = args.technique
+    spec, timeout = args.technique, chosen.timeout
     if isinstance(data, dict) and "scenario" in data and "technique" in data:  # a report's record
         if data["scenario"] is None:
             raise UsageError(f"{args.file} is the record of an item without a counterexample: nothing to replay")
         spec = spec or data.get("spec") or data["technique"]
+        # the run's own limit per training run: a timeout found under --timeout 2 is one under 2 s again
+        timeout = timeout if timeout is not None else data.get("timeout")
         data = data["scenario"]
     if spec is None:
         raise UsageError(f"{args.file} holds a bare scenario: name the technique with --technique SPEC")
@@ -195,7 +197,7 @@ def cmd_repro(args) -> int:
     try:
         scenario = Scenario.from_dict(data)
         verdict = check(technique, scenario, args.device,
-                        timeout=chosen.timeout if chosen.timeout is not None else example_timeout())
+                        timeout=timeout if timeout is not None else example_timeout())
     except ScenarioError as exc:
         raise UsageError(f"{args.file} is not a valid scenario: {exc}") from None
     _line(repr(scenario))

@@ -105,3 +105,23 @@ def test_the_reports_run_line_says_whose_budget_it_gives():
     assert "budget 90s for the run (up to 8s per item)" in _run_line({"budget": 90.0, "item_budget": 8.0})
     assert "budget 30s per item" in _run_line({"budget": 30.0, "item_budget": 30.0})
     assert "no time budget" in _run_line({"budget": None})
+
+
+def test_repro_and_its_script_keep_the_runs_limit_per_training_run(tmp_path, monkeypatch):
+    """A timeout found under ``--timeout 2`` is replayed under 2 s, not the profile's 60 (it used to
+    come back "ok"); an explicit ``--timeout`` still wins."""
+    import json
+    from isolation_suite import cli
+    from isolation_suite.reporting.repro import repro_script
+    from isolation_suite.techniques.freeze_module import FreezeAndEval
+    from isolation_suite.techniques.triggers import FROZEN_LINEAR
+    assert "\nTIMEOUT = 2.0 " in repro_script(FreezeAndEval(), FROZEN_LINEAR, "cpu", "timeout", timeout=2.0)
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"technique": "freeze_and_eval", "spec": "freeze_and_eval", "timeout": 2.0,
+                                  "scenario": FROZEN_LINEAR.to_dict()}))
+    limits = []
+    monkeypatch.setattr(cli, "check", lambda technique, scenario, device, timeout: limits.append(timeout)
+                        or iso.check(technique, scenario, device))
+    assert cli.main(["repro", str(record)]) == 0
+    assert cli.main(["repro", str(record), "--timeout", "30"]) == 0
+    assert limits == [2.0, 30.0]

@@ -133,6 +133,7 @@ class SearchResult:
     #: takes no sparse gradient), left out unjudged, and the first one's reason
     unrunnable: int = 0
     unrunnable_why: str = ""
+    timeout: float | None = None  # seconds one training run could take before it was stopped
 
     def leave_out(self, why: str) -> None:
         """One scenario the reference could not train the user's model in (``unrunnable``)."""
@@ -216,7 +217,8 @@ def search(technique: str | Technique | type[Technique], capabilities: Iterable[
         seed = random.SystemRandom().getrandbits(32)  # drawn here, so every run can be replayed
     spec = None if model is None else factory_name(model)
     result = SearchResult(technique.name, caps, device, max_examples=run_settings.max_examples, budget=budget,
-                          seed=seed, model=spec or "", mode=mode)
+                          seed=seed, model=spec or "", mode=mode,
+                          timeout=example_timeout() if timeout is None else timeout)
     if spec is not None:
         # a factory that fails or hangs says so once, here, before any search
         trees = model_trees(spec, limit=timeout or example_timeout())
@@ -240,7 +242,7 @@ def search(technique: str | Technique | type[Technique], capabilities: Iterable[
     watch_user_interrupts()  # a real Ctrl-C stops the search; a technique raising KeyboardInterrupt does not
     shared = getattr(run_settings.database, "shared", None)
     before = shared.snapshot() if shared is not None else None
-    with Sandbox(technique, example_timeout() if timeout is None else timeout) as sandbox:
+    with Sandbox(technique, result.timeout) as sandbox:
         _search(technique, caps, device, run_settings, result, budget, explicit, sandbox, spec, mode)
     if shared is not None:
         result.database_ops = stats_since(before, shared.snapshot())

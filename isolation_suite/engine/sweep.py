@@ -164,7 +164,8 @@ def sweep(techniques: Iterable[str | Technique | type[Technique]], capabilities:
             raise ValueError(f"technique {technique.name!r} has none of the sweep's capabilities "
                              f"{sorted(c.value for c in caps)}")
         result = SearchResult(technique.name, mine, device, max_examples=run_settings.max_examples, budget=budget,
-                              seed=seed, model=spec or "", mode=mode)
+                              seed=seed, model=spec or "", mode=mode,
+                              timeout=example_timeout() if timeout is None else timeout)
         if family_split:
             result.not_applicable = f"the {mode} mode does not draw {spec}: name one configuration"
         elif trees is not None:

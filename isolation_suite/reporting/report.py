@@ -131,7 +131,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
         "explicit_examples": result.explicit, "examples": result.examples, "max_examples": result.max_examples,
         "shrink_examples": result.shrink_examples, "seed": result.seed, "budget": result.budget,
         "coverage_examples": result.coverage_examples,
-        "unrunnable": result.unrunnable, "unrunnable_why": result.unrunnable_why,
+        "unrunnable": result.unrunnable, "unrunnable_why": result.unrunnable_why, "timeout": result.timeout,
         "coverage": {name: list(counts) for name, counts in result.coverage.items()},
         "seconds": round(seconds, 3), "found_by": result.found_by, "first_failure_at": result.first_failure_at,
         "sandbox": result.sandbox, "model": result.model, "parity_not_judged": result.parity_not_judged,
@@ -152,7 +152,7 @@ def record(result: SearchResult, technique: Technique, seconds: float, run_dir: 
             rel = Path("repro") / f"{_slug(data['item'])}.py"
             try:
                 write_repro(run_dir / rel, technique, result.failure.scenario, result.device,
-                            str(result.failure.first))
+                            str(result.failure.first), result.timeout)
                 data["repro"] = str(rel)
             except ValueError as exc:  # a plug-in whose source cannot be read
                 data["repro_error"] = str(exc)

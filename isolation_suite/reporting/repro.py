@@ -13,6 +13,7 @@ import inspect
 import sys
 from pathlib import Path
 
+from isolation_suite.execution.sandbox import DEFAULT_TIMEOUT
 from isolation_suite.spec.scenario import Scenario
 from isolation_suite.technique import Technique
 
@@ -53,6 +54,7 @@ SOURCES = {sources!r}
 PACKAGES = {packages!r}
 SCENARIO = {scenario_json!r}
 DEVICE = {device!r}
+TIMEOUT = {timeout!r}  # seconds one training run may take, as in the run that found it
 
 
 class _Embedded(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -85,7 +87,7 @@ def main():
     try:
         judge, technique, scenario = load()
         print(repr(scenario))
-        verdict = judge(technique, scenario, DEVICE)
+        verdict = judge(technique, scenario, DEVICE, timeout=TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - a crash of the technique's own code is a verdict, not this
         first = (str(exc).strip().splitlines() or [""])[0]
         print("could not run: " + type(exc).__name__ + ": " + first, file=sys.stderr)
@@ -109,7 +111,7 @@ def _harness_sources() -> dict[str, str]:
 
 
 def repro_script(technique: Technique, scenario: Scenario, device: str, headline: str,
-                 filename: str = "repro.py") -> str:
+                 filename: str = "repro.py", timeout: float | None = None) -> str:
     """The text of a standalone script reproducing ``technique`` on ``scenario``."""
     sources = _harness_sources()
     cls = type(technique)
@@ -125,14 +127,16 @@ def repro_script(technique: Technique, scenario: Scenario, device: str, headline
         technique_import = f"    from repro_technique import {cls.__name__}\n    technique = {cls.__name__}()"
     packages = ["isolation_suite", *(f"isolation_suite.{package}" for package in ("engine", *_EMBEDDED_PACKAGES))]
     return _TEMPLATE.format(technique=technique.name, headline=headline.replace('"""', "'''"), device=device,
+                            timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
                             filename=filename, sources=sources, packages=packages,
                             technique_import=technique_import, scenario_json=scenario.to_json())
 
 
-def write_repro(path: Path, technique: Technique, scenario: Scenario, device: str, headline: str) -> Path:
+def write_repro(path: Path, technique: Technique, scenario: Scenario, device: str, headline: str,
+                timeout: float | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = repro_script(technique, scenario, device, headline, filename=path.name)
+    text = repro_script(technique, scenario, device, headline, filename=path.name, timeout=timeout)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
