@@ -102,6 +102,8 @@ def _replay(argv: list[str], chosen: Settings, seed: int | None) -> str:
         argv += ["--max-examples", str(chosen.max_examples)]
     if chosen.timeout is not None:
         argv += ["--timeout", f"{chosen.timeout:g}"]
+    if chosen.database is not None:  # a search replays its database's failures first: the same ones
+        argv += ["--database", chosen.database] + (["--database-readonly"] if chosen.database_readonly else [])
     return f"ISOLATION_PROFILE={chosen.chosen_profile} " + " ".join(shlex.quote(a) for a in argv)
 
 

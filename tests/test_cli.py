@@ -130,6 +130,9 @@ def test_check_says_what_it_runs_and_how_to_replay_it(plugin_dir, capsys, monkey
     assert "1 trigger example, 4 generated (max 4); seed 77" in out
     assert ("replay: ISOLATION_PROFILE=isolation-dev isolation-suite check mytech:Sound --devices cpu --modes eager "
             "--seed 77 --max-examples 4") in out
+    # a search replays its database's failures first: the replay names the same database
+    assert main(["check", "mytech:Sound", "--max-examples", "1", "--seed", "77", "--database", "kept"]) == 0
+    assert "--seed 77 --max-examples 1 --database kept\n" in capsys.readouterr().out
 
 
 def test_repro_of_a_plugin_record_needs_no_technique_option(plugin_dir, capsys):
