@@ -163,7 +163,9 @@ def cmd_check(args) -> int:
         _line("")
         _line(failure_message(judged.result.failure, set(judged.result.capabilities), judged.result))
     if run_dir is not None:
-        write_summary(run_dir, runs.run_meta(plan, {"technique": args.spec}), complete=True)
+        # the folder is this check's own, but may hold an earlier run's records: only this one's count
+        write_summary(run_dir, runs.run_meta(plan, {"technique": args.spec}), complete=True,
+                      items=[item.key for item in plan.items])
         _line(f"report: {run_dir}")
     for judged in failures:
         expected = technique.expected_in(judged.item.mode)

@@ -308,3 +308,12 @@ def test_a_reader_that_leaves_early_does_not_change_the_exit_status(plugin_dir, 
     _, err = child.communicate(timeout=300)
     assert child.returncode == code, err.decode()
     assert b"Traceback" not in err
+
+
+def test_a_check_report_folder_counts_that_checks_items_only(plugin_dir, capsys):
+    """``check --report-dir rep`` writes into ``rep`` itself; another technique's records left there by
+    an earlier check are not this check's: its summary neither lists them nor fails on them."""
+    assert main(["check", "mytech:Broken", "--max-examples", "3", "--report-dir", "rep"]) == 1
+    assert main(["check", "mytech:Sound", "--max-examples", "3", "--report-dir", "rep"]) == 0
+    summary = json.loads((plugin_dir / "rep" / "summary.json").read_text())
+    assert summary["ok"] and {r["technique"] for r in summary["results"]} == {"mine.sound"}

@@ -203,7 +203,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("database_readonly", switch, "replay the database's failures but never write to it (with a Redis URL the "
            "local directory stays writable)", cli="--database-readonly", pytest="--isolation-database-readonly",
            env="ISOLATION_DATABASE_READONLY", switch=True),
-    Option("report_dir", text, "write a report into DIR/<run-id>/ (DIR/LATEST names it)", cli="--report-dir",
+    Option("report_dir", text, "write a report into DIR/<run-id>/ (DIR/LATEST names it); check writes into DIR "
+           "itself, and its summary counts that check's items only", cli="--report-dir",
            pytest="--isolation-report", metavar="DIR", defaults={FUZZ: "reports"}),
     Option("run_id", text, "the report's run id (default: date, time and process id)", pytest="--isolation-run-id",
            metavar="ID", surfaces=(PYTEST,)),

@@ -254,15 +254,19 @@ def matrix(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
 
 
 def write_summary(run_dir: Path, meta: dict[str, Any], complete: bool = False, progress: dict | None = None,
-                  interrupted: bool = False) -> dict[str, Any]:
+                  interrupted: bool = False, items: Iterable[str] | None = None) -> dict[str, Any]:
     """Rebuild ``summary.json``/``.md`` and ``report.html`` from the records so far.
 
     ``ok`` is true only for a complete run whose every item passed: an incomplete run never passes.
-    ``progress`` names the items that finished, were running, and never started.
+    ``progress`` names the items that finished, were running, and never started. ``items`` (record
+    keys): only their records count, where the folder may hold an earlier run's (``check``'s).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     records = load_records(run_dir)
+    if items is not None:
+        keys = set(items)
+        records = [r for r in records if r["item"] in keys]
     summary = {
         "run_id": run_dir.name, "complete": complete, "interrupted": interrupted, "meta": meta,
         "items": progress,
