@@ -326,3 +326,16 @@ def test_on_a_users_model_a_scenario_the_reference_cannot_train_it_in_is_left_ou
     for result in swept.results:
         assert result.failure is None and result.unrunnable > 0 and result.explicit + result.examples > 0
         assert "does not support sparse gradients" in result.unrunnable_why
+
+
+def test_a_sweep_judges_each_technique_on_at_most_its_max_examples_and_notes_each_in_its_history(
+        example_database):
+    """Its database's replays count toward a technique's generated examples, as in its own search (a
+    record said 10 of at most 5), and every judged example is in the history the report draws."""
+    search(FreezeAndEval(), {FREEZE}, max_examples=5, seed=1)  # keeps what it covered in the database
+    assert any(example_database.rglob("*"))
+    swept = sweep([FreezeAndEval()], {FREEZE}, max_examples=5, seed=2)
+    (result,) = swept.results
+    assert result.failure is None and 0 < result.examples <= 5
+    assert len(result.history) == result.explicit + result.examples + result.shrink_examples
+    assert {e.phase for e in result.history} == {"trigger", "generated"}

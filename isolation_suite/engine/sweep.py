@@ -24,8 +24,8 @@ from hypothesis.control import current_build_context
 from hypothesis.database import choices_to_bytes
 
 from isolation_suite.execution import devices as devices_mod
-from isolation_suite.engine.check import (DEVICE_RANDOM, _NO_TARGET_WHY, SearchResult, Start, _search, mode_settings,
-                                          moved_examples, search_settings, search_strategy)
+from isolation_suite.engine.check import (DEVICE_RANDOM, _NO_TARGET_WHY, JudgedExample, SearchResult, Start, _search,
+                                          mode_settings, moved_examples, search_settings, search_strategy)
 from isolation_suite.judging.invariants import TIMEOUT
 from isolation_suite.judging.judge import SharedReference, Verdict, judge
 from isolation_suite.judging.coverage import Coverage, coverage_examples
@@ -325,7 +325,7 @@ def _judge_batch(members: Sequence[_Member], batch: Sequence[tuple[Scenario, str
     references: dict[int, SharedReference] = {}
     scenarios = [scenario for scenario, _ in batch if _trainable(scenario, device, references, members)]
     found_by = {id(scenario): how for scenario, how in batch}
-    queue = [(m, [s for s in scenarios if m.fits(s)]) for m in members if m.active]
+    queue = [(m, _room(m, [s for s in scenarios if m.fits(s)], found_by)) for m in members if m.active]
     queue = [(m, mine) for m, mine in queue if mine]
     out.references += len({id(s) for _, mine in queue for s in mine})
     judged: dict[int, list[tuple[_Member, Verdict]]] = {id(s): [] for s in scenarios}
@@ -340,6 +340,22 @@ def _judge_batch(members: Sequence[_Member], batch: Sequence[tuple[Scenario, str
                 on_verdict=note)
     pace.note(len(scenarios), time.monotonic() - begun)
     return [judged.get(id(s), []) for s, _ in batch]  # no verdict for one left out (``_trainable``)
+
+
+def _room(m: _Member, mine: list[Scenario], found_by: dict[int, str]) -> list[Scenario]:
+    """``mine`` up to the generated examples ``m`` may still judge: its own search's ``max_examples``
+    counts the database's replays too, and so does its sweep's (a record said 10 of at most 5)."""
+    if m.result.max_examples is None:
+        return mine
+    room = m.result.max_examples - m.result.examples
+    out = []
+    for scenario in mine:
+        if found_by[id(scenario)] == "search":
+            if room <= 0:
+                continue
+            room -= 1
+        out.append(scenario)
+    return out
 
 
 def _trainable(scenario: Scenario, device: str, references: dict[int, SharedReference],
@@ -384,6 +400,8 @@ def _record(m: _Member, scenario: Scenario, verdict: Verdict, found_by: str, out
         result.coverage_examples += 1
     else:
         result.examples += 1
+    phase = {"explicit": "trigger", "coverage": "coverage"}.get(found_by, "generated")  # as a search notes it
+    result.note_example(JudgedExample(phase, "held" if verdict.ok else "violated", verdict.divergence))
     if m.coverage is not None:
         m.coverage.note(scenario)
         result.coverage = m.coverage.counts()
