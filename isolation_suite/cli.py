@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -195,6 +196,8 @@ def cmd_repro(args) -> int:
         # the run's own limit per training run: a timeout found under --timeout 2 is one under 2 s again
         timeout = timeout if timeout is not None else data.get("timeout")
         data = data["scenario"]
+    if isinstance(data, dict) and "results" in data and "meta" in data:
+        raise UsageError(f"{args.file} is a run's summary: give one of its records (results/*.json) to replay")
     if spec is None:
         raise UsageError(f"{args.file} holds a bare scenario: name the technique with --technique SPEC")
     technique = load_technique(spec)
@@ -300,7 +303,11 @@ def _sigterm_as_interrupt(signum, frame):
 def cmd_merge(args) -> int:
     reports = _writable(args.report_dir)
     run_dir = _writable(reports / run_id())
-    meta, problems = merge([Path(f) for f in args.folders], run_dir)
+    try:
+        meta, problems = merge([Path(f) for f in args.folders], run_dir)
+    except MergeError:  # refused before anything was merged: no empty run folder left behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     summary = write_summary(run_dir, meta, complete=not problems)
     point_latest(reports, run_dir)
     failed = _failed(summary)

@@ -57,6 +57,7 @@ def plugin_dir(tmp_path, monkeypatch):
     (tmp_path / "mytech.py").write_text(PLUGIN)
     (tmp_path / "brokenplugin.py").write_text("raise ImportError('missing dependency foo')\n")
     (tmp_path / "afile").write_text("")  # a report folder below a file can never be created
+    (tmp_path / "summary.json").write_text('{"meta": {}, "results": []}')  # a run's summary, not a record
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -95,6 +96,7 @@ def test_check_sound_exits_0_and_broken_exits_1(plugin_dir, capsys):
      "mytech:CatalogName and functional_detach are both named 'functional_detach'"),
     (["check", "mytech:Misspelt"], "expects violations of 'gradient-flow', which are not invariant ids"),
     (["repro", "does-not-exist.json", "--technique", "mytech:Sound"], "cannot read does-not-exist.json"),
+    (["repro", "summary.json"], "summary.json is a run's summary: give one of its records (results/*.json)"),
     (["check", "mytech:Sound", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
     (["fuzz", "--report-dir", "afile/rep"], "cannot write reports into afile/rep"),
     (["check", "mytech:Sound", "--seed", "x"], "--seed 'x': is not a non-negative integer"),

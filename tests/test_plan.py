@@ -178,6 +178,10 @@ def test_merge_refuses_shards_of_different_plans_and_things_that_are_not_reports
     (tmp_path / "c" / "summary.json").write_text("[1, 2]")
     with pytest.raises(MergeError, match="not the report of a planned run"):
         merge([tmp_path / "c"], tmp_path / "out")
+    # the command says so in one line and leaves no empty run folder behind
+    from isolation_suite.cli import main
+    assert main(["merge", str(a), str(b), "--report-dir", str(tmp_path / "merged")]) == 2
+    assert [p for p in (tmp_path / "merged").iterdir() if p.is_dir()] == []
 
 
 def test_an_empty_shard_writes_a_valid_report_that_merge_accepts(tmp_path):
