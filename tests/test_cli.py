@@ -297,18 +297,15 @@ def test_fuzz_survives_hostile_techniques_each_costing_only_its_own_item(tmp_pat
     assert outcome["name_substring"][1] in iso.catalog()["name_substring"].expected_violations
 
 
-@pytest.mark.parametrize("argv, code", [
-    (["check", "mytech:Broken", "--max-examples", "3", "--database", "none"], 1),
-    (["list"], 0),
-])
-def test_a_reader_that_leaves_early_does_not_change_the_exit_status(plugin_dir, argv, code):
+def test_a_reader_that_leaves_early_does_not_change_the_exit_status(plugin_dir):
     """``isolation-suite check ... | head -1`` in CI: the violation still exits 1 (it used to exit 0)."""
-    child = subprocess.Popen(_cli(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=plugin_dir,
+    child = subprocess.Popen(_cli("check", "mytech:Broken", "--max-examples", "3", "--database", "none"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=plugin_dir,
                              env={**os.environ, "PYTHONPATH": str(plugin_dir)})
     child.stdout.readline()
     child.stdout.close()  # the reader leaves after one line
     _, err = child.communicate(timeout=300)
-    assert child.returncode == code, err.decode()
+    assert child.returncode == 1, err.decode()
     assert b"Traceback" not in err
 
 
