@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ from isolation_suite.model.factory import ModelFactoryError
 from isolation_suite.techniques import CATALOG, conditions, entry, model_examples
 from isolation_suite.techniques import triggers as t
 from isolation_suite.zoo import ZOO
+
+sys.path.insert(0, str(Path(__file__).parent))
+import user_models  # noqa: E402
 
 NEEDS_TRANSFORMERS = {"tiny_bert", "tiny_gpt2", "bert_with_mask"}
 CASES = [(name, row) for name in ZOO for row in CATALOG]
@@ -148,21 +152,6 @@ def test_a_wrong_factory_is_one_clear_error(factory, needle):
     assert message.startswith("model factory ")
 
 
-class _SparseNet(torch.nn.Module):
-    """An embedding with sparse gradients: Rprop, Adam and the others cannot step it, SGD can."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2)
-
-    def forward(self, ids):
-        return self.fc(self.emb(ids).mean(1))
-
-
-def _sparse():
-    return _SparseNet(), (torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(0)),)
-
-
 class _NoBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -191,7 +180,7 @@ class _Apply(torch.nn.Module):
 def test_scenarios_the_reference_cannot_train_the_model_in_are_left_out_and_said():
     """A recipe the user's model does not support (Rprop on sparse gradients) fails in the reference:
     such a scenario judges nothing, so it is left out and counted; the others are judged."""
-    result = search(entry("freeze_and_eval").technique(), max_examples=10, model=_sparse, seed=0)
+    result = search(entry("freeze_and_eval").technique(), max_examples=10, model=user_models.sparse, seed=0)
     assert result.failure is None and result.unrunnable > 0 and result.examples > 0
     assert "does not support sparse gradients" in result.unrunnable_why
     assert f"{result.unrunnable} left out: the reference cannot train the model that way" in search_line(result)

@@ -29,6 +29,7 @@ from isolation_suite.techniques.triggers import (ELEMENTS_CLIP_NORM, FROZEN_BATC
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hostile  # noqa: E402
+import user_models  # noqa: E402
 
 FREEZE, PASS = iso.Capability.FREEZE_MODULE, iso.Capability.PASS_THROUGH
 
@@ -307,22 +308,9 @@ def test_a_sweep_with_an_empty_example_database_judges_every_technique(example_d
     assert bad.failure is not None and bad.failure.first.invariant in iso.catalog()[bad.technique].expected_violations
 
 
-class _SparseNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2)
-
-    def forward(self, ids):
-        return self.fc(self.emb(ids).mean(1))
-
-
-def _sparse():
-    return _SparseNet(), (torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(0)),)
-
-
 def test_on_a_users_model_a_scenario_the_reference_cannot_train_it_in_is_left_out_for_every_technique():
     swept = sweep([FreezeAndEval(), iso.catalog()["freeze_enable_input_grads"]], {FREEZE}, max_examples=6,
-                  model=_sparse, seed=0)
+                  model=user_models.sparse, seed=0)
     for result in swept.results:
         assert result.failure is None and result.unrunnable > 0 and result.explicit + result.examples > 0
         assert "does not support sparse gradients" in result.unrunnable_why
