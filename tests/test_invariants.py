@@ -220,6 +220,24 @@ def test_trainable_trains_names_a_parameter_the_reference_really_trains_not_a_ro
     assert "pre.bias never moved at step 1" in fire("trainable-trains", s, technique, reference).message
 
 
+def test_trainable_trains_names_the_first_failing_parameter_in_order_whichever_way_it_fails():
+    s, technique, reference = good("module")
+    technique.steps[0].params["pre.bias"] = technique.initial_params["pre.bias"].clone()  # never moved
+    technique.steps[0].grads["fc.weight"] = None  # no gradient, later in order
+    technique.steps[0].params["fc.weight"] = technique.initial_params["fc.weight"].clone()
+    assert "pre.bias never moved at step 1" in fire("trainable-trains", s, technique, reference).message
+
+
+def test_trainable_trains_takes_a_nan_reference_gradient_as_evidence_and_names_it():
+    s, technique, reference = good("module")
+    reference = copy.deepcopy(reference)
+    reference.steps[0].grads["pre.weight"] = torch.full_like(reference.steps[0].grads["pre.weight"], float("nan"))
+    for path in ("pre.weight", "fc.weight"):
+        technique.steps[0].grads[path] = None
+        technique.steps[0].params[path] = technique.initial_params[path].clone()
+    assert "pre.weight got no gradient at step 1" in fire("trainable-trains", s, technique, reference).message
+
+
 def test_trainable_trains_reports_requires_grad_false():
     s, technique, reference = good("module")
     technique.steps[1].grads["fc.bias"] = torch.zeros(2, dtype=torch.float64)

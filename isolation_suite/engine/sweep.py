@@ -365,17 +365,17 @@ def _trainable(scenario: Scenario, device: str, references: dict[int, SharedRefe
     technique's children run. A generated scenario always is (its reference is computed beside them)."""
     if not scenario.model:
         return True
-    shared = references[id(scenario)] = SharedReference(scenario, device)
+    shared = SharedReference(scenario, device)
     try:
         shared.trace
     except ScenarioError as exc:
         if isinstance(exc, ModelFactoryError):
             raise
-        del references[id(scenario)]
         for m in members:
             if m.active and m.fits(scenario):
                 m.result.leave_out(str(exc))
         return False
+    references[id(scenario)] = shared
     return True
 
 

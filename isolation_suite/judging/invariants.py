@@ -208,11 +208,11 @@ def _first_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | Non
     return idx, float(a[idx]), float(b[idx])
 
 
-def _largest_move(after: torch.Tensor, before: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """The largest ``|after - before|`` over the entries of ``mask`` (all: None)."""
-    gap = (after.double() - before.double()).abs().nan_to_num(float("inf"))
-    gap = gap if mask is None else gap[mask.to(gap.device)]
-    return float(gap.max()) if gap.numel() else 0.0
+def _strongest(t: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The largest ``|entry|`` of ``t`` over the entries of ``mask`` (all: None); a NaN counts as infinite."""
+    size = t.double().abs().nan_to_num(float("inf"))
+    size = size if mask is None else size[mask.to(size.device)]
+    return float(size.max()) if size.numel() else 0.0
 
 
 def _dtype(ctx: Context) -> torch.dtype:
@@ -348,20 +348,19 @@ def trainable_trains(ctx: Context) -> Violation | None:
                              "after setup: nothing can train it")
     prev_t, prev_r = dict(tech.initial_params), dict(ref.initial_params)
     for step, (ts, rs) in enumerate(zip(tech.steps, ref.steps), start=1):
-        # every parameter that fails this step, then the first named whose reference evidence is not
-        # rounding next to the others' (a bias before a BatchNorm, moved one ulp by the reference)
-        ungraded: list[tuple[float, Violation]] = []
-        unmoved: list[tuple[float, Violation]] = []
+        # every parameter that fails this step, in order, then the first named whose reference evidence
+        # (its gradient, or its move) is not rounding next to the others' (a bias before a BatchNorm,
+        # moved one ulp by the reference); a NaN is as strong as it gets
+        failing: list[tuple[float, Violation]] = []
         for path in ctx.trainable_at(step):
             free = ctx.free_masks.get(path)  # only the entries that train count
             rg, tg = rs.grads.get(path), ts.grads.get(path)
             if not _nonzero(tg, free) and ctx.reference_nonzero(rg, free):
                 got = "no gradient" if tg is None else "an all-zero gradient"
                 flag = "" if ts.requires_grad.get(path, True) else " (requires_grad=False)"
-                largest = float(rg.abs().max())
-                ungraded.append((largest, Violation(
+                failing.append((_strongest(rg), Violation(
                     TRAINABLE_TRAINS, f"{_name(ctx, path)} got {got}{flag} at step {step}, but it trains in the "
-                    f"reference (max |grad| {_fmt(largest)})", step)))
+                    f"reference (max |grad| {_fmt(rg.abs().max())})", step)))
                 continue
             if path not in ts.params:
                 continue
@@ -374,10 +373,9 @@ def trainable_trains(ctx: Context) -> Violation | None:
             if _differ(ts.params[path], prev_t[path], free) is None \
                     and ctx.reference_moved(rs.params[path], prev_r[path], free):
                 idx, after, before = _first_difference(rs.params[path], prev_r[path], free)
-                unmoved.append((_largest_move(rs.params[path], prev_r[path], free), Violation(
+                failing.append((_strongest(rs.params[path].double() - prev_r[path].double(), free), Violation(
                     TRAINABLE_TRAINS, f"{_name(ctx, path)} never moved at step {step}; the reference moved "
                     f"{path}{_index(idx)} {_moved(before, after)} ({recipe_context(ctx.scenario.optimizer)})", step)))
-        failing = ungraded or unmoved
         if failing:
             strongest = max(evidence for evidence, _ in failing)
             return next(v for evidence, v in failing if evidence >= strongest * EVIDENCE_SHARE)
